@@ -1,0 +1,164 @@
+"""Atomic checkpoints with auto-resume, keep-last-k and best.
+
+Layout: <run>/checkpoints/step_00000420.pt ..., `latest` (a one-line text file naming the
+newest complete checkpoint, itself replaced atomically) and best.pt. A checkpoint holds
+only plain state (tensors, numbers, strings, lists, dicts) so that
+`torch.load(path, weights_only=True)` reads it, and model keys carry no `module.` or
+`_orig_mod.` prefix, so a stock torchvision model loads `ckpt["model"]`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ffdist.errors import CheckpointError
+from ffdist.recipe import CheckpointConfig
+
+log = logging.getLogger(__name__)
+FORMAT_VERSION = 1
+
+
+def atomic_write(path: Path, write: Any) -> None:
+    """Write through a temp file in the same folder, flush, fsync, then os.replace: a crash
+    at any point leaves either the old file or the new one, never a torn one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems do not fsync directories; the rename is still atomic
+    finally:
+        os.close(fd)
+
+
+def save_torch(path: Path, obj: Any) -> None:
+    atomic_write(Path(path), lambda f: torch.save(obj, f))
+
+
+def save_text(path: Path, text: str) -> None:
+    atomic_write(Path(path), lambda f: f.write(text.encode()))
+
+
+def load_torch(path: str | Path) -> dict:
+    """torch.load with weights_only=True (never unpickle code) onto the CPU."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} does not exist; give the path of a .pt "
+                              "file or a run directory.") from None
+    except Exception as e:  # torn or foreign files raise many different errors
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:160]}); it is truncated, corrupt or "
+                              "not a checkpoint.") from None
+
+
+def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Strip DDP's `module.` and torch.compile's `_orig_mod.` prefixes."""
+    out = {}
+    for k, v in state.items():
+        for prefix in ("_orig_mod.", "module."):
+            k = k.replace(prefix, "") if k.startswith(prefix) or f".{prefix}" in k else k
+        out[k] = v
+    return out
+
+
+# ------------------------------------------------------------------------------ RNG state
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG a training step touches, as plain types (weights_only-loadable)."""
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["gauss"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ------------------------------------------------------------------------------ manager
+
+class CheckpointManager:
+    """Decides when and where checkpoints go; the strategy decides who writes."""
+
+    def __init__(self, run_dir: Path, cfg: CheckpointConfig, is_writer: bool):
+        self.dir = Path(run_dir) / "checkpoints"
+        self.cfg, self.is_writer = cfg, is_writer
+
+    def path_for(self, step: int) -> Path:
+        return self.dir / f"step_{step:08d}.pt"
+
+    def save(self, state: dict[str, Any], step: int, is_best: bool = False) -> Path:
+        path = self.path_for(step)
+        if self.is_writer:
+            save_torch(path, {"format": FORMAT_VERSION, **state})
+            save_text(self.dir / "latest", path.name + "\n")
+            if is_best and self.cfg.keep_best:
+                shutil.copyfile(path, self.dir / ".best.pt.tmp")
+                os.replace(self.dir / ".best.pt.tmp", self.dir / "best.pt")
+            self._prune()
+        return path
+
+    def _prune(self) -> None:
+        steps = sorted(self.dir.glob("step_*.pt"))
+        for old in steps[: -self.cfg.keep_last]:
+            old.unlink(missing_ok=True)
+
+    def candidates(self) -> list[Path]:
+        """Complete checkpoints, newest first: `latest` first, then step files by step."""
+        found = sorted(self.dir.glob("step_*.pt"), reverse=True)
+        pointer = self.dir / "latest"
+        if pointer.is_file():
+            named = self.dir / pointer.read_text().strip()
+            if named in found:
+                found.remove(named)
+                found.insert(0, named)
+        return found
+
+    def load_latest(self) -> tuple[Path, dict] | None:
+        """The newest checkpoint that loads; a torn or corrupt newer one is skipped with a
+        warning (the previous one is still complete, thanks to atomic writes)."""
+        for path in self.candidates():
+            try:
+                return path, load_torch(path)
+            except CheckpointError as e:
+                log.warning("skipping unreadable checkpoint: %s", e)
+        return None

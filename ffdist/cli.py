@@ -1,0 +1,45 @@
+"""`ffdist <command> ...`: a thin dispatcher; each command lives in its own module.
+
+Every command's `main(argv) -> int` may raise FfdistError: printed as one sentence on
+stderr, exit code 2, no traceback (bugs keep theirs).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from ffdist.errors import EXIT_USER_ERROR, FfdistError
+
+# command -> (module with main(argv), one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("ffdist.train", "train a recipe: ffdist train RECIPE [key=value ...]"),
+    "models": ("ffdist.models.cli", "list the model names a recipe can use"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: ffdist <command> [args]", "", "commands:"]
+    lines += [f"  {name:<8} {text}" for name, (_, text) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0 if argv else EXIT_USER_ERROR
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"ffdist: error: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    module = importlib.import_module(COMMANDS[name][0])
+    try:
+        return int(module.main(rest) or 0)
+    except FfdistError as e:
+        print(f"ffdist: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

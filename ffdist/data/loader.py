@@ -1,0 +1,170 @@
+"""Samplers, loaders and the device prefetcher.
+
+Batch arithmetic (recipes give the GLOBAL batch):
+    per_rank = batch_size / world_size          (must divide)
+    micro    = min(micro_batch_size, per_rank)  (what one device holds at once)
+    accum    = per_rank / micro                 (micro-steps per optimizer step)
+Rank r takes perm[r::world] of each epoch's permutation, so global step k always covers
+perm[k*B:(k+1)*B] whatever the world size: 1, 2 or 8 ranks train the same schedule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ffdist.data.datasets import DataSpec, build_datasets, collate
+from ffdist.errors import RecipeError
+from ffdist.recipe import Recipe
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    global_batch: int
+    world_size: int
+    per_rank: int
+    micro: int
+    accum: int
+
+
+def plan_batches(global_batch: int, micro_batch: int | None, world_size: int) -> BatchPlan:
+    if global_batch % world_size:
+        raise RecipeError(f"data.batch_size={global_batch} is the global batch and does not "
+                          f"divide over {world_size} processes; use a multiple of {world_size}.")
+    per_rank = global_batch // world_size
+    micro = min(micro_batch or per_rank, per_rank)
+    if per_rank % micro:
+        raise RecipeError(f"data.micro_batch_size={micro_batch} does not divide the per-rank "
+                          f"batch {per_rank} (= {global_batch} / {world_size} processes); "
+                          "use a divisor of it.")
+    return BatchPlan(global_batch, world_size, per_rank, micro, per_rank // micro)
+
+
+class TrainSampler(Sampler[tuple[int, int]]):
+    """DistributedSampler semantics (seed + epoch permutation, `set_epoch`), but the epoch
+    is cut to whole GLOBAL batches, a resumed epoch can start mid-way (`skip_steps`), and
+    keys are (epoch, index) so that datasets seed each sample's augmentation from them."""
+
+    def __init__(self, n: int, plan: BatchPlan, rank: int, seed: int, shuffle: bool = True):
+        self.n, self.plan, self.rank, self.seed, self.shuffle = n, plan, rank, seed, shuffle
+        self.epoch, self.skip = 0, 0
+        self.steps_per_epoch = n // plan.global_batch
+        if self.steps_per_epoch == 0:
+            raise RecipeError(f"data.batch_size={plan.global_batch} is larger than the "
+                              f"{n} training images; use a smaller batch.")
+
+    def set_epoch(self, epoch: int, skip_steps: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip_steps
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            perm = torch.randperm(self.n, generator=g)
+        else:
+            perm = torch.arange(self.n)
+        perm = perm[: self.steps_per_epoch * self.plan.global_batch]
+        mine = perm[self.rank:: self.plan.world_size]
+        return iter([(self.epoch, i) for i in mine[self.skip * self.plan.per_rank:].tolist()])
+
+    def __len__(self) -> int:
+        return (self.steps_per_epoch - self.skip) * self.plan.per_rank
+
+
+class ShardSampler(Sampler[int]):
+    """Eval: rank r gets a contiguous, disjoint shard; the shards cover the set exactly once
+    (no padding with duplicates, unlike DistributedSampler)."""
+
+    def __init__(self, n: int, rank: int, world_size: int):
+        self.start = n * rank // world_size
+        self.stop = n * (rank + 1) // world_size
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.start, self.stop))
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+def _loader(ds: Dataset, sampler: Sampler, batch: int, recipe: Recipe, pin: bool,
+            drop_last: bool) -> DataLoader:
+    workers = recipe.data.num_workers
+    extra = {}
+    if workers > 0:
+        extra = {"persistent_workers": recipe.data.persistent_workers,
+                 "prefetch_factor": recipe.data.prefetch_factor}
+    return DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=workers,
+                      pin_memory=pin, drop_last=drop_last, collate_fn=collate, **extra)
+
+
+@dataclass
+class Loaders:
+    spec: DataSpec
+    plan: BatchPlan
+    train: DataLoader
+    val: DataLoader
+    train_sampler: TrainSampler
+
+
+def build(recipe: Recipe, rank: int, world_size: int, device: torch.device) -> Loaders:
+    spec = build_datasets(recipe.data, recipe.seed, recipe.model.num_classes,
+                          recipe.model.in_channels)
+    plan = plan_batches(recipe.data.batch_size, recipe.data.micro_batch_size, world_size)
+    sampler = TrainSampler(len(spec.train), plan, rank, recipe.seed)
+    eval_global = recipe.data.eval_batch_size or recipe.data.batch_size
+    eval_batch = max(1, eval_global // world_size)
+    pin = device.type == "cuda"  # pinned host memory only helps (and only works) with CUDA
+    train = _loader(spec.train, sampler, plan.micro, recipe, pin, drop_last=True)
+    val = _loader(spec.val, ShardSampler(len(spec.val), rank, world_size), eval_batch, recipe,
+                  pin, drop_last=False)
+    return Loaders(spec, plan, train, val, sampler)
+
+
+class DevicePrefetcher:
+    """Moves uint8 batches to the device, then converts, normalizes and lays them out there.
+
+    On CUDA the copy of batch k+1 runs on a side stream (pinned memory, non_blocking) while
+    batch k computes, as in timm's PrefetchLoader; `record_stream` tells the caching
+    allocator the tensors are used on the main stream. On the CPU it is a pass-through that
+    still does the normalization and memory format, so both paths feed the model alike.
+    """
+
+    def __init__(self, loader: DataLoader, device: torch.device, mean: tuple[float, ...],
+                 std: tuple[float, ...], channels_last: bool = False):
+        self.loader, self.device, self.channels_last = loader, device, channels_last
+        self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def _prepare(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x.to(self.device, non_blocking=True)
+        y = y.to(self.device, non_blocking=True)
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        x = x.to(memory_format=fmt).float().sub_(self.mean).div_(self.std)
+        return x, y
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.device.type == "cuda":
+            yield from self._iter_cuda()
+        else:
+            for x, y in self.loader:
+                yield self._prepare(x, y)
+
+    def _iter_cuda(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        stream = torch.cuda.Stream(device=self.device)
+        pending = None
+        for x, y in self.loader:
+            with torch.cuda.stream(stream):
+                nxt = self._prepare(x, y)
+            if pending is not None:
+                yield pending
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            for t in nxt:
+                t.record_stream(torch.cuda.current_stream(self.device))
+            pending = nxt
+        if pending is not None:
+            yield pending

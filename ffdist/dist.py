@@ -1,0 +1,161 @@
+"""Where we run: the ONLY module that reads the launcher's environment.
+
+torchrun, `accelerate launch` and the `deepspeed` launcher all export RANK / LOCAL_RANK /
+WORLD_SIZE / MASTER_ADDR / MASTER_PORT (deepspeed also passes `--local_rank=N`, which the
+entry point accepts and ignores). A bare `srun` task has only SLURM_* variables and an
+`mpirun` task only OMPI_* / PMI_* ones; for those we derive the rendezvous ourselves.
+No launcher at all means one process on one device: the single-device fallback.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import subprocess
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ffdist.errors import LaunchError
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    device: torch.device
+    launcher: str
+    """torchrun | slurm | mpi | none: who started this process (for logs and errors)."""
+
+    @property
+    def is_primary(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _int_env(*names: str) -> int | None:
+    for n in names:
+        v = os.environ.get(n)
+        if v not in (None, ""):
+            return int(v)
+    return None
+
+
+def world_from_env() -> tuple[int, int, int, int, str]:
+    """(rank, local_rank, world_size, local_world_size, launcher) from the environment."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:  # torchrun, accelerate, deepspeed launcher
+        world = int(env["WORLD_SIZE"])
+        local_world = _int_env("LOCAL_WORLD_SIZE") or world
+        return int(env["RANK"]), _int_env("LOCAL_RANK") or 0, world, local_world, "torchrun"
+    slurm_world = _int_env("SLURM_NTASKS")
+    if slurm_world and slurm_world > 1 and "SLURM_PROCID" in env and "SLURM_STEP_ID" in env:
+        local_world = _int_env("SLURM_NTASKS_PER_NODE") or max(1, slurm_world // (
+            _int_env("SLURM_NNODES") or 1))
+        return (int(env["SLURM_PROCID"]), _int_env("SLURM_LOCALID") or 0, slurm_world,
+                local_world, "slurm")
+    mpi_world = _int_env("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE")
+    if mpi_world and mpi_world > 1:
+        rank = _int_env("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK") or 0
+        local = _int_env("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID") or 0
+        local_world = _int_env("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS") or mpi_world
+        return rank, local, mpi_world, local_world, "mpi"
+    return 0, 0, 1, 1, "none"
+
+
+def _rendezvous_for(launcher: str) -> None:
+    """srun/mpirun do not export MASTER_ADDR/PORT the way torchrun does: derive them."""
+    if launcher == "slurm" and "MASTER_ADDR" not in os.environ:
+        nodes = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST", "")
+        try:
+            out = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True,
+                                 text=True, check=True, timeout=30).stdout.split()
+        except (OSError, subprocess.SubprocessError) as e:
+            raise LaunchError(f"Slurm task without MASTER_ADDR and `scontrol show hostnames` "
+                              f"failed ({e}); export MASTER_ADDR=<head node> in the job "
+                              "script.") from None
+        os.environ["MASTER_ADDR"] = out[0]
+    if launcher == "slurm" and "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000)
+    if launcher == "mpi":
+        os.environ.setdefault("MASTER_ADDR", "localhost")
+        os.environ.setdefault("MASTER_PORT", "29500")
+
+
+def pick_device(local_rank: int) -> torch.device:
+    """cuda:<local_rank> among the visible GPUs, else the CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        count = torch.cuda.device_count()
+        if local_rank >= count:
+            raise LaunchError(
+                f"local rank {local_rank} has no GPU: only {count} visible "
+                f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); "
+                "start at most that many processes per node.")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init(pg_timeout_s: int = 1800) -> DistInfo:
+    """Read the environment, join the process group if there is one, pick the device."""
+    import torch
+    import torch.distributed as dist
+
+    rank, local_rank, world, local_world, launcher = world_from_env()
+    device = pick_device(local_rank)
+    if world > 1 and not dist.is_initialized():
+        _rendezvous_for(launcher)
+        os.environ.setdefault("RANK", str(rank))
+        os.environ.setdefault("WORLD_SIZE", str(world))
+        os.environ.setdefault("LOCAL_RANK", str(local_rank))
+        # nccl for GPUs; gloo is the one CPU backend that all launchers support.
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        kwargs = {"device_id": device} if device.type == "cuda" else {}
+        dist.init_process_group(backend=backend, rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=pg_timeout_s), **kwargs)
+    if device.type == "cpu" and world > 1 and "OMP_NUM_THREADS" not in os.environ:
+        # Without this, every rank starts one thread per core and they fight over cores.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
+    return DistInfo(rank, local_rank, world, local_world, device, launcher)
+
+
+def shutdown() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over ranks in place (identity without a process group)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def broadcast_object(obj: object, src: int = 0) -> object:
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

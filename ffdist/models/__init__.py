@@ -1,0 +1,95 @@
+"""Model registry: every torchvision classification model by name, plus our small ones."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ffdist.errors import RecipeError
+from ffdist.models.small import LeNet, SmallCNN
+from ffdist.recipe import ModelConfig
+
+OWN: dict[str, Callable[..., nn.Module]] = {"lenet": LeNet, "small_cnn": SmallCNN}
+HEAD_NAMES = ("fc", "classifier", "heads", "head")
+
+
+def available() -> list[str]:
+    import torchvision
+
+    return sorted(set(OWN) | set(torchvision.models.list_models(module=torchvision.models)))
+
+
+class GeM(nn.Module):
+    """Generalized-mean pooling (Radenović et al.): (mean x^p)^(1/p) with a learned p;
+    p=1 is average pooling, p->inf max pooling. Used for retrieval-style CNN heads."""
+
+    def __init__(self, p: float = 3.0, eps: float = 1e-6):
+        super().__init__()
+        self.p = nn.Parameter(torch.tensor(p))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.p.clamp(min=1.0)
+        return x.clamp(min=self.eps).pow(p).mean(dim=(-2, -1), keepdim=True).pow(1.0 / p)
+
+
+def head_name(model: nn.Module) -> str:
+    """Attribute holding the classifier ('fc' for ResNets, 'classifier', 'heads', 'head')."""
+    for name in HEAD_NAMES:
+        if isinstance(getattr(model, name, None), nn.Module):
+            return name
+    raise RecipeError(f"{type(model).__name__} has none of the classifier attributes "
+                      f"{HEAD_NAMES}; model.freeze=[backbone] and pretrained heads need one.")
+
+
+def _replace_first_conv(model: nn.Module, in_channels: int) -> None:
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, nn.Conv2d):
+                setattr(parent, name, nn.Conv2d(
+                    in_channels, child.out_channels, child.kernel_size, child.stride,
+                    child.padding, child.dilation, child.groups, child.bias is not None))
+                return
+
+
+def _cifar_stem(model: nn.Module, cfg: ModelConfig) -> None:
+    if not (hasattr(model, "conv1") and hasattr(model, "maxpool")):
+        raise RecipeError(f"model.cifar_stem=true applies to ResNets only, not "
+                          f"model.name={cfg.name}; remove it.")
+    model.conv1 = nn.Conv2d(cfg.in_channels, model.conv1.out_channels, 3, 1, 1, bias=False)
+    model.maxpool = nn.Identity()
+
+
+def _set_pool(model: nn.Module, cfg: ModelConfig) -> None:
+    for attr in ("avgpool", "pool"):
+        if isinstance(getattr(model, attr, None), nn.AdaptiveAvgPool2d):
+            setattr(model, attr, GeM())
+            return
+    raise RecipeError(f"model.pool=gem needs a CNN with an adaptive average pool; "
+                      f"model.name={cfg.name} has none. Use model.pool=avg.")
+
+
+def build(cfg: ModelConfig) -> nn.Module:
+    """A freshly initialised model for the recipe (pretrained weights: ffdist.finetune)."""
+    if cfg.name in OWN:
+        model = OWN[cfg.name](num_classes=cfg.num_classes, in_channels=cfg.in_channels,
+                              dropout=cfg.dropout)
+    else:
+        import torchvision
+
+        names = torchvision.models.list_models(module=torchvision.models)
+        if cfg.name not in names:
+            close = difflib.get_close_matches(cfg.name, available(), n=1)
+            hint = f"did you mean '{close[0]}'?" if close else "see `ffdist models`."
+            raise RecipeError(f"model.name={cfg.name!r} is not a known model; {hint}")
+        model = torchvision.models.get_model(cfg.name, weights=None, num_classes=cfg.num_classes)
+        if cfg.cifar_stem:
+            _cifar_stem(model, cfg)
+        elif cfg.in_channels != 3:
+            _replace_first_conv(model, cfg.in_channels)
+    if cfg.pool == "gem":
+        _set_pool(model, cfg)
+    return model

@@ -1,0 +1,10 @@
+"""`ffdist models`: the names `model.name` accepts."""
+
+from __future__ import annotations
+
+
+def main(argv: list[str]) -> int:
+    from ffdist.models import available
+
+    print("\n".join(available()))
+    return 0

@@ -1,0 +1,33 @@
+"""Mixed precision: which dtype `precision: auto` means here, and the autocast context."""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+
+import torch
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def cpu_has_fast_bf16() -> bool:
+    """AMX-BF16 or AVX512-BF16: without them CPU bf16 autocast can be slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve(precision: str, device: torch.device) -> str:
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_fast_bf16() else "fp32"
+
+
+def autocast(precision: str, device: torch.device) -> AbstractContextManager:
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=DTYPES[precision])

@@ -1,0 +1,503 @@
+"""The recipe: what to train. Typed, validated, frozen after load.
+
+A recipe is a YAML file merged onto these dataclasses (OmegaConf structured configs, as
+Hydra/torchtune users know them), then `key=value` overrides from the command line.
+OmegaConf does parsing and type coercion; this module turns its exceptions into one
+`RecipeError` sentence that names the file, the dotted key, the value and the fix.
+Range checks live in each section's `__post_init__`.
+
+Nothing here names a rank or a device index: the environment says *where* (ffdist.dist).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ffdist.errors import RecipeError
+
+SECTIONS = (
+    "model", "data", "optim", "schedule", "strategy", "launch", "checkpoint", "log",
+)
+
+
+class _Invalid(ValueError):
+    """Raised by __post_init__ checks; `load` adds the file name."""
+
+    def __init__(self, key: str, value: Any, fix: str):
+        super().__init__(f"{key}={value!r}: {fix}")
+        self.key, self.value, self.fix = key, value, fix
+
+
+def _check(ok: bool, key: str, value: Any, fix: str) -> None:
+    if not ok:
+        raise _Invalid(key, value, fix)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "small_cnn"
+    """Registry name: a torchvision classification model (resnet50, vit_b_16, ...) or ours
+    (lenet, small_cnn). `ffdist.models.available()` lists them."""
+    num_classes: int = 10
+    """Output classes; must match the dataset."""
+    in_channels: int = 3
+    """Input channels (1 for grey digits/MNIST); torchvision stems are rebuilt for != 3."""
+    cifar_stem: bool = False
+    """ResNets only: 3x3 stride-1 conv1 and no max-pool, for 32x32 images."""
+    pretrained: str | None = None
+    """null, 'true' (torchvision's weights, needs a network) or a path to a local .pt/.pth
+    (ffdist checkpoint, model.pt or a plain state dict). The head is replaced when the
+    class count differs."""
+    freeze: list[str] = field(default_factory=list)
+    """Parameters not trained: [] (none), [backbone] (all but the head) or name prefixes.
+    Frozen BatchNorm layers stay in eval mode."""
+    pool: str = "avg"
+    """Global pooling of CNN backbones: avg or gem (generalized mean)."""
+    dropout: float = 0.0
+    """Dropout before the classifier of our own models."""
+    channels_last: bool = True
+    """NHWC memory format for conv nets (faster with AMP on GPUs and with bf16 on CPUs)."""
+    compile: bool = False
+    """torch.compile the model before the DDP wrap."""
+
+    def __post_init__(self) -> None:
+        _check(self.num_classes >= 2, "model.num_classes", self.num_classes,
+               "a classifier needs at least 2 classes")
+        _check(self.in_channels >= 1, "model.in_channels", self.in_channels, "use 1 or 3")
+        _check(self.pool in ("avg", "gem"), "model.pool", self.pool, "use avg or gem")
+        _check(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "use 0 <= p < 1")
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"
+    """digits | mnist | fashion_mnist | cifar10 | cifar100 | imagefolder | filelist |
+    synthetic."""
+    root: str | None = None
+    """Folder of the data: torchvision's files, or train/ and val/ class folders for
+    imagefolder, or the image root for filelist. Default: data/<name>."""
+    download: bool = False
+    """Let torchvision download mnist/cifar into `root` (needs a network)."""
+    batch_size: int = 64
+    """GLOBAL batch per optimizer step, over all ranks and accumulation micro-steps."""
+    micro_batch_size: int | None = None
+    """Cap on what one device holds at once; the rest becomes gradient accumulation."""
+    eval_batch_size: int | None = None
+    """Global eval batch (default: batch_size)."""
+    image_size: int | None = None
+    """Side of the (square) training crop; default: the dataset's native size (224 for
+    folders)."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank (0: load in the training process)."""
+    prefetch_factor: int = 2
+    """Batches each worker keeps ready (only with num_workers > 0)."""
+    persistent_workers: bool = True
+    """Keep workers alive between epochs (only with num_workers > 0)."""
+    augment: bool = True
+    """Training augmentation of the dataset's preset (crop/flip); eval never augments."""
+    val_fraction: float = 0.2
+    """digits/synthetic: fraction held out for validation (stratified for digits)."""
+    train_list: str | None = None
+    """filelist: text file of `relative/path<sep>label` lines for training."""
+    val_list: str | None = None
+    """filelist: the same for validation."""
+    list_sep: str = " "
+    """filelist: separator between path and label."""
+    classes: list[str] = field(default_factory=list)
+    """filelist: class names in label order (default: the labels as strings)."""
+    synthetic_size: int = 2048
+    """synthetic: number of generated images."""
+    bad_images: str = "skip"
+    """Unreadable images in a folder dataset: skip (count, warn once) or error."""
+    max_bad_fraction: float = 0.01
+    """With bad_images=skip: fail when more than this fraction of a split is unreadable."""
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size >= 1, "data.batch_size", self.batch_size, "use a positive batch")
+        _check(self.micro_batch_size is None or self.micro_batch_size >= 1,
+               "data.micro_batch_size", self.micro_batch_size, "use a positive value or null")
+        _check(self.eval_batch_size is None or self.eval_batch_size >= 1,
+               "data.eval_batch_size", self.eval_batch_size, "use a positive value or null")
+        _check(self.num_workers >= 0, "data.num_workers", self.num_workers, "use 0 or more")
+        _check(0.0 < self.val_fraction < 1.0, "data.val_fraction", self.val_fraction,
+               "use a fraction between 0 and 1")
+        _check(self.bad_images in ("skip", "error"), "data.bad_images", self.bad_images,
+               "use skip or error")
+        _check(0.0 <= self.max_bad_fraction <= 1.0, "data.max_bad_fraction",
+               self.max_bad_fraction, "use a fraction between 0 and 1")
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"
+    """sgd | adamw."""
+    lr: float = 0.1
+    """Peak learning rate (after warmup), for the global batch."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    nesterov: bool = False
+    """SGD Nesterov momentum."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas."""
+    weight_decay: float = 0.0
+    """Decoupled (AdamW) or L2 (SGD) weight decay; not applied to biases and norms."""
+    label_smoothing: float = 0.0
+    """Cross-entropy label smoothing."""
+    grad_clip: float | None = None
+    """Clip the global gradient norm to this value (null: no clipping)."""
+
+    def __post_init__(self) -> None:
+        _check(self.name in ("sgd", "adamw"), "optim.name", self.name, "use sgd or adamw")
+        _check(self.lr > 0, "optim.lr", self.lr, "use a positive learning rate, e.g. 0.1")
+        _check(0.0 <= self.momentum < 1.0, "optim.momentum", self.momentum, "use 0 <= m < 1")
+        _check(len(self.betas) == 2, "optim.betas", self.betas, "give two values, e.g. [0.9, 0.999]")
+        _check(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "use 0 or more")
+        _check(0.0 <= self.label_smoothing < 1.0, "optim.label_smoothing",
+               self.label_smoothing, "use 0 <= s < 1")
+        _check(self.grad_clip is None or self.grad_clip > 0, "optim.grad_clip",
+               self.grad_clip, "use a positive norm or null")
+
+
+@dataclass
+class ScheduleConfig:
+    epochs: int = 10
+    """Training epochs."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (for smoke tests and benchmarks)."""
+    scheduler: str = "cosine"
+    """cosine | step | multistep | constant, after linear warmup."""
+    warmup_epochs: float = 0.0
+    """Linear warmup from warmup_start_factor*lr to lr, in (fractional) epochs."""
+    warmup_start_factor: float = 0.1
+    """Warmup starts at this fraction of lr."""
+    step_size: int = 30
+    """step: epochs between decays."""
+    milestones: list[int] = field(default_factory=lambda: [30, 60, 80])
+    """multistep: epochs at which lr is multiplied by gamma."""
+    gamma: float = 0.1
+    """step/multistep decay factor."""
+    min_lr: float = 0.0
+    """cosine: final learning rate."""
+    eval_every_epochs: int = 1
+    """Evaluate every N epochs (and always after the last)."""
+    evaluate_before_train: bool = False
+    """Evaluate the starting weights before the first epoch."""
+    nan_policy: str = "stop"
+    """Non-finite loss: stop (exit naming the step) or skip (skip the step, stop after
+    max_bad_steps in a row)."""
+    max_bad_steps: int = 5
+    """With nan_policy=skip: consecutive skipped steps before stopping."""
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, "schedule.epochs", self.epochs, "train at least 1 epoch")
+        _check(self.max_steps is None or self.max_steps >= 1, "schedule.max_steps",
+               self.max_steps, "use a positive number or null")
+        _check(self.scheduler in ("cosine", "step", "multistep", "constant"),
+               "schedule.scheduler", self.scheduler, "use cosine, step, multistep or constant")
+        _check(self.warmup_epochs >= 0, "schedule.warmup_epochs", self.warmup_epochs, "use 0 or more")
+        _check(0.0 < self.warmup_start_factor <= 1.0, "schedule.warmup_start_factor",
+               self.warmup_start_factor, "use a factor in (0, 1]")
+        _check(self.step_size >= 1, "schedule.step_size", self.step_size, "use 1 or more")
+        _check(0.0 < self.gamma <= 1.0, "schedule.gamma", self.gamma, "use 0 < gamma <= 1")
+        _check(self.min_lr >= 0, "schedule.min_lr", self.min_lr, "use 0 or more")
+        _check(self.eval_every_epochs >= 1, "schedule.eval_every_epochs",
+               self.eval_every_epochs, "use 1 or more")
+        _check(self.nan_policy in ("stop", "skip"), "schedule.nan_policy", self.nan_policy,
+               "use stop or skip")
+        _check(self.max_bad_steps >= 1, "schedule.max_bad_steps", self.max_bad_steps,
+               "use 1 or more")
+
+
+@dataclass
+class StrategyConfig:
+    name: str = "auto"
+    """auto (ddp when several processes, else single) | single | ddp | deepspeed."""
+    sync_bn: bool = False
+    """DDP: convert BatchNorm to SyncBatchNorm (statistics over the global batch)."""
+    find_unused_parameters: bool = False
+    """DDP: for models with parameters that get no gradient (frozen parts are excluded
+    already)."""
+    bucket_cap_mb: int = 25
+    """DDP gradient bucket size."""
+    zero_stage: int = 2
+    """deepspeed: ZeRO stage 1, 2 or 3."""
+    offload_optimizer: bool = False
+    """deepspeed: keep optimizer states in CPU memory."""
+    offload_params: bool = False
+    """deepspeed: keep parameters in CPU memory (ZeRO-3 only)."""
+    deepspeed_config: str | None = None
+    """deepspeed: JSON file with extra settings, merged onto the config derived from the
+    recipe; contradicting the recipe is an error."""
+
+    def __post_init__(self) -> None:
+        _check(self.name in ("auto", "single", "ddp", "deepspeed"), "strategy.name",
+               self.name, "use auto, single, ddp or deepspeed")
+        _check(self.zero_stage in (0, 1, 2, 3), "strategy.zero_stage", self.zero_stage,
+               "use 0, 1, 2 or 3")
+        _check(not self.offload_params or self.zero_stage == 3, "strategy.offload_params",
+               self.offload_params, "parameter offload needs strategy.zero_stage=3")
+        _check(self.bucket_cap_mb >= 1, "strategy.bucket_cap_mb", self.bucket_cap_mb,
+               "use 1 or more")
+
+
+@dataclass
+class LaunchConfig:
+    launcher: str = "torchrun"
+    """What `ffdist launch` starts: torchrun | accelerate | deepspeed | slurm."""
+    gpus: list[int] = field(default_factory=list)
+    """GPU ids for `ffdist launch` on each node (-> CUDA_VISIBLE_DEVICES); [] = all."""
+    nproc: int = 2
+    """Processes per node when there is no GPU (CPU ranks)."""
+    nnodes: int = 1
+    """Number of nodes."""
+    node_rank: int = 0
+    """This node's rank (bare torchrun across nodes)."""
+    rdzv_endpoint: str = "localhost:29500"
+    """host:port of the c10d rendezvous (the head node)."""
+    rdzv_timeout: int = 900
+    """Seconds the rendezvous waits for all nodes."""
+    socket_ifname: str | None = None
+    """Network interface for NCCL/gloo traffic (NCCL_SOCKET_IFNAME/GLOO_SOCKET_IFNAME)."""
+    max_restarts: int = 0
+    """torchrun restarts of all local workers after a failure."""
+    pg_timeout: int = 1800
+    """Seconds a collective may wait for a peer before the process group fails."""
+
+    def __post_init__(self) -> None:
+        _check(self.launcher in ("torchrun", "accelerate", "deepspeed", "slurm"),
+               "launch.launcher", self.launcher, "use torchrun, accelerate, deepspeed or slurm")
+        _check(all(g >= 0 for g in self.gpus), "launch.gpus", self.gpus,
+               "GPU ids are 0 or more, e.g. [0, 2]")
+        _check(len(set(self.gpus)) == len(self.gpus), "launch.gpus", self.gpus,
+               "list each GPU id once")
+        _check(self.nproc >= 1, "launch.nproc", self.nproc, "use 1 or more")
+        _check(self.nnodes >= 1, "launch.nnodes", self.nnodes, "use 1 or more")
+        _check(0 <= self.node_rank < self.nnodes, "launch.node_rank", self.node_rank,
+               "use 0 .. nnodes-1")
+        _check(":" in self.rdzv_endpoint, "launch.rdzv_endpoint", self.rdzv_endpoint,
+               "use host:port")
+        _check(self.pg_timeout >= 1, "launch.pg_timeout", self.pg_timeout, "use 1 or more")
+        _check(self.max_restarts >= 0, "launch.max_restarts", self.max_restarts, "use 0 or more")
+
+
+@dataclass
+class CheckpointConfig:
+    every_epochs: int = 1
+    """Save at the end of every N epochs (and always at the end)."""
+    every_steps: int = 0
+    """Also save every N optimizer steps, mid-epoch (0: off)."""
+    keep_last: int = 3
+    """Step checkpoints kept; older ones are deleted (best.pt is kept apart)."""
+    keep_best: bool = True
+    """Keep checkpoints/best.pt, the one with the best val top-1."""
+    resume: str = "auto"
+    """auto: continue from the newest complete checkpoint in output_dir | never: start
+    fresh, refuse an output_dir that holds a run | a checkpoint path."""
+
+    def __post_init__(self) -> None:
+        _check(self.every_epochs >= 1, "checkpoint.every_epochs", self.every_epochs, "use 1 or more")
+        _check(self.every_steps >= 0, "checkpoint.every_steps", self.every_steps, "use 0 or more")
+        _check(self.keep_last >= 1, "checkpoint.keep_last", self.keep_last, "use 1 or more")
+        _check(bool(self.resume), "checkpoint.resume", self.resume, "use auto, never or a path")
+
+
+@dataclass
+class LogConfig:
+    every_steps: int = 20
+    """Training loss/lr/throughput every N optimizer steps (a host sync each time)."""
+    progress: bool = True
+    """tqdm progress bar (only when stdout is a terminal)."""
+    tensorboard: bool = True
+    """TensorBoard event files under <output_dir>/tb."""
+    images: bool = True
+    """Log a grid of training images once, and the confusion matrix each evaluation."""
+    graph: bool = False
+    """Log the model graph to TensorBoard (traces the model once)."""
+
+    def __post_init__(self) -> None:
+        _check(self.every_steps >= 1, "log.every_steps", self.every_steps, "use 1 or more")
+
+
+@dataclass
+class Recipe:
+    name: str = "run"
+    """Run name; output_dir defaults to runs/<name>."""
+    seed: int = 0
+    """Seed of initialization, data order and augmentation."""
+    output_dir: str | None = None
+    """Run directory (default runs/<name>); on a shared file system for multi-node."""
+    precision: str = "auto"
+    """fp32 | bf16 | fp16 | auto (bf16 where the hardware runs it fast, else fp32)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name) and "/" not in self.name, "name", self.name,
+               "use a plain run name without '/'")
+        _check(self.precision in ("fp32", "bf16", "fp16", "auto"), "precision",
+               self.precision, "use fp32, bf16, fp16 or auto")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) if self.output_dir else Path("runs") / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------- loading
+
+def load(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read a recipe file (or the defaults when path is None) and apply `key=value`s."""
+    source = str(path) if path is not None else "<defaults>"
+    raw = _read_yaml(Path(path)) if path is not None else {}
+    return from_dict(raw, overrides, source=source)
+
+
+def from_dict(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = (),
+              source: str = "<recipe>") -> Recipe:
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    base = OmegaConf.structured(Recipe)
+    origin = source
+    try:
+        cfg = OmegaConf.merge(base, OmegaConf.create(raw))
+        origin = "the command line"
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(_check_overrides(overrides)))
+        return OmegaConf.to_object(cfg)
+    except _Invalid as e:
+        raise RecipeError(f"{source}: {e.key}={e.value!r} is out of range: {e.fix}.") from None
+    except OmegaConfBaseException as e:
+        raise RecipeError(_explain(e, source, origin)) from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise RecipeError(f"{path}: no such recipe file; give the path of a YAML recipe, "
+                          "e.g. recipes/digits.yaml.")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise RecipeError(f"{path}: not valid YAML{where}; fix the syntax there.") from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"{path}: not a text file; a recipe is a YAML mapping.") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: the recipe must be a YAML mapping of sections "
+                          f"(name, model, data, ...), not a {type(raw).__name__}.")
+    return raw
+
+
+def _check_overrides(overrides: list[str] | tuple[str, ...]) -> list[str]:
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise RecipeError(f"command line: override {item!r} is not key=value; "
+                              "write e.g. optim.lr=0.05.")
+    return list(overrides)
+
+
+def _explain(e: Exception, source: str, origin: str) -> str:
+    from omegaconf.errors import ConfigKeyError, ValidationError
+
+    key = getattr(e, "full_key", None) or getattr(e, "key", None) or "?"
+    where = source if origin == source else f"{source} (override on {origin})"
+    if isinstance(e, ConfigKeyError) or "not in" in str(e) or "is not in struct" in str(e):
+        hint = suggest(key)
+        fix = f"did you mean '{hint}'?" if hint else "see README's recipe reference."
+        return f"{where}: unknown key '{key}'; {fix}"
+    if isinstance(e, ValidationError):
+        value = getattr(e, "value", None) if hasattr(e, "value") else None
+        expected = _expected_type(key)
+        return (f"{where}: {key}={value!r} has the wrong type; expected {expected} "
+                f"(see README's recipe reference).")
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return f"{where}: {key}: {first}."
+
+
+def _field_types(key: str) -> tuple[type | None, dict[str, Any]]:
+    """The dataclass that holds `key`'s last part, and its fields by name."""
+    cls: Any = Recipe
+    parts = key.split(".")
+    for part in parts[:-1]:
+        fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+        sub = fields.get(part)
+        if sub is None or not dataclasses.is_dataclass(sub.default_factory() if callable(
+                sub.default_factory) else None):
+            return None, {}
+        cls = type(sub.default_factory())
+    return cls, {f.name: f for f in dataclasses.fields(cls)}
+
+
+def suggest(key: str) -> str | None:
+    """'optim.lrr' -> 'optim.lr'; 'optm.lr' -> 'optim.lr'. None when nothing is close."""
+    parts = key.split(".")
+    prefix = ".".join(parts[:-1])
+    _, fields = _field_types(key)
+    if not fields:  # the section itself is misspelled
+        top = [f.name for f in dataclasses.fields(Recipe)]
+        close = difflib.get_close_matches(parts[0], top, n=1, cutoff=0.6)
+        return ".".join([close[0], *parts[1:]]) if close else None
+    close = difflib.get_close_matches(parts[-1], list(fields), n=1, cutoff=0.6)
+    if not close:
+        return None
+    return f"{prefix}.{close[0]}" if prefix else close[0]
+
+
+def _expected_type(key: str) -> str:
+    key = re.sub(r"\[\d+\]", "", key)  # launch.gpus[0] -> launch.gpus
+    _, fields = _field_types(key)
+    f = fields.get(key.split(".")[-1])
+    if f is None:
+        return "another type"
+    return str(f.type).replace("typing.", "").replace("Optional[", "null or ").rstrip("]")
+
+
+def field_docs() -> list[tuple[str, str, Any, str]]:
+    """(dotted key, type, default, doc) for every recipe key: the README reference."""
+    import ast
+    import inspect
+
+    rows: list[tuple[str, str, Any, str]] = []
+
+    def docs_of(cls: type) -> dict[str, str]:
+        tree = ast.parse(inspect.getsource(cls))
+        body = tree.body[0].body  # type: ignore[attr-defined]
+        out: dict[str, str] = {}
+        for a, b in zip(body, body[1:]):
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(
+                    b.value, ast.Constant):
+                out[a.target.id] = " ".join(str(b.value.value).split())  # type: ignore[attr-defined]
+        return out
+
+    def walk(cls: type, prefix: str) -> None:
+        docs = docs_of(cls)
+        inst = cls()
+        for f in dataclasses.fields(cls):
+            value = getattr(inst, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(type(value), f"{prefix}{f.name}.")
+            else:
+                rows.append((prefix + f.name, str(f.type), value, docs.get(f.name, "")))
+
+    walk(Recipe, "")
+    return rows

@@ -1,0 +1,47 @@
+"""The run directory: decide fresh / resume, refuse to clobber, write the resolved recipe."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ffdist.checkpoint import CheckpointManager, load_torch, save_text
+from ffdist.errors import CheckpointError
+from ffdist.recipe import Recipe
+
+
+def holds_run(run_dir: Path) -> bool:
+    return (run_dir / "metrics.jsonl").exists() or any((run_dir / "checkpoints").glob("*.pt"))
+
+
+def check_writable(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write_test.{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise CheckpointError(f"output_dir={run_dir} is not writable ({e.strerror}); choose "
+                              "another output_dir or fix its permissions.") from None
+
+
+def resume_state(recipe: Recipe, manager: CheckpointManager) -> dict | None:
+    """The checkpoint to resume from, or None for a fresh start (after the refusals)."""
+    run_dir = recipe.run_dir
+    mode = recipe.checkpoint.resume
+    if mode == "never":
+        if holds_run(run_dir):
+            raise CheckpointError(
+                f"output_dir={run_dir} already holds a run and checkpoint.resume=never; "
+                "choose a new output_dir (or name), or use checkpoint.resume=auto to continue it.")
+        return None
+    if mode == "auto":
+        found = manager.load_latest()
+        if found is None:
+            return None
+        return found[1]
+    return load_torch(Path(mode))
+
+
+def write_recipe(recipe: Recipe) -> None:
+    save_text(recipe.run_dir / "recipe.yaml", recipe.to_yaml())

@@ -1,0 +1,31 @@
+"""DistributedDataParallel: gradients all-reduced in buckets during backward."""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ffdist.recipe import Recipe
+from ffdist.strategies.single import SingleDevice
+
+
+class DDP(SingleDevice):
+    def __init__(self, model: nn.Module, recipe: Recipe, device: torch.device, precision: str):
+        if recipe.strategy.sync_bn:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        super().__init__(model, recipe, device, precision)
+        # compile first, then wrap (torch.compile's DDP optimizer splits graphs at buckets).
+        self.model = DistributedDataParallel(
+            self.model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            bucket_cap_mb=recipe.strategy.bucket_cap_mb,
+            find_unused_parameters=recipe.strategy.find_unused_parameters,
+            gradient_as_bucket_view=True,
+        )
+
+    def no_sync(self, boundary: bool) -> AbstractContextManager:
+        # Accumulation micro-steps skip the all-reduce; the boundary step syncs the sum.
+        return nullcontext() if boundary else self.model.no_sync()

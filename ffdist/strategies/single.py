@@ -1,0 +1,64 @@
+"""One device, no wrapper: the fallback when no launcher started us. DDP extends it."""
+
+from __future__ import annotations
+
+import contextlib
+from contextlib import AbstractContextManager
+from typing import Any
+
+import torch
+from torch import nn
+
+from ffdist.checkpoint import clean_state_dict
+from ffdist.optim import build_optimizer, set_lr
+from ffdist.recipe import Recipe
+
+
+class SingleDevice:
+    sharded = False
+
+    def __init__(self, model: nn.Module, recipe: Recipe, device: torch.device, precision: str):
+        fmt = torch.channels_last if recipe.model.channels_last else torch.contiguous_format
+        self.raw = model.to(device=device, memory_format=fmt)
+        self.device = device
+        self.grad_clip = recipe.optim.grad_clip
+        self.optimizer = build_optimizer(self.raw, recipe.optim, device)
+        # fp16 needs loss scaling against gradient underflow; bf16 has fp32's range.
+        self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+        self.model = torch.compile(self.raw) if recipe.model.compile else self.raw
+
+    def no_sync(self, boundary: bool) -> AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def step(self, lr: float) -> torch.Tensor | None:
+        set_lr(self.optimizer, lr)
+        norm = None
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.grad_clip is not None:
+            params = [p for p in self.raw.parameters() if p.grad is not None]
+            norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)  # skips the step on inf/nan grads
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def unwrap(self) -> nn.Module:
+        return self.raw
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": clean_state_dict(self.raw.state_dict()),
+                "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler else {}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.raw.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])

@@ -1,0 +1,73 @@
+"""Shared test helpers: run ffdist as a user would, in real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = REPO / "recipes"
+BIN = Path(sys.executable).parent
+
+
+def env(**extra: str) -> dict[str, str]:
+    """Environment for child processes: this checkout's ffdist first on the path (so a
+    worktree or fresh clone tests its own code), few threads, no GPU assumptions."""
+    e = dict(os.environ)
+    e["PYTHONPATH"] = os.pathsep.join([str(REPO), e.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    e.setdefault("OMP_NUM_THREADS", "1")
+    e["PYTHONUNBUFFERED"] = "1"
+    e.update(extra)
+    return e
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(cmd: list[str], timeout: float = 300, check: bool = True,
+        **env_extra: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=REPO, env=env(**env_extra), capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n"
+                             f"{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def train(recipe: str, *overrides: str, timeout: float = 300,
+          check: bool = True) -> subprocess.CompletedProcess:
+    """python -m ffdist.train (one process, the fallback)."""
+    return run([sys.executable, "-m", "ffdist.train", str(RECIPES / recipe), *overrides],
+               timeout=timeout, check=check)
+
+
+def torchrun(recipe: str, *overrides: str, nproc: int = 2, timeout: float = 300,
+             check: bool = True, extra_args: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    return run([str(BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_port",
+                str(free_port()), *extra_args, "-m", "ffdist.train", str(RECIPES / recipe),
+                *overrides], timeout=timeout, check=check)
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def events(run_dir: Path, split: str) -> list[dict]:
+    return [e for e in metrics(run_dir) if e.get("split") == split]
+
+
+def end_event(run_dir: Path) -> dict:
+    ends = [e for e in metrics(run_dir) if e.get("event") == "end"]
+    assert len(ends) == 1, f"expected one end event, got {len(ends)}"
+    return ends[0]
+
+
+# Overrides that make a digits run tiny and quiet for tests.
+FAST = ("log.tensorboard=false", "log.progress=false")
