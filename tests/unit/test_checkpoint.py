@@ -1,0 +1,97 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from ffdist import recipe
+from ffdist.checkpoint import (
+    CheckpointManager,
+    atomic_write,
+    clean_state_dict,
+    load_torch,
+    rng_state,
+    save_torch,
+    set_rng_state,
+)
+from ffdist.errors import CheckpointError
+
+
+def test_round_trip_is_weights_only_loadable(tmp_path: Path) -> None:
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": [rng_state()],
+             "epoch": 3, "classes": ["a", "b"]}
+    save_torch(tmp_path / "c.pt", state)
+    back = torch.load(tmp_path / "c.pt", weights_only=True)
+    assert torch.equal(back["model"]["weight"], model.weight)
+    fresh = torch.optim.SGD(torch.nn.Linear(3, 2).parameters(), lr=0.1, momentum=0.9)
+    fresh.load_state_dict(back["optimizer"])
+    assert back["epoch"] == 3 and back["classes"] == ["a", "b"]
+
+
+def test_rng_state_restores_every_generator() -> None:
+    import random
+
+    import numpy as np
+
+    saved = rng_state()
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    set_rng_state(saved)
+    assert torch.equal(torch.rand(3), expected[0])
+    assert (np.random.rand(3) == expected[1]).all() and random.random() == expected[2]
+
+
+def test_failed_write_keeps_the_old_file(tmp_path: Path) -> None:
+    path = tmp_path / "x.pt"
+    save_torch(path, {"v": 1})
+
+    def explode(f):
+        f.write(b"partial")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(path, explode)
+    assert load_torch(path) == {"v": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.pt"]  # no temp file left
+
+
+def test_prefixes_are_stripped() -> None:
+    sd = {"module._orig_mod.fc.weight": 1, "_orig_mod.conv.bias": 2, "fc.bias": 3}
+    assert clean_state_dict(sd) == {"fc.weight": 1, "conv.bias": 2, "fc.bias": 3}
+
+
+def _manager(tmp_path: Path, keep: int = 2) -> CheckpointManager:
+    cfg = recipe.load(None, [f"checkpoint.keep_last={keep}"]).checkpoint
+    return CheckpointManager(tmp_path, cfg, is_writer=True)
+
+
+def test_keep_last_latest_and_best(tmp_path: Path) -> None:
+    m = _manager(tmp_path)
+    for step in (10, 20, 30):
+        m.save({"step": step}, step, is_best=step == 20)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["best.pt", "latest", "step_00000020.pt", "step_00000030.pt"]
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_00000030.pt"
+    assert load_torch(tmp_path / "checkpoints" / "best.pt")["step"] == 20
+    assert m.load_latest()[1]["step"] == 30
+
+
+def test_corrupt_newest_checkpoint_falls_back(tmp_path: Path) -> None:
+    m = _manager(tmp_path, keep=3)
+    m.save({"step": 1}, 1)
+    path = m.save({"step": 2}, 2)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # torn
+    found = m.load_latest()
+    assert found is not None and found[1]["step"] == 1
+
+
+def test_unreadable_file_is_a_checkpoint_error(tmp_path: Path) -> None:
+    (tmp_path / "junk.pt").write_bytes(os.urandom(64))
+    with pytest.raises(CheckpointError, match="junk.pt cannot be read"):
+        load_torch(tmp_path / "junk.pt")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_torch(tmp_path / "nope.pt")

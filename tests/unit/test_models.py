@@ -1,0 +1,53 @@
+import pytest
+import torch
+
+from ffdist import models, recipe
+from ffdist.errors import RecipeError
+
+
+def _cfg(*overrides: str):
+    return recipe.load(None, list(overrides)).model
+
+
+@pytest.mark.parametrize("name,channels,size", [
+    ("small_cnn", 1, 8), ("lenet", 1, 28), ("lenet", 3, 32), ("resnet18", 3, 64),
+    ("resnet18", 1, 64), ("mobilenet_v3_small", 3, 64),
+])
+def test_models_build_and_give_class_logits(name: str, channels: int, size: int) -> None:
+    m = models.build(_cfg(f"model.name={name}", f"model.in_channels={channels}",
+                          "model.num_classes=7"))
+    out = m(torch.randn(2, channels, size, size))
+    assert out.shape == (2, 7)
+
+
+def test_registry_lists_torchvision_and_our_models() -> None:
+    names = models.available()
+    for n in ("lenet", "small_cnn", "resnet50", "vit_b_16", "convnext_tiny", "efficientnet_b0",
+              "densenet121", "vgg16"):
+        assert n in names
+
+
+def test_cifar_stem_keeps_32x32_resolution() -> None:
+    m = models.build(_cfg("model.name=resnet18", "model.cifar_stem=true"))
+    assert m.conv1.kernel_size == (3, 3) and m.conv1.stride == (1, 1)
+    assert isinstance(m.maxpool, torch.nn.Identity)
+    with pytest.raises(RecipeError, match="ResNets only"):
+        models.build(_cfg("model.name=vgg11", "model.cifar_stem=true"))
+
+
+def test_gem_pooling_replaces_average_pooling() -> None:
+    m = models.build(_cfg("model.name=resnet18", "model.pool=gem"))
+    assert isinstance(m.avgpool, models.GeM)
+    x = torch.rand(2, 3, 1, 1) + 0.5
+    gem = models.GeM(p=1.0)
+    assert torch.allclose(gem(x), x.mean(dim=(-2, -1), keepdim=True))
+
+
+def test_unknown_model_suggests_a_name() -> None:
+    with pytest.raises(RecipeError, match="did you mean 'resnet50'"):
+        models.build(_cfg("model.name=resnet05"))
+
+
+def test_head_name() -> None:
+    assert models.head_name(models.build(_cfg("model.name=resnet18"))) == "fc"
+    assert models.head_name(models.build(_cfg("model.name=small_cnn"))) == "head"
