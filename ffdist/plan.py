@@ -11,12 +11,13 @@ Model states (parameters, gradients, optimizer states) follow the ZeRO paper's a
 P = all parameters, T = trainable ones, k = 4 bytes per state (SGD momentum: 1 state,
 AdamW: 2, plain SGD: 0).
 
-Activations are MEASURED, not guessed: one forward/backward of a real batch of 2 on the CPU
-(at the recipe's image size, under autocast with the recipe's precision), summing the
-bytes of every tensor autograd saves for backward (saved_tensors_hooks, each storage once),
-then scaled linearly to the per-device micro batch. A real batch (not the meta device)
-because storages can be deduplicated only when they exist, and in-place ops (ReLU) share
-them; 2 samples because BatchNorm in training mode needs more than one.
+Activations are MEASURED, not guessed: forward/backward of real batches of 2 and 4 on the
+CPU (at the recipe's image size, under autocast with the recipe's precision), summing the
+bytes of every tensor autograd saves for backward (saved_tensors_hooks, each storage once,
+parameters excluded); the difference per sample is scaled linearly to the per-device micro
+batch. Real tensors (not the meta device) because storages can be deduplicated only when
+they exist (in-place ReLU and views share them); batches of 2+ because BatchNorm in
+training mode needs more than one sample.
 """
 
 from __future__ import annotations
@@ -118,25 +119,36 @@ def image_size(rcp: Recipe) -> int:
     return rcp.data.image_size or NATIVE_SIZE.get(rcp.data.name, 224)
 
 
-def activation_bytes_per_sample(model: nn.Module, channels: int, size: int, precision: str) -> int:
-    """Bytes autograd saves for backward per sample: measured on a real batch of 2."""
+def saved_bytes(model: nn.Module, batch: int, channels: int, size: int, precision: str) -> int:
+    """Bytes of the tensors autograd saves for backward in one training forward (each
+    storage once: in-place ops and views share theirs), parameters excluded."""
     from ffdist.precision import autocast
 
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     storages: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         s = t.untyped_storage()
-        storages[s.data_ptr()] = s.nbytes()
+        if s.data_ptr() not in params:
+            storages[s.data_ptr()] = s.nbytes()
         return t
 
     model.train()
-    x = torch.randn(2, channels, size, size)
+    x = torch.randn(batch, channels, size, size)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         with autocast(precision, torch.device("cpu")):
             out = model(x)
     out.float().sum().backward()
     model.zero_grad(set_to_none=True)
-    return sum(storages.values()) // 2
+    return sum(storages.values())
+
+
+def activation_bytes_per_sample(model: nn.Module, channels: int, size: int, precision: str) -> int:
+    """Measured at batches of 2 and 4: the difference is what one more sample costs, free
+    of per-step constants (autocast's low-precision weight copies)."""
+    two = saved_bytes(model, 2, channels, size, precision)
+    four = saved_bytes(model, 4, channels, size, precision)
+    return max(0, four - two) // 2
 
 
 @dataclass
@@ -189,7 +201,7 @@ def recommend(plan: Plan, gpu_mem: int | None, per_rank: int, micro: int) -> str
 
 
 def report(rcp: Recipe, args: argparse.Namespace) -> str:
-    from ffdist import finetune, models, precision
+    from ffdist import finetune, models
     from ffdist.data import plan_batches
 
     sizes = nvml_memory(list(rcp.launch.gpus))
