@@ -50,3 +50,9 @@ def write_filelists(root: Path, digits: list[int], out: Path) -> tuple[Path, Pat
     for path, rows in zip(paths, (tr, va)):
         path.write_text("".join(f"{name} {lab}\n" for name, lab in rows))
     return paths
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # torchvision 0.29 warns once per decoded image that torchcodec will replace its decoders.
+    config.addinivalue_line("filterwarnings",
+                            "ignore:The image decoding and encoding capabilities:DeprecationWarning")
