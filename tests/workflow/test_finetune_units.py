@@ -90,3 +90,16 @@ def test_freeze_prefixes_and_bad_prefix():
     assert frozen == ["features.0.weight", "features.0.bias"]
     with pytest.raises(RecipeError, match="'featurez' matches no parameter"):
         finetune.freeze(build(_cfg()), ["featurez"])
+
+
+def test_hymenoptera_recipe_is_the_tutorials():
+    rcp = recipe.load("recipes/hymenoptera_finetune.yaml")
+    assert (rcp.model.name, rcp.model.pretrained, rcp.model.freeze) == ("resnet18", "true",
+                                                                        ["backbone"])
+    assert (rcp.optim.name, rcp.optim.lr, rcp.optim.momentum) == ("sgd", 0.001, 0.9)
+    assert (rcp.schedule.scheduler, rcp.schedule.step_size, rcp.schedule.gamma,
+            rcp.schedule.epochs) == ("step", 7, 0.1, 25)
+    from ffdist.optim import lr_at
+
+    assert lr_at(61 * 7 - 1, 0.001, rcp.schedule, 61) == 0.001
+    assert abs(lr_at(61 * 7, 0.001, rcp.schedule, 61) - 1e-4) < 1e-12
