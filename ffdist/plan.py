@@ -217,7 +217,7 @@ def report(rcp: Recipe, args: argparse.Namespace) -> str:
     n = sum(p.numel() for p in model.parameters())
     t = sum(p.numel() for p in model.parameters() if p.requires_grad)
     gpu_mem = parse_size(args.gpu_mem) if args.gpu_mem else (min(sizes) if sizes else None)
-    source = "--gpu-mem" if args.gpu_mem else ("NVML" if sizes else "unknown")
+    source = "--gpu-mem" if args.gpu_mem else f"NVML, smallest of {len(sizes or [])} GPU(s)"
     size = image_size(rcp)
     lines = [
         f"recipe     {rcp.name}: {rcp.model.name} ({rcp.model.in_channels}x{size}x{size}, "
@@ -228,9 +228,9 @@ def report(rcp: Recipe, args: argparse.Namespace) -> str:
         f"batch      global {bp.global_batch} = {bp.per_rank}/device = {bp.micro} micro x "
         f"{bp.accum} accumulation",
         f"parameters {n:,} total, {t:,} trainable",
-        f"activations measured: {plan.per_sample / 2**20:.2f} MiB/sample x {bp.micro} = "
+        f"activations measured: {gib(plan.per_sample)}/sample x {bp.micro} = "
         f"{gib(plan.activations)} per device",
-        f"GPU memory {gib(gpu_mem) if gpu_mem else 'unknown'} ({source})",
+        f"GPU memory {gib(gpu_mem) + ' (' + source + ')' if gpu_mem else 'unknown (no NVML GPU, no --gpu-mem)'}",
         "",
         f"{'per device':<10} {'params':>11} {'grads':>11} {'optimizer':>11} {'activations':>12} "
         f"{'total':>11}",
