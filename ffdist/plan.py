@@ -230,7 +230,7 @@ def report(rcp: Recipe, args: argparse.Namespace) -> str:
         f"parameters {n:,} total, {t:,} trainable",
         f"activations measured: {gib(plan.per_sample)}/sample x {bp.micro} = "
         f"{gib(plan.activations)} per device",
-        f"GPU memory {gib(gpu_mem) + ' (' + source + ')' if gpu_mem else 'unknown (no NVML GPU, no --gpu-mem)'}",
+        f"GPU memory {f'{gib(gpu_mem)} ({source})' if gpu_mem else 'unknown (no NVML GPU, no --gpu-mem)'}",
         "",
         f"{'per device':<10} {'params':>11} {'grads':>11} {'optimizer':>11} {'activations':>12} "
         f"{'total':>11}",
