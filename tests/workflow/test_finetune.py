@@ -46,3 +46,41 @@ def test_finetune_frozen_backbone_from_local_checkpoint(digits_pngs: Path, tmp_p
     assert end["final_top1"] >= 0.9, end
     val = helpers.events(tuned, "val")[-1]
     assert val["n"] == len(lists_b[1].read_text().splitlines())
+
+
+def test_resnet_frozen_batchnorm_through_the_trainer(digits_pngs: Path, tmp_path: Path):
+    """The hymenoptera recipe's shape, tiny: an ImageFolder, ResNet-18 from a local
+    1000-class state dict (as a downloaded torchvision .pth is), head replaced for 2
+    classes, backbone frozen. Through the real Trainer (model.train() every epoch) the
+    backbone's BatchNorm running statistics stay those of the file."""
+    from PIL import Image
+
+    from ffdist.models import build
+    from ffdist.recipe import ModelConfig
+
+    for split in ("train", "val"):
+        for digit in ("0", "1"):
+            folder = tmp_path / "data" / split / f"digit{digit}"
+            folder.mkdir(parents=True)
+            files = sorted(digits_pngs.glob(f"*_{digit}.png"))
+            for f in files[:12] if split == "train" else files[12:18]:
+                Image.open(f).convert("RGB").save(folder / f.name)
+    torch.manual_seed(0)
+    source = build(ModelConfig(name="resnet18", num_classes=1000))
+    with torch.no_grad():  # non-trivial statistics, so that an update would show
+        for m in source.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    torch.save(source.state_dict(), tmp_path / "resnet18.pth")
+    out = tmp_path / "run"
+    run("recipes/hymenoptera_finetune.yaml", [
+        f"model.pretrained={tmp_path / 'resnet18.pth'}", f"data.root={tmp_path / 'data'}",
+        "data.image_size=32", "data.num_workers=0", "data.batch_size=8", "schedule.epochs=2",
+        "optim.lr=0.01", f"output_dir={out}", "log.tensorboard=false", "log.progress=false",
+        "precision=fp32"])
+    after = torch.load(out / "model.pt", weights_only=True)
+    for k, v in source.state_dict().items():
+        if not k.startswith("fc."):
+            assert torch.equal(v, after[k]), k  # weights AND running stats, bit for bit
+    assert after["fc.weight"].shape == (2, 512)
