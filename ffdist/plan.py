@@ -5,7 +5,9 @@ Model states (parameters, gradients, optimizer states) follow the ZeRO paper's a
 (Rajbhandari et al. 2020, section 3), per device:
     DDP / single      params 4P, grads 4T, optimizer kT        (fp32 storage: PyTorch
                                                                  autocast keeps fp32 weights)
-    DeepSpeed bf16    params 2P, grads 2T, optimizer (4+k)T    (fp32 master copy + states)
+    DeepSpeed         params wP, grads wT, optimizer (4+k)T    (w = 2 bytes in bf16/fp16,
+                                                                 4 in fp32; fp32 master copy
+                                                                 + states)
     ZeRO-1 shards the optimizer over N ranks, ZeRO-2 also the gradients, ZeRO-3 also the
     parameters.
 P = all parameters, T = trainable ones, k = 4 bytes per state (SGD momentum: 1 state,
@@ -39,35 +41,29 @@ NATIVE_SIZE = {"digits": 8, "mnist": 28, "fashion_mnist": 28, "cifar10": 32, "ci
                "synthetic": 32}
 
 
-def optimizer_states(optimizer: str, momentum: float = 0.9) -> int:
-    """fp32 state tensors per trainable parameter."""
-    if optimizer in ("adam", "adamw"):
-        return 2
-    return 1 if momentum > 0 else 0
-
-
-def model_state_bytes(num_params: int, trainable_params: int, optimizer: str, precision: str,
-                      strategy: str, zero_stage: int, world_size: int) -> dict[str, int]:
-    """Per-device bytes of params/grads/optimizer (+ total).
-
-    Private fallback with the signature of ffdist.memory.model_state_bytes (written in
-    parallel on branch `ds`): switch to that module when merging. `optimizer` is sgd
-    (with momentum), sgd0 (no momentum) or adamw."""
-    states = 0 if optimizer == "sgd0" else optimizer_states(optimizer)
-    n, t = num_params, trainable_params
-    if strategy == "deepspeed" and precision in ("bf16", "fp16"):
-        params, grads, optim = 2 * n, 2 * t, (4 + 4 * states) * t
+def _model_state_bytes(num_params: int, trainable_params: int, optimizer: str, precision: str,
+                       strategy: str, zero_stage: int = 0, world_size: int = 1,
+                       momentum: bool = True) -> dict[str, int]:
+    """Per-device bytes of params/grads/optimizer (+ total): a private fallback with the
+    signature and accounting of ffdist.memory.model_state_bytes (branch `ds`), used only
+    while that module is absent. DeepSpeed keeps an fp32 master copy in every precision."""
+    s = 2 if optimizer == "adamw" else (1 if momentum else 0)
+    n, t, world = num_params, trainable_params, max(1, world_size)
+    if strategy != "deepspeed":
+        out = {"params": 4 * n, "grads": 4 * t, "optimizer": 4 * s * t}
     else:
-        params, grads, optim = 4 * n, 4 * t, 4 * states * t
-    stage = zero_stage if strategy == "deepspeed" else 0
-    if stage >= 1:
-        optim = -(-optim // world_size)
-    if stage >= 2:
-        grads = -(-grads // world_size)
-    if stage >= 3:
-        params = -(-params // world_size)
-    return {"params": params, "grads": grads, "optimizer": optim,
-            "total": params + grads + optim}
+        w = 4 if precision == "fp32" else 2
+        out = {"params": w * n // (world if zero_stage >= 3 else 1),
+               "grads": w * t // (world if zero_stage >= 2 else 1),
+               "optimizer": (4 + 4 * s) * t // (world if zero_stage >= 1 else 1)}
+    out["total"] = out["params"] + out["grads"] + out["optimizer"]
+    return out
+
+
+try:  # the shared formulas module, once merged
+    from ffdist.memory import model_state_bytes
+except ImportError:
+    model_state_bytes = _model_state_bytes
 
 
 def parse_size(text: str) -> int:
@@ -161,13 +157,15 @@ class Plan:
 def estimate(rcp: Recipe, model: nn.Module, world: int, micro: int, precision: str) -> Plan:
     n = sum(p.numel() for p in model.parameters())
     t = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    opt = rcp.optim.name if rcp.optim.name != "sgd" or rcp.optim.momentum > 0 else "sgd0"
+    momentum = rcp.optim.momentum > 0
     per_sample = activation_bytes_per_sample(model, rcp.model.in_channels, image_size(rcp),
                                              precision)
     acts = per_sample * micro
-    rows = {"DDP": model_state_bytes(n, t, opt, precision, "ddp", 0, world)}
+    opt = rcp.optim.name
+    rows = {"DDP": model_state_bytes(n, t, opt, precision, "ddp", 0, world, momentum=momentum)}
     for stage in (1, 2, 3):
-        rows[f"ZeRO-{stage}"] = model_state_bytes(n, t, opt, precision, "deepspeed", stage, world)
+        rows[f"ZeRO-{stage}"] = model_state_bytes(n, t, opt, precision, "deepspeed", stage, world,
+                                                  momentum=momentum)
     for r in rows.values():
         r["activations"] = acts
         r["total"] += acts

@@ -169,6 +169,8 @@ def run(args: argparse.Namespace) -> int:
         raise DataError("--topk and --batch-size must be at least 1.")
     loaded = load_run(args.run_dir, (), args.checkpoint)
     # The device is decided once: CUDA when there is one (or asked for), else the CPU.
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise DataError("--device cuda but no CUDA GPU is visible; use --device cpu or auto.")
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if cuda else "cpu")
     model = loaded.model.to(device)
