@@ -136,7 +136,11 @@ def _print_per_class(report: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     from ffdist.train import split_argv
 
-    run_dir, overrides = split_argv(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["-h"], ["--help"]):
+        print(USAGE + "\n\n" + __doc__.split("\n\n")[0])
+        return 0
+    run_dir, overrides = split_argv(argv)
     if run_dir is None:
         print(USAGE, file=sys.stderr)
         return EXIT_USER_ERROR
