@@ -126,9 +126,13 @@ def run(run_dir: str | Path, overrides: list[str]) -> dict[str, Any]:
         dist.shutdown()
 
 
-def _print_per_class(report: dict[str, Any]) -> None:
+def _print_per_class(report: dict[str, Any], limit: int = 20) -> None:
+    rows = report["per_class"]
+    if len(rows) > limit:  # ImageNet-size: the weakest classes; report.json has them all
+        rows = sorted(rows, key=lambda r: r["f1"])[:10]
+        print(f"the 10 classes with the lowest F1 of {len(report['per_class'])}:")
     print(f"{'class':>12} {'acc':>6} {'prec':>6} {'recall':>6} {'f1':>6} {'support':>7}")
-    for r in report["per_class"]:
+    for r in rows:
         print(f"{r['class'][:12]:>12} {r['accuracy']:6.3f} {r['precision']:6.3f} "
               f"{r['recall']:6.3f} {r['f1']:6.3f} {r['support']:7d}")
 
