@@ -94,11 +94,37 @@ def load_run(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = (),
 
     run_dir = Path(run_dir)
     rcp = load_recipe(run_dir, overrides)
-    spec = build_datasets(rcp.data, rcp.seed, rcp.model.num_classes, rcp.model.in_channels)
+    folder_data = rcp.data.name in ("imagefolder", "filelist")
+    if folder_data:
+        # Do not scan an ImageNet-size folder for a class list: the class folder names (or
+        # data.classes) are it; size and normalization as ffdist.data.datasets sets them.
+        from ffdist.data import transforms as T
+
+        classes = _folder_classes(rcp)
+        channels, size = rcp.model.in_channels, rcp.data.image_size or 224
+        mean, std = T.normalization("imagenet", channels)
+    else:
+        spec = build_datasets(rcp.data, rcp.seed, rcp.model.num_classes, rcp.model.in_channels)
+        classes, channels, size, mean, std = (list(spec.classes), spec.channels,
+                                              spec.image_size, spec.mean, spec.std)
     model = models.build(rcp.model)
     path = weights_path(run_dir, checkpoint)
     load_into(model, state_dict_from(path), path)
     model.eval()
-    return RunModel(rcp, model, list(spec.classes), spec.channels, spec.image_size,
-                    tuple(spec.mean), tuple(spec.std), path,
-                    rcp.data.name in ("imagefolder", "filelist"))
+    return RunModel(rcp, model, classes, channels, size, tuple(mean), tuple(std), path,
+                    folder_data)
+
+
+def _folder_classes(rcp: Recipe) -> list[str]:
+    n = rcp.model.num_classes
+    if rcp.data.name == "filelist":
+        return list(rcp.data.classes) or [str(i) for i in range(n)]
+    train = Path(rcp.data.root or "") / "train"
+    classes = sorted(p.name for p in train.iterdir() if p.is_dir()) if train.is_dir() else []
+    if len(classes) != n:
+        from ffdist.errors import DataError
+
+        raise DataError(f"data.root={rcp.data.root}: {train} should hold the {n} class folders "
+                        "the run was trained with (their names are the class names); "
+                        "point data.root=... at the training data.")
+    return classes

@@ -44,6 +44,9 @@ def test_finetune_frozen_backbone_from_local_checkpoint(digits_pngs: Path, tmp_p
     end = helpers.end_event(tuned)
     print("fine-tuned val top-1", end["final_top1"], "base", helpers.end_event(base)["final_top1"])
     assert end["final_top1"] >= 0.9, end
+    from ffdist.loading import load_run
+
+    assert load_run(tuned).classes == ["5", "6", "7", "8", "9"]
     val = helpers.events(tuned, "val")[-1]
     assert val["n"] == len(lists_b[1].read_text().splitlines())
 
@@ -84,3 +87,16 @@ def test_resnet_frozen_batchnorm_through_the_trainer(digits_pngs: Path, tmp_path
         if not k.startswith("fc."):
             assert torch.equal(v, after[k]), k  # weights AND running stats, bit for bit
     assert after["fc.weight"].shape == (2, 512)
+
+    # predict on a folder run: class names from the class folders, folder preprocessing
+    import csv
+
+    from ffdist.cli import main as cli
+    from ffdist.loading import load_run
+
+    loaded = load_run(out)
+    assert loaded.classes == ["digit0", "digit1"] and loaded.image_size == 32
+    preds = tmp_path / "preds.csv"
+    assert cli(["predict", str(out), str(tmp_path / "data" / "val"), "--out", str(preds)]) == 0
+    rows = list(csv.DictReader(preds.open()))
+    assert len(rows) == 12 and {r["prediction"] for r in rows} <= {"digit0", "digit1"}
