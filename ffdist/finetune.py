@@ -100,6 +100,7 @@ def load_pretrained(model: nn.Module, state: dict[str, torch.Tensor], source: st
                                   f"{tuple(value.shape)} but the model wants {tuple(want)}; "
                                   "check model.name, model.in_channels and model.cifar_stem.")
     model.load_state_dict({**own, **kept})
+    log.info("pretrained: %d of %d tensors loaded from %s", len(kept), len(own), source)
     if reset:
         log.info("pretrained: %s re-initialised (class count differs: %s)", head.rstrip("."),
                  ", ".join(reset))
