@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None,
                    help="output file (default RUN_DIR/export/model.onnx or model.torchscript.pt)")
     p.add_argument("--checkpoint", default=None, help="weights other than RUN_DIR/model.pt")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="recipe override, e.g. --set data.root=/new/place (repeatable)")
     p.add_argument("--batch-size", type=int, default=8, help="verification batch (default 8)")
     p.add_argument("--tolerance", type=float, default=1e-4,
                    help="relative to max(1, max |logit|) (default 1e-4)")
@@ -128,7 +130,7 @@ def run(args: argparse.Namespace) -> dict:
 
     if args.batch_size < 2:
         raise RecipeError("--batch-size must be at least 2 (ONNX is checked at two sizes).")
-    loaded = load_run(args.run_dir, (), args.checkpoint)
+    loaded = load_run(args.run_dir, args.set, args.checkpoint)
     model = loaded.model.float().to(memory_format=torch.contiguous_format).eval()
     out = Path(args.out) if args.out else \
         Path(args.run_dir) / "export" / f"model{SUFFIX[args.format]}"
