@@ -70,3 +70,16 @@ def test_predict_only_unreadable_exits_1_and_missing_path_exits_2(digits_run: Pa
     assert cli(["predict", str(digits_run), str(bad), "--out", str(out)]) == 1
     assert _rows(out)[0]["error"]
     assert cli(["predict", str(digits_run), str(tmp_path / "nope"), "--out", str(out)]) == 2
+
+
+def test_predict_tta_averages_with_the_mirror(digits_run: Path, digits_pngs: Path, tmp_path: Path):
+    files = [str(f) for f in sorted(digits_pngs.glob("*.png"))[:8]]
+    plain, tta = tmp_path / "plain.csv", tmp_path / "tta.csv"
+    assert cli(["predict", str(digits_run), *files, "--out", str(plain), "--grid", "0"]) == 0
+    assert cli(["predict", str(digits_run), *files, "--out", str(tta), "--grid", "0",
+                "--tta"]) == 0
+    a, b = _rows(plain), _rows(tta)
+    assert [r["path"] for r in a] == [r["path"] for r in b] == files
+    # digits are not mirror-symmetric: averaging with the mirror changes the probabilities
+    assert any(abs(float(x["probability"]) - float(y["probability"])) > 1e-3
+               for x, y in zip(a, b))
