@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
 from pathlib import Path
 
 from PIL import Image
@@ -21,7 +20,7 @@ def _report(run: Path) -> dict:
 
 
 def test_eval_matches_training_and_writes_files(digits_run: Path):
-    helpers.run([sys.executable, "-m", "ffdist.cli", "eval", str(digits_run)])
+    assert cli(["eval", str(digits_run)]) == 0  # in-process; the torchrun test runs processes
     r = _report(digits_run)
     last = helpers.events(digits_run, "val")[-1]
     assert r["n"] == VAL_SIZE == last["n"] and r["world_size"] == 1
