@@ -58,6 +58,7 @@ class Trainer:
                                             channels_last)
         self.progress = Progress()
         self.stop_requested = False  # set by a signal handler (preemption)
+        self._pictures_pending = monitor.tb is not None  # sample grid (+ graph) once
 
     # ------------------------------------------------------------------ checkpoints
     def state(self) -> dict[str, Any]:
@@ -139,6 +140,8 @@ class Trainer:
             t0 = time.perf_counter()
             x, y = next(batches)
             window.data_wait += time.perf_counter() - t0
+            if self._pictures_pending:
+                self._log_first_batch(x)
             with self.strategy.no_sync(boundary=micro == accum - 1):
                 with autocast(self.precision, self.info.device):
                     loss = self.criterion(self.strategy.model(x), y) / accum
@@ -180,6 +183,7 @@ class Trainer:
         result = counts.reduce()
         model.train(was_training)
         p = self.progress
+        self._log_confusion(counts.confusion, p.step)
         p.last_eval = {**result, "confusion": counts.confusion.cpu()}
         is_best = result["top1"] > p.best_top1
         p.best_top1 = max(p.best_top1, result["top1"])
@@ -199,7 +203,43 @@ class Trainer:
             model_state = ckpt_io.clean_state_dict(self.strategy.unwrap().state_dict())
             ckpt_io.save_torch(self.monitor.run_dir / "model.pt", model_state)
         self.monitor.event(event="end", **end)
+        self.monitor.hparams(_flat(self.recipe.to_dict()),
+                             {"hparam/best_top1": p.best_top1, "hparam/final_top1": end["final_top1"],
+                              "hparam/final_loss": p.last_eval["loss"]})
         return end
+
+    # ------------------------------------------------------------------ TensorBoard pictures
+    def _log_first_batch(self, x: torch.Tensor) -> None:
+        """Once per run (rank 0): what the model really sees (augmented, denormalized), and
+        optionally the graph, traced on that batch."""
+        from ffdist.visual import denormalize, image_grid, to_chw
+
+        self._pictures_pending = False
+        spec = self.loaders.spec
+        if self.recipe.log.images:
+            grid = image_grid(denormalize(x[:32], spec.mean, spec.std))
+            self.monitor.image("train/sample_images", to_chw(grid), self.progress.step)
+        if self.recipe.log.graph:
+            self.monitor.graph(self.strategy.unwrap(), x[:2])
+
+    def _log_confusion(self, confusion: torch.Tensor, step: int) -> None:
+        if self.monitor.tb is None or not self.recipe.log.images:
+            return
+        from ffdist.visual import confusion_image, to_chw
+
+        picture = confusion_image(confusion, self.loaders.spec.classes)
+        self.monitor.image("val/confusion", to_chw(picture), step)
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'optim': {'lr': 0.1}} -> {'optim.lr': 0.1}: the hparams TensorBoard tabulates."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 class _Window:

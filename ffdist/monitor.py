@@ -77,6 +77,20 @@ class Monitor:
         if self.tb is not None:
             self.tb.add_image(tag, image, step)
 
+    def graph(self, model: Any, example: Any) -> None:
+        """The model graph (traced once on `example`); a model that cannot be traced only
+        costs a warning, never the run."""
+        if self.tb is None:
+            return
+        was_training = model.training
+        model.eval()  # tracing runs a forward: in train mode it would move BatchNorm stats
+        try:
+            self.tb.add_graph(model, example)
+        except Exception as e:  # tracing fails on data-dependent control flow
+            log.warning("log.graph: could not trace the model (%s: %s)", type(e).__name__, e)
+        finally:
+            model.train(was_training)
+
     def hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
         if self.tb is not None:
             flat = {k: v if isinstance(v, (int, float, str, bool)) else str(v)

@@ -50,6 +50,10 @@ def run(recipe_path: str | None, overrides: list[str]) -> dict:
         loaders = data.build(rcp, info.rank, info.world_size, info.device)
         torch.manual_seed(rcp.seed)  # same initial weights on every rank and world size
         model = models.build(rcp.model)
+        if rcp.model.pretrained or rcp.model.freeze:  # transfer learning: ffdist.finetune
+            from ffdist import finetune
+
+            model = finetune.prepare(model, rcp.model, load_weights=state is None)
         torch.manual_seed(rcp.seed + 1000 * info.rank)  # per-rank dropout/augmentation
         prec = precision.resolve(rcp.precision, info.device)
         strategy = strategies.build(model, rcp, info, prec)

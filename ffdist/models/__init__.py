@@ -26,14 +26,16 @@ class GeM(nn.Module):
     """Generalized-mean pooling (Radenović et al.): (mean x^p)^(1/p) with a learned p;
     p=1 is average pooling, p->inf max pooling. Used for retrieval-style CNN heads."""
 
-    def __init__(self, p: float = 3.0, eps: float = 1e-6):
+    def __init__(self, p: float = 3.0, eps: float = 1e-6, output_size: int | tuple = 1):
         super().__init__()
         self.p = nn.Parameter(torch.tensor(p))
         self.eps = eps
+        self.output_size = output_size  # the replaced pool's grid (SmallCNN keeps 2x2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.p.clamp(min=1.0)
-        return x.clamp(min=self.eps).pow(p).mean(dim=(-2, -1), keepdim=True).pow(1.0 / p)
+        pooled = nn.functional.adaptive_avg_pool2d(x.clamp(min=self.eps).pow(p), self.output_size)
+        return pooled.pow(1.0 / p)
 
 
 def head_name(model: nn.Module) -> str:
@@ -65,8 +67,9 @@ def _cifar_stem(model: nn.Module, cfg: ModelConfig) -> None:
 
 def _set_pool(model: nn.Module, cfg: ModelConfig) -> None:
     for attr in ("avgpool", "pool"):
-        if isinstance(getattr(model, attr, None), nn.AdaptiveAvgPool2d):
-            setattr(model, attr, GeM())
+        pool = getattr(model, attr, None)
+        if isinstance(pool, nn.AdaptiveAvgPool2d):
+            setattr(model, attr, GeM(output_size=pool.output_size))
             return
     raise RecipeError(f"model.pool=gem needs a CNN with an adaptive average pool; "
                       f"model.name={cfg.name} has none. Use model.pool=avg.")

@@ -1,0 +1,130 @@
+"""Load what a finished run left behind: its recipe, its weights, its data description.
+
+Shared by `ffdist eval`, `ffdist predict` and `ffdist export`, so that all three see the
+model exactly as training built it (same registry, same input size, same normalization).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ffdist.checkpoint import clean_state_dict, load_torch
+from ffdist.errors import CheckpointError
+from ffdist.recipe import Recipe
+
+
+def split_checkpoint_arg(overrides: list[str]) -> tuple[str | None, list[str]]:
+    """`checkpoint=PATH` (no dot) names weights; `checkpoint.keep_last=...` stays a recipe key."""
+    path, rest = None, []
+    for item in overrides:
+        if item.startswith("checkpoint="):
+            path = item.split("=", 1)[1]
+        else:
+            rest.append(item)
+    return path, rest
+
+
+def load_recipe(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    from ffdist import recipe
+
+    path = Path(run_dir) / "recipe.yaml"
+    if not path.is_file():
+        raise CheckpointError(f"{run_dir}: no recipe.yaml there; give the directory of a "
+                              "training run (runs/<name>).")
+    # output_dir is the run's own folder, wherever it was moved to.
+    return recipe.load(path, [*overrides, f"output_dir={Path(run_dir)}"])
+
+
+def state_dict_from(path: str | Path) -> dict[str, torch.Tensor]:
+    """Model weights from an ffdist checkpoint ({"model": ...}), a run's model.pt or a plain
+    (torchvision) state dict; read with weights_only=True."""
+    obj = load_torch(path)
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} holds no model state dict; give an ffdist checkpoint, "
+                              "a run's model.pt or a plain state dict of tensors.")
+    return clean_state_dict(obj)
+
+
+def weights_path(run_dir: Path, checkpoint: str | None) -> Path:
+    """checkpoint=PATH if given, else the run's model.pt, else its newest checkpoint."""
+    if checkpoint:
+        return Path(checkpoint)
+    if (run_dir / "model.pt").is_file():
+        return run_dir / "model.pt"
+    latest = run_dir / "checkpoints" / "latest"
+    if latest.is_file():
+        return run_dir / "checkpoints" / latest.read_text().strip()
+    raise CheckpointError(f"{run_dir}: no model.pt and no checkpoint; finish the training run "
+                          "or pass checkpoint=PATH.")
+
+
+def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str | Path) -> None:
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+        raise CheckpointError(f"{source} does not fit the recipe's model ({first[:200]}); "
+                              "evaluate it with the recipe it was trained with.") from None
+
+
+@dataclass
+class RunModel:
+    recipe: Recipe
+    model: nn.Module
+    classes: list[str]
+    channels: int
+    image_size: int
+    mean: tuple[float, ...]   # 0..255 scale, as the uint8 pipeline uses
+    std: tuple[float, ...]
+    weights: Path
+    folder_data: bool         # imagefolder/filelist: resize + center crop like eval
+
+
+def load_run(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = (),
+             checkpoint: str | None = None) -> RunModel:
+    """The run's model (eval mode, CPU) with its weights, and its data description."""
+    from ffdist import models
+    from ffdist.data.datasets import build_datasets
+
+    run_dir = Path(run_dir)
+    rcp = load_recipe(run_dir, overrides)
+    folder_data = rcp.data.name in ("imagefolder", "filelist")
+    if folder_data:
+        # Do not scan an ImageNet-size folder for a class list: the class folder names (or
+        # data.classes) are it; size and normalization as ffdist.data.datasets sets them.
+        from ffdist.data import transforms as T
+
+        classes = _folder_classes(rcp)
+        channels, size = rcp.model.in_channels, rcp.data.image_size or 224
+        mean, std = T.normalization("imagenet", channels)
+    else:
+        spec = build_datasets(rcp.data, rcp.seed, rcp.model.num_classes, rcp.model.in_channels)
+        classes, channels, size, mean, std = (list(spec.classes), spec.channels,
+                                              spec.image_size, spec.mean, spec.std)
+    model = models.build(rcp.model)
+    path = weights_path(run_dir, checkpoint)
+    load_into(model, state_dict_from(path), path)
+    model.eval()
+    return RunModel(rcp, model, classes, channels, size, tuple(mean), tuple(std), path,
+                    folder_data)
+
+
+def _folder_classes(rcp: Recipe) -> list[str]:
+    n = rcp.model.num_classes
+    if rcp.data.name == "filelist":
+        return list(rcp.data.classes) or [str(i) for i in range(n)]
+    train = Path(rcp.data.root or "") / "train"
+    classes = sorted(p.name for p in train.iterdir() if p.is_dir()) if train.is_dir() else []
+    if len(classes) != n:
+        from ffdist.errors import DataError
+
+        raise DataError(f"data.root={rcp.data.root}: {train} should hold the {n} class folders "
+                        "the run was trained with (their names are the class names); "
+                        "point data.root=... at the training data.")
+    return classes

@@ -1,0 +1,223 @@
+"""`ffdist predict RUN_DIR IMAGES... --out preds.csv`: classify JPEG/PNG files with a run's
+model; one CSV row per image, and a picture of titled thumbnails next to the CSV.
+
+Images get the run's eval preprocessing: folder datasets resize the short side to
+size/0.875 and center-crop (ffdist.data.transforms.folder_eval); in-memory datasets
+(digits, MNIST, CIFAR) were trained at their native size, so an image is resized to that
+square. Channels follow the run (grey runs read images as grey), then the run's mean/std.
+
+Uncertainty (the `uncertain` column): a prediction is uncertain when its top probability
+is below --uncertain-threshold (default 0.5) OR the normalized entropy of the softmax,
+H(p) / log(num_classes) in [0, 1], is above --entropy-threshold (default 0.6). With --tta
+the probabilities are the mean over the image and its horizontal mirror (only for classes
+that are mirror-invariant: not for digits or text).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ffdist.errors import DataError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ffdist predict", description=__doc__.split("\n\n")[0])
+    p.add_argument("run_dir", help="a training run directory (holds recipe.yaml, model.pt)")
+    p.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
+    p.add_argument("--out", required=True, help="CSV file to write; the picture goes next to it")
+    p.add_argument("--topk", type=int, default=3, help="classes listed per image (default 3)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--uncertain-threshold", type=float, default=0.5,
+                   help="uncertain when the top probability is below this (default 0.5)")
+    p.add_argument("--entropy-threshold", type=float, default=0.6,
+                   help="uncertain when normalized entropy is above this (default 0.6; 1 = off)")
+    p.add_argument("--tta", action="store_true", help="average with the horizontal mirror")
+    p.add_argument("--checkpoint", default=None, help="weights other than RUN_DIR/model.pt")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="recipe override, e.g. --set data.root=/new/place (repeatable)")
+    p.add_argument("--grid", type=int, default=36, help="thumbnails in the picture (0: none)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    return p
+
+
+def find_images(inputs: list[str]) -> list[Path]:
+    """Files as given (whatever their suffix: a bad one becomes an error row) and the
+    JPEG/PNG files under folders, sorted."""
+    found: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.exists():
+            found.append(path)
+        else:
+            raise DataError(f"{item}: no such file or folder; give image files or folders.")
+    if not found:
+        raise DataError(f"no .jpg/.jpeg/.png images under {', '.join(inputs)}; give image "
+                        "files or folders that hold some.")
+    return found
+
+
+def make_transform(folder_data: bool, size: int):
+    from torchvision.transforms import v2
+
+    from ffdist.data import transforms as T
+
+    return T.folder_eval(size) if folder_data else v2.Resize((size, size), antialias=True)
+
+
+@dataclass
+class Row:
+    path: str
+    probs: torch.Tensor | None = None
+    error: str = ""
+    thumb: torch.Tensor | None = None
+
+
+def load_batch(paths: list[Path], channels: int, transform) -> tuple[list[Row], torch.Tensor | None]:
+    from ffdist.data.datasets import decode
+
+    rows, tensors = [], []
+    for path in paths:
+        try:
+            image = transform(decode(str(path), channels))
+        except Exception as e:  # corrupt, truncated or not an image: report it, go on
+            msg = (str(e).strip().splitlines() or [""])[0]
+            # torchvision's message starts with a C++ source location and, for unknown
+            # bytes, ends with advice about AVIF/HEIC: say what it means instead.
+            reason = "not a JPEG/PNG image" if "Unsupported image file" in msg else \
+                msg.split(", ")[-1][:120]
+            rows.append(Row(str(path), error=f"unreadable image ({type(e).__name__}: {reason})"))
+            continue
+        rows.append(Row(str(path), thumb=image))
+        tensors.append(image)
+    return rows, torch.stack(tensors) if tensors else None
+
+
+@torch.no_grad()
+def probabilities(model: torch.nn.Module, x: torch.Tensor, mean: torch.Tensor,
+                  std: torch.Tensor, tta: bool) -> torch.Tensor:
+    x = (x.float() - mean) / std
+    probs = model(x).float().softmax(dim=1)
+    if tta:
+        probs = (probs + model(x.flip(-1)).float().softmax(dim=1)) / 2
+    return probs.cpu()
+
+
+def normalized_entropy(probs: torch.Tensor) -> torch.Tensor:
+    """H(p) / log(K): 0 for a one-hot prediction, 1 for a uniform one."""
+    h = -(probs * probs.clamp(min=1e-12).log()).sum(dim=1)
+    return h / math.log(probs.shape[1])
+
+
+def is_uncertain(probs: torch.Tensor, max_p: float, max_h: float) -> bool:
+    return float(probs.max()) < max_p or float(normalized_entropy(probs[None])[0]) > max_h
+
+
+def write_csv(path: Path, rows: list[Row], classes: list[str], k: int, max_p: float,
+              max_h: float) -> int:
+    """Returns the number of predicted rows."""
+    header = ["path", "prediction", "probability", "uncertain", "entropy"]
+    for i in range(1, k + 1):
+        header += [f"top{i}", f"top{i}_prob"]
+    header.append("error")
+    done = 0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        for r in rows:
+            if r.probs is None:
+                w.writerow([r.path, "", "", "", ""] + [""] * (2 * k) + [r.error])
+                continue
+            p, idx = r.probs.topk(k)
+            h = float(normalized_entropy(r.probs[None])[0])
+            uncertain = is_uncertain(r.probs, max_p, max_h)
+            tops = [v for i, q in zip(idx.tolist(), p.tolist()) for v in (classes[i], f"{q:.4f}")]
+            w.writerow([r.path, classes[int(idx[0])], f"{float(p[0]):.4f}", int(uncertain),
+                        f"{h:.4f}", *tops, ""])
+            done += 1
+    return done
+
+
+def save_picture(path: Path, rows: list[Row], classes: list[str], max_p: float, max_h: float,
+                 limit: int) -> None:
+    from ffdist.visual import titled_grid
+
+    shown = [r for r in rows if r.probs is not None and r.thumb is not None][:limit]
+    if not shown:
+        return
+    titles, flags = [], []
+    for r in shown:
+        p, i = r.probs.max(0)
+        flags.append(is_uncertain(r.probs, max_p, max_h))
+        titles.append(f"{classes[int(i)]} ({float(p):.2f})" + (" ?" if flags[-1] else ""))
+    titled_grid([r.thumb for r in shown], titles, flags).save(path)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ffdist.loading import load_run
+
+    if args.topk < 1 or args.batch_size < 1:
+        raise DataError("--topk and --batch-size must be at least 1.")
+    loaded = load_run(args.run_dir, args.set, args.checkpoint)
+    # The device is decided once: CUDA when there is one (or asked for), else the CPU.
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise DataError("--device cuda but no CUDA GPU is visible; use --device cpu or auto.")
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda" if cuda else "cpu")
+    model = loaded.model.to(device)
+    mean = torch.tensor(loaded.mean, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(loaded.std, device=device).view(1, -1, 1, 1)
+    transform = make_transform(loaded.folder_data, loaded.image_size)
+    paths = find_images(args.images)
+    k = min(args.topk, len(loaded.classes))
+    rows: list[Row] = []
+    for start in range(0, len(paths), args.batch_size):
+        batch_rows, x = load_batch(paths[start:start + args.batch_size], loaded.channels, transform)
+        if x is not None:
+            probs = probabilities(model, x.to(device), mean, std, args.tta)
+            for r, p in zip([r for r in batch_rows if r.thumb is not None], probs):
+                r.probs = p
+                if len(rows) >= args.grid:  # keep only the thumbnails the picture shows
+                    r.thumb = None
+        rows += batch_rows
+    out = Path(args.out)
+    done = write_csv(out, rows, loaded.classes, k, args.uncertain_threshold, args.entropy_threshold)
+    picture = out.with_suffix(".png")
+    if args.grid:
+        save_picture(picture, rows, loaded.classes, args.uncertain_threshold,
+                     args.entropy_threshold, args.grid)
+    errors = len(rows) - done
+    uncertain = sum(1 for r in rows if r.probs is not None and is_uncertain(
+        r.probs, args.uncertain_threshold, args.entropy_threshold))
+    print(f"{done} image(s) predicted on {device.type} ({uncertain} uncertain), {errors} "
+          f"unreadable -> {out}" + (f", {picture}" if args.grid and done else ""))
+    if not done:
+        print("ffdist: error: no image could be read", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    return run(args)
+
+
+if __name__ == "__main__":
+    from ffdist.errors import EXIT_USER_ERROR, FfdistError
+
+    try:
+        sys.exit(main())
+    except FfdistError as e:
+        print(f"ffdist: error: {e}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
