@@ -15,7 +15,7 @@ from ffdist.errors import EXIT_USER_ERROR, FfdistError
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("ffdist.train", "train a recipe: ffdist train RECIPE [key=value ...]"),
     "models": ("ffdist.models.cli", "list the model names a recipe can use"),
-    "launch": ("ffdist.launch", "run a recipe under torchrun/accelerate/deepspeed/sbatch: ffdist launch RECIPE [k=v ...] [--dry-run]"),
+    "launch": ("ffdist.launch", "run a recipe under torchrun/accelerate/deepspeed/sbatch"),
 }
 
 
