@@ -35,7 +35,7 @@ def split_argv(argv: list[str]) -> tuple[str | None, list[str]]:
 def run(recipe_path: str | None, overrides: list[str]) -> dict:
     import torch
 
-    from ffdist import checkpoint, data, dist, models, precision, recipe, run_dir, strategies
+    from ffdist import checkpoint, data, dist, models, precision, recipe, run_dir, signals, strategies
     from ffdist.engine import Trainer
     from ffdist.monitor import Monitor, setup_logging
 
@@ -57,6 +57,7 @@ def run(recipe_path: str | None, overrides: list[str]) -> dict:
         monitor = Monitor(rcp.run_dir, info.is_primary, rcp.log.tensorboard, rcp.log.progress,
                           resume_step=resume_step)
         trainer = Trainer(rcp, info, loaders, strategy, monitor, manager, prec)
+        signals.install(trainer)  # preemption (Slurm USR1, SIGTERM): checkpoint and stop
         if state:
             trainer.restore(state)
             monitor.info("resumed from step %d (epoch %d)", state["step"], state["epoch"])

@@ -65,9 +65,11 @@ preempted() {
 }
 trap preempted USR1
 
-# One task per node, whatever the allocation's task count; a failed node ends the step.
+# One task per node, whatever the allocation's task count, owning all the node's allocated
+# cores (a step defaults to one CPU per task, and under task/affinity or cgroups torchrun
+# and every worker would share that one core); a failed node ends the step.
 srun --nodes="$SLURM_JOB_NUM_NODES" --ntasks="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 \
-  --kill-on-bad-exit=1 "$PY" -m ffdist.launch --slurm-node \
+  --cpus-per-task="$SLURM_CPUS_ON_NODE" --kill-on-bad-exit=1 "$PY" -m ffdist.launch --slurm-node \
   --rdzv-endpoint "$head_node:$port" "$@" &
 srun_pid=$!
 wait "$srun_pid"

@@ -26,7 +26,7 @@ if ! munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1; then
 fi
 
 host=$(hostname -s)
-cpus=$(nproc)
+cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # nproc obeys OMP_NUM_THREADS
 mem=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 1024 ))
 conf=$(cat <<CONF
 # written by tests/slurm/start_cluster.sh: a one-node test cluster
@@ -34,6 +34,8 @@ ClusterName=ffdist
 SlurmctldHost=$host
 SlurmUser=root
 AuthType=auth/munge
+# A requeued job waits cred_expire seconds before it may start again (default 120).
+AuthInfo=cred_expire=10
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -63,7 +65,8 @@ if [ "$(cat /etc/slurm/slurm.conf 2>/dev/null)" != "$conf" ]; then
 fi
 
 running() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
-if [ $changed = 1 ] && running /run/slurmctld.pid; then scontrol reconfigure || true; fi
+stop() { running "$1" && kill "$(cat "$1")" && while kill -0 "$(cat "$1" 2>/dev/null)" 2>/dev/null; do sleep 0.2; done; }
+if [ $changed = 1 ]; then stop /run/slurmd.pid || true; stop /run/slurmctld.pid || true; fi
 running /run/slurmctld.pid || slurmctld
 running /run/slurmd.pid || slurmd
 
