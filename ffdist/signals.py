@@ -21,7 +21,7 @@ log = logging.getLogger("ffdist")
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
-def install(trainer: Any) -> None:
+def install_stop_handlers(trainer: Any) -> None:
     """Route STOP_SIGNALS to `trainer.stop_requested = True` (main thread only)."""
 
     def handler(signum: int, _frame: object) -> None:
