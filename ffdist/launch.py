@@ -220,6 +220,14 @@ def accelerate(rcp: Recipe, recipe_path: str, overrides: list[str], plan: Plan,
 def deepspeed(rcp: Recipe, recipe_path: str, overrides: list[str], plan: Plan,
               dry_run: bool = False) -> Command:
     lc, notes = rcp.launch, []
+    if lc.nnodes > 1:
+        # Its multi-node mode needs a hostfile naming every node (even with --no_ssh it
+        # builds the world from one); torchrun runs strategy.name=deepspeed just as well.
+        raise LaunchError(
+            f"launch.nnodes={lc.nnodes} with the deepspeed launcher: it spans nodes only with "
+            "a hostfile, so run `deepspeed --hostfile FILE ...` on the first node (see "
+            "launch/deepspeed/hostfile.example) or use --launcher torchrun, which runs "
+            "strategy.name=deepspeed the same way.")
     env, _ = _net_env(rcp, dry_run, notes)
     argv = [_bin("deepspeed")]
     if plan.gpus is not None:
@@ -227,12 +235,6 @@ def deepspeed(rcp: Recipe, recipe_path: str, overrides: list[str], plan: Plan,
         argv += ["--include", "localhost:" + ",".join(map(str, plan.gpus))]
     else:
         argv += ["--num_gpus", str(plan.nproc)]  # on CPU: the number of ranks
-    if lc.nnodes > 1:
-        # One launcher per node, like torchrun (no pdsh/ssh): see hostfile.example for
-        # the ssh variant driven from one node.
-        host, port = lc.rdzv_endpoint.rsplit(":", 1)
-        argv += ["--no_ssh", "--num_nodes", str(lc.nnodes), "--node_rank", str(lc.node_rank),
-                 "--master_addr", host, "--master_port", port]
     argv += ["--module", "ffdist.train", recipe_path, *overrides]
     return Command(argv, env, notes)
 
