@@ -93,9 +93,13 @@ def plan_local(rcp: Recipe, dry_run: bool) -> tuple[Plan, list[str]]:
             return Plan(len(gpus), gpus), ["launch.gpus not checked against this node (--dry-run)"]
         check_gpus(gpus, gpu_count())
         return Plan(len(gpus), gpus), []
-    count = gpu_count()
+    # All GPUs this process may use: an inherited CUDA_VISIBLE_DEVICES is respected, not
+    # replaced (NVML counts physical GPUs and would widen it).
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    count = (len([g for g in visible.split(",") if g.strip()]) if visible is not None
+             else gpu_count())
     if count:
-        return Plan(count, list(range(count))), [f"launch.gpus=[]: all {count} GPU(s)"]
+        return Plan(count, None), [f"launch.gpus=[]: all {count} visible GPU(s)"]
     return Plan(rcp.launch.nproc, None), [f"no GPU: {rcp.launch.nproc} CPU rank(s) (launch.nproc)"]
 
 

@@ -147,3 +147,11 @@ def test_slurm_node_torchrun_from_allocation():
     assert "SIGUSR1" in opt(cmd.argv, "--signals_to_handle")
     assert int(opt(cmd.argv, "--shutdown_timeout")) < 90  # inside --signal=B:USR1@90
     assert cmd.env["OMP_NUM_THREADS"] == "2"
+
+
+def test_inherited_cuda_visible_devices_is_respected(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")  # e.g. set by a scheduler
+    cmd = build()
+    assert opt(cmd.argv, "--nproc_per_node") == "2" and "CUDA_VISIBLE_DEVICES" not in cmd.env
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # "no GPU for you": CPU ranks
+    assert opt(build("launch.nproc=3").argv, "--nproc_per_node") == "3"
