@@ -30,6 +30,10 @@ if [ $# -lt 1 ]; then
   echo "usage: sbatch [sbatch options] slurm/train.sh RECIPE [key=value ...]" >&2
   exit 2
 fi
+if [ -z "${SLURM_JOB_ID:-}" ]; then
+  echo "slurm/train.sh runs inside a Slurm job: submit it with sbatch (or use ffdist launch)" >&2
+  exit 2
+fi
 cd "${SLURM_SUBMIT_DIR:-.}"
 # The Python that has ffdist: $FFDIST_PYTHON, else the checkout's .venv, else python3.
 PY=${FFDIST_PYTHON:-}
