@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("ffdist.predict", "classify images: ffdist predict RUN_DIR IMAGES... --out preds.csv"),
     "export": ("ffdist.export", "export a run: ffdist export RUN_DIR --format torchscript|onnx"),
     "plan": ("ffdist.plan", "memory/batch plan: ffdist plan RECIPE [key=value ...] [--gpu-mem 24GiB]"),
+    "launch": ("ffdist.launch", "run a recipe under torchrun/accelerate/deepspeed/sbatch"),
 }
 
 

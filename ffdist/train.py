@@ -38,6 +38,8 @@ def run(recipe_path: str | None, overrides: list[str]) -> dict:
     from ffdist import checkpoint, data, dist, models, precision, recipe, run_dir, strategies
     from ffdist.engine import Trainer
     from ffdist.monitor import Monitor, setup_logging
+    from ffdist.shared_fs import check_shared_dir
+    from ffdist.signals import install_stop_handlers
 
     rcp = recipe.load(recipe_path, overrides)
     info = dist.init(rcp.launch.pg_timeout)
@@ -45,6 +47,7 @@ def run(recipe_path: str | None, overrides: list[str]) -> dict:
         setup_logging(info.is_primary)
         if info.is_primary:
             run_dir.check_writable(rcp.run_dir)
+        check_shared_dir(rcp.run_dir, info.rank, info.world_size)  # multi-node: one output_dir
         manager = checkpoint.CheckpointManager(rcp.run_dir, rcp.checkpoint, info.is_primary)
         state = run_dir.resume_state(rcp, manager)
         loaders = data.build(rcp, info.rank, info.world_size, info.device)
@@ -61,6 +64,7 @@ def run(recipe_path: str | None, overrides: list[str]) -> dict:
         monitor = Monitor(rcp.run_dir, info.is_primary, rcp.log.tensorboard, rcp.log.progress,
                           resume_step=resume_step)
         trainer = Trainer(rcp, info, loaders, strategy, monitor, manager, prec)
+        install_stop_handlers(trainer)  # preemption (Slurm USR1, SIGTERM): checkpoint and stop
         if state:
             trainer.restore(state)
             monitor.info("resumed from step %d (epoch %d)", state["step"], state["epoch"])

@@ -1,0 +1,27 @@
+"""`ffdist launch` really starts torchrun and the trainer trains a world of 2."""
+
+from __future__ import annotations
+
+import sys
+
+from tests.helpers import FAST, RECIPES, end_event, events, run
+
+
+def test_ffdist_launch_trains_world_of_two(tmp_path):
+    out = tmp_path / "run"
+    proc = run([sys.executable, "-m", "ffdist.cli", "launch", str(RECIPES / "digits.yaml"),
+                "launch.nproc=2", "schedule.epochs=2", f"output_dir={out}", *FAST], timeout=240)
+    assert "torchrun" in proc.stdout and "--nproc_per_node 2" in proc.stdout  # the command
+    assert {e["world_size"] for e in events(out, "train") + events(out, "val")} == {2}
+    assert end_event(out)["step"] == 2 * 22
+    assert (out / "model.pt").exists()
+
+
+def test_ffdist_launch_returns_the_trainer_exit_code(tmp_path):
+    # The recipe loads, but the trainer fails on the missing data folder (exit 2):
+    # `ffdist launch` must hand that code back, not its own success.
+    proc = run([sys.executable, "-m", "ffdist.cli", "launch", str(RECIPES / "digits.yaml"),
+                "launch.nproc=1", "data.name=imagefolder", f"data.root={tmp_path}/none",
+                f"output_dir={tmp_path}/run", *FAST], timeout=120, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "-m ffdist.train" in proc.stdout and "ffdist: error:" in proc.stderr

@@ -1,0 +1,157 @@
+"""ffdist launch: the argv lists and environments it builds (nothing is started here)."""
+
+from __future__ import annotations
+
+import shlex
+
+import pytest
+
+from ffdist import launch
+from ffdist.cli import main as cli_main
+from ffdist.errors import LaunchError
+from tests.helpers import RECIPES
+
+DIGITS = str(RECIPES / "digits.yaml")
+RESNET = str(RECIPES / "resnet50.yaml")
+
+
+def build(*args: str, launcher: str | None = None) -> launch.Command:
+    parsed, overrides = launch.parse([DIGITS, *args])
+    return launch.build(parsed.recipe, overrides, launcher or parsed.launcher, dry_run=True)
+
+
+def opt(argv: list[str], flag: str) -> str:
+    return argv[argv.index(flag) + 1]
+
+
+def test_issue_example_gpus_0_2_dry_run(capsys):
+    assert cli_main(["launch", RESNET, "launch.gpus=[0,2]", "--dry-run"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    words = shlex.split(line)
+    assert words[0] == "CUDA_VISIBLE_DEVICES=0,2"
+    assert words[1].endswith("torchrun")
+    assert opt(words, "--nproc_per_node") == "2"
+    assert words[-3:] == ["ffdist.train", RESNET, "launch.gpus=[0,2]"]
+
+
+def test_three_gpus_three_processes():
+    cmd = build("launch.gpus=[0,2,3]")
+    assert cmd.env["CUDA_VISIBLE_DEVICES"] == "0,2,3"
+    assert opt(cmd.argv, "--nproc_per_node") == "3"
+    assert "--standalone" in cmd.argv  # one node: local rendezvous on a free port
+
+
+def test_one_gpu_is_the_single_device_fallback():
+    cmd = build("launch.gpus=[1]")
+    assert cmd.argv[1:4] == ["-m", "ffdist.train", DIGITS]
+    assert not any("torchrun" in a for a in cmd.argv)
+    assert cmd.env == {"CUDA_VISIBLE_DEVICES": "1"}
+
+
+def test_cpu_ranks_from_nproc():
+    cmd = build("launch.nproc=3")
+    assert opt(cmd.argv, "--nproc_per_node") == "3"
+    assert "CUDA_VISIBLE_DEVICES" not in cmd.env
+    assert build("launch.nproc=1").argv[1:3] == ["-m", "ffdist.train"]
+
+
+def test_missing_gpu_is_a_launch_error_exit_2(capsys):
+    with pytest.raises(LaunchError, match=r"GPU id\(s\) \[2\] do not exist.*2 GPU\(s\)"):
+        launch.check_gpus([0, 2], count=2)
+    launch.check_gpus([0, 1], count=2)
+    # No GPU on this machine: without --dry-run the ids are checked, and the CLI says so.
+    assert cli_main(["launch", DIGITS, "launch.gpus=[0]"]) == 2
+    err = capsys.readouterr().err
+    assert "launch.gpus=[0]" in err and "Traceback" not in err
+
+
+def test_multinode_torchrun_per_node():
+    head = build("--nnodes", "2", "--node-rank", "0", "--rdzv-endpoint", "10.1.2.3:29400",
+                 "launch.rdzv_timeout=60", "launch.max_restarts=3")
+    other = build("--nnodes", "2", "--node-rank", "1", "--rdzv-endpoint", "10.1.2.3:29400")
+    for cmd in (head, other):
+        assert opt(cmd.argv, "--nnodes") == "2"
+        assert opt(cmd.argv, "--rdzv_backend") == "c10d"
+        assert opt(cmd.argv, "--rdzv_endpoint") == "10.1.2.3:29400"
+        assert opt(cmd.argv, "--rdzv_id") == "ffdist-digits"  # the same on every node
+        assert "--standalone" not in cmd.argv
+    assert opt(head.argv, "--rdzv_conf") == "timeout=60,is_host=1"
+    assert opt(other.argv, "--rdzv_conf") == "timeout=900,is_host=0"
+    assert opt(head.argv, "--max_restarts") == "3"
+    # the overrides reach the trainer too, so its recipe.yaml re-runs the same way
+    assert "launch.node_rank=1" in other.argv
+
+
+def test_socket_interface_sets_env_and_local_addr():
+    cmd = build("--nnodes", "2", "--rdzv-endpoint", "127.0.0.1:29400", "launch.socket_ifname=lo")
+    assert cmd.env["GLOO_SOCKET_IFNAME"] == cmd.env["NCCL_SOCKET_IFNAME"] == "lo"
+    assert opt(cmd.argv, "--local_addr") == "127.0.0.1"
+    with pytest.raises(LaunchError, match="no such network interface"):
+        parsed, ov = launch.parse([DIGITS, "launch.socket_ifname=nope0", "--nnodes", "2"])
+        launch.build(parsed.recipe, ov, None, dry_run=False)
+
+
+def test_accelerate_and_deepspeed_commands():
+    acc = build(launcher="accelerate")
+    assert acc.argv[1:3] == ["launch", "--multi_gpu"]
+    assert opt(acc.argv, "--num_processes") == "2"
+    assert acc.env["ACCELERATE_USE_CPU"] == "1"  # else: 2 silent independent processes
+    assert acc.argv[-3:] == ["-m", "ffdist.train", DIGITS]
+    ds = build("launch.gpus=[0,2]", launcher="deepspeed")
+    assert opt(ds.argv, "--include") == "localhost:0,2"
+    assert opt(ds.argv, "--module") == "ffdist.train"
+    assert opt(build(launcher="deepspeed").argv, "--num_gpus") == "2"  # CPU ranks
+    with pytest.raises(LaunchError, match="hostfile"):
+        build("--nnodes", "2", "--rdzv-endpoint", "h:1234", launcher="deepspeed")
+
+
+def test_slurm_submission_line(tmp_path):
+    cmd = build("--nnodes", "2", f"output_dir={tmp_path}", launcher="slurm")
+    assert cmd.argv[0] == "sbatch"
+    assert opt(cmd.argv, "--nodes") == "2"
+    assert opt(cmd.argv, "--output") == str(tmp_path / "slurm-%j.out")
+    assert opt(cmd.argv, "--cpus-per-task") == "2"
+    script = cmd.argv.index(str(launch.SLURM_SCRIPT))
+    assert cmd.argv[script + 1] == DIGITS
+    assert launch.SLURM_SCRIPT.exists()
+    gpu = build("launch.gpus=[0,1,2,3]", launcher="slurm")
+    assert opt(gpu.argv, "--gpus-per-node") == "4"
+
+
+def test_render_quotes_paths_with_spaces():
+    cmd = launch.Command(["torchrun", "-m", "ffdist.train", "my recipes/a b.yaml", "name=x;y"],
+                         {"CUDA_VISIBLE_DEVICES": "0,2"})
+    assert shlex.split(cmd.render()) == ["CUDA_VISIBLE_DEVICES=0,2", *cmd.argv]
+
+
+@pytest.mark.parametrize("environ,nproc,threads,note", [
+    ({"SLURM_CPUS_ON_NODE": "8"}, 2, 4, None),             # 2 ranks share 8 cores
+    ({"SLURM_CPUS_ON_NODE": "1"}, 1, 1, "capped"),         # never more ranks than cores
+    ({"SLURM_GPUS_ON_NODE": "4"}, 4, None, None),          # GPUs decide
+    ({"CUDA_VISIBLE_DEVICES": "0,1,2"}, 3, None, None),    # gres set the visible GPUs
+])
+def test_slurm_node_plan(environ, nproc, threads, note):
+    rcp = launch.recipe_mod.load(DIGITS, ["launch.nproc=2"])
+    plan, notes = launch.plan_slurm_node(rcp, environ)
+    assert (plan.nproc, plan.threads) == (nproc, threads)
+    assert (note is None) or any(note in n for n in notes)
+
+
+def test_slurm_node_torchrun_from_allocation():
+    environ = {"SLURM_NNODES": "2", "SLURM_NODEID": "1", "SLURM_JOB_ID": "4242",
+               "SLURM_CPUS_ON_NODE": "4"}
+    cmd = launch.build_slurm_node(DIGITS, ["launch.rdzv_endpoint=node1:24242"], environ)
+    assert opt(cmd.argv, "--nnodes") == "2"
+    assert opt(cmd.argv, "--rdzv_id") == "slurm-4242"
+    assert opt(cmd.argv, "--rdzv_conf").endswith("is_host=0")
+    assert "SIGUSR1" in opt(cmd.argv, "--signals_to_handle")
+    assert int(opt(cmd.argv, "--shutdown_timeout")) < 90  # inside --signal=B:USR1@90
+    assert cmd.env["OMP_NUM_THREADS"] == "2"
+
+
+def test_inherited_cuda_visible_devices_is_respected(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")  # e.g. set by a scheduler
+    cmd = build()
+    assert opt(cmd.argv, "--nproc_per_node") == "2" and "CUDA_VISIBLE_DEVICES" not in cmd.env
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # "no GPU for you": CPU ranks
+    assert opt(build("launch.nproc=3").argv, "--nproc_per_node") == "3"
