@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from ffdist.errors import EXIT_USER_ERROR, FfdistError
+from ffdist.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, FfdistError, one_line
 
 USAGE = "usage: python -m ffdist.train RECIPE.yaml [key=value ...]"
 
@@ -33,23 +33,38 @@ def split_argv(argv: list[str]) -> tuple[str | None, list[str]]:
 
 
 def run(recipe_path: str | None, overrides: list[str]) -> dict:
+    from ffdist import recipe
+
+    rcp = recipe.load(recipe_path, overrides)  # before importing torch: recipe errors are fast
+
     import torch
 
-    from ffdist import checkpoint, data, dist, models, precision, recipe, run_dir, strategies
+    from ffdist import checkpoint, data, dist, models, precision, run_dir, signals, strategies
     from ffdist.engine import Trainer
     from ffdist.monitor import Monitor, setup_logging
+    from ffdist.optim import total_steps
 
-    rcp = recipe.load(recipe_path, overrides)
     info = dist.init(rcp.launch.pg_timeout)
     try:
         setup_logging(info.is_primary)
         if info.is_primary:
             run_dir.check_writable(rcp.run_dir)
         manager = checkpoint.CheckpointManager(rcp.run_dir, rcp.checkpoint, info.is_primary)
-        state = run_dir.resume_state(rcp, manager)
+        found = run_dir.resume_from(rcp, manager)
+        state = found[1] if found else None
         loaders = data.build(rcp, info.rank, info.world_size, info.device)
         torch.manual_seed(rcp.seed)  # same initial weights on every rank and world size
         model = models.build(rcp.model)
+        # Everything that can refuse the run does so before the run directory is touched.
+        if found:
+            checkpoint.check_compatible(found[1], model, found[0], rcp.model.num_classes)
+        if run_dir.is_finished(rcp, state, total_steps(rcp.schedule,
+                                                       loaders.train_sampler.steps_per_epoch)):
+            if info.is_primary:
+                print(f"ffdist: {rcp.run_dir} already holds the finished run (step "
+                      f"{state['step']}); nothing to do. Use a new output_dir (or name) for a "
+                      "new run.", flush=True)
+            return {"already_finished": True, "step": state["step"]}
         torch.manual_seed(rcp.seed + 1000 * info.rank)  # per-rank dropout/augmentation
         prec = precision.resolve(rcp.precision, info.device)
         strategy = strategies.build(model, rcp, info, prec)
@@ -57,6 +72,7 @@ def run(recipe_path: str | None, overrides: list[str]) -> dict:
         monitor = Monitor(rcp.run_dir, info.is_primary, rcp.log.tensorboard, rcp.log.progress,
                           resume_step=resume_step)
         trainer = Trainer(rcp, info, loaders, strategy, monitor, manager, prec)
+        signals.install(trainer)  # SIGTERM/SIGUSR1: checkpoint at the next step, exit 75
         if state:
             trainer.restore(state)
             monitor.info("resumed from step %d (epoch %d)", state["step"], state["epoch"])
@@ -79,11 +95,23 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE, file=sys.stderr)
         return EXIT_USER_ERROR
     try:
-        run(recipe_path, overrides)
+        result = run(recipe_path, overrides)
     except FfdistError as e:
-        print(f"ffdist: error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    return 0
+        report(e)
+        return e.exit_code
+    return EXIT_PREEMPTED if result.get("stopped") else 0
+
+
+def report(e: FfdistError) -> None:
+    """One line on stderr. An error every rank raises alike is printed by rank 0 only, so
+    that torchrun with N ranks shows it once; others are printed by each rank that hit it."""
+    from ffdist.dist import world_from_env
+
+    rank, _, world, _, _ = world_from_env()
+    if rank != 0 and e.same_on_all_ranks:
+        return
+    where = f" (rank {rank} of {world})" if rank != 0 else ""
+    print(f"ffdist: error{where}: {one_line(e)}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,41 @@
+"""Preemption: SIGTERM / SIGUSR1 -> finish the current step, checkpoint, exit EXIT_PREEMPTED.
+
+The handler only sets `trainer.stop_requested`; the Trainer all-reduces that flag at every
+step boundary (in the same collective as the NaN check), so all ranks stop after the same
+step even when the signal reached only some of them. A second signal restores the default
+action and re-sends itself: a user who insists gets an immediate stop.
+
+Contract with slurm/train.sh and other wrappers: exit code 75 (ffdist.errors.EXIT_PREEMPTED)
+means "a checkpoint was written; start the same command again to resume".
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from typing import Any
+
+from ffdist.errors import EXIT_PREEMPTED
+
+log = logging.getLogger("ffdist")
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+__all__ = ["EXIT_PREEMPTED", "SIGNALS", "install"]
+
+
+def install(trainer: Any) -> None:
+    """Route SIGTERM and SIGUSR1 to `trainer.stop_requested = True` (main thread only)."""
+
+    def handler(signum: int, frame: object) -> None:
+        if trainer.stop_requested:  # second signal: stop now, the default way
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        trainer.stop_requested = True
+        # logging from a handler is not strictly reentrant-safe; one line is worth the risk
+        log.warning("received %s: stopping after this step and writing a checkpoint",
+                    signal.Signals(signum).name)
+
+    for sig in SIGNALS:
+        signal.signal(sig, handler)
