@@ -105,6 +105,30 @@ def pick_device(local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def check_gpus(gpus: list[int]) -> None:
+    """launch.gpus must name GPUs that exist: ids are physical (what CUDA_VISIBLE_DEVICES
+    takes), so they are checked against that list when a launcher set it, else against the
+    GPUs torch sees."""
+    if not gpus:
+        return
+    import torch
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        ids = [v.strip() for v in visible.split(",") if v.strip()]
+        if not all(i.lstrip("-").isdigit() for i in ids):
+            return  # GPU UUIDs / MIG names: nothing to compare ids with
+        available = [int(i) for i in ids]
+    else:
+        available = list(range(torch.cuda.device_count() if torch.cuda.is_available() else 0))
+    missing = [g for g in gpus if g not in available]
+    if missing:
+        have = (f"GPU ids {available}" if available else "no GPU")
+        raise LaunchError(f"launch.gpus={gpus} names GPU {missing[0]}, but this machine has "
+                          f"{have} visible; use ids from that list, or launch.gpus=[] for "
+                          "all of them (the CPU when there is none).")
+
+
 def init(pg_timeout_s: int = 1800) -> DistInfo:
     """Read the environment, join the process group if there is one, pick the device."""
     import torch
@@ -126,6 +150,22 @@ def init(pg_timeout_s: int = 1800) -> DistInfo:
         # Without this, every rank starts one thread per core and they fight over cores.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
     return DistInfo(rank, local_rank, world, local_world, device, launcher)
+
+
+def report_to_launcher(message: str) -> None:
+    """Leave `message` where torchrun's agent looks for a worker's failure reason (the
+    file named by TORCHELASTIC_ERROR_FILE): its summary then prints our one sentence."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    import json
+    import time
+
+    try:
+        with open(path, "w") as f:
+            json.dump({"message": message, "timestamp": int(time.time())}, f)
+    except OSError:
+        pass  # a nicer summary is not worth failing over
 
 
 def shutdown() -> None:

@@ -40,10 +40,14 @@ def run(recipe_path: str | None, overrides: list[str]) -> dict:
     import torch
 
     from ffdist import checkpoint, data, dist, models, precision, run_dir, signals, strategies
+    from ffdist.data.loader import plan_batches
     from ffdist.engine import Trainer
     from ffdist.monitor import Monitor, setup_logging
     from ffdist.optim import total_steps
 
+    # Checks that every rank makes alike, before any process group exists to tear down.
+    plan_batches(rcp.data.batch_size, rcp.data.micro_batch_size, dist.world_from_env()[2])
+    dist.check_gpus(rcp.launch.gpus)
     info = dist.init(rcp.launch.pg_timeout)
     try:
         setup_logging(info.is_primary)
@@ -99,19 +103,27 @@ def main(argv: list[str] | None = None) -> int:
     except FfdistError as e:
         report(e)
         return e.exit_code
-    return EXIT_PREEMPTED if result.get("stopped") else 0
+    if result.get("stopped"):
+        from ffdist.dist import report_to_launcher
+
+        report_to_launcher(f"ffdist: preempted at step {result['step']}: a checkpoint was "
+                           f"written; exit {EXIT_PREEMPTED} means start again to resume.")
+        return EXIT_PREEMPTED
+    return 0
 
 
 def report(e: FfdistError) -> None:
     """One line on stderr. An error every rank raises alike is printed by rank 0 only, so
     that torchrun with N ranks shows it once; others are printed by each rank that hit it."""
-    from ffdist.dist import world_from_env
+    from ffdist.dist import report_to_launcher, world_from_env
 
     rank, _, world, _, _ = world_from_env()
+    where = f" (rank {rank} of {world})" if rank != 0 else ""
+    line = f"ffdist: error{where}: {one_line(e)}"
+    report_to_launcher(line)  # torchrun's failure summary then shows it instead of a URL
     if rank != 0 and e.same_on_all_ranks:
         return
-    where = f" (rank {rank} of {world})" if rank != 0 else ""
-    print(f"ffdist: error{where}: {one_line(e)}", file=sys.stderr, flush=True)
+    print(line, file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from tests.helpers import BIN, REPO, RECIPES, env, free_port, metrics
+from tests.helpers import BIN, RECIPES, REPO, env, free_port, metrics
 
 # 30 steps of 64 over 2 epochs (22 steps each): checkpoints every 5 steps, so some are
 # mid-epoch; one loss per step in metrics.jsonl; fp32 so that CPU runs are bit-exact.
