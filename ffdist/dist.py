@@ -129,6 +129,26 @@ def check_gpus(gpus: list[int]) -> None:
                           "all of them (the CPU when there is none).")
 
 
+def _restart_store(world: int, local_world: int, timeout: datetime.timedelta) -> object | None:
+    """After a torchrun restart, a store of keys private to this attempt.
+
+    torchrun's agent keeps ONE TCPStore for the whole job, and the process group writes
+    its keys there under the same names at every attempt: a restarted rank can read the
+    address its dead peer published in the previous attempt and fail with "Gloo
+    connectFullMesh failed ... Connection refused" (seen here about one restart in three).
+    Prefixing the keys with the restart count fixes that. Only on one node, where every
+    worker has the same count; across nodes the agents' default behaviour is kept."""
+    restart = _int_env("TORCHELASTIC_RESTART_COUNT") or 0
+    if (restart == 0 or world != local_world
+            or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"):
+        return None
+    import torch.distributed as dist
+
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"ffdist/attempt_{restart}", store)
+
+
 def init(pg_timeout_s: int = 1800) -> DistInfo:
     """Read the environment, join the process group if there is one, pick the device."""
     import torch
@@ -144,8 +164,12 @@ def init(pg_timeout_s: int = 1800) -> DistInfo:
         # nccl for GPUs; gloo is the one CPU backend that all launchers support.
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs = {"device_id": device} if device.type == "cuda" else {}
+        timeout = datetime.timedelta(seconds=pg_timeout_s)
+        store = _restart_store(world, local_world, timeout)
+        if store is not None:
+            kwargs["store"] = store
         dist.init_process_group(backend=backend, rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=pg_timeout_s), **kwargs)
+                                timeout=timeout, **kwargs)
     if device.type == "cpu" and world > 1 and "OMP_NUM_THREADS" not in os.environ:
         # Without this, every rank starts one thread per core and they fight over cores.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))

@@ -5,6 +5,7 @@
     FFDIST_FAULT="kill_in_save:step=20"       SIGKILL itself halfway through writing the
                                               checkpoint of step 20 (a torn save)
     FFDIST_FAULT="kill:step=13:rank=1"        SIGKILL itself after step 13
+    FFDIST_FAULT="data_error:step=3:rank=1"   raise a DataError (a user error) on one rank
     FFDIST_FAULT="slow:step=11-30:ms=100"     sleep after each of those steps, so that a
                                               test can send a signal from outside in time
 
@@ -50,6 +51,11 @@ def after_step(step: int, rank: int) -> None:
         time.sleep(_spec()[4] / 1000)  # type: ignore[index]
     if armed("kill", step, rank):
         os.kill(os.getpid(), signal.SIGKILL)
+    if armed("data_error", step, rank):
+        from ffdist.errors import DataError
+
+        raise DataError(f"injected by FFDIST_FAULT at step {step} on rank {rank}; unset "
+                        "FFDIST_FAULT.")
 
 
 def torn_write(f: Any, data: bytes) -> None:

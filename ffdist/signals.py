@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 from typing import Any
 
 from ffdist.errors import EXIT_PREEMPTED
@@ -21,7 +22,8 @@ from ffdist.errors import EXIT_PREEMPTED
 log = logging.getLogger("ffdist")
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
-__all__ = ["EXIT_PREEMPTED", "SIGNALS", "install"]
+__all__ = ["EXIT_PREEMPTED", "SIGNALS", "install", "uninstall"]
+_previous: dict[int, Any] = {}
 
 
 def install(trainer: Any) -> None:
@@ -37,5 +39,16 @@ def install(trainer: Any) -> None:
         log.warning("received %s: stopping after this step and writing a checkpoint",
                     signal.Signals(signum).name)
 
+    if threading.current_thread() is not threading.main_thread():
+        log.warning("not in the main thread: SIGTERM/SIGUSR1 will not checkpoint before exit")
+        return
     for sig in SIGNALS:
+        _previous.setdefault(sig, signal.getsignal(sig))
         signal.signal(sig, handler)
+
+
+def uninstall() -> None:
+    """Put back the handlers that were there before `install` (for in-process callers)."""
+    while _previous:
+        sig, old = _previous.popitem()
+        signal.signal(sig, old if old is not None else signal.SIG_DFL)

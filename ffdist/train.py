@@ -90,6 +90,7 @@ def run(recipe_path: str | None, overrides: list[str]) -> dict:
         monitor.close()
         return result
     finally:
+        signals.uninstall()
         dist.shutdown()
 
 
@@ -103,6 +104,17 @@ def main(argv: list[str] | None = None) -> int:
     except FfdistError as e:
         report(e)
         return e.exit_code
+    except Exception as e:
+        if not _peer_lost(e):
+            raise  # a bug: keep the traceback
+        from ffdist.dist import world_from_env
+
+        rank, _, world, _, _ = world_from_env()
+        why = next((s for s in PEER_LOST if s in str(e)), type(e).__name__)
+        print(f"ffdist: rank {rank} of {world} stopped: it lost contact with another rank "
+              f"({why}), which failed first: see that rank's message.", file=sys.stderr,
+              flush=True)
+        return 1
     if result.get("stopped"):
         from ffdist.dist import report_to_launcher
 
@@ -110,6 +122,20 @@ def main(argv: list[str] | None = None) -> int:
                            f"written; exit {EXIT_PREEMPTED} means start again to resume.")
         return EXIT_PREEMPTED
     return 0
+
+
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "remote worker crashing")
+
+
+def _peer_lost(e: Exception) -> bool:
+    """A collective failed because a peer process died: the fallout of another rank's
+    error or crash (which reports itself), not a second bug; one line instead of N tracebacks."""
+    from ffdist.dist import world_from_env
+
+    if world_from_env()[2] < 2:
+        return False
+    comm_error = type(e).__name__ in ("DistBackendError", "DistNetworkError")
+    return comm_error or (isinstance(e, RuntimeError) and any(s in str(e) for s in PEER_LOST))
 
 
 def report(e: FfdistError) -> None:

@@ -222,3 +222,17 @@ def test_broken_jpeg_is_skipped_and_reported(tmp_path):
     warnings = [ln for ln in (proc.stdout + proc.stderr).splitlines() if str(bad) in ln]
     assert len(warnings) == 1 and "skipping unreadable train image" in warnings[0]
     assert (out / "model.pt").is_file()
+
+
+def test_user_error_on_one_rank_under_torchrun_is_one_line_per_failing_rank(tmp_path):
+    """Rank 1 alone hits a user error mid-training: it prints its sentence; rank 0, whose
+    collective then fails, prints one line pointing at it instead of a gloo traceback."""
+    out = tmp_path / "run"
+    proc = kit.run(kit.torchrun_cmd(out, "launch.pg_timeout=20"), timeout=90,
+                   FFDIST_FAULT="data_error:step=3:rank=1")
+    assert proc.returncode == 1 and f"exitcode  : {EXIT_USER_ERROR}" in proc.stderr
+    ours = [ln for ln in proc.stderr.splitlines() if ln.startswith("ffdist: ")]
+    assert ours[0].startswith("ffdist: error (rank 1 of 2): injected by FFDIST_FAULT at step 3")
+    assert all("lost contact with another rank" in ln for ln in ours[1:]), ours
+    # the only traceback left is torchrun's own (its agent raises ChildFailedError)
+    assert proc.stderr.count("Traceback") == 1 and "[rank0]:" not in proc.stderr
