@@ -1,7 +1,8 @@
 """The Trainer: epochs of optimizer steps, evaluation, checkpoints, logging.
 
 Host-device sync points are deliberate and few: one two-number all-reduce + read per
-optimizer step (the NaN/Inf flag and the stop flag, see `_sync_flags`), one read per
+optimizer step (the NaN/Inf flag and the stop flag, see `_start_flags`, overlapped with
+the backward pass), one read per
 logging interval (log.every_steps) and one all-reduce per evaluation. Everything else
 (loss sums, hit counts) accumulates on the device.
 """
@@ -159,13 +160,16 @@ class Trainer:
             t0 = time.perf_counter()
             x, y = next(batches)
             window.data_wait += time.perf_counter() - t0
-            with self.strategy.no_sync(boundary=micro == accum - 1):
+            last = micro == accum - 1
+            with self.strategy.no_sync(boundary=last):
                 with autocast(self.precision, self.info.device):
                     loss = self.criterion(self.strategy.model(x), y) / accum
                 loss = faults.poison_loss(loss, self.progress.step + 1, self.info.rank)
+                step_loss += loss.detach().float()
+                if last:  # the flags travel while backward computes (and DDP all-reduces)
+                    flags = self._start_flags(step_loss)
                 self.strategy.backward(loss)
-            step_loss += loss.detach().float()
-        if self._sync_flags(step_loss):
+        if self._sync_flags(flags):
             self.strategy.step(lr)
             window.loss_sum += step_loss
             window.loss_steps += 1
@@ -175,14 +179,23 @@ class Trainer:
         window.images += self.plan.global_batch
         window.step_time += time.perf_counter() - started
 
-    def _sync_flags(self, step_loss: torch.Tensor) -> bool:
-        """Agree on (any rank's loss is non-finite, any rank was asked to stop) with ONE
-        all-reduce of two numbers per step, read once (a host sync point, every step: the
-        optimizer step must not run on NaN gradients). Returns whether to apply the step."""
+    def _start_flags(self, step_loss: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """Start ONE asynchronous all-reduce of two numbers: (this rank's loss is not
+        finite, this rank was asked to stop). Issued after the last forward and before its
+        backward, in the same order on every rank, so it overlaps the backward pass."""
         flags = torch.zeros(2, device=self.info.device)
         flags[0] = (~torch.isfinite(step_loss)).float()
         flags[1] = float(self.stop_requested)
-        bad_ranks, stopping = all_reduce_sum(flags).tolist()
+        work = tdist.all_reduce(flags, async_op=True) if tdist.is_initialized() else None
+        return flags, work
+
+    def _sync_flags(self, pending: tuple[torch.Tensor, Any]) -> bool:
+        """Wait for the flags and read them once (a host sync point, every step: the
+        optimizer step must not run on NaN gradients). Returns whether to apply the step."""
+        flags, work = pending
+        if work is not None:
+            work.wait()
+        bad_ranks, stopping = flags.tolist()
         self._stop = self._stop or stopping > 0
         p = self.progress
         if not bad_ranks:
