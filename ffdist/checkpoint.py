@@ -179,8 +179,7 @@ def check_compatible(state: dict[str, Any], model: torch.nn.Module, source: str,
     differs (instead of load_state_dict's multi-line RuntimeError)."""
     saved = state.get("model")
     if not isinstance(saved, dict):
-        raise CheckpointError(f"checkpoint {source} holds no 'model' weights; it is not an "
-                              "ffdist checkpoint.")
+        return  # sharded (ZeRO) checkpoints keep their weights in shards: the strategy checks
     mine = clean_state_dict(model.state_dict())
     recipe = state.get("recipe") or {}
     saved_model = (recipe.get("model") or {}) if isinstance(recipe, dict) else {}
