@@ -9,6 +9,7 @@ only plain state (tensors, numbers, strings, lists, dicts) so that
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import random
@@ -19,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ffdist import faults
 from ffdist.errors import CheckpointError
 from ffdist.recipe import CheckpointConfig
 
@@ -122,6 +124,9 @@ class CheckpointManager:
     def __init__(self, run_dir: Path, cfg: CheckpointConfig, is_writer: bool):
         self.dir = Path(run_dir) / "checkpoints"
         self.cfg, self.is_writer = cfg, is_writer
+        if is_writer:  # temp files of a save that was killed: never complete, never read
+            for stale in self.dir.glob(".*.tmp.*"):
+                stale.unlink(missing_ok=True)
 
     def path_for(self, step: int) -> Path:
         return self.dir / f"step_{step:08d}.pt"
@@ -129,6 +134,10 @@ class CheckpointManager:
     def save(self, state: dict[str, Any], step: int, is_best: bool = False) -> Path:
         path = self.path_for(step)
         if self.is_writer:
+            if faults.armed("kill_in_save", step):  # tests: die halfway through this write
+                buf = io.BytesIO()
+                torch.save({"format": FORMAT_VERSION, **state}, buf)
+                atomic_write(path, lambda f: faults.torn_write(f, buf.getvalue()))
             save_torch(path, {"format": FORMAT_VERSION, **state})
             save_text(self.dir / "latest", path.name + "\n")
             if is_best and self.cfg.keep_best:
@@ -162,3 +171,35 @@ class CheckpointManager:
             except CheckpointError as e:
                 log.warning("skipping unreadable checkpoint: %s", e)
         return None
+
+
+def check_compatible(state: dict[str, Any], model: torch.nn.Module, source: str,
+                     num_classes: int) -> None:
+    """Refuse a checkpoint whose weights do not fit `model`, naming the first key that
+    differs (instead of load_state_dict's multi-line RuntimeError)."""
+    saved = state.get("model")
+    if not isinstance(saved, dict):
+        return  # sharded (ZeRO) checkpoints keep their weights in shards: the strategy checks
+    mine = clean_state_dict(model.state_dict())
+    recipe = state.get("recipe") or {}
+    saved_model = (recipe.get("model") or {}) if isinstance(recipe, dict) else {}
+    what = f"model.name={saved_model.get('name')}" if saved_model.get("name") else "another model"
+    missing = [k for k in mine if k not in saved]
+    unexpected = [k for k in saved if k not in mine]
+    if missing or unexpected:
+        key = (missing or unexpected)[0]
+        side = "is missing from it" if missing else "is not in this model"
+        raise CheckpointError(
+            f"checkpoint {source} comes from {what}: key '{key}' {side} "
+            f"({len(missing)} missing, {len(unexpected)} unexpected); resume it with its own "
+            "recipe, or choose another checkpoint.resume / output_dir.")
+    for k, v in mine.items():
+        if tuple(saved[k].shape) != tuple(v.shape):
+            hint = ""
+            if saved_model.get("num_classes") not in (None, num_classes):
+                hint = (f" (it was trained with model.num_classes="
+                        f"{saved_model['num_classes']}, this recipe has {num_classes})")
+            raise CheckpointError(
+                f"checkpoint {source}: key '{k}' has shape {list(saved[k].shape)} but this "
+                f"model's is {list(v.shape)}{hint}; set model.num_classes / model.* as in the "
+                "checkpoint's recipe, or start from another checkpoint.")

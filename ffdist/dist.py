@@ -105,6 +105,50 @@ def pick_device(local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def check_gpus(gpus: list[int]) -> None:
+    """launch.gpus must name GPUs that exist: ids are physical (what CUDA_VISIBLE_DEVICES
+    takes), so they are checked against that list when a launcher set it, else against the
+    GPUs torch sees."""
+    if not gpus:
+        return
+    import torch
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        ids = [v.strip() for v in visible.split(",") if v.strip()]
+        if not all(i.lstrip("-").isdigit() for i in ids):
+            return  # GPU UUIDs / MIG names: nothing to compare ids with
+        available = [int(i) for i in ids]
+    else:
+        available = list(range(torch.cuda.device_count() if torch.cuda.is_available() else 0))
+    missing = [g for g in gpus if g not in available]
+    if missing:
+        have = (f"GPU ids {available}" if available else "no GPU")
+        raise LaunchError(f"launch.gpus={gpus} names GPU {missing[0]}, but this machine has "
+                          f"{have} visible; use ids from that list, or launch.gpus=[] for "
+                          "all of them (the CPU when there is none).")
+
+
+def _restart_store(world: int, local_world: int, timeout: datetime.timedelta) -> object | None:
+    """After a torchrun restart, a store of keys private to this attempt.
+
+    torchrun's agent keeps ONE TCPStore for the whole job, and the process group writes
+    its keys there under the same names at every attempt: a restarted rank can read the
+    address its dead peer published in the previous attempt and fail with "Gloo
+    connectFullMesh failed ... Connection refused" (seen here about one restart in three).
+    Prefixing the keys with the restart count fixes that. Only on one node, where every
+    worker has the same count; across nodes the agents' default behaviour is kept."""
+    restart = _int_env("TORCHELASTIC_RESTART_COUNT") or 0
+    if (restart == 0 or world != local_world
+            or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"):
+        return None
+    import torch.distributed as dist
+
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"ffdist/attempt_{restart}", store)
+
+
 def init(pg_timeout_s: int = 1800) -> DistInfo:
     """Read the environment, join the process group if there is one, pick the device."""
     import torch
@@ -120,12 +164,32 @@ def init(pg_timeout_s: int = 1800) -> DistInfo:
         # nccl for GPUs; gloo is the one CPU backend that all launchers support.
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs = {"device_id": device} if device.type == "cuda" else {}
+        timeout = datetime.timedelta(seconds=pg_timeout_s)
+        store = _restart_store(world, local_world, timeout)
+        if store is not None:
+            kwargs["store"] = store
         dist.init_process_group(backend=backend, rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=pg_timeout_s), **kwargs)
+                                timeout=timeout, **kwargs)
     if device.type == "cpu" and world > 1 and "OMP_NUM_THREADS" not in os.environ:
         # Without this, every rank starts one thread per core and they fight over cores.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
     return DistInfo(rank, local_rank, world, local_world, device, launcher)
+
+
+def report_to_launcher(message: str) -> None:
+    """Leave `message` where torchrun's agent looks for a worker's failure reason (the
+    file named by TORCHELASTIC_ERROR_FILE): its summary then prints our one sentence."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    import json
+    import time
+
+    try:
+        with open(path, "w") as f:
+            json.dump({"message": message, "timestamp": int(time.time())}, f)
+    except OSError:
+        pass  # a nicer summary is not worth failing over
 
 
 def shutdown() -> None:

@@ -27,6 +27,12 @@ def check_writable(run_dir: Path) -> None:
 
 def resume_state(recipe: Recipe, manager: CheckpointManager) -> dict | None:
     """The checkpoint to resume from, or None for a fresh start (after the refusals)."""
+    found = resume_from(recipe, manager)
+    return found[1] if found else None
+
+
+def resume_from(recipe: Recipe, manager: CheckpointManager) -> tuple[str, dict] | None:
+    """(path, state) of the checkpoint to resume from, or None for a fresh start."""
     run_dir = recipe.run_dir
     mode = recipe.checkpoint.resume
     if mode == "never":
@@ -39,8 +45,18 @@ def resume_state(recipe: Recipe, manager: CheckpointManager) -> dict | None:
         found = manager.load_latest()
         if found is None:
             return None
-        return found[1]
-    return load_torch(Path(mode))
+        return str(found[0]), found[1]
+    return mode, load_torch(Path(mode))
+
+
+def is_finished(recipe: Recipe, state: dict | None, total_steps: int) -> bool:
+    """A run whose final weights exist and whose checkpoint reached this recipe's last step.
+    resume=auto then does nothing (exit 0): a requeued job that had finished, or a second
+    `train` of the same recipe, never retrains or rewrites it. Raising schedule.epochs (or
+    max_steps) makes it unfinished again, and it continues from its last checkpoint."""
+    if state is None or not (recipe.run_dir / "model.pt").is_file():
+        return False
+    return state["step"] >= total_steps or state["epoch"] >= recipe.schedule.epochs
 
 
 def write_recipe(recipe: Recipe) -> None:

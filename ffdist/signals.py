@@ -1,33 +1,54 @@
-"""Preemption: SIGUSR1 / SIGTERM ask the trainer to checkpoint and stop.
+"""Preemption: SIGTERM / SIGUSR1 -> finish the current step, checkpoint, exit EXIT_PREEMPTED.
 
-Slurm's `--signal=B:USR1@90` reaches slurm/train.sh, which relays USR1 to the training
-processes (torchrun forwards it to its workers, `--signals_to_handle`); a scheduler's
-SIGTERM arrives the same way. The handler only sets `Trainer.stop_requested`: engine.fit
-checks it after each optimizer step, saves a checkpoint and returns, and the requeued
-job resumes from that checkpoint (checkpoint.resume: auto).
+The handler only sets `trainer.stop_requested`; the Trainer all-reduces that flag at every
+step boundary (in the same collective as the NaN check), so all ranks stop after the same
+step even when the signal reached only some of them. A second signal restores the default
+action and re-sends itself: a user who insists gets an immediate stop.
 
-Minimal hook for the Slurm requeue path: each rank reads its own flag, so two ranks can
-stop one step apart when the signal lands between their checks; a fault-tolerance layer
-should agree on the flag across ranks (an all-reduce) before acting on it.
+Contract with slurm/train.sh and other wrappers: exit code 75 (ffdist.errors.EXIT_PREEMPTED)
+means "a checkpoint was written; start the same command again to resume".
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import threading
 from typing import Any
 
+from ffdist.errors import EXIT_PREEMPTED
+
 log = logging.getLogger("ffdist")
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+__all__ = ["EXIT_PREEMPTED", "SIGNALS", "install", "uninstall"]
+_previous: dict[int, Any] = {}
 
 
-def install_stop_handlers(trainer: Any) -> None:
-    """Route STOP_SIGNALS to `trainer.stop_requested = True` (main thread only)."""
+def install(trainer: Any) -> None:
+    """Route SIGTERM and SIGUSR1 to `trainer.stop_requested = True` (main thread only)."""
 
-    def handler(signum: int, _frame: object) -> None:
-        if not trainer.stop_requested:
-            log.warning("%s: checkpointing and stopping", signal.Signals(signum).name)
+    def handler(signum: int, frame: object) -> None:
+        if trainer.stop_requested:  # second signal: stop now, the default way
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         trainer.stop_requested = True
+        # logging from a handler is not strictly reentrant-safe; one line is worth the risk
+        log.warning("received %s: stopping after this step and writing a checkpoint",
+                    signal.Signals(signum).name)
 
-    for sig in STOP_SIGNALS:
+    if threading.current_thread() is not threading.main_thread():
+        log.warning("not in the main thread: SIGTERM/SIGUSR1 will not checkpoint before exit")
+        return
+    for sig in SIGNALS:
+        _previous.setdefault(sig, signal.getsignal(sig))
         signal.signal(sig, handler)
+
+
+def uninstall() -> None:
+    """Put back the handlers that were there before `install` (for in-process callers)."""
+    while _previous:
+        sig, old = _previous.popitem()
+        signal.signal(sig, old if old is not None else signal.SIG_DFL)

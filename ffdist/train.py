@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from ffdist.errors import EXIT_USER_ERROR, FfdistError
+from ffdist.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, FfdistError, one_line
 
 USAGE = "usage: python -m ffdist.train RECIPE.yaml [key=value ...]"
 
@@ -33,15 +33,22 @@ def split_argv(argv: list[str]) -> tuple[str | None, list[str]]:
 
 
 def run(recipe_path: str | None, overrides: list[str]) -> dict:
+    from ffdist import recipe
+
+    rcp = recipe.load(recipe_path, overrides)  # before importing torch: recipe errors are fast
+
     import torch
 
-    from ffdist import checkpoint, data, dist, models, precision, recipe, run_dir, strategies
+    from ffdist import checkpoint, data, dist, models, precision, run_dir, signals, strategies
+    from ffdist.data.loader import plan_batches
     from ffdist.engine import Trainer
     from ffdist.monitor import Monitor, setup_logging
+    from ffdist.optim import total_steps
     from ffdist.shared_fs import check_shared_dir
-    from ffdist.signals import install_stop_handlers
 
-    rcp = recipe.load(recipe_path, overrides)
+    # Checks that every rank makes alike, before any process group exists to tear down.
+    plan_batches(rcp.data.batch_size, rcp.data.micro_batch_size, dist.world_from_env()[2])
+    dist.check_gpus(rcp.launch.gpus)
     info = dist.init(rcp.launch.pg_timeout)
     try:
         setup_logging(info.is_primary)
@@ -49,7 +56,8 @@ def run(recipe_path: str | None, overrides: list[str]) -> dict:
             run_dir.check_writable(rcp.run_dir)
         check_shared_dir(rcp.run_dir, info.rank, info.world_size)  # multi-node: one output_dir
         manager = checkpoint.CheckpointManager(rcp.run_dir, rcp.checkpoint, info.is_primary)
-        state = run_dir.resume_state(rcp, manager)
+        found = run_dir.resume_from(rcp, manager)
+        state = found[1] if found else None
         loaders = data.build(rcp, info.rank, info.world_size, info.device)
         torch.manual_seed(rcp.seed)  # same initial weights on every rank and world size
         model = models.build(rcp.model)
@@ -57,6 +65,16 @@ def run(recipe_path: str | None, overrides: list[str]) -> dict:
             from ffdist import finetune
 
             model = finetune.prepare(model, rcp.model, load_weights=state is None)
+        # Everything that can refuse the run does so before the run directory is touched.
+        if found:
+            checkpoint.check_compatible(found[1], model, found[0], rcp.model.num_classes)
+        if run_dir.is_finished(rcp, state, total_steps(rcp.schedule,
+                                                       loaders.train_sampler.steps_per_epoch)):
+            if info.is_primary:
+                print(f"ffdist: {rcp.run_dir} already holds the finished run (step "
+                      f"{state['step']}); nothing to do. Use a new output_dir (or name) for a "
+                      "new run.", flush=True)
+            return {"already_finished": True, "step": state["step"]}
         torch.manual_seed(rcp.seed + 1000 * info.rank)  # per-rank dropout/augmentation
         prec = precision.resolve(rcp.precision, info.device)
         strategy = strategies.build(model, rcp, info, prec)
@@ -64,7 +82,7 @@ def run(recipe_path: str | None, overrides: list[str]) -> dict:
         monitor = Monitor(rcp.run_dir, info.is_primary, rcp.log.tensorboard, rcp.log.progress,
                           resume_step=resume_step)
         trainer = Trainer(rcp, info, loaders, strategy, monitor, manager, prec)
-        install_stop_handlers(trainer)  # preemption (Slurm USR1, SIGTERM): checkpoint and stop
+        signals.install(trainer)  # SIGTERM/SIGUSR1: checkpoint at the next step, exit 75
         if state:
             trainer.restore(state)
             monitor.info("resumed from step %d (epoch %d)", state["step"], state["epoch"])
@@ -78,6 +96,7 @@ def run(recipe_path: str | None, overrides: list[str]) -> dict:
         monitor.close()
         return result
     finally:
+        signals.uninstall()
         dist.shutdown()
 
 
@@ -87,11 +106,56 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE, file=sys.stderr)
         return EXIT_USER_ERROR
     try:
-        run(recipe_path, overrides)
+        result = run(recipe_path, overrides)
     except FfdistError as e:
-        print(f"ffdist: error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        report(e)
+        return e.exit_code
+    except Exception as e:
+        if not _peer_lost(e):
+            raise  # a bug: keep the traceback
+        from ffdist.dist import world_from_env
+
+        rank, _, world, _, _ = world_from_env()
+        why = next((s for s in PEER_LOST if s in str(e)), type(e).__name__)
+        print(f"ffdist: rank {rank} of {world} stopped: it lost contact with another rank "
+              f"({why}), which failed first: see that rank's message.", file=sys.stderr,
+              flush=True)
+        return 1
+    if result.get("stopped"):
+        from ffdist.dist import report_to_launcher
+
+        report_to_launcher(f"ffdist: preempted at step {result['step']}: a checkpoint was "
+                           f"written; exit {EXIT_PREEMPTED} means start again to resume.")
+        return EXIT_PREEMPTED
     return 0
+
+
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "remote worker crashing")
+
+
+def _peer_lost(e: Exception) -> bool:
+    """A collective failed because a peer process died: the fallout of another rank's
+    error or crash (which reports itself), not a second bug; one line instead of N tracebacks."""
+    from ffdist.dist import world_from_env
+
+    if world_from_env()[2] < 2:
+        return False
+    comm_error = type(e).__name__ in ("DistBackendError", "DistNetworkError")
+    return comm_error or (isinstance(e, RuntimeError) and any(s in str(e) for s in PEER_LOST))
+
+
+def report(e: FfdistError) -> None:
+    """One line on stderr. An error every rank raises alike is printed by rank 0 only, so
+    that torchrun with N ranks shows it once; others are printed by each rank that hit it."""
+    from ffdist.dist import report_to_launcher, world_from_env
+
+    rank, _, world, _, _ = world_from_env()
+    where = f" (rank {rank} of {world})" if rank != 0 else ""
+    line = f"ffdist: error{where}: {one_line(e)}"
+    report_to_launcher(line)  # torchrun's failure summary then shows it instead of a URL
+    if rank != 0 and e.same_on_all_ranks:
+        return
+    print(line, file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

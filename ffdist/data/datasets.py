@@ -72,12 +72,25 @@ class TensorImages(Dataset):
 
 
 class FileImages(Dataset):
-    """(path, label) pairs decoded with torchvision.io to uint8 tensors."""
+    """(path, label) pairs decoded with torchvision.io to uint8 tensors.
+
+    Unreadable files (truncated, corrupt, not an image) follow data.bad_images: `error`
+    raises a DataError naming the file; `skip` returns None for the sample (the collate
+    drops it, so that batch is smaller), warns once per file (the first 10 files), and
+    fails once more than max_bad_fraction of the split has proven unreadable. Files are
+    found bad when read, not by a scan up front (that would decode a whole ImageNet before
+    step 1); with data.num_workers > 0 each worker process counts its own share.
+    """
+
+    WARN_FILES = 10
 
     def __init__(self, samples: list[tuple[str, int]], transform: Callable, channels: int,
-                 seed: int = 0):
+                 seed: int = 0, bad_images: str = "skip", max_bad_fraction: float = 0.01,
+                 split: str = "train"):
         self.samples, self.transform, self.channels = samples, transform, channels
         self.seed = seed
+        self.bad_images, self.max_bad_fraction, self.split = bad_images, max_bad_fraction, split
+        self.bad: dict[str, str] = {}  # path -> why it could not be read
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -85,11 +98,35 @@ class FileImages(Dataset):
     def __getitem__(self, key: Key) -> tuple[torch.Tensor, int]:
         epoch, idx = _split_keys([key])
         path, label = self.samples[int(idx[0])]
-        image = decode(path, self.channels)
+        try:
+            image = decode(path, self.channels)
+        except (RuntimeError, OSError) as e:  # what torchvision.io raises for broken files
+            return self._unreadable(path, e)  # type: ignore[return-value]
         # transforms v2 draw from torch's global RNG: seed it per sample, restore it after.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(T.sample_seeds(self.seed, epoch, idx)[0]))
             return self.transform(image), label
+
+
+    def _unreadable(self, path: str, e: Exception) -> None:
+        reason = str(e).strip().splitlines()[-1][:120] if str(e).strip() else type(e).__name__
+        if self.bad_images == "error":
+            raise DataError(f"{path}: cannot be decoded as an image ({reason}); replace or "
+                            "remove the file, or set data.bad_images=skip to skip such files.")
+        if path in self.bad:
+            return None
+        self.bad[path] = reason
+        n, limit = len(self.bad), self.max_bad_fraction * len(self.samples)
+        if n > limit:
+            raise DataError(f"{n} of {len(self.samples)} {self.split} images cannot be decoded "
+                            f"(more than data.max_bad_fraction={self.max_bad_fraction}), e.g. "
+                            f"{path} ({reason}); replace or remove them, or raise "
+                            "data.max_bad_fraction.")
+        if n <= self.WARN_FILES:
+            more = "; further ones are skipped silently" if n == self.WARN_FILES else ""
+            log.warning("data.bad_images=skip: skipping unreadable %s image %s (%s) [%d so far%s]",
+                        self.split, path, reason, n, more)
+        return None
 
 
 def decode(path: str, channels: int = 3) -> torch.Tensor:
@@ -106,7 +143,11 @@ def collate(batch: object) -> object:
         return batch
     from torch.utils.data import default_collate
 
-    return default_collate(batch)
+    kept = [b for b in batch if b is not None]  # None: an unreadable file skipped
+    if not kept:
+        raise DataError(f"all {len(batch)} images of a batch are unreadable; check the dataset "
+                        "files (data.bad_images=skip skipped them).")
+    return default_collate(kept)
 
 
 # ------------------------------------------------------------------------------ builders
@@ -243,8 +284,9 @@ def _files_spec(cfg: DataConfig, train: list, val: list, classes: list[str],
     size = cfg.image_size or 224
     train_tf = T.folder_train(size) if cfg.augment else T.folder_eval(size)
     mean, std = T.normalization("imagenet", channels)
-    return DataSpec(FileImages(train, train_tf, channels, seed),
-                    FileImages(val, T.folder_eval(size), channels),
+    bad = {"bad_images": cfg.bad_images, "max_bad_fraction": cfg.max_bad_fraction}
+    return DataSpec(FileImages(train, train_tf, channels, seed, split="train", **bad),
+                    FileImages(val, T.folder_eval(size), channels, split="val", **bad),
                     classes, channels, size, mean, std)
 
 

@@ -1,0 +1,62 @@
+"""Preemption: SIGTERM / SIGUSR1 -> finish the step, checkpoint, exit 75, resume exactly.
+
+Real signals sent from outside to real processes. The `slow` fault only makes steps after
+step 10 take 0.1 s longer, so that the signal surely lands mid-training; it changes no
+number. Under torchrun the signal goes to ONE rank: both must stop after the same step.
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+from ffdist.errors import EXIT_PREEMPTED
+from tests.fault import kit
+
+SLOW = "slow:step=8-30:ms=100"
+
+
+def stopped_step(run_dir: Path) -> int:
+    step = int(kit.latest(run_dir)[5:13])
+    assert max(kit.train_losses(run_dir)) == step, "the last logged step is the checkpoint's"
+    return step
+
+
+def test_sigterm_checkpoints_exits_75_and_resumes_bit_exact(ref1: Path, tmp_path: Path):
+    out = tmp_path / "run"
+    proc = kit.start(kit.python_cmd(out), FFDIST_FAULT=SLOW)
+    kit.wait_for_step(out, 12, proc)
+    kit.send(proc.pid, signal.SIGTERM)
+    text = proc.communicate(timeout=60)[0]
+    assert proc.returncode == EXIT_PREEMPTED, kit.explain(proc, text)
+    assert "received SIGTERM" in text
+    step = stopped_step(out)
+    assert 12 <= step < kit.STEPS and step % 5, f"stopped at {step}: not a fresh checkpoint"
+    assert not (out / "model.pt").exists()
+
+    resumed = kit.run(kit.python_cmd(out))
+    assert resumed.returncode == 0, kit.explain(resumed)
+    assert f"resumed from step {step}" in resumed.stdout
+    assert kit.train_losses(out) == kit.train_losses(ref1)
+    kit.same_weights(out / "model.pt", ref1 / "model.pt")
+
+
+def test_sigusr1_to_one_rank_stops_both_at_the_same_step(ref2: Path, tmp_path: Path):
+    out = tmp_path / "run"
+    agent = kit.start(kit.torchrun_cmd(out), FFDIST_FAULT=SLOW)
+    kit.wait_for_step(out, 12, agent)
+    ranks = kit.worker_pids(agent)
+    assert sorted(ranks) == [0, 1], ranks
+    kit.send(ranks[1], signal.SIGUSR1)  # rank 1 only: rank 0 learns it from the all-reduce
+    text = agent.communicate(timeout=90)[0]
+    # torchrun does not pass worker exit codes through (it exits 1), but reports them.
+    assert agent.returncode != 0
+    assert text.count(f"exitcode  : {EXIT_PREEMPTED}") >= 1, kit.explain(agent, text)
+    assert "received SIGUSR1" in text
+    step = stopped_step(out)
+    assert 12 <= step < kit.STEPS
+
+    resumed = kit.run(kit.torchrun_cmd(out))
+    assert resumed.returncode == 0, kit.explain(resumed)
+    assert kit.train_losses(out) == kit.train_losses(ref2)
+    kit.same_weights(out / "model.pt", ref2 / "model.pt")

@@ -1,0 +1,107 @@
+"""Security: checkpoints and recipes are data, never code.
+
+Static checks over the package source (AST, not grep, so that comments and strings do not
+count) plus two live attempts: a checkpoint that would run code when unpickled, and a YAML
+recipe with a python/object tag. Both must be refused without running anything.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from ffdist import checkpoint, recipe
+from ffdist.errors import CheckpointError, RecipeError
+from tests.helpers import REPO
+
+SOURCES = sorted((REPO / "ffdist").rglob("*.py"))
+SUBPROCESS_CALLS = {"run", "Popen", "call", "check_call", "check_output"}
+
+
+def calls() -> list[tuple[Path, ast.Call]]:
+    found = []
+    for path in SOURCES:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Call):
+                found.append((path, node))
+    return found
+
+
+def name_of(func: ast.expr) -> str:
+    return ast.unparse(func)
+
+
+def kw(call: ast.Call, name: str) -> ast.expr | None:
+    return next((k.value for k in call.keywords if k.arg == name), None)
+
+
+def test_every_torch_load_is_weights_only():
+    loads = [(p, c) for p, c in calls() if name_of(c.func) == "torch.load"]
+    assert loads, "expected the checkpoint loader to call torch.load"
+    for path, call in loads:
+        value = kw(call, "weights_only")
+        assert isinstance(value, ast.Constant) and value.value is True, \
+            f"{path}:{call.lineno}: torch.load without weights_only=True"
+
+
+def test_yaml_only_through_safe_functions():
+    for path, call in calls():
+        name = name_of(call.func)
+        if name.startswith("yaml."):
+            assert name in ("yaml.safe_load", "yaml.safe_dump"), f"{path}:{call.lineno}: {name}"
+
+
+def test_subprocesses_take_argv_lists_never_a_shell():
+    for path, call in calls():
+        name = name_of(call.func)
+        assert name not in ("os.system", "os.popen"), f"{path}:{call.lineno}: {name}"
+        shell = kw(call, "shell")
+        assert not (isinstance(shell, ast.Constant) and shell.value), f"{path}:{call.lineno}"
+        if name.startswith("subprocess.") and name.split(".")[-1] in SUBPROCESS_CALLS:
+            first = call.args[0] if call.args else kw(call, "args")
+            assert not isinstance(first, (ast.Constant, ast.JoinedStr, ast.BinOp)), \
+                f"{path}:{call.lineno}: build an argv list, not a command string"
+
+
+def test_no_dynamic_code_from_recipes():
+    for path, call in calls():
+        name = name_of(call.func)
+        assert name not in ("eval", "exec", "__import__"), f"{path}:{call.lineno}: {name}"
+        if name in ("importlib.import_module", "import_module") and path.name != "cli.py":
+            assert isinstance(call.args[0], ast.Constant), \
+                f"{path}:{call.lineno}: a module name from data would let a recipe run code"
+
+
+def test_tensorboard_is_never_served_by_ffdist():
+    for path in SOURCES:
+        text = path.read_text()
+        for needle in ("tensorboard.program", "bind_all", "0.0.0.0"):
+            assert needle not in text, f"{path}: {needle}"
+
+
+class _Boom:
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_checkpoint_that_runs_code_is_refused(tmp_path: Path):
+    marker = tmp_path / "pwned"
+    _Boom.marker = marker
+    evil = tmp_path / "step_00000001.pt"
+    torch.save({"model": {}, "x": _Boom()}, evil)
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        checkpoint.load_torch(evil)
+    assert not marker.exists()
+
+
+def test_recipe_with_python_tag_is_refused(tmp_path: Path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.yaml"
+    path.write_text(f"name: !!python/object/apply:os.system ['touch {marker}']\n")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        recipe.load(path)
+    assert not marker.exists()
