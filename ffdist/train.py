@@ -51,7 +51,7 @@ def run(recipe_path: str | None, overrides: list[str]) -> dict:
         torch.manual_seed(rcp.seed)  # same initial weights on every rank and world size
         model = models.build(rcp.model)
         torch.manual_seed(rcp.seed + 1000 * info.rank)  # per-rank dropout/augmentation
-        prec = precision.resolve(rcp.precision, info.device)
+        prec = precision.resolve(rcp.precision, info.device, info.launcher_precision)
         strategy = strategies.build(model, rcp, info, prec)
         resume_step = state["step"] if state else None
         monitor = Monitor(rcp.run_dir, info.is_primary, rcp.log.tensorboard, rcp.log.progress,
