@@ -158,6 +158,18 @@ def init(pg_timeout_s: int = 1800) -> DistInfo:
     return DistInfo(rank, local_rank, world, local_world, device, launcher, launcher_precision())
 
 
+def ensure_process_group(device: torch.device) -> None:
+    """A one-rank process group for libraries that need one even alone (DeepSpeed under
+    `python -m ffdist.train`): an in-memory store, no port, nothing to rendezvous with."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+            os.environ.setdefault(name, value)  # DeepSpeed asserts LOCAL_RANK is set
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                store=dist.HashStore(), rank=0, world_size=1)
+
+
 def shutdown() -> None:
     import torch.distributed as dist
 

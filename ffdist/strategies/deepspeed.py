@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -26,7 +27,7 @@ import torch
 from torch import nn
 
 from ffdist.data import plan_batches
-from ffdist.dist import DistInfo
+from ffdist.dist import DistInfo, ensure_process_group
 from ffdist.errors import CheckpointError, LaunchError
 from ffdist.optim import build_optimizer
 from ffdist.recipe import Recipe
@@ -37,17 +38,23 @@ class DeepSpeed:
     sharded = True
 
     def __init__(self, model: nn.Module, recipe: Recipe, info: DistInfo, precision: str):
-        import deepspeed
-        from deepspeed.utils import logger as ds_logger
-
         if precision == "fp16" and info.device.type != "cuda":
             raise LaunchError("precision=fp16 with DeepSpeed needs a GPU (DeepSpeed has no fp16 "
                               "on the CPU); use precision=bf16 or fp32.")
-        ds_logger.setLevel(logging.WARNING)  # its INFO lines repeat our own, once per rank
         self.info, self.zero_stage = info, recipe.strategy.zero_stage
         plan = plan_batches(recipe.data.batch_size, recipe.data.micro_batch_size,
                             info.world_size)
+        # Checked before importing deepspeed: a config error stays one clean line.
         self.config = ds_config.build(recipe, plan, precision, info.device)
+        import deepspeed
+        from deepspeed.utils import logger as ds_logger
+
+        ensure_process_group(info.device)  # alone (python -m): DeepSpeed still wants a group
+
+        ds_logger.setLevel(logging.WARNING)  # its INFO lines repeat our own, once per rank
+        # torch warns that DeepSpeed's collectives are deprecated names, once per call site.
+        warnings.filterwarnings("ignore", message=".*is deprecated. Please use `torch.distributed",
+                                category=FutureWarning)
         # Weights stay contiguous: ZeRO flattens them into buffers anyway, and DeepSpeed's
         # initial broadcast views each one as bytes (fails on channels_last bf16 weights).
         # The inputs are still channels_last (ffdist.data's prefetcher), convs accept both.
