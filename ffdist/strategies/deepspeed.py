@@ -34,6 +34,22 @@ from ffdist.recipe import Recipe
 from ffdist.strategies import ds_config
 
 
+class _LowPrecisionInputs(nn.Module):
+    """DeepSpeed's bf16/fp16 mode converts the module's weights (and buffers) to that dtype,
+    keeping the fp32 master copy in the optimizer: so the inputs are cast to it too, and the
+    Trainer's autocast is switched off inside. (CPU autocast runs batch_norm in fp32 and
+    would feed fp32 activations to bf16 BatchNorm weights; DDP keeps fp32 weights and
+    autocast instead.) The logits come out in bf16/fp16; the loss is computed in fp32."""
+
+    def __init__(self, engine: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.engine, self.dtype = engine, dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return self.engine(x.to(self.dtype))
+
+
 class DeepSpeed:
     sharded = True
 
@@ -62,7 +78,8 @@ class DeepSpeed:
         client = build_optimizer(self.raw, recipe.optim, info.device)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=self.raw, optimizer=client, config=self.config, dist_init_required=False)
-        self.model = self.engine
+        low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        self.model = _LowPrecisionInputs(self.engine, low) if low else self.engine
 
     # ---------------------------------------------------------------- training
     def no_sync(self, boundary: bool) -> AbstractContextManager:
