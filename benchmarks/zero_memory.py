@@ -13,10 +13,14 @@ STORAGES once each (views of one flat buffer count once):
   grads      the parameters' .grad and DeepSpeed's gradient partitions/buffers (attributes
              of its ZeRO optimizer whose name holds "grad")
   optimizer  the client optimizer's state (momentum, exp_avg, exp_avg_sq) and, under
-             DeepSpeed, the fp32 master partitions it steps
+             DeepSpeed, the fp32 master partitions it steps (ZeRO optimizer attributes
+             whose name holds "fp32")
   other      every other live tensor storage (communication buckets, activations kept by
              autograd, inputs), reported so that nothing hides
 Rank 0's numbers are printed (ranks differ by at most one partition's rounding).
+Measured after the reduction: DeepSpeed's ZeRO-1 has by then replaced the full-size
+gradients by its partition, so its "grads" column shows the partition; during backward
+(and across accumulation micro-steps) they are full size, as the formula counts them.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -69,6 +74,8 @@ def measure(strategy: Any) -> dict[str, int]:
         for name, value in vars(zero).items():
             if "grad" in name.lower():
                 grad_tensors += _tensors_in(value)
+            elif "fp32" in name.lower():  # master partitions (stage 3 keeps them out of
+                opt.update(_storage_map(_tensors_in(value)))  # param_groups between steps)
         grad_tensors += [p.grad for g in client.param_groups for p in g["params"]]
     grads = _storage_map(grad_tensors)
     for k in params:
@@ -76,7 +83,9 @@ def measure(strategy: Any) -> dict[str, int]:
         opt.pop(k, None)
     for k in opt:
         grads.pop(k, None)
-    everything = _storage_map(o for o in gc.get_objects() if isinstance(o, torch.Tensor))
+    with warnings.catch_warnings():  # gc walks objects whose attribute access warns
+        warnings.simplefilter("ignore")
+        everything = _storage_map(o for o in gc.get_objects() if isinstance(o, torch.Tensor))
     known = {**params, **grads, **opt}
     other = sum(v for k, v in everything.items() if k not in known)
     return {"params": sum(params.values()), "grads": sum(grads.values()),

@@ -49,7 +49,7 @@ def model_state_bytes(num_params: int, trainable_params: int, optimizer: str, pr
     n = max(1, world_size)
     s = optimizer_states_per_param(optimizer, momentum)
     p, t = num_params, trainable_params
-    if strategy in ("single", "ddp", "auto") or strategy != "deepspeed":
+    if strategy != "deepspeed":  # single, ddp (auto resolves to one of them)
         out = {"params": 4 * p, "grads": 4 * t, "optimizer": 4 * s * t}
     else:
         w = LOW_PRECISION_BYTES[precision]

@@ -79,6 +79,12 @@ class DeepSpeed:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=self.raw, optimizer=client, config=self.config, dist_init_required=False)
         low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        if low is not None:
+            # DeepSpeed converts the parameters only; BatchNorm wants its running stats in
+            # the weights' dtype too (on the CPU a mix is an error).
+            for buf in self.engine.module.buffers():
+                if buf.is_floating_point():
+                    buf.data = buf.data.to(low)
         self.model = _LowPrecisionInputs(self.engine, low) if low else self.engine
 
     # ---------------------------------------------------------------- training
