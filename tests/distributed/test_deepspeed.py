@@ -44,7 +44,8 @@ def test_zero3_offload_trains_evaluates_and_writes_a_consolidated_model(tmp_path
     every rank (uneven eval shards included) and model.pt must gather them."""
     out = tmp_path / "z3"
     overrides = ("strategy.zero_stage=3", "strategy.offload_optimizer=true",
-                 "strategy.offload_params=true", "precision=fp32")
+                 "strategy.offload_params=true", "precision=fp32",
+                 "strategy.deepspeed_config=launch/deepspeed/zero3_offload.json")  # the example
     torchrun(RECIPE, *FAST, *overrides, "schedule.max_steps=8", "log.every_steps=1",
              f"output_dir={out}")
     end = end_event(out)
