@@ -1,7 +1,11 @@
 """Atomic checkpoints with auto-resume, keep-last-k and best.
 
 Layout: <run>/checkpoints/step_00000420.pt ..., `latest` (a one-line text file naming the
-newest complete checkpoint, itself replaced atomically) and best.pt. A checkpoint holds
+newest complete checkpoint, itself replaced atomically) and best.pt. Under ZeRO a checkpoint
+is a folder, step_00000420/, in which every rank wrote its shard through the DeepSpeed
+engine; rank 0 then writes ffdist_state.pt (our progress, RNG of every rank, recipe) LAST,
+so a folder without it is incomplete and never counts. best.pt under ZeRO holds the
+consolidated weights (not resumable, but what eval/predict/export read). A checkpoint holds
 only plain state (tensors, numbers, strings, lists, dicts) so that
 `torch.load(path, weights_only=True)` reads it, and model keys carry no `module.` or
 `_orig_mod.` prefix, so a stock torchvision model loads `ckpt["model"]`.
@@ -26,6 +30,7 @@ from ffdist.recipe import CheckpointConfig
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
+SHARDED_STATE = "ffdist_state.pt"  # inside a sharded checkpoint folder; written last
 
 
 def atomic_write(path: Path, write: Any) -> None:
@@ -67,7 +72,11 @@ def save_text(path: Path, text: str) -> None:
 
 
 def load_torch(path: str | Path) -> dict:
-    """torch.load with weights_only=True (never unpickle code) onto the CPU."""
+    """torch.load with weights_only=True (never unpickle code) onto the CPU. A sharded
+    checkpoint folder gives its ffdist_state.pt with "shards" = the folder."""
+    if Path(path).is_dir():
+        state = load_torch(Path(path) / SHARDED_STATE)
+        return {**state, "shards": str(path)}
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -131,7 +140,11 @@ class CheckpointManager:
     def path_for(self, step: int) -> Path:
         return self.dir / f"step_{step:08d}.pt"
 
-    def save(self, state: dict[str, Any], step: int, is_best: bool = False) -> Path:
+    def save(self, state: dict[str, Any], step: int, is_best: bool = False,
+             shards: Any = None) -> Path:
+        """`shards`: a sharded strategy (ZeRO); then EVERY rank calls this."""
+        if shards is not None:
+            return self._save_sharded(state, step, is_best, shards)
         path = self.path_for(step)
         if self.is_writer:
             if faults.armed("kill_in_save", step):  # tests: die halfway through this write
@@ -146,14 +159,44 @@ class CheckpointManager:
             self._prune()
         return path
 
+    def _save_sharded(self, state: dict[str, Any], step: int, is_best: bool,
+                      shards: Any) -> Path:
+        from ffdist.dist import barrier
+
+        path = self.dir / f"step_{step:08d}"
+        shards.save_shards(self.dir, path.name, state)
+        barrier()  # every shard is on disk before the folder is marked complete
+        if self.is_writer:
+            save_torch(path / SHARDED_STATE, {"format": FORMAT_VERSION, **state})
+            save_text(self.dir / "latest", path.name + "\n")
+        if is_best and self.cfg.keep_best:
+            weights = shards.model_state_dict()  # collective: all ranks
+            if self.is_writer:
+                meta = {k: v for k, v in state.items() if k != "rng"}
+                save_torch(self.dir / "best.pt", {"format": FORMAT_VERSION, **meta,
+                                                  "model": weights})
+        if self.is_writer:
+            self._prune()
+        barrier()
+        return path
+
     def _prune(self) -> None:
-        steps = sorted(self.dir.glob("step_*.pt"))
+        steps = self._complete()
         for old in steps[: -self.cfg.keep_last]:
-            old.unlink(missing_ok=True)
+            _remove(old)
+        if steps:  # debris of a save interrupted before its marker, older than the newest
+            for d in self.dir.glob("step_*"):
+                if d.is_dir() and d not in steps and d.name < steps[-1].name:
+                    _remove(d)
+
+    def _complete(self) -> list[Path]:
+        """Complete checkpoints (files, or folders with their marker), oldest first."""
+        return sorted(p for p in self.dir.glob("step_*") if (p.is_file() and p.suffix == ".pt")
+                      or (p / SHARDED_STATE).is_file())
 
     def candidates(self) -> list[Path]:
         """Complete checkpoints, newest first: `latest` first, then step files by step."""
-        found = sorted(self.dir.glob("step_*.pt"), reverse=True)
+        found = self._complete()[::-1]
         pointer = self.dir / "latest"
         if pointer.is_file():
             named = self.dir / pointer.read_text().strip()
@@ -203,3 +246,10 @@ def check_compatible(state: dict[str, Any], model: torch.nn.Module, source: str,
                 f"checkpoint {source}: key '{k}' has shape {list(saved[k].shape)} but this "
                 f"model's is {list(v.shape)}{hint}; set model.num_classes / model.* as in the "
                 "checkpoint's recipe, or start from another checkpoint.")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)

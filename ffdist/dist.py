@@ -2,8 +2,14 @@
 
 torchrun, `accelerate launch` and the `deepspeed` launcher all export RANK / LOCAL_RANK /
 WORLD_SIZE / MASTER_ADDR / MASTER_PORT (deepspeed also passes `--local_rank=N`, which the
-entry point accepts and ignores). A bare `srun` task has only SLURM_* variables and an
-`mpirun` task only OMPI_* / PMI_* ones; for those we derive the rendezvous ourselves.
+entry point accepts and ignores). `accelerate launch --multi_gpu` IS torchrun underneath
+(torch.distributed.run) plus ACCELERATE_* variables: ffdist never builds an `Accelerator`,
+so it joins the real process group on CPUs too (a plain `Accelerator()` on a CPU-only
+machine would silently make N independent processes). Of accelerate's variables we honour
+ACCELERATE_USE_CPU (stay on the CPU although GPUs exist) and ACCELERATE_MIXED_PRECISION
+(`launcher_precision`, checked against the recipe by ffdist.precision).
+A bare `srun` task has only SLURM_* variables and an `mpirun` task only OMPI_* / PMI_*
+ones; for those we derive the rendezvous ourselves.
 No launcher at all means one process on one device: the single-device fallback.
 """
 
@@ -29,7 +35,9 @@ class DistInfo:
     local_world_size: int
     device: torch.device
     launcher: str
-    """torchrun | slurm | mpi | none: who started this process (for logs and errors)."""
+    """torchrun | accelerate | deepspeed | slurm | mpi | none: who started this process."""
+    launcher_precision: str | None = None
+    """bf16/fp16/fp8 asked of `accelerate launch --mixed_precision` (None: not asked)."""
 
     @property
     def is_primary(self) -> bool:
@@ -53,8 +61,9 @@ def world_from_env() -> tuple[int, int, int, int, str]:
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:  # torchrun, accelerate, deepspeed launcher
         world = int(env["WORLD_SIZE"])
-        local_world = _int_env("LOCAL_WORLD_SIZE") or world
-        return int(env["RANK"]), _int_env("LOCAL_RANK") or 0, world, local_world, "torchrun"
+        # torchrun: LOCAL_WORLD_SIZE; the deepspeed launcher: LOCAL_SIZE (and CROSS_RANK).
+        local_world = _int_env("LOCAL_WORLD_SIZE", "LOCAL_SIZE") or world
+        return int(env["RANK"]), _int_env("LOCAL_RANK") or 0, world, local_world, _rank_launcher()
     slurm_world = _int_env("SLURM_NTASKS")
     if slurm_world and slurm_world > 1 and "SLURM_PROCID" in env and "SLURM_STEP_ID" in env:
         local_world = _int_env("SLURM_NTASKS_PER_NODE") or max(1, slurm_world // (
@@ -68,6 +77,26 @@ def world_from_env() -> tuple[int, int, int, int, str]:
         local_world = _int_env("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS") or mpi_world
         return rank, local, mpi_world, local_world, "mpi"
     return 0, 0, 1, 1, "none"
+
+
+def _rank_launcher() -> str:
+    """Which launcher exported RANK/WORLD_SIZE (for logs; all three rendezvous alike)."""
+    if "ACCELERATE_MIXED_PRECISION" in os.environ or "ACCELERATE_DYNAMO_BACKEND" in os.environ:
+        return "accelerate"
+    if "CROSS_RANK" in os.environ and "LOCAL_SIZE" in os.environ:
+        return "deepspeed"
+    return "torchrun"
+
+
+def _truthy(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
+
+
+def launcher_precision() -> str | None:
+    """`accelerate launch --mixed_precision X` (or the config file's mixed_precision) exports
+    ACCELERATE_MIXED_PRECISION; "no" is also its silent default, so it means "not asked"."""
+    value = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").strip().lower()
+    return None if value in ("", "no") else value
 
 
 def _rendezvous_for(launcher: str) -> None:
@@ -90,10 +119,11 @@ def _rendezvous_for(launcher: str) -> None:
 
 
 def pick_device(local_rank: int) -> torch.device:
-    """cuda:<local_rank> among the visible GPUs, else the CPU."""
+    """cuda:<local_rank> among the visible GPUs, else the CPU (also when accelerate's
+    ACCELERATE_USE_CPU asks for it: `accelerate launch --cpu`, or `use_cpu: true`)."""
     import torch
 
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and not _truthy("ACCELERATE_USE_CPU"):
         count = torch.cuda.device_count()
         if local_rank >= count:
             raise LaunchError(
@@ -173,7 +203,19 @@ def init(pg_timeout_s: int = 1800) -> DistInfo:
     if device.type == "cpu" and world > 1 and "OMP_NUM_THREADS" not in os.environ:
         # Without this, every rank starts one thread per core and they fight over cores.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
-    return DistInfo(rank, local_rank, world, local_world, device, launcher)
+    return DistInfo(rank, local_rank, world, local_world, device, launcher, launcher_precision())
+
+
+def ensure_process_group(device: torch.device) -> None:
+    """A one-rank process group for libraries that need one even alone (DeepSpeed under
+    `python -m ffdist.train`): an in-memory store, no port, nothing to rendezvous with."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+            os.environ.setdefault(name, value)  # DeepSpeed asserts LOCAL_RANK is set
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                store=dist.HashStore(), rank=0, world_size=1)
 
 
 def report_to_launcher(message: str) -> None:

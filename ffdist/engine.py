@@ -85,7 +85,8 @@ class Trainer:
                 "classes": list(self.loaders.spec.classes)}
 
     def save(self, is_best: bool = False) -> None:
-        self.manager.save(self.state(), self.progress.step, is_best=is_best)
+        shards = self.strategy if self.strategy.sharded else None  # ZeRO: every rank writes
+        self.manager.save(self.state(), self.progress.step, is_best=is_best, shards=shards)
         self._saved_step = self.progress.step
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -258,7 +259,7 @@ class Trainer:
         was_training = model.training
         model.eval()
         counts = EvalCounts(self.recipe.model.num_classes, self.info.device)
-        for x, y in self.val_batches:
+        for x, y in self.strategy.eval_batches(self.val_batches):
             with autocast(self.precision, self.info.device):
                 logits = model(x)
             counts.update(logits.float(), y, self.eval_criterion(logits.float(), y))
@@ -281,8 +282,8 @@ class Trainer:
         p = self.progress
         end = {"best_top1": p.best_top1, "final_top1": p.last_eval["top1"],
                "seconds": round(seconds, 3), "world_size": self.info.world_size, "step": p.step}
+        model_state = self.strategy.model_state_dict()  # collective under ZeRO
         if self.info.is_primary:
-            model_state = ckpt_io.clean_state_dict(self.strategy.unwrap().state_dict())
             ckpt_io.save_torch(self.monitor.run_dir / "model.pt", model_state)
         self.monitor.event(event="end", **end)
         self.monitor.hparams(_flat(self.recipe.to_dict()),

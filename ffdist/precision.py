@@ -20,7 +20,22 @@ def cpu_has_fast_bf16() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
-def resolve(precision: str, device: torch.device) -> str:
+def resolve(precision: str, device: torch.device, launcher: str | None = None) -> str:
+    """The recipe's precision; `launcher` is what `accelerate launch --mixed_precision`
+    asked for (ffdist.dist.DistInfo.launcher_precision): it fills in `auto`, and a
+    contradiction with an explicit recipe value is an error rather than a silent pick."""
+    if launcher is not None:
+        from ffdist.errors import LaunchError
+
+        if launcher not in DTYPES:
+            raise LaunchError(f"accelerate launch --mixed_precision {launcher} is not supported "
+                              "by ffdist; use bf16 or fp16, or drop the flag and set precision "
+                              "in the recipe.")
+        if precision not in ("auto", launcher):
+            raise LaunchError(f"accelerate launch --mixed_precision {launcher} contradicts the "
+                              f"recipe's precision={precision}; drop the flag (or mixed_precision "
+                              f"in the accelerate config) or set precision={launcher}.")
+        return launcher
     if precision == "fp16" and device.type == "cpu":
         logging.getLogger("ffdist").warning(
             "precision=fp16 on the CPU runs emulated fp16 kernels (seen 10x slower than fp32 "

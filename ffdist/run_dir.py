@@ -11,7 +11,9 @@ from ffdist.recipe import Recipe
 
 
 def holds_run(run_dir: Path) -> bool:
-    return (run_dir / "metrics.jsonl").exists() or any((run_dir / "checkpoints").glob("*.pt"))
+    ckpts = run_dir / "checkpoints"  # step_*.pt files, or step_*/ folders of ZeRO shards
+    return ((run_dir / "metrics.jsonl").exists() or any(ckpts.glob("step_*"))
+            or (ckpts / "best.pt").exists())
 
 
 def check_writable(run_dir: Path) -> None:

@@ -76,7 +76,7 @@ def run(recipe_path: str | None, overrides: list[str]) -> dict:
                       "new run.", flush=True)
             return {"already_finished": True, "step": state["step"]}
         torch.manual_seed(rcp.seed + 1000 * info.rank)  # per-rank dropout/augmentation
-        prec = precision.resolve(rcp.precision, info.device)
+        prec = precision.resolve(rcp.precision, info.device, info.launcher_precision)
         strategy = strategies.build(model, rcp, info, prec)
         resume_step = state["step"] if state else None
         monitor = Monitor(rcp.run_dir, info.is_primary, rcp.log.tensorboard, rcp.log.progress,

@@ -71,3 +71,27 @@ def end_event(run_dir: Path) -> dict:
 
 # Overrides that make a digits run tiny and quiet for tests.
 FAST = ("log.tensorboard=false", "log.progress=false")
+
+
+# -- launchers other than torchrun (issue 3) -----------------------------------------------
+
+def accelerate(recipe: str, *overrides: str, launch_args: tuple[str, ...] = ("--multi_gpu",
+               "--num_processes", "2"), timeout: float = 300) -> subprocess.CompletedProcess:
+    """`accelerate launch ARGS -m ffdist.train RECIPE ...` (a free port each time)."""
+    return run([str(BIN / "accelerate"), "launch", *launch_args, "--main_process_port",
+                str(free_port()), "-m", "ffdist.train", str(RECIPES / recipe), *overrides],
+               timeout=timeout)
+
+
+def deepspeed_launcher(recipe: str, *overrides: str, nproc: int = 2,
+                       timeout: float = 300) -> subprocess.CompletedProcess:
+    """`deepspeed --num_gpus N --module ffdist.train RECIPE ...`; without GPUs the launcher
+    takes N as given and starts N CPU ranks."""
+    return run([str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port",
+                str(free_port()), "--module", "ffdist.train", str(RECIPES / recipe),
+                *overrides], timeout=timeout)
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    """step -> logged training loss (log.every_steps=1 gives one per optimizer step)."""
+    return {e["step"]: e["loss"] for e in events(run_dir, "train")}

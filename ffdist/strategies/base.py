@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
@@ -31,3 +32,13 @@ class Strategy(Protocol):
         """Model/optimizer/scaler state for a checkpoint (plain types)."""
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def model_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Full fp32 model weights, plain and unprefixed, on rank 0 (None elsewhere); for
+        model.pt and best.pt. A collective under ZeRO: every rank calls it."""
+
+    def eval_batches(self, batches: Iterable) -> Iterator:
+        """The eval batches this rank runs (ZeRO-3 pads short shards with empty batches so
+        that every rank joins every parameter all-gather)."""
+
+    # sharded strategies also have: save_shards(folder, tag, client_state)

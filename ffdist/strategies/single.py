@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 
 from ffdist.checkpoint import clean_state_dict
+from ffdist.errors import CheckpointError
 from ffdist.optim import build_optimizer, set_lr
 from ffdist.recipe import Recipe
 
@@ -57,7 +59,17 @@ class SingleDevice:
                 "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler else {}}
 
+    def model_state_dict(self) -> dict[str, torch.Tensor] | None:
+        return clean_state_dict(self.raw.state_dict())
+
+    def eval_batches(self, batches: Iterable) -> Iterator:
+        return iter(batches)
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "model" not in state:
+            raise CheckpointError(f"the checkpoint at step {state.get('step')} holds DeepSpeed "
+                                  "ZeRO shards; resume it with strategy.name=deepspeed, or start "
+                                  "from its weights with model.pretrained=<run>/model.pt.")
         self.raw.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler is not None and state.get("scaler"):
