@@ -15,6 +15,7 @@ from ffdist.errors import EXIT_USER_ERROR, FfdistError
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("ffdist.train", "train a recipe: ffdist train RECIPE [key=value ...]"),
     "models": ("ffdist.models.cli", "list the model names a recipe can use"),
+    "bench": ("ffdist.bench", "throughput of a recipe: ffdist bench RECIPE [k=v ...] [--synthetic]"),
 }
 
 

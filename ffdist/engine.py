@@ -2,7 +2,9 @@
 
 Host-device sync points are deliberate and few: one `.item()`-like read per logging
 interval (log.every_steps) and one all-reduce per evaluation. Everything else (loss
-sums, hit counts) accumulates on the device.
+sums, hit counts) accumulates on the device. The others we keep, each marked "sync point"
+where it happens: the RNG all-gather when a checkpoint is written, and fp16's GradScaler
+(free with the fused CUDA optimizers ffdist.optim builds; see strategies/single.py).
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ class Trainer:
     def state(self) -> dict[str, Any]:
         rng = [ckpt_io.rng_state()]
         if tdist.is_initialized():  # every rank's RNG, so each resumes its own stream
+            # sync point: a collective, once per checkpoint (not per step)
             rng = [None] * self.info.world_size
             tdist.all_gather_object(rng, ckpt_io.rng_state())
         p = self.progress
@@ -133,6 +136,9 @@ class Trainer:
         self.monitor.end_epoch()
 
     def _optimizer_step(self, batches: Any, lr: float, window: _Window) -> None:
+        """One optimizer step (accum micro-steps) with no host sync; `ffdist bench` times
+        this very method. On CUDA the times are host (dispatch) times: the queue of
+        kernels fills up in a few steps, after which they track the device's pace."""
         started = time.perf_counter()
         accum = self.plan.accum
         for micro in range(accum):
@@ -177,7 +183,7 @@ class Trainer:
             with autocast(self.precision, self.info.device):
                 logits = model(x)
             counts.update(logits.float(), y, self.eval_criterion(logits.float(), y))
-        result = counts.reduce()
+        result = counts.reduce()  # sync point: one all-reduce + read per evaluation
         model.train(was_training)
         p = self.progress
         p.last_eval = {**result, "confusion": counts.confusion.cpu()}
