@@ -201,10 +201,26 @@ def combine(ranks: list[dict[str, Any]], global_batch: int, steps: int) -> dict[
     return out
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    from ffdist import checkpoint, data, dist, models, precision, recipe, strategies
+def build_trainer(rcp: Any, info: Any) -> Any:
+    """A Trainer built as ffdist.train builds it, with its sinks off and a checkpoint
+    manager that never writes: bench leaves nothing behind but bench.json."""
+    from ffdist import checkpoint, data, models, precision, strategies
     from ffdist.engine import Trainer
-    from ffdist.monitor import Monitor, setup_logging
+    from ffdist.monitor import Monitor
+
+    loaders = data.build(rcp, info.rank, info.world_size, info.device)
+    torch.manual_seed(rcp.seed)
+    model = models.build(rcp.model)
+    prec = precision.resolve(rcp.precision, info.device)
+    strategy = strategies.build(model, rcp, info, prec)
+    monitor = Monitor(rcp.run_dir, enabled=False)
+    manager = checkpoint.CheckpointManager(rcp.run_dir, rcp.checkpoint, is_writer=False)
+    return Trainer(rcp, info, loaders, strategy, monitor, manager, prec)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from ffdist import checkpoint, dist, recipe, strategies
+    from ffdist.monitor import setup_logging
 
     overrides = list(args.overrides)
     if args.synthetic:
@@ -213,15 +229,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     info = dist.init(rcp.launch.pg_timeout)
     try:
         setup_logging(info.is_primary)
-        loaders = data.build(rcp, info.rank, info.world_size, info.device)
-        torch.manual_seed(rcp.seed)
-        model = models.build(rcp.model)
-        prec = precision.resolve(rcp.precision, info.device)
-        strategy = strategies.build(model, rcp, info, prec)
-        # Sinks off and a manager that never writes: bench leaves no run behind but bench.json.
-        monitor = Monitor(rcp.run_dir, enabled=False)
-        manager = checkpoint.CheckpointManager(rcp.run_dir, rcp.checkpoint, is_writer=False)
-        trainer = Trainer(rcp, info, loaders, strategy, monitor, manager, prec)
+        trainer = build_trainer(rcp, info)
+        loaders, prec = trainer.loaders, trainer.precision
         train = time_train(trainer, args.steps, args.warmup)
         eval_images, eval_s = time_eval(trainer, args.eval_steps)
         mine = rank_figures(train, eval_images, eval_s, loaders.plan.per_rank, info.device)
