@@ -68,3 +68,17 @@ def test_compile_before_ddp_checkpoints_have_plain_keys(tmp_path: Path) -> None:
 def test_unknown_compile_backend_is_a_recipe_error() -> None:
     with pytest.raises(RecipeError, match="model.compile_backend='nope'"):
         _compiled(torch.nn.Linear(2, 2), "nope")
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_prefetcher_normalizes_uint8_batches_in_the_asked_layout(channels_last: bool) -> None:
+    from ffdist.data import DevicePrefetcher
+
+    x = torch.randint(0, 256, (4, 3, 5, 6), dtype=torch.uint8)
+    y = torch.arange(4)
+    mean, std = (120.0, 110.0, 100.0), (60.0, 50.0, 40.0)
+    xb, yb = next(iter(DevicePrefetcher([(x, y)], torch.device("cpu"), mean, std, channels_last)))
+    expected = (x.float() - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    assert xb.dtype == torch.float32 and torch.allclose(xb, expected, atol=1e-5)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert xb.is_contiguous(memory_format=fmt) and torch.equal(yb, y)
