@@ -4,7 +4,8 @@ ffdist: torchvision.io decode to uint8, transforms v2 on uint8 (RandomResizedCro
 uint8 batches through the DataLoader (persistent workers), normalization + channels_last
 once per batch in DevicePrefetcher. Tutorial: ImageFolder + PIL + RandomResizedCrop + flip
 + ToTensor + Normalize per sample. Both end with a normalized float batch; an epoch is
-timed from creating the iterator to the last batch, after one warm-up epoch each.
+timed from creating the iterator to the last batch, after one warm-up epoch each. Both
+deliver NCHW float32 batches (model.channels_last=false for ffdist here).
 
     python -m benchmarks.pipeline
 """
@@ -52,7 +53,10 @@ def ffdist_loader(root: Path):  # noqa: ANN201 - an iterable of batches
 
     rcp = recipe.load(str(REPO / "recipes" / "digits.yaml"), [
         "data.name=imagefolder", f"data.root={root}", f"data.image_size={SIZE}",
-        f"data.batch_size={BATCH}", f"data.num_workers={WORKERS}", "model.in_channels=3"])
+        f"data.batch_size={BATCH}", f"data.num_workers={WORKERS}", "model.in_channels=3",
+        # NCHW like the tutorial's batches: both sides deliver the same tensor (with
+        # channels_last the layout change moves from the model's first conv to here).
+        "model.channels_last=false"])
     loaders = data.build(rcp, 0, 1, torch.device("cpu"))
     spec = loaders.spec
     batches = DevicePrefetcher(loaders.train, torch.device("cpu"), spec.mean, spec.std,

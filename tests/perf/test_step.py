@@ -15,7 +15,7 @@ from ffdist.errors import RecipeError
 from ffdist.metrics import EvalCounts
 from ffdist.models.small import SmallCNN
 from ffdist.strategies.single import _compiled
-from tests.helpers import FAST, torchrun
+from tests.helpers import FAST, events, torchrun
 
 
 def test_eval_counts_match_a_direct_computation() -> None:
@@ -62,6 +62,10 @@ def test_compile_before_ddp_checkpoints_have_plain_keys(tmp_path: Path) -> None:
              "model.compile_backend=aot_eager", "schedule.max_steps=3", "schedule.epochs=1",
              *FAST)
     _assert_plain_keys(load_torch(tmp_path / "model.pt"))
+    # the per-interval timing that also goes to TensorBoard (train/data_wait_fraction, ...)
+    train_events = events(tmp_path, "train")
+    assert train_events and all(0 <= e["data_wait_fraction"] < 1 and e["step_ms"] > 0
+                                and e["images_per_s"] > 0 for e in train_events)
     _assert_plain_keys(load_torch(next((tmp_path / "checkpoints").glob("step_*.pt")))["model"])
 
 
