@@ -49,7 +49,7 @@ def _raw(trainer: Any) -> float:
                     BATCH, 0.1, trainer.precision, True, STEPS, warmup=2)
 
 
-def bench_a(reps: int = 5) -> dict:
+def bench_a(reps: int = 7) -> dict:
     """Trainer.train_epoch as `ffdist train` runs it (sampler, loader, prefetcher, lr
     schedule, logging with its once-per-interval sync) vs the raw loop."""
     one_thread()
@@ -74,7 +74,7 @@ def bench_a(reps: int = 5) -> dict:
                        f"ffdist {fmt(xs)}, raw {fmt(ys)}")
 
 
-def bench_e(reps: int = 5) -> dict:
+def bench_e(reps: int = 7) -> dict:
     """The train_images_per_s `ffdist bench` reports vs the raw loop, same model/batch."""
     from ffdist import bench
 
