@@ -58,24 +58,32 @@ def env(**extra: str) -> dict[str, str]:
 # ------------------------------------------------------------------ the hand-written loop
 
 def raw_loop(model_fn: Callable[[], Any], images: Any, labels: Any, batch: int, lr: float,
-             precision: str, channels_last: bool, steps: int, warmup: int) -> float:
+             precision: str, channels_last: bool, steps: int, warmup: int,
+             state: dict | None = None) -> float:
     """The loop a PyTorch user writes by hand, on data already normalized in memory:
-    forward under autocast, cross-entropy, backward, SGD step, zero_grad. Images/s."""
+    forward under autocast, cross-entropy, backward, SGD step, zero_grad. Images/s.
+    `state` (a dict, filled on the first call) keeps model, optimizer and data across
+    calls, so repeated timings continue one training run as ffdist's side does."""
     import torch
     import torch.nn.functional as F
 
-    torch.manual_seed(0)
+    state = {} if state is None else state
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = model_fn().to(memory_format=fmt).train()
-    x_all = images.float().contiguous(memory_format=fmt)
-    x_all = (x_all - x_all.mean()) / x_all.std()
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    if not state:
+        torch.manual_seed(0)
+        state["model"] = model_fn().to(memory_format=fmt).train()
+        x_all = images.float().contiguous(memory_format=fmt)
+        state["x"] = (x_all - x_all.mean()) / x_all.std()
+        state["opt"] = torch.optim.SGD(state["model"].parameters(), lr=lr, momentum=0.9)
+        state["i"] = 0
+    model, x_all, opt = state["model"], state["x"], state["opt"]
     n = len(labels) // batch
     use_amp = precision != "fp32"
     for i in range(warmup + steps):
         if i == warmup:
             begin = time.perf_counter()
-        j = i % n
+        j = state["i"] % n
+        state["i"] += 1
         x, y = x_all[j * batch:(j + 1) * batch], labels[j * batch:(j + 1) * batch]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_amp):
             loss = F.cross_entropy(model(x), y)
