@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("ffdist.export", "export a run: ffdist export RUN_DIR --format torchscript|onnx"),
     "plan": ("ffdist.plan", "memory/batch plan: ffdist plan RECIPE [key=value ...] [--gpu-mem 24GiB]"),
     "launch": ("ffdist.launch", "run a recipe under torchrun/accelerate/deepspeed/sbatch"),
+    "bench": ("ffdist.bench", "throughput of a recipe: ffdist bench RECIPE [k=v ...] [--synthetic]"),
 }
 
 

@@ -1,10 +1,11 @@
 """The Trainer: epochs of optimizer steps, evaluation, checkpoints, logging.
 
-Host-device sync points are deliberate and few: one two-number all-reduce + read per
-optimizer step (the NaN/Inf flag and the stop flag, see `_start_flags`, overlapped with
-the backward pass), one read per
-logging interval (log.every_steps) and one all-reduce per evaluation. Everything else
-(loss sums, hit counts) accumulates on the device.
+Host-device sync points are deliberate and few, each marked "sync point" where it happens:
+one two-number all-reduce + read per optimizer step (the NaN/Inf flag and the stop flag,
+see `_start_flags`, overlapped with the backward pass), one read per logging interval
+(log.every_steps), one all-reduce per evaluation, the RNG all-gather when a checkpoint is
+written, and fp16's GradScaler (free with the fused CUDA optimizers ffdist.optim builds;
+see strategies/single.py). Everything else (loss sums, hit counts) stays on the device.
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ class Trainer:
     def state(self) -> dict[str, Any]:
         rng = [ckpt_io.rng_state()]
         if tdist.is_initialized():  # every rank's RNG, so each resumes its own stream
+            # sync point: a collective, once per checkpoint (not per step)
             rng = [None] * self.info.world_size
             tdist.all_gather_object(rng, ckpt_io.rng_state())
         p = self.progress
@@ -155,6 +157,8 @@ class Trainer:
         self.monitor.end_epoch()
 
     def _optimizer_step(self, batches: Any, lr: float, window: _Window) -> None:
+        """One optimizer step (accum micro-steps); its only host sync is the flag read at
+        the end (see `_sync_flags`). `ffdist bench` times this very method."""
         started = time.perf_counter()
         accum = self.plan.accum
         step_loss = torch.zeros((), device=self.info.device)
@@ -263,7 +267,7 @@ class Trainer:
             with autocast(self.precision, self.info.device):
                 logits = model(x)
             counts.update(logits.float(), y, self.eval_criterion(logits.float(), y))
-        result = counts.reduce()
+        result = counts.reduce()  # sync point: one all-reduce + read per evaluation
         model.train(was_training)
         p = self.progress
         self._log_confusion(counts.confusion, p.step)

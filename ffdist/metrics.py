@@ -16,19 +16,25 @@ class EvalCounts:
         self.k = min(5, num_classes)
         self.sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, topk, n
         self.confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+        self.n = 0  # samples counted since the last reduce (host side)
 
     def update(self, logits: torch.Tensor, target: torch.Tensor, loss_sum: torch.Tensor) -> None:
         top = logits.topk(self.k, dim=1).indices
         hits = top.eq(target[:, None])
-        self.sums += torch.stack([loss_sum.double(), hits[:, 0].sum().double(),
-                                  hits.any(dim=1).sum().double(),
-                                  torch.tensor(float(len(target)), device=target.device,
-                                               dtype=torch.float64)])
+        # The sample count is known on the host (a shape), so it stays a Python int: a
+        # torch.tensor(..., device=cuda) here would be a blocking host-to-device copy.
+        self.n += len(target)
+        self.sums[:3] += torch.stack([loss_sum.double(), hits[:, 0].sum().double(),
+                                      hits.any(dim=1).sum().double()])
         n = self.confusion.shape[0]
-        self.confusion += torch.bincount(target * n + top[:, 0], minlength=n * n).view(n, n)
+        # index_add_, not bincount: CUDA bincount reads max(input) back to size its output,
+        # a host sync on every batch.
+        self.confusion.view(-1).index_add_(0, target * n + top[:, 0], torch.ones_like(target))
 
     def reduce(self) -> dict:
         """All-reduce (a sync point: once per evaluation) and turn counts into metrics."""
+        self.sums[3] += self.n  # a Python scalar operand: no copy, no sync
+        self.n = 0
         all_reduce_sum(self.sums)
         all_reduce_sum(self.confusion)
         loss, top1, topk, n = self.sums.tolist()

@@ -66,6 +66,9 @@ class ModelConfig:
     """NHWC memory format for conv nets (faster with AMP on GPUs and with bf16 on CPUs)."""
     compile: bool = False
     """torch.compile the model before the DDP wrap."""
+    compile_backend: str = "inductor"
+    """torch.compile backend when model.compile is true: inductor (generated kernels; the
+    first steps take a while to compile), or aot_eager / eager to check a model compiles."""
 
     def __post_init__(self) -> None:
         _check(self.num_classes >= 2, "model.num_classes", self.num_classes,

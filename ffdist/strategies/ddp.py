@@ -17,7 +17,8 @@ class DDP(SingleDevice):
         if recipe.strategy.sync_bn:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         super().__init__(model, recipe, device, precision)
-        # compile first, then wrap (torch.compile's DDP optimizer splits graphs at buckets).
+        # model.compile: SingleDevice compiled the plain module; DDP wraps the compiled one,
+        # so checkpoints (from self.raw) carry neither `module.` nor `_orig_mod.`.
         self.model = DistributedDataParallel(
             self.model,
             device_ids=[device.index] if device.type == "cuda" else None,

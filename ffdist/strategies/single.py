@@ -27,7 +27,10 @@ class SingleDevice:
         self.optimizer = build_optimizer(self.raw, recipe.optim, device)
         # fp16 needs loss scaling against gradient underflow; bf16 has fp32's range.
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-        self.model = torch.compile(self.raw) if recipe.model.compile else self.raw
+        # Compile the plain module; a DDP subclass wraps the compiled one. Checkpoints come
+        # from self.raw, so their keys carry no `_orig_mod.` prefix.
+        self.model = _compiled(self.raw, recipe.model.compile_backend) if recipe.model.compile \
+            else self.raw
 
     def no_sync(self, boundary: bool) -> AbstractContextManager:
         return contextlib.nullcontext()
@@ -44,7 +47,9 @@ class SingleDevice:
             params = [p for p in self.raw.parameters() if p.grad is not None]
             norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
         if self.scaler is not None:
-            self.scaler.step(self.optimizer)  # skips the step on inf/nan grads
+            # skips the step on inf/nan grads. Sync point only with non-fused optimizers
+            # (GradScaler reads found_inf); the fused CUDA ones take it as a device tensor.
+            self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             self.optimizer.step()
@@ -74,3 +79,15 @@ class SingleDevice:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
+
+
+def _compiled(model: nn.Module, backend: str) -> nn.Module:
+    from torch._dynamo import list_backends
+
+    known = list_backends(exclude_tags=())
+    if backend not in known:
+        from ffdist.errors import RecipeError
+
+        raise RecipeError(f"model.compile_backend={backend!r} is not a torch.compile backend; "
+                          "use inductor, aot_eager or eager (all: torch._dynamo.list_backends()).")
+    return torch.compile(model, backend=backend)
