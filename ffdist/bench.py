@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ffdist.errors import EXIT_USER_ERROR, FfdistError, RecipeError
+from ffdist.errors import EXIT_USER_ERROR, RecipeError
 
 USAGE = ("ffdist bench RECIPE [key=value ...] [--steps N] [--warmup N] [--eval-steps N] "
          "[--synthetic] [--out PATH]")
@@ -296,8 +296,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except FfdistError as e:
-        print(f"ffdist: error: {e}", file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
+    from ffdist.cli import main as cli_main  # prints user errors, exit 2
+
+    sys.exit(cli_main(["bench", *sys.argv[1:]]))

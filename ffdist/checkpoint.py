@@ -83,8 +83,9 @@ def load_torch(path: str | Path) -> dict:
         raise CheckpointError(f"checkpoint {path} does not exist; give the path of a .pt "
                               "file or a run directory.") from None
     except Exception as e:  # torn or foreign files raise many different errors
+        first = (str(e).splitlines() or [""])[0][:160]  # some errors have no message at all
         raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:160]}); it is truncated, corrupt or "
+                              f"{first}); it is truncated, corrupt or "
                               "not a checkpoint.") from None
 
 

@@ -29,7 +29,7 @@ from ffdist.metrics import EvalCounts
 from ffdist.monitor import Monitor
 from ffdist.optim import lr_at, total_steps
 from ffdist.precision import autocast
-from ffdist.recipe import Recipe
+from ffdist.recipe import Recipe, flatten
 from ffdist.strategies import Strategy
 
 
@@ -290,7 +290,7 @@ class Trainer:
         if self.info.is_primary:
             ckpt_io.save_torch(self.monitor.run_dir / "model.pt", model_state)
         self.monitor.event(event="end", **end)
-        self.monitor.hparams(_flat(self.recipe.to_dict()),
+        self.monitor.hparams(flatten(self.recipe.to_dict()),
                              {"hparam/best_top1": p.best_top1, "hparam/final_top1": end["final_top1"],
                               "hparam/final_loss": p.last_eval["loss"]})
         return end
@@ -317,16 +317,6 @@ class Trainer:
         picture = confusion_image(confusion, self.loaders.spec.classes)
         self.monitor.image("val/confusion", to_chw(picture), step)
 
-
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{'optim': {'lr': 0.1}} -> {'optim.lr': 0.1}: the hparams TensorBoard tabulates."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 class _Window:

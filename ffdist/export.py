@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ffdist.errors import EXIT_USER_ERROR, FfdistError, RecipeError
+from ffdist.errors import FfdistError, RecipeError
 
 OPSET = 17
 SUFFIX = {"torchscript": ".torchscript.pt", "onnx": ".onnx"}
@@ -162,8 +162,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except FfdistError as e:
-        print(f"ffdist: error: {e}", file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
+    from ffdist.cli import main as cli_main  # prints user errors, exit 2
+
+    sys.exit(cli_main(["export", *sys.argv[1:]]))

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ffdist.errors import EXIT_USER_ERROR, FfdistError, RecipeError
+from ffdist.errors import RecipeError
 from ffdist.recipe import Recipe
 
 GiB = 1 << 30
@@ -261,8 +261,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except FfdistError as e:
-        print(f"ffdist: error: {e}", file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
+    from ffdist.cli import main as cli_main  # prints user errors, exit 2
+
+    sys.exit(cli_main(["plan", *sys.argv[1:]]))

@@ -214,10 +214,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from ffdist.errors import EXIT_USER_ERROR, FfdistError
+    from ffdist.cli import main as cli_main  # prints user errors, exit 2
 
-    try:
-        sys.exit(main())
-    except FfdistError as e:
-        print(f"ffdist: error: {e}", file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
+    sys.exit(cli_main(["predict", *sys.argv[1:]]))

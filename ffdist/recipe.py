@@ -475,6 +475,17 @@ def _expected_type(key: str) -> str:
     return str(f.type).replace("typing.", "").replace("Optional[", "null or ").rstrip("]")
 
 
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'optim': {'lr': 0.1}} -> {'optim.lr': 0.1} (TensorBoard hparams, config diffs)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def field_docs() -> list[tuple[str, str, Any, str]]:
     """(dotted key, type, default, doc) for every recipe key: the README reference."""
     import ast

@@ -20,7 +20,7 @@ import torch
 
 from ffdist.data import BatchPlan
 from ffdist.errors import RecipeError
-from ffdist.recipe import Recipe
+from ffdist.recipe import Recipe, flatten
 
 # DeepSpeed key (dotted) -> the recipe key that decides it (for error messages).
 OWNED = {
@@ -85,8 +85,8 @@ def build(recipe: Recipe, plan: BatchPlan, precision: str, device: torch.device)
         if key in extra:
             raise RecipeError(f"{source}: '{key}' is decided by the recipe ({why}); remove "
                               f"the '{key}' section from the JSON and set {why} instead.")
-    flat = _flatten(extra)
-    owned_flat = _flatten(owned)
+    flat = flatten(extra)
+    owned_flat = flatten(owned)
     for key, value in flat.items():
         if key in owned_flat and value != "auto" and not _same(value, owned_flat[key]):
             raise RecipeError(
@@ -127,15 +127,6 @@ def _same(a: Any, b: Any) -> bool:
         return float(a) == float(b)
     return a == b
 
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:

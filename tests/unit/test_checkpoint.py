@@ -89,8 +89,10 @@ def test_corrupt_newest_checkpoint_falls_back(tmp_path: Path) -> None:
     assert found is not None and found[1]["step"] == 1
 
 
-def test_unreadable_file_is_a_checkpoint_error(tmp_path: Path) -> None:
-    (tmp_path / "junk.pt").write_bytes(os.urandom(64))
+@pytest.mark.parametrize("junk", [b"", b"\x80\x02junk", b"PK\x03\x04" + bytes(60),
+                                  os.urandom(64)], ids=["empty", "pickle", "zip", "random"])
+def test_unreadable_file_is_a_checkpoint_error(tmp_path: Path, junk: bytes) -> None:
+    (tmp_path / "junk.pt").write_bytes(junk)
     with pytest.raises(CheckpointError, match="junk.pt cannot be read"):
         load_torch(tmp_path / "junk.pt")
     with pytest.raises(CheckpointError, match="does not exist"):
