@@ -6,6 +6,7 @@ works out which one this is. With no launcher it trains on one device.
 
 from __future__ import annotations
 
+import gc
 import sys
 
 from ffdist.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, FfdistError, one_line
@@ -94,9 +95,15 @@ def run(recipe_path: str | None, overrides: list[str]) -> dict:
                          loaders.plan.micro, loaders.plan.accum, prec)
         result = trainer.fit()
         monitor.close()
+        dist.barrier()  # every rank is done before any of them tears its process group down
         return result
     finally:
         signals.uninstall()
+        # DDP's reducer (in reference cycles) holds gloo work objects with tensors; freed at
+        # interpreter exit, after the group is gone, they were seen to abort a rank
+        # ("terminate called without an active exception"). Free them now, then destroy.
+        trainer = strategy = model = None  # noqa: F841
+        gc.collect()
         dist.shutdown()
 
 
