@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from ffdist.errors import RecipeError
+from ffdist.memory import model_state_bytes
 from ffdist.recipe import Recipe
 
 GiB = 1 << 30
@@ -40,30 +41,6 @@ USABLE = 0.9  # of a GPU's memory: the rest goes to the CUDA context, workspaces
 NATIVE_SIZE = {"digits": 8, "mnist": 28, "fashion_mnist": 28, "cifar10": 32, "cifar100": 32,
                "synthetic": 32}
 
-
-def _model_state_bytes(num_params: int, trainable_params: int, optimizer: str, precision: str,
-                       strategy: str, zero_stage: int = 0, world_size: int = 1,
-                       momentum: bool = True) -> dict[str, int]:
-    """Per-device bytes of params/grads/optimizer (+ total): a private fallback with the
-    signature and accounting of ffdist.memory.model_state_bytes (branch `ds`), used only
-    while that module is absent. DeepSpeed keeps an fp32 master copy in every precision."""
-    s = 2 if optimizer == "adamw" else (1 if momentum else 0)
-    n, t, world = num_params, trainable_params, max(1, world_size)
-    if strategy != "deepspeed":
-        out = {"params": 4 * n, "grads": 4 * t, "optimizer": 4 * s * t}
-    else:
-        w = 4 if precision == "fp32" else 2
-        out = {"params": w * n // (world if zero_stage >= 3 else 1),
-               "grads": w * t // (world if zero_stage >= 2 else 1),
-               "optimizer": (4 + 4 * s) * t // (world if zero_stage >= 1 else 1)}
-    out["total"] = out["params"] + out["grads"] + out["optimizer"]
-    return out
-
-
-try:  # the shared formulas module, once merged
-    from ffdist.memory import model_state_bytes
-except ImportError:
-    model_state_bytes = _model_state_bytes
 
 
 def parse_size(text: str) -> int:

@@ -27,12 +27,6 @@ def check_writable(run_dir: Path) -> None:
                               "another output_dir or fix its permissions.") from None
 
 
-def resume_state(recipe: Recipe, manager: CheckpointManager) -> dict | None:
-    """The checkpoint to resume from, or None for a fresh start (after the refusals)."""
-    found = resume_from(recipe, manager)
-    return found[1] if found else None
-
-
 def resume_from(recipe: Recipe, manager: CheckpointManager) -> tuple[str, dict] | None:
     """(path, state) of the checkpoint to resume from, or None for a fresh start."""
     run_dir = recipe.run_dir
