@@ -1,4 +1,4 @@
-"""Cost of the per-step NaN/stop flag (Trainer._sync_flags) on the digits model.
+"""Cost of the per-step NaN/stop flag (Trainer._start_flags/_apply_flags) on the digits model.
 
     PYTHONPATH=. python -m benchmarks.nan_check_overhead      # 2 gloo ranks on the CPU
 

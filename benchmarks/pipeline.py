@@ -49,6 +49,7 @@ def ffdist_loader(root: Path):  # noqa: ANN201 - an iterable of batches
     import torch
 
     from ffdist import data, recipe
+    from ffdist.assemble import resolve
     from ffdist.data import DevicePrefetcher
 
     rcp = recipe.load(str(REPO / "recipes" / "digits.yaml"), [
@@ -57,7 +58,8 @@ def ffdist_loader(root: Path):  # noqa: ANN201 - an iterable of batches
         # NCHW like the tutorial's batches: both sides deliver the same tensor (with
         # channels_last the layout change moves from the model's first conv to here).
         "model.channels_last=false"])
-    loaders = data.build(rcp, 0, 1, torch.device("cpu"))
+    cpu = torch.device("cpu")
+    loaders = data.build(rcp, 0, resolve(rcp, 1, cpu).plan, cpu)
     spec = loaders.spec
     batches = DevicePrefetcher(loaders.train, torch.device("cpu"), spec.mean, spec.std,
                                rcp.model.channels_last)

@@ -34,11 +34,10 @@ def one_thread() -> None:
 
 
 def _ffdist_trainer(out: Path) -> Any:
-    from ffdist import dist, recipe
-    from ffdist.bench import build_trainer
+    from ffdist import bench, dist, recipe
 
     rcp = recipe.load(RECIPE, [*OVERRIDES, f"output_dir={out}"])
-    return build_trainer(rcp, dist.init())
+    return bench.setup(rcp, dist.init())  # ffdist train's assembly, sinks off
 
 
 def _raw(trainer: Any, state: dict | None = None) -> float:
@@ -46,7 +45,7 @@ def _raw(trainer: Any, state: dict | None = None) -> float:
 
     ds = trainer.loaders.spec.train
     return raw_loop(lambda: SmallCNN(num_classes=10, in_channels=3), ds.images, ds.labels,
-                    BATCH, 0.1, trainer.precision, True, STEPS, warmup=2, state=state)
+                    BATCH, 0.1, trainer.resolved.precision, True, STEPS, warmup=2, state=state)
 
 
 def bench_a(reps: int = 7) -> dict:
@@ -71,7 +70,7 @@ def bench_a(reps: int = 7) -> dict:
         ours, raw, xs, ys = alternate(ffdist_epoch, lambda: _raw(trainer, raw_state), reps)
     return result("a. training step", "ffdist Trainer", ours, "hand-written loop", raw,
                   "images/s", ">= 0.97", ours / raw >= 0.97,
-                  note=f"small_cnn 3x32x32, batch {BATCH}, {trainer.precision}, channels_last, "
+                  note=f"small_cnn 3x32x32, batch {BATCH}, {trainer.resolved.precision}, channels_last, "
                        f"{THREADS} thread, {STEPS} steps x {reps} alternating reps; "
                        f"ffdist {fmt(xs)}, raw {fmt(ys)}")
 

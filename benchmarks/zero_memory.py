@@ -110,23 +110,21 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, strategy: 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(1)
-    from ffdist import dist, models, strategies
-    from ffdist.precision import autocast
+    from ffdist import assemble, dist, models, strategies
+    from ffdist.engine import forward
 
     info = dist.init()
     rcp = _recipe(args, strategy, stage, world)
     torch.manual_seed(0)
     model = models.build(rcp.model)
-    n_params = sum(p.numel() for p in model.parameters())
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    strat = strategies.build(model, rcp, info, args.precision)
+    n_params, n_train = assemble.param_counts(model)
+    strat = strategies.build(model, rcp, assemble.resolve_for(rcp, info), info)
     x = torch.randn(args.batch_per_rank, 3, args.image_size, args.image_size)
     y = torch.randint(0, 1000, (args.batch_per_rank,))
     result = None
     for step in range(3):
         with strat.no_sync(boundary=True):
-            with autocast(args.precision, info.device):
-                loss = torch.nn.functional.cross_entropy(strat.model(x), y)
+            loss = torch.nn.functional.cross_entropy(forward(strat.model, x, strat).float(), y)
             strat.backward(loss)
         if step == 2:  # states exist (created by the first steps), grads not yet freed
             del loss

@@ -1,9 +1,11 @@
 """`ffdist bench RECIPE [key=value ...] [--steps N] [--warmup N] [--synthetic] [--out PATH]`
 
-Throughput of a recipe as it trains: the same data loaders, model, strategy and the
-Trainer's own optimizer step (`Trainer._optimizer_step`), on one device or under any
-launcher (`torchrun --nproc_per_node 2 -m ffdist.bench RECIPE ...`). Writes bench.json
-(rank 0; default in the run directory) with the global figures and each rank's.
+Throughput of a recipe as it trains: the Trainer assembled by the same function as
+`ffdist train`'s (ffdist.assemble.build_trainer: same loaders, model with model.freeze
+applied, strategy, resolved batch plan and precision) and timed through its own optimizer
+step (`Trainer.train_step`), on one device or under any launcher (`torchrun
+--nproc_per_node 2 -m ffdist.bench RECIPE ...`). Writes bench.json (rank 0; default in the
+run directory) with the global figures and each rank's.
 """
 
 from __future__ import annotations
@@ -15,18 +17,19 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ffdist.errors import EXIT_USER_ERROR, RecipeError
 
+if TYPE_CHECKING:
+    from ffdist.dist import DistInfo
+    from ffdist.engine import Trainer
+    from ffdist.recipe import Recipe
+
 USAGE = ("ffdist bench RECIPE [key=value ...] [--steps N] [--warmup N] [--eval-steps N] "
          "[--synthetic] [--out PATH]")
-
-
-NATIVE_SIZE = {"digits": 8, "mnist": 28, "fashion_mnist": 28, "cifar10": 32, "cifar100": 32,
-               "synthetic": 32}
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -54,12 +57,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def synthetic_overrides(recipe_path: str, overrides: list[str]) -> list[str]:
     """data.name=synthetic, keeping the recipe's image size (default 32) and classes."""
     from ffdist import recipe as recipe_mod
+    from ffdist.assemble import image_size
 
     rcp = recipe_mod.load(recipe_path, overrides)
-    extra = ["data.name=synthetic"]
-    if rcp.data.image_size is None:  # the size the recipe's own data would have
-        size = NATIVE_SIZE.get(rcp.data.name, 224)  # folders: the default crop
-        extra.append(f"data.image_size={size}")
+    # the size the recipe's own data would have (folders: the default crop)
+    extra = ["data.name=synthetic", f"data.image_size={image_size(rcp.data)}"]
     # Enough images for a few global batches per epoch (bench cycles epochs anyway).
     need = int(4 * rcp.data.batch_size / max(1e-6, 1 - rcp.data.val_fraction)) + 1
     if rcp.data.synthetic_size < need:
@@ -99,7 +101,7 @@ def percentile(values: list[float], q: float) -> float:
     return v[lo] + (v[hi] - v[lo]) * (pos - lo)
 
 
-def _epochs(trainer: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _epochs(trainer: Trainer) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Training batches across epoch ends, as fit() would feed them."""
     epoch = 0
     while True:
@@ -108,14 +110,14 @@ def _epochs(trainer: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         epoch += 1
 
 
-def time_train(trainer: Any, steps: int, warmup: int) -> dict[str, Any]:
-    """Per-step wall time and data wait of the Trainer's own optimizer step."""
-    from ffdist.engine import _Window
-    from ffdist.optim import lr_at
-
+def time_train(trainer: Trainer, steps: int, warmup: int,
+               batches: Iterator[tuple[torch.Tensor, torch.Tensor]] | None = None
+               ) -> dict[str, Any]:
+    """Per-step wall time and data wait of the Trainer's own optimizer step, on the
+    recipe's batches (or `batches`)."""
     device = trainer.info.device
     trainer.strategy.model.train()
-    batches = _epochs(trainer)
+    batches = _epochs(trainer) if batches is None else batches
     step_s, wait_s, gpu = [], [], []
     for i in range(warmup + steps):
         if i == warmup:
@@ -123,37 +125,34 @@ def time_train(trainer: Any, steps: int, warmup: int) -> dict[str, Any]:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             begin = time.perf_counter()
-        window = _Window(device)
-        lr = lr_at(i, trainer.recipe.optim.lr, trainer.recipe.schedule, trainer.steps_per_epoch)
         t0 = time.perf_counter()
-        trainer._optimizer_step(batches, lr, window)
+        stats = trainer.train_step(batches, trainer.lr_at(i))
         _sync(device)
         if i >= warmup:
             step_s.append(time.perf_counter() - t0)
-            wait_s.append(window.data_wait)
+            wait_s.append(stats.data_wait)
             if device.type == "cuda" and (i - warmup) % 5 == 4:
                 gpu.append(gpu_stats(device))
     elapsed = time.perf_counter() - begin
     return {"elapsed_s": elapsed, "step_s": step_s, "wait_s": wait_s, "gpu": gpu,
-            "loss": float(window.loss_sum)}
+            "loss": float(stats.loss)}
 
 
 @torch.no_grad()
-def time_eval(trainer: Any, batches_max: int) -> tuple[int, float]:
+def time_eval(trainer: Trainer, batches_max: int) -> tuple[int, float]:
     """(images, seconds) of up to `batches_max` eval batches after one untimed batch."""
-    from ffdist.precision import autocast
+    from ffdist.engine import forward
 
     if batches_max == 0:
         return 0, 0.0
-    device, model = trainer.info.device, trainer.strategy.model
+    device, model, strategy = trainer.info.device, trainer.strategy.model, trainer.strategy
     model.eval()
     images, begin = 0, None
     for i, (x, _) in enumerate(trainer.val_batches):
         if i == 1:
             _sync(device)
             begin = time.perf_counter()
-        with autocast(trainer.precision, device):
-            model(x)
+        forward(model, x, strategy)
         if i >= 1:
             images += len(x)
         if i >= batches_max:
@@ -161,8 +160,7 @@ def time_eval(trainer: Any, batches_max: int) -> tuple[int, float]:
     _sync(device)
     if begin is None:  # a single eval batch per rank: time it again, warm
         begin = time.perf_counter()
-        with autocast(trainer.precision, device):
-            model(x)
+        forward(model, x, strategy)
         _sync(device)
         images = len(x)
     return images, time.perf_counter() - begin
@@ -201,25 +199,16 @@ def combine(ranks: list[dict[str, Any]], global_batch: int, steps: int) -> dict[
     return out
 
 
-def build_trainer(rcp: Any, info: Any) -> Any:
-    """A Trainer built as ffdist.train builds it, with its sinks off and a checkpoint
-    manager that never writes: bench leaves nothing behind but bench.json."""
-    from ffdist import checkpoint, data, models, precision, strategies
-    from ffdist.engine import Trainer
-    from ffdist.monitor import Monitor
+def setup(rcp: Recipe, info: DistInfo) -> Trainer:
+    """The Trainer bench times: ffdist train's assembly, with its sinks off and a checkpoint
+    manager that never writes (bench leaves nothing behind but bench.json)."""
+    from ffdist import assemble
 
-    loaders = data.build(rcp, info.rank, info.world_size, info.device)
-    torch.manual_seed(rcp.seed)
-    model = models.build(rcp.model)
-    prec = precision.resolve(rcp.precision, info.device)
-    strategy = strategies.build(model, rcp, info, prec)
-    monitor = Monitor(rcp.run_dir, enabled=False)
-    manager = checkpoint.CheckpointManager(rcp.run_dir, rcp.checkpoint, is_writer=False)
-    return Trainer(rcp, info, loaders, strategy, monitor, manager, prec)
+    return assemble.build_trainer(rcp, info, assemble.resolve_for(rcp, info))
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from ffdist import checkpoint, dist, recipe, strategies
+    from ffdist import checkpoint, dist, recipe
     from ffdist.monitor import setup_logging
 
     overrides = list(args.overrides)
@@ -229,28 +218,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     info = dist.init(rcp.launch.pg_timeout)
     try:
         setup_logging(info.is_primary)
-        trainer = build_trainer(rcp, info)
-        loaders, prec = trainer.loaders, trainer.precision
+        trainer = setup(rcp, info)
         train = time_train(trainer, args.steps, args.warmup)
         eval_images, eval_s = time_eval(trainer, args.eval_steps)
-        mine = rank_figures(train, eval_images, eval_s, loaders.plan.per_rank, info.device)
+        mine = rank_figures(train, eval_images, eval_s, trainer.plan.per_rank, info.device)
         ranks = [mine]
         if info.distributed:
             import torch.distributed as tdist
 
             ranks = [None] * info.world_size
             tdist.all_gather_object(ranks, mine)  # sync point: once, after timing
-        result = {**combine(ranks, loaders.plan.global_batch, args.steps),
-                  "world_size": info.world_size, "model": rcp.model.name,
-                  "batch_size": loaders.plan.global_batch, "per_rank_batch": loaders.plan.per_rank,
-                  "micro_batch_size": loaders.plan.micro, "accum": loaders.plan.accum,
-                  "precision": prec, "channels_last": rcp.model.channels_last,
-                  "compile": rcp.model.compile, "strategy": strategies.resolve_name(rcp, info),
-                  "data": rcp.data.name, "image_size": loaders.spec.image_size,
-                  "device": info.device.type, "steps": args.steps, "warmup": args.warmup,
-                  "num_workers": rcp.data.num_workers, "torch": torch.__version__,
-                  "threads": torch.get_num_threads(),
-                  "ranks": [{"rank": i, **r} for i, r in enumerate(ranks)]}
+        result = {**combine(ranks, trainer.plan.global_batch, args.steps),
+                  **describe(trainer, args), "ranks": [{"rank": i, **r} for i, r in enumerate(ranks)]}
         if info.is_primary:
             out = Path(args.out) if args.out else rcp.run_dir / "bench.json"
             checkpoint.save_text(out, json.dumps(result, indent=1) + "\n")
@@ -261,12 +240,31 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         dist.shutdown()
 
 
+def describe(trainer: Trainer, args: argparse.Namespace) -> dict[str, Any]:
+    """What was timed: the resolved run and the model (bench.json's non-figures)."""
+    from ffdist.assemble import param_counts
+
+    rcp, res, p = trainer.recipe, trainer.resolved, trainer.plan
+    params, trainable = param_counts(trainer.strategy.unwrap())
+    return {"world_size": trainer.info.world_size, "model": rcp.model.name,
+            "params": params, "trainable_params": trainable, "freeze": list(rcp.model.freeze),
+            "batch_size": p.global_batch, "per_rank_batch": p.per_rank,
+            "micro_batch_size": p.micro, "accum": p.accum, "precision": res.precision,
+            "channels_last": rcp.model.channels_last, "compile": rcp.model.compile,
+            "strategy": res.strategy, "data": rcp.data.name,
+            "image_size": res.image_size, "device": trainer.info.device.type,
+            "steps": args.steps, "warmup": args.warmup, "num_workers": rcp.data.num_workers,
+            "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
 def table(r: dict[str, Any]) -> str:
     mib = 1 / 2**20
     rows = [("model", f"{r['model']} ({r['strategy']}, {r['precision']}, "
                       f"{'channels_last' if r['channels_last'] else 'NCHW'}"
                       f"{', compiled' if r['compile'] else ''})"),
             ("data", f"{r['data']} {r['image_size']}px, workers {r['num_workers']}"),
+            ("parameters", f"{r['params']:,} ({r['trainable_params']:,} trainable"
+                           f"{', freeze ' + str(r['freeze']) if r['freeze'] else ''})"),
             ("world size x device", f"{r['world_size']} x {r['device']}"),
             ("batch (global)", f"{r['batch_size']} = {r['per_rank_batch']}/rank "
                                f"({r['micro_batch_size']} x {r['accum']} accum)"),
@@ -296,6 +294,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from ffdist.cli import main as cli_main  # prints user errors, exit 2
+    from ffdist.cli import main as cli_main  # errors: ffdist.errors.guard
 
     sys.exit(cli_main(["bench", *sys.argv[1:]]))

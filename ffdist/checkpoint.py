@@ -4,33 +4,34 @@ Layout: <run>/checkpoints/step_00000420.pt ..., `latest` (a one-line text file n
 newest complete checkpoint, itself replaced atomically) and best.pt. Under ZeRO a checkpoint
 is a folder, step_00000420/, in which every rank wrote its shard through the DeepSpeed
 engine; rank 0 then writes ffdist_state.pt (our progress, RNG of every rank, recipe) LAST,
-so a folder without it is incomplete and never counts. best.pt under ZeRO holds the
-consolidated weights (not resumable, but what eval/predict/export read). A checkpoint holds
-only plain state (tensors, numbers, strings, lists, dicts) so that
-`torch.load(path, weights_only=True)` reads it, and model keys carry no `module.` or
-`_orig_mod.` prefix, so a stock torchvision model loads `ckpt["model"]`.
+so a folder without it is incomplete and never counts. What each file holds is the schema
+in ffdist.ckpt_format (`Checkpoint`, encoded and decoded there only).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from ffdist import faults
+from ffdist.ckpt_format import SHARDED_STATE, WEIGHTS, Checkpoint, decode, encode, is_resumable
 from ffdist.errors import CheckpointError
-from ffdist.recipe import CheckpointConfig
+from ffdist.recipe import CheckpointConfig, Recipe
+
+if TYPE_CHECKING:
+    from ffdist.assemble import Resolved
+    from ffdist.strategies import Strategy
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = 1
-SHARDED_STATE = "ffdist_state.pt"  # inside a sharded checkpoint folder; written last
 
 
 def atomic_write(path: Path, write: Any) -> None:
@@ -71,12 +72,11 @@ def save_text(path: Path, text: str) -> None:
     atomic_write(Path(path), lambda f: f.write(text.encode()))
 
 
-def load_torch(path: str | Path) -> dict:
-    """torch.load with weights_only=True (never unpickle code) onto the CPU. A sharded
-    checkpoint folder gives its ffdist_state.pt with "shards" = the folder."""
+def load_torch(path: str | Path) -> Any:
+    """torch.load with weights_only=True (never unpickle code) onto the CPU."""
     if Path(path).is_dir():
-        state = load_torch(Path(path) / SHARDED_STATE)
-        return {**state, "shards": str(path)}
+        raise CheckpointError(f"{path} is a folder; give the path of a .pt file (a ZeRO "
+                              "checkpoint folder is read with read_checkpoint).")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -87,6 +87,20 @@ def load_torch(path: str | Path) -> dict:
         raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: "
                               f"{first}); it is truncated, corrupt or "
                               "not a checkpoint.") from None
+
+
+def read_checkpoint(path: str | Path) -> Checkpoint:
+    """A checkpoint file, or a ZeRO checkpoint folder (its ffdist_state.pt; the folder is
+    `Checkpoint.shards`)."""
+    path = Path(path)
+    if path.is_dir():
+        return decode(load_torch(path / SHARDED_STATE), path, shards=path)
+    return decode(load_torch(path), path)
+
+
+def write_weights(path: Path, state: dict[str, torch.Tensor]) -> None:
+    """model.pt: the final weights as a plain state dict (ffdist.ckpt_format)."""
+    save_torch(path, state)
 
 
 def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -141,18 +155,19 @@ class CheckpointManager:
     def path_for(self, step: int) -> Path:
         return self.dir / f"step_{step:08d}.pt"
 
-    def save(self, state: dict[str, Any], step: int, is_best: bool = False,
-             shards: Any = None) -> Path:
-        """`shards`: a sharded strategy (ZeRO); then EVERY rank calls this."""
-        if shards is not None:
-            return self._save_sharded(state, step, is_best, shards)
-        path = self.path_for(step)
+    def save(self, ckpt: Checkpoint, strategy: Strategy, is_best: bool = False) -> Path:
+        """Write `ckpt` (of step ckpt.step). A sharded strategy (ZeRO) writes its shards,
+        and then EVERY rank calls this; otherwise the writer (rank 0) writes one file."""
+        if strategy.sharded:
+            return self._save_sharded(ckpt, strategy, is_best)
+        path = self.path_for(ckpt.step)
         if self.is_writer:
-            if faults.armed("kill_in_save", step):  # tests: die halfway through this write
+            data = encode(ckpt)
+            if faults.armed("kill_in_save", ckpt.step):  # tests: die halfway through the write
                 buf = io.BytesIO()
-                torch.save({"format": FORMAT_VERSION, **state}, buf)
+                torch.save(data, buf)
                 atomic_write(path, lambda f: faults.torn_write(f, buf.getvalue()))
-            save_torch(path, {"format": FORMAT_VERSION, **state})
+            save_torch(path, data)
             save_text(self.dir / "latest", path.name + "\n")
             if is_best and self.cfg.keep_best:
                 shutil.copyfile(path, self.dir / ".best.pt.tmp")
@@ -160,26 +175,32 @@ class CheckpointManager:
             self._prune()
         return path
 
-    def _save_sharded(self, state: dict[str, Any], step: int, is_best: bool,
-                      shards: Any) -> Path:
+    def _save_sharded(self, ckpt: Checkpoint, strategy: Strategy, is_best: bool) -> Path:
         from ffdist.dist import barrier
 
-        path = self.dir / f"step_{step:08d}"
-        shards.save_shards(self.dir, path.name, state)
+        path = self.dir / f"step_{ckpt.step:08d}"
+        strategy.save_shards(self.dir, path.name, encode(ckpt))
         barrier()  # every shard is on disk before the folder is marked complete
         if self.is_writer:
-            save_torch(path / SHARDED_STATE, {"format": FORMAT_VERSION, **state})
+            save_torch(path / SHARDED_STATE, encode(ckpt))
             save_text(self.dir / "latest", path.name + "\n")
         if is_best and self.cfg.keep_best:
-            weights = shards.model_state_dict()  # collective: all ranks
-            if self.is_writer:
-                meta = {k: v for k, v in state.items() if k != "rng"}
-                save_torch(self.dir / "best.pt", {"format": FORMAT_VERSION, **meta,
-                                                  "model": weights})
+            weights = strategy.model_state_dict()  # collective: all ranks
+            if self.is_writer:  # the consolidated weights: what eval/predict/export read
+                best = dataclasses.replace(ckpt, kind=WEIGHTS, rng=[], model=weights)
+                save_torch(self.dir / "best.pt", encode(best))
         if self.is_writer:
             self._prune()
         barrier()
         return path
+
+    @staticmethod
+    def restore(ckpt: Checkpoint, strategy: Strategy) -> None:
+        """Load the strategy's state from `ckpt`: its shards, or the file's own state."""
+        if strategy.sharded:
+            strategy.load_shards(ckpt.shards)
+        else:
+            strategy.load_state_dict(ckpt.strategy_state())
 
     def _prune(self) -> None:
         steps = self._complete()
@@ -206,27 +227,61 @@ class CheckpointManager:
                 found.insert(0, named)
         return found
 
-    def load_latest(self) -> tuple[Path, dict] | None:
+    def load_latest(self) -> tuple[Path, Checkpoint] | None:
         """The newest checkpoint that loads; a torn or corrupt newer one is skipped with a
-        warning (the previous one is still complete, thanks to atomic writes)."""
+        warning (the previous one is still complete, thanks to atomic writes). One of
+        another format version is an error, never skipped: falling back past it would
+        restart the run and overwrite it."""
         for path in self.candidates():
             try:
-                return path, load_torch(path)
+                obj = load_torch(path / SHARDED_STATE if path.is_dir() else path)
             except CheckpointError as e:
                 log.warning("skipping unreadable checkpoint: %s", e)
+                continue
+            return path, decode(obj, path, shards=path if path.is_dir() else None)
         return None
 
 
-def check_compatible(state: dict[str, Any], model: torch.nn.Module, source: str,
-                     num_classes: int) -> None:
-    """Refuse a checkpoint whose weights do not fit `model`, naming the first key that
-    differs (instead of load_state_dict's multi-line RuntimeError)."""
-    saved = state.get("model")
-    if not isinstance(saved, dict):
-        return  # sharded (ZeRO) checkpoints keep their weights in shards: the strategy checks
+def check_compatible(ckpt: Checkpoint, model: torch.nn.Module, source: str | Path,
+                     recipe: Recipe, resolved: Resolved) -> None:
+    """Refuse, before the run directory is touched, a checkpoint this run cannot resume:
+    weights only, another strategy, other ZeRO shards, or weights that do not fit `model`
+    (naming the first key that differs, instead of load_state_dict's multi-line error)."""
+    if not is_resumable(ckpt):
+        raise CheckpointError(
+            f"checkpoint {source} holds weights only (no optimizer state or RNG; ZeRO's "
+            "best.pt is such a file); resume from a step checkpoint, or start a new run from "
+            f"these weights with model.pretrained={source}.")
+    _check_strategy(ckpt, source, recipe, resolved)
+    if ckpt.model is not None:  # ZeRO keeps the weights in its shards
+        _check_weights(ckpt, model, source, recipe.model.num_classes)
+
+
+def _check_strategy(ckpt: Checkpoint, source: str | Path, recipe: Recipe,
+                    resolved: Resolved) -> None:
+    sharded, mine = ckpt.strategy == "deepspeed", resolved.strategy == "deepspeed"
+    world, stage = resolved.plan.world_size, recipe.strategy.zero_stage
+    if sharded and not mine:
+        raise CheckpointError(f"the checkpoint at step {ckpt.step} holds DeepSpeed ZeRO "
+                              "shards; resume it with strategy.name=deepspeed, or start from "
+                              "its weights with model.pretrained=<run>/model.pt.")
+    if mine and not sharded:
+        raise CheckpointError(
+            f"the checkpoint at step {ckpt.step} was written by a {ckpt.strategy} run, not by "
+            "DeepSpeed; resume it with that strategy, or start from its weights with "
+            "model.pretrained=<run>/model.pt.")
+    if sharded and (ckpt.world_size != world or ckpt.zero_stage != stage):
+        raise CheckpointError(
+            f"{source} holds ZeRO-{ckpt.zero_stage} shards of {ckpt.world_size} ranks, this "
+            f"run is ZeRO-{stage} on {world}; resume with the same, or start from the weights "
+            "with model.pretrained=<run>/model.pt and a new output_dir.")
+
+
+def _check_weights(ckpt: Checkpoint, model: torch.nn.Module, source: str | Path,
+                   num_classes: int) -> None:
+    saved = ckpt.model
     mine = clean_state_dict(model.state_dict())
-    recipe = state.get("recipe") or {}
-    saved_model = (recipe.get("model") or {}) if isinstance(recipe, dict) else {}
+    saved_model = ckpt.recipe.get("model") or {}
     what = f"model.name={saved_model.get('name')}" if saved_model.get("name") else "another model"
     missing = [k for k in mine if k not in saved]
     unexpected = [k for k in saved if k not in mine]

@@ -1,7 +1,8 @@
 """`ffdist <command> ...`: a thin dispatcher; each command lives in its own module.
 
-Every command's `main(argv) -> int` may raise FfdistError: printed as one sentence on
-stderr, exit code 2, no traceback (bugs keep theirs).
+Every command's `main(argv) -> int` may raise FfdistError: printed by ffdist.errors.guard
+as one sentence on stderr, exit code the error's own (2 for bad input), no traceback (bugs
+keep theirs). `python -m ffdist.X` comes through here too (or through the same guard).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from ffdist.errors import EXIT_USER_ERROR, FfdistError
+from ffdist.errors import EXIT_USER_ERROR, guard
 
 # command -> (module with main(argv), one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -40,11 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ffdist: error: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return EXIT_USER_ERROR
     module = importlib.import_module(COMMANDS[name][0])
-    try:
-        return int(module.main(rest) or 0)
-    except FfdistError as e:
-        print(f"ffdist: error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    return guard(module.main, rest)
 
 
 if __name__ == "__main__":

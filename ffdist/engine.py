@@ -1,4 +1,9 @@
-"""The Trainer: epochs of optimizer steps, evaluation, checkpoints, logging.
+"""The Trainer: epochs of optimizer steps, evaluation, checkpoints, logging; and the one
+eval loop (`evaluate_model`), shared with `ffdist eval`.
+
+The Trainer only trains: it is assembled by ffdist.assemble.build_trainer, its strategy
+owns the numerics (autocast, input casting, backward, step and skip, state), its Monitor
+draws the pictures, and ffdist.train writes model.pt and the end of the run.
 
 Host-device sync points are deliberate and few, each marked "sync point" where it happens:
 one two-number all-reduce + read per optimizer step (the NaN/Inf flag and the stop flag,
@@ -12,8 +17,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as tdist
@@ -22,15 +28,44 @@ from torch import nn
 from ffdist import checkpoint as ckpt_io
 from ffdist import faults
 from ffdist.checkpoint import CheckpointManager
+from ffdist.ckpt_format import Checkpoint
 from ffdist.data import DevicePrefetcher, Loaders
 from ffdist.dist import DistInfo, all_reduce_sum
 from ffdist.errors import NonFiniteLoss
 from ffdist.metrics import EvalCounts
 from ffdist.monitor import Monitor
 from ffdist.optim import lr_at, total_steps
-from ffdist.precision import autocast
-from ffdist.recipe import Recipe, flatten
+from ffdist.precision import Numerics
+from ffdist.recipe import Recipe
 from ffdist.strategies import Strategy
+
+if TYPE_CHECKING:
+    from ffdist.assemble import Resolved
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def forward(model: nn.Module, x: torch.Tensor, numerics: Numerics) -> torch.Tensor:
+    """Logits of a batch in the run's numerics (a Strategy, or precision.Autocast)."""
+    with numerics.autocast():
+        return model(numerics.cast_inputs(x))
+
+
+@torch.no_grad()
+def evaluate_model(model: nn.Module, batches: Iterable[Batch], num_classes: int,
+                   device: torch.device, numerics: Numerics) -> tuple[dict[str, Any], torch.Tensor]:
+    """THE eval loop: metrics over every rank's shard (one all-reduce: a sync point) and the
+    global confusion matrix (CPU). Any model: the Trainer's, `ffdist eval`'s, an EMA copy."""
+    criterion = nn.CrossEntropyLoss(reduction="sum")
+    counts = EvalCounts(num_classes, device)
+    was_training = model.training
+    model.eval()
+    for x, y in batches:
+        logits = forward(model, x, numerics).float()
+        counts.update(logits, y, criterion(logits, y))
+    result = counts.reduce()
+    model.train(was_training)
+    return result, counts.confusion.cpu()
 
 
 @dataclass
@@ -46,25 +81,55 @@ class Progress:
     bad_in_a_row: int = 0     # ... consecutively, up to now
 
 
+@dataclass
+class StepStats:
+    """One optimizer step as `Trainer.train_step` saw it (no host sync to make one)."""
+
+    loss: torch.Tensor        # the step's loss (mean over its micro-steps), on the device
+    applied: bool             # False: non-finite, the update was skipped
+    seconds: float            # host wall time of the step (device work may still run)
+    data_wait: float          # of which, waiting for batches
+
+
+class StatsWindow:
+    """Training statistics between two log lines, kept on the device where possible."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss_sum = torch.zeros((), device=self.device)
+        self.steps, self.images, self.loss_steps = 0, 0, 0
+        self.data_wait = self.step_time = 0.0
+
+    def add(self, stats: StepStats, images: int) -> None:
+        if stats.applied:  # a skipped step's loss is NaN: it would poison the mean
+            self.loss_sum += stats.loss
+            self.loss_steps += 1
+        self.steps += 1
+        self.images += images
+        self.step_time += stats.seconds
+        self.data_wait += stats.data_wait
+
+
 class Trainer:
-    def __init__(self, recipe: Recipe, info: DistInfo, loaders: Loaders, strategy: Strategy,
-                 monitor: Monitor, manager: CheckpointManager, precision: str):
-        self.recipe, self.info, self.loaders = recipe, info, loaders
+    def __init__(self, recipe: Recipe, info: DistInfo, resolved: Resolved, loaders: Loaders,
+                 strategy: Strategy, monitor: Monitor, manager: CheckpointManager):
+        self.recipe, self.info, self.resolved, self.loaders = recipe, info, resolved, loaders
         self.strategy, self.monitor, self.manager = strategy, monitor, manager
-        self.precision = precision
-        self.plan = loaders.plan
+        self.plan = resolved.plan
         self.steps_per_epoch = loaders.train_sampler.steps_per_epoch
         self.total_steps = total_steps(recipe.schedule, self.steps_per_epoch)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=recipe.optim.label_smoothing)
-        self.eval_criterion = nn.CrossEntropyLoss(reduction="sum")
-        spec = loaders.spec
-        channels_last = recipe.model.channels_last
+        spec, channels_last = loaders.spec, recipe.model.channels_last
         self.train_batches = DevicePrefetcher(loaders.train, info.device, spec.mean, spec.std,
                                               channels_last)
         self.val_batches = DevicePrefetcher(loaders.val, info.device, spec.mean, spec.std,
                                             channels_last)
         self.progress = Progress()
-        self._pictures_pending = monitor.tb is not None  # sample grid (+ graph) once
+        self.window = StatsWindow(info.device)
+        self._first_batch_pending = monitor.wants_first_batch  # pictures, once per run
         # stop_requested is set on THIS rank by ffdist.signals; `_stop` is what all ranks
         # agreed on at the last step boundary. Control flow only ever reads `_stop`, else a
         # rank that got the signal would leave a collective its peers are still in.
@@ -73,39 +138,43 @@ class Trainer:
         self._saved_step = -1
 
     # ------------------------------------------------------------------ checkpoints
-    def state(self) -> dict[str, Any]:
+    def checkpoint(self) -> Checkpoint:
+        """This moment as a Checkpoint (a collective: every rank's RNG is gathered)."""
         rng = [ckpt_io.rng_state()]
         if tdist.is_initialized():  # every rank's RNG, so each resumes its own stream
             # sync point: a collective, once per checkpoint (not per step)
             rng = [None] * self.info.world_size
             tdist.all_gather_object(rng, ckpt_io.rng_state())
-        p = self.progress
-        return {**self.strategy.state_dict(), "epoch": p.epoch, "step": p.step,
-                "step_in_epoch": p.step_in_epoch, "best_top1": p.best_top1, "rng": rng,
-                "skipped_steps": p.skipped_steps, "bad_in_a_row": p.bad_in_a_row,
-                "world_size": self.info.world_size, "recipe": self.recipe.to_dict(),
-                "classes": list(self.loaders.spec.classes)}
+        p, deepspeed = self.progress, self.resolved.strategy == "deepspeed"
+        return Checkpoint(
+            step=p.step, epoch=p.epoch, step_in_epoch=p.step_in_epoch,
+            world_size=self.info.world_size, strategy=self.resolved.strategy,
+            recipe=self.recipe.to_dict(), classes=list(self.loaders.spec.classes),
+            best_top1=p.best_top1, skipped_steps=p.skipped_steps, bad_in_a_row=p.bad_in_a_row,
+            zero_stage=self.recipe.strategy.zero_stage if deepspeed else None, rng=rng,
+            **self.strategy.state_dict())
 
     def save(self, is_best: bool = False) -> None:
-        shards = self.strategy if self.strategy.sharded else None  # ZeRO: every rank writes
-        self.manager.save(self.state(), self.progress.step, is_best=is_best, shards=shards)
+        self.manager.save(self.checkpoint(), self.strategy, is_best=is_best)
         self._saved_step = self.progress.step
 
-    def restore(self, state: dict[str, Any]) -> None:
-        self.strategy.load_state_dict(state)
-        self.progress = Progress(state["epoch"], state["step"], state["step_in_epoch"],
-                                 state.get("best_top1", -1.0),
-                                 skipped_steps=state.get("skipped_steps", 0),
-                                 bad_in_a_row=state.get("bad_in_a_row", 0))
-        self._saved_step = state["step"]
-        rng = state.get("rng") or []
-        if len(rng) == self.info.world_size:
-            ckpt_io.set_rng_state(rng[self.info.rank])
+    def restore(self, ckpt: Checkpoint) -> None:
+        self.manager.restore(ckpt, self.strategy)
+        self.progress = Progress(ckpt.epoch, ckpt.step, ckpt.step_in_epoch, ckpt.best_top1,
+                                 skipped_steps=ckpt.skipped_steps, bad_in_a_row=ckpt.bad_in_a_row)
+        self._saved_step = ckpt.step
+        if len(ckpt.rng) == self.info.world_size:
+            ckpt_io.set_rng_state(ckpt.rng[self.info.rank])
         else:  # another world size: a fresh but deterministic stream per rank
-            torch.manual_seed(self.recipe.seed + 1000 * self.info.rank + state["step"])
+            torch.manual_seed(self.recipe.seed + 1000 * self.info.rank + ckpt.step)
 
     # ------------------------------------------------------------------ training
+    def lr_at(self, step: int) -> float:
+        """The learning rate of optimizer step `step` (0-based)."""
+        return lr_at(step, self.recipe.optim.lr, self.recipe.schedule, self.steps_per_epoch)
+
     def fit(self) -> dict[str, Any]:
+        """Train to the end of the schedule (or a stop request); the summary of the run."""
         started = time.perf_counter()
         p, sched = self.progress, self.recipe.schedule
         if sched.evaluate_before_train and p.step == 0:
@@ -129,63 +198,63 @@ class Trainer:
             return {"stopped": True, "step": p.step}
         if not p.last_eval:  # resumed a run whose last checkpoint came after its last eval
             self.evaluate()
-        return self._finish(time.perf_counter() - started)
+        return {"best_top1": p.best_top1, "final_top1": p.last_eval["top1"],
+                "seconds": round(time.perf_counter() - started, 3),
+                "world_size": self.info.world_size, "step": p.step}
 
     def train_epoch(self) -> None:
         p = self.progress
-        sampler = self.loaders.train_sampler
-        sampler.set_epoch(p.epoch, skip_steps=p.step_in_epoch)
+        self.loaders.train_sampler.set_epoch(p.epoch, skip_steps=p.step_in_epoch)
         self.strategy.model.train()
         self.monitor.start_epoch(p.epoch, self.steps_per_epoch, p.step_in_epoch)
         batches = iter(self.train_batches)
-        window = _Window(self.info.device)
+        self.window.reset()
         while p.step_in_epoch < self.steps_per_epoch and p.step < self.total_steps:
-            lr = lr_at(p.step, self.recipe.optim.lr, self.recipe.schedule, self.steps_per_epoch)
-            self._optimizer_step(batches, lr, window)
+            lr = self.lr_at(p.step)
+            self.window.add(self.train_step(batches, lr), self.plan.global_batch)
             p.step += 1
             p.step_in_epoch += 1
             self.monitor.advance()
             if p.step % self.recipe.log.every_steps == 0:
-                self._log_train(window, lr)
+                self._log_train(lr)
             if self.recipe.checkpoint.every_steps and p.step % self.recipe.checkpoint.every_steps == 0:
                 self.save()
             faults.after_step(p.step, self.info.rank)
             if self._stop:
                 break
-        if window.steps:
-            self._log_train(window, lr)
+        if self.window.steps:
+            self._log_train(lr)
         self.monitor.end_epoch()
 
-    def _optimizer_step(self, batches: Any, lr: float, window: _Window) -> None:
-        """One optimizer step (accum micro-steps); its only host sync is the flag read at
-        the end (see `_sync_flags`). `ffdist bench` times this very method."""
+    def train_step(self, batches: Iterator[Batch], lr: float) -> StepStats:
+        """One optimizer step (plan.accum micro-steps) at `lr`, applied or skipped; its only
+        host sync is the flag read at the end (`_apply_flags`). `ffdist bench` times it."""
         started = time.perf_counter()
-        accum = self.plan.accum
+        accum, wait = self.plan.accum, 0.0
         step_loss = torch.zeros((), device=self.info.device)
         for micro in range(accum):
             t0 = time.perf_counter()
             x, y = next(batches)
-            window.data_wait += time.perf_counter() - t0
-            if self._pictures_pending:
-                self._log_first_batch(x)
+            wait += time.perf_counter() - t0
+            if self._first_batch_pending:
+                self._first_batch_pending = False
+                self.monitor.first_batch(x, self.strategy.unwrap(),
+                                         self.strategy.cast_inputs(x[:2]), self.progress.step)
             last = micro == accum - 1
             with self.strategy.no_sync(boundary=last):
-                with autocast(self.precision, self.info.device):
-                    loss = self.criterion(self.strategy.model(x), y) / accum
+                logits = forward(self.strategy.model, x, self.strategy)
+                loss = self.criterion(logits.float(), y) / accum  # the loss in fp32
                 loss = faults.poison_loss(loss, self.progress.step + 1, self.info.rank)
-                step_loss += loss.detach().float()
+                step_loss += loss.detach()
                 if last:  # the flags travel while backward computes (and DDP all-reduces)
                     flags = self._start_flags(step_loss)
                 self.strategy.backward(loss)
-        if self._sync_flags(flags):
+        applied = self._apply_flags(flags)
+        if applied:
             self.strategy.step(lr)
-            window.loss_sum += step_loss
-            window.loss_steps += 1
         else:
-            self._skip_step()
-        window.steps += 1
-        window.images += self.plan.global_batch
-        window.step_time += time.perf_counter() - started
+            self.strategy.skip_step()
+        return StepStats(step_loss, applied, time.perf_counter() - started, wait)
 
     def _start_flags(self, step_loss: torch.Tensor) -> tuple[torch.Tensor, Any]:
         """Start ONE asynchronous all-reduce of two numbers: (this rank's loss is not
@@ -197,7 +266,7 @@ class Trainer:
         work = tdist.all_reduce(flags, async_op=True) if tdist.is_initialized() else None
         return flags, work
 
-    def _sync_flags(self, pending: tuple[torch.Tensor, Any]) -> bool:
+    def _apply_flags(self, pending: tuple[torch.Tensor, Any]) -> bool:
         """Wait for the flags and read them once (a host sync point, every step: the
         optimizer step must not run on NaN gradients). Returns whether to apply the step."""
         flags, work = pending
@@ -205,12 +274,18 @@ class Trainer:
             work.wait()
         bad_ranks, stopping = flags.tolist()
         self._stop = self._stop or stopping > 0
-        p = self.progress
         if not bad_ranks:
-            p.bad_in_a_row = 0
+            self.progress.bad_in_a_row = 0
             return True
-        step, sched = p.step + 1, self.recipe.schedule
-        where = f"on {int(bad_ranks)} of {self.info.world_size} ranks"
+        self._non_finite(int(bad_ranks))
+        return False
+
+    def _non_finite(self, bad_ranks: int) -> None:
+        """nan_policy: stop now (NonFiniteLoss), or count the skip (and stop after
+        max_bad_steps in a row)."""
+        p, sched = self.progress, self.recipe.schedule
+        step = p.step + 1
+        where = f"on {bad_ranks} of {self.info.world_size} ranks"
         last = (f"the last checkpoint, step {self._saved_step}, is kept"
                 if self._saved_step >= 0 else "no checkpoint was written yet")
         if sched.nan_policy == "stop":
@@ -226,18 +301,10 @@ class Trainer:
                                 f"up to step {step} (schedule.max_bad_steps="
                                 f"{sched.max_bad_steps}); {last}; lower optim.lr or set "
                                 "optim.grad_clip.")
-        return False
 
-    def _skip_step(self) -> None:
-        skip = getattr(self.strategy, "skip_step", None)  # a strategy may need its own
-        if skip is not None:
-            skip()
-        else:
-            self.strategy.optimizer.zero_grad(set_to_none=True)
-
-    def _log_train(self, window: _Window, lr: float) -> None:
+    def _log_train(self, lr: float) -> None:
+        window, p = self.window, self.progress
         loss_sum = all_reduce_sum(window.loss_sum.clone())  # sync point: once per interval
-        p = self.progress
         # all steps of the window skipped (NaN) -> nan, not a made-up 0
         loss = loss_sum.item() / (window.loss_steps * self.info.world_size) \
             if window.loss_steps else float("nan")
@@ -256,22 +323,14 @@ class Trainer:
         window.reset()
 
     # ------------------------------------------------------------------ evaluation
-    @torch.no_grad()
     def evaluate(self) -> bool:
         """Evaluate on every rank's shard; returns whether top-1 is a new best."""
-        model = self.strategy.model
-        was_training = model.training
-        model.eval()
-        counts = EvalCounts(self.recipe.model.num_classes, self.info.device)
-        for x, y in self.strategy.eval_batches(self.val_batches):
-            with autocast(self.precision, self.info.device):
-                logits = model(x)
-            counts.update(logits.float(), y, self.eval_criterion(logits.float(), y))
-        result = counts.reduce()  # sync point: one all-reduce + read per evaluation
-        model.train(was_training)
+        result, confusion = evaluate_model(
+            self.strategy.model, self.strategy.eval_batches(self.val_batches),
+            self.recipe.model.num_classes, self.info.device, self.strategy)
         p = self.progress
-        self._log_confusion(counts.confusion, p.step)
-        p.last_eval = {**result, "confusion": counts.confusion.cpu()}
+        self.monitor.confusion(confusion, p.step)
+        p.last_eval = {**result, "confusion": confusion}
         is_best = result["top1"] > p.best_top1
         p.best_top1 = max(p.best_top1, result["top1"])
         self.monitor.event(split="val", epoch=p.epoch, step=p.step,
@@ -281,52 +340,3 @@ class Trainer:
                           p.epoch, p.step, result["loss"], result["top1"], result["top5"],
                           result["n"])
         return is_best
-
-    def _finish(self, seconds: float) -> dict[str, Any]:
-        p = self.progress
-        end = {"best_top1": p.best_top1, "final_top1": p.last_eval["top1"],
-               "seconds": round(seconds, 3), "world_size": self.info.world_size, "step": p.step}
-        model_state = self.strategy.model_state_dict()  # collective under ZeRO
-        if self.info.is_primary:
-            ckpt_io.save_torch(self.monitor.run_dir / "model.pt", model_state)
-        self.monitor.event(event="end", **end)
-        self.monitor.hparams(flatten(self.recipe.to_dict()),
-                             {"hparam/best_top1": p.best_top1, "hparam/final_top1": end["final_top1"],
-                              "hparam/final_loss": p.last_eval["loss"]})
-        return end
-
-    # ------------------------------------------------------------------ TensorBoard pictures
-    def _log_first_batch(self, x: torch.Tensor) -> None:
-        """Once per run (rank 0): what the model really sees (augmented, denormalized), and
-        optionally the graph, traced on that batch."""
-        from ffdist.visual import denormalize, image_grid, to_chw
-
-        self._pictures_pending = False
-        spec = self.loaders.spec
-        if self.recipe.log.images:
-            grid = image_grid(denormalize(x[:32], spec.mean, spec.std))
-            self.monitor.image("train/sample_images", to_chw(grid), self.progress.step)
-        if self.recipe.log.graph:
-            self.monitor.graph(self.strategy.unwrap(), x[:2])
-
-    def _log_confusion(self, confusion: torch.Tensor, step: int) -> None:
-        if self.monitor.tb is None or not self.recipe.log.images:
-            return
-        from ffdist.visual import confusion_image, to_chw
-
-        picture = confusion_image(confusion, self.loaders.spec.classes)
-        self.monitor.image("val/confusion", to_chw(picture), step)
-
-
-
-class _Window:
-    """Training statistics between two log lines, kept on the device where possible."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.reset()
-
-    def reset(self) -> None:
-        self.loss_sum = torch.zeros((), device=self.device)
-        self.steps, self.images, self.loss_steps = 0, 0, 0
-        self.data_wait = self.step_time = 0.0

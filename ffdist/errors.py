@@ -8,10 +8,15 @@ Exit codes (README "Failure and recovery"):
                           ("requeue me"; 75 is EX_TEMPFAIL of sysexits.h)
     anything else         a bug or a crash (traceback on stderr)
 
-Bugs are not FfdistErrors: they keep their traceback so that they get fixed.
+Bugs are not FfdistErrors: they keep their traceback so that they get fixed. Every entry
+point prints errors through `guard` (one printer, each error's own exit code).
 """
 
 from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
 
 EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 3
@@ -60,3 +65,56 @@ def one_line(e: BaseException) -> str:
         last = [ln for ln in text.splitlines() if ln.strip()][-1]
         text = last.split(": ", 1)[1] if ": " in last else last
     return text
+
+
+# ------------------------------------------------------------------------------ printing
+
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "remote worker crashing")
+
+
+def guard(main: Callable[..., Any], *args: Any) -> int:
+    """Run an entry point's body; THE error printer of every command (`ffdist X`,
+    `python -m ffdist.X`, under torchrun). A FfdistError becomes one line and its own
+    exit code; a rank that only lost a peer says so in one line (exit 1); bugs keep their
+    traceback. The body's return value (None: 0) is the exit code otherwise."""
+    try:
+        return int(main(*args) or 0)
+    except FfdistError as e:
+        report(e)
+        return e.exit_code
+    except Exception as e:
+        if not peer_lost(e):
+            raise  # a bug: keep the traceback
+        from ffdist.dist import world_from_env
+
+        rank, _, world, _, _ = world_from_env()
+        why = next((s for s in PEER_LOST if s in str(e)), type(e).__name__)
+        print(f"ffdist: rank {rank} of {world} stopped: it lost contact with another rank "
+              f"({why}), which failed first: see that rank's message.", file=sys.stderr,
+              flush=True)
+        return 1
+
+
+def report(e: FfdistError) -> None:
+    """One line on stderr. An error every rank raises alike is printed by rank 0 only, so
+    that torchrun with N ranks shows it once; others are printed by each rank that hit it."""
+    from ffdist.dist import report_to_launcher, world_from_env
+
+    rank, _, world, _, _ = world_from_env()
+    where = f" (rank {rank} of {world})" if rank != 0 else ""
+    line = f"ffdist: error{where}: {one_line(e)}"
+    report_to_launcher(line)  # torchrun's failure summary then shows it instead of a URL
+    if rank != 0 and e.same_on_all_ranks:
+        return
+    print(line, file=sys.stderr, flush=True)
+
+
+def peer_lost(e: Exception) -> bool:
+    """A collective failed because a peer process died: the fallout of another rank's
+    error or crash (which reports itself), not a second bug; one line instead of N tracebacks."""
+    from ffdist.dist import world_from_env
+
+    if world_from_env()[2] < 2:
+        return False
+    comm_error = type(e).__name__ in ("DistBackendError", "DistNetworkError")
+    return comm_error or (isinstance(e, RuntimeError) and any(s in str(e) for s in PEER_LOST))

@@ -4,7 +4,8 @@ val split and write RUN_DIR/eval/{report.json, confusion.csv, confusion.png}.
 Runs under any launcher, like training: `torchrun --nproc_per_node 2 -m ffdist.evaluate
 RUN_DIR` (or `-m ffdist.cli eval RUN_DIR`) gives every rank a disjoint shard of the val set
 (ffdist.data's ShardSampler, no padding) and sums the counts with one all-reduce, so `n` is
-exactly the val set size whatever the world size.
+exactly the val set size whatever the world size. The loop is the Trainer's own
+(ffdist.engine.evaluate_model), at the precision training resolved (ffdist.assemble).
 """
 
 from __future__ import annotations
@@ -12,32 +13,23 @@ from __future__ import annotations
 import csv
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from ffdist.errors import EXIT_USER_ERROR, FfdistError
-from ffdist.metrics import EvalCounts, per_class
+from ffdist.errors import EXIT_USER_ERROR
+from ffdist.metrics import per_class
+
+if TYPE_CHECKING:
+    from ffdist.assemble import Resolved
+    from ffdist.data import Loaders
+    from ffdist.dist import DistInfo
+    from ffdist.recipe import Recipe
 
 USAGE = "usage: ffdist eval RUN_DIR [key=value ...] [checkpoint=PATH]"
-
-
-@torch.no_grad()
-def evaluate_model(model: nn.Module, batches: Any, num_classes: int, device: torch.device,
-                   precision: str = "fp32") -> tuple[dict[str, Any], torch.Tensor]:
-    """Metrics over every rank's shard (one all-reduce) and the global confusion matrix."""
-    from ffdist.precision import autocast
-
-    criterion = nn.CrossEntropyLoss(reduction="sum")
-    counts = EvalCounts(num_classes, device)
-    model.eval()
-    for x, y in batches:
-        with autocast(precision, device):
-            logits = model(x)
-        counts.update(logits.float(), y, criterion(logits.float(), y))
-    return counts.reduce(), counts.confusion.cpu()
 
 
 def build_report(result: dict[str, Any], confusion: torch.Tensor, classes: list[str],
@@ -95,29 +87,50 @@ def write_outputs(run_dir: Path, report: dict[str, Any], confusion: torch.Tensor
     return out
 
 
+@dataclass
+class EvalSetup:
+    resolved: Resolved
+    loaders: Loaders
+    model: nn.Module          # the recipe's architecture (ffdist.assemble.build_model)
+
+
+def setup(rcp: Recipe, info: DistInfo) -> EvalSetup:
+    """What ffdist eval runs: the run's resolved batch plan and precision (as training
+    resolved them, `accelerate launch --mixed_precision` included), its loaders, its model."""
+    from ffdist import assemble, data
+
+    resolved = assemble.resolve_for(rcp, info, trains=False)
+    loaders = data.build(rcp, info.rank, resolved.plan, info.device)
+    return EvalSetup(resolved, loaders, assemble.build_model(rcp, load_weights=False))
+
+
 def run(run_dir: str | Path, overrides: list[str]) -> dict[str, Any]:
-    from ffdist import data, dist, precision
+    from ffdist import dist, loading
     from ffdist.data import DevicePrefetcher
-    from ffdist.loading import load_run, split_checkpoint_arg
+    from ffdist.engine import evaluate_model
+    from ffdist.precision import Autocast
 
     run_dir = Path(run_dir)
-    checkpoint, overrides = split_checkpoint_arg(overrides)
-    loaded = load_run(run_dir, overrides, checkpoint)
-    rcp = loaded.recipe
+    checkpoint, overrides = loading.split_checkpoint_arg(overrides)
+    rcp = loading.load_recipe(run_dir, overrides)
+    weights = loading.weights_path(run_dir, checkpoint)
     info = dist.init(rcp.launch.pg_timeout)
     try:
-        loaders = data.build(rcp, info.rank, info.world_size, info.device)
+        s = setup(rcp, info)
+        loading.load_into(s.model, loading.state_dict_from(weights), weights)
         fmt = torch.channels_last if rcp.model.channels_last else torch.contiguous_format
-        model = loaded.model.to(device=info.device, memory_format=fmt)
-        batches = DevicePrefetcher(loaders.val, info.device, loaders.spec.mean, loaders.spec.std,
+        model = s.model.to(device=info.device, memory_format=fmt)
+        spec, prec = s.loaders.spec, s.resolved.precision
+        batches = DevicePrefetcher(s.loaders.val, info.device, spec.mean, spec.std,
                                    rcp.model.channels_last)
-        prec = precision.resolve(rcp.precision, info.device)
-        result, confusion = evaluate_model(model, batches, rcp.model.num_classes, info.device, prec)
-        report = build_report(result, confusion, loaded.classes, world_size=info.world_size,
-                              weights=str(loaded.weights), precision=prec)
+        result, confusion = evaluate_model(model, batches, rcp.model.num_classes, info.device,
+                                           Autocast(prec, info.device))
+        classes = list(spec.classes)
+        report = build_report(result, confusion, classes, world_size=info.world_size,
+                              weights=str(weights), precision=prec)
         if info.is_primary:
-            out = write_outputs(run_dir, report, confusion, loaded.classes, rcp.log.tensorboard)
-            print(f"{loaded.weights}: top1 {result['top1']:.4f}  top5 {result['top5']:.4f}  "
+            out = write_outputs(run_dir, report, confusion, classes, rcp.log.tensorboard)
+            print(f"{weights}: top1 {result['top1']:.4f}  top5 {result['top5']:.4f}  "
                   f"loss {result['loss']:.4f}  n={result['n']}  ({info.world_size} process(es))")
             _print_per_class(report)
             print(f"wrote {out}/report.json, confusion.csv, confusion.png")
@@ -138,6 +151,7 @@ def _print_per_class(report: dict[str, Any], limit: int = 20) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ffdist.errors import guard
     from ffdist.train import split_argv
 
     argv = sys.argv[1:] if argv is None else argv
@@ -148,12 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     if run_dir is None:
         print(USAGE, file=sys.stderr)
         return EXIT_USER_ERROR
-    try:
-        run(run_dir, overrides)
-    except FfdistError as e:
-        print(f"ffdist: error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    return 0
+    return guard(lambda: run(run_dir, overrides) and 0)
 
 
 if __name__ == "__main__":

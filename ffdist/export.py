@@ -162,6 +162,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from ffdist.cli import main as cli_main  # prints user errors, exit 2
+    from ffdist.cli import main as cli_main  # errors: ffdist.errors.guard
 
     sys.exit(cli_main(["export", *sys.argv[1:]]))

@@ -41,7 +41,12 @@ def load_recipe(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()
 
 def state_dict_from(path: str | Path) -> dict[str, torch.Tensor]:
     """Model weights from an ffdist checkpoint ({"model": ...}), a run's model.pt or a plain
-    (torchvision) state dict; read with weights_only=True."""
+    (torchvision) state dict; read with weights_only=True. Any checkpoint format version
+    will do: only its "model" is read (ffdist.ckpt_format)."""
+    if Path(path).is_dir():
+        raise CheckpointError(f"{path} is a ZeRO checkpoint folder, whose weights are split "
+                              "over DeepSpeed's shards; give the run's model.pt or "
+                              "checkpoints/best.pt (consolidated weights) instead.")
     obj = load_torch(path)
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]
@@ -89,25 +94,25 @@ class RunModel:
 def load_run(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = (),
              checkpoint: str | None = None) -> RunModel:
     """The run's model (eval mode, CPU) with its weights, and its data description."""
-    from ffdist import models
+    from ffdist.assemble import build_model, image_size
     from ffdist.data.datasets import build_datasets
 
     run_dir = Path(run_dir)
     rcp = load_recipe(run_dir, overrides)
     folder_data = rcp.data.name in ("imagefolder", "filelist")
+    size = image_size(rcp.data)  # the size training resolved (ffdist.assemble)
     if folder_data:
         # Do not scan an ImageNet-size folder for a class list: the class folder names (or
-        # data.classes) are it; size and normalization as ffdist.data.datasets sets them.
+        # data.classes) are it; normalization as ffdist.data.datasets sets it.
         from ffdist.data import transforms as T
 
         classes = _folder_classes(rcp)
-        channels, size = rcp.model.in_channels, rcp.data.image_size or 224
+        channels = rcp.model.in_channels
         mean, std = T.normalization("imagenet", channels)
     else:
         spec = build_datasets(rcp.data, rcp.seed, rcp.model.num_classes, rcp.model.in_channels)
-        classes, channels, size, mean, std = (list(spec.classes), spec.channels,
-                                              spec.image_size, spec.mean, spec.std)
-    model = models.build(rcp.model)
+        classes, channels, mean, std = list(spec.classes), spec.channels, spec.mean, spec.std
+    model = build_model(rcp, load_weights=False)  # as training built it; weights below
     path = weights_path(run_dir, checkpoint)
     load_into(model, state_dict_from(path), path)
     model.eval()

@@ -8,10 +8,25 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("ffdist")
+
+
+@dataclass(frozen=True)
+class Pictures:
+    """What TensorBoard is shown beyond numbers (rank 0): the first training batch as the
+    model sees it (augmented, denormalized) and the confusion matrix of every evaluation
+    (log.images), the model graph traced once (log.graph)."""
+
+    images: bool
+    graph: bool
+    mean: Sequence[float]     # the data's normalization (0..255 scale), to undo it
+    std: Sequence[float]
+    classes: Sequence[str]
 
 
 def setup_logging(is_primary: bool) -> None:
@@ -38,9 +53,11 @@ def truncate_metrics(path: Path, after_step: int) -> None:
 
 class Monitor:
     def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = True,
-                 progress: bool = True, resume_step: int | None = None):
+                 progress: bool = True, resume_step: int | None = None,
+                 pictures: Pictures | None = None):
         self.enabled = enabled
         self.run_dir = Path(run_dir)
+        self.pictures = pictures
         self.tb = None
         self.bar = None
         self.progress = progress and enabled and sys.stdout.isatty()
@@ -90,6 +107,36 @@ class Monitor:
             log.warning("log.graph: could not trace the model (%s: %s)", type(e).__name__, e)
         finally:
             model.train(was_training)
+
+    # -- pictures (ffdist.visual draws them) -----------------------------------------
+    @property
+    def wants_first_batch(self) -> bool:
+        """Whether `first_batch` would draw anything (the Trainer asks once)."""
+        p = self.pictures
+        return self.tb is not None and p is not None and (p.images or p.graph)
+
+    def first_batch(self, x: Any, model: Any, example: Any, step: int) -> None:
+        """Once per run: a grid of the normalized batch `x`, and the graph of `model`
+        traced on `example` (a couple of inputs, already in the model's dtype)."""
+        if not self.wants_first_batch:
+            return
+        from ffdist.visual import denormalize, image_grid, to_chw
+
+        p = self.pictures
+        if p.images:
+            grid = image_grid(denormalize(x[:32], p.mean, p.std))
+            self.image("train/sample_images", to_chw(grid), step)
+        if p.graph:
+            self.graph(model, example)
+
+    def confusion(self, confusion: Any, step: int) -> None:
+        """The confusion matrix of an evaluation (rows: true class)."""
+        if self.tb is None or self.pictures is None or not self.pictures.images:
+            return
+        from ffdist.visual import confusion_image, to_chw
+
+        self.image("val/confusion", to_chw(confusion_image(confusion, self.pictures.classes)),
+                   step)
 
     def hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
         if self.tb is not None:

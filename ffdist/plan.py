@@ -1,5 +1,10 @@
-"""`ffdist plan RECIPE [key=value ...] [--gpu-mem 24GiB] [--world-size N]`: what a recipe will
-need per device before spending GPU hours.
+"""`ffdist plan RECIPE [key=value ...] [--gpu-mem 24GiB] [--world-size N] [--json]`: what a
+recipe will need per device before spending GPU hours.
+
+The batch plan and precision are ffdist.assemble.resolve's for this machine's device (the
+one `ffdist train` would use here, `accelerate launch --mixed_precision` included), and the
+parameter counts those of ffdist.assemble.build_model (model.freeze applied): the numbers
+`ffdist train` and `ffdist bench` will use.
 
 Model states (parameters, gradients, optimizer states) follow the ZeRO paper's accounting
 (Rajbhandari et al. 2020, section 3), per device:
@@ -14,7 +19,7 @@ P = all parameters, T = trainable ones, k = 4 bytes per state (SGD momentum: 1 s
 AdamW: 2, plain SGD: 0).
 
 Activations are MEASURED, not guessed: forward/backward of real batches of 2 and 4 on the
-CPU (at the recipe's image size, under autocast with the recipe's precision), summing the
+CPU (at the resolved image size, under autocast with the resolved precision), summing the
 bytes of every tensor autograd saves for backward (saved_tensors_hooks, each storage once,
 parameters excluded); the difference per sample is scaled linearly to the per-device micro
 batch. Real tensors (not the meta device) because storages can be deduplicated only when
@@ -25,9 +30,11 @@ training mode needs more than one sample.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -36,11 +43,11 @@ from ffdist.errors import RecipeError
 from ffdist.memory import model_state_bytes
 from ffdist.recipe import Recipe
 
+if TYPE_CHECKING:
+    from ffdist.assemble import Resolved
+
 GiB = 1 << 30
 USABLE = 0.9  # of a GPU's memory: the rest goes to the CUDA context, workspaces, fragmentation
-NATIVE_SIZE = {"digits": 8, "mnist": 28, "fashion_mnist": 28, "cifar10": 32, "cifar100": 32,
-               "synthetic": 32}
-
 
 
 def parse_size(text: str) -> int:
@@ -87,11 +94,6 @@ def world_size(rcp: Recipe, override: int | None, gpu_count: int) -> tuple[int, 
     return per_node * rcp.launch.nnodes, f"{why} x launch.nnodes={rcp.launch.nnodes}"
 
 
-def image_size(rcp: Recipe) -> int:
-    """The training crop, without opening the data (it may not be on this machine)."""
-    return rcp.data.image_size or NATIVE_SIZE.get(rcp.data.name, 224)
-
-
 def saved_bytes(model: nn.Module, batch: int, channels: int, size: int, precision: str) -> int:
     """Bytes of the tensors autograd saves for backward in one training forward (each
     storage once: in-place ops and views share theirs), parameters excluded."""
@@ -131,11 +133,14 @@ class Plan:
     per_sample: int
 
 
-def estimate(rcp: Recipe, model: nn.Module, world: int, micro: int, precision: str) -> Plan:
-    n = sum(p.numel() for p in model.parameters())
-    t = sum(p.numel() for p in model.parameters() if p.requires_grad)
+def estimate(rcp: Recipe, model: nn.Module, resolved: Resolved) -> Plan:
+    """Model states of every strategy and measured activations, per device."""
+    from ffdist.assemble import param_counts
+
+    n, t = param_counts(model)
+    world, micro, precision = resolved.plan.world_size, resolved.plan.micro, resolved.precision
     momentum = rcp.optim.momentum > 0
-    per_sample = activation_bytes_per_sample(model, rcp.model.in_channels, image_size(rcp),
+    per_sample = activation_bytes_per_sample(model, rcp.model.in_channels, resolved.image_size,
                                              precision)
     acts = per_sample * micro
     opt = rcp.optim.name
@@ -175,45 +180,61 @@ def recommend(plan: Plan, gpu_mem: int | None, per_rank: int, micro: int) -> str
     return f"{head}: use {' or '.join(fixes)}."
 
 
-def report(rcp: Recipe, args: argparse.Namespace) -> str:
-    from ffdist import finetune, models
-    from ffdist.data import plan_batches
+def facts(rcp: Recipe, args: argparse.Namespace) -> dict[str, Any]:
+    """Everything `ffdist plan` reports, as plain values (`--json` prints them). The batch
+    plan and precision come from ffdist.assemble.resolve on the device `ffdist train` would
+    use here, so they are what training will use on this machine."""
+    from ffdist import assemble, dist
 
     sizes = nvml_memory(list(rcp.launch.gpus))
     world, why = world_size(rcp, args.world_size, len(sizes or []))
-    bp = plan_batches(rcp.data.batch_size, rcp.data.micro_batch_size, world)
-    torch.manual_seed(rcp.seed)
-    model = models.build(rcp.model)
-    if rcp.model.freeze:  # trainable count and saved activations depend on it
-        finetune.prepare(model, rcp.model, load_weights=False)
-    # what the recipe's precision means on a GPU (auto: bf16 on Ampere and newer)
-    prec = "bf16" if rcp.precision == "auto" else rcp.precision
-    plan = estimate(rcp, model, world, bp.micro, prec)
-    n = sum(p.numel() for p in model.parameters())
-    t = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    device = dist.pick_device(0)  # rank 0's device, as ffdist.dist.init picks it
+    launcher = dist.launcher_precision()  # accelerate launch --mixed_precision
+    resolved = assemble.resolve(rcp, world, device, launcher)
+    model = assemble.build_model(rcp, load_weights=False)  # model.freeze applied
+    n, t = assemble.param_counts(model)
+    plan = estimate(rcp, model, resolved)
     gpu_mem = parse_size(args.gpu_mem) if args.gpu_mem else (min(sizes) if sizes else None)
     source = "--gpu-mem" if args.gpu_mem else f"NVML, smallest of {len(sizes or [])} GPU(s)"
-    size = image_size(rcp)
+    p = resolved.plan
+    return {
+        "recipe": rcp.name, "model": rcp.model.name, "in_channels": rcp.model.in_channels,
+        "num_classes": rcp.model.num_classes, "data": rcp.data.name, "optimizer": rcp.optim.name,
+        "lr": rcp.optim.lr, "epochs": rcp.schedule.epochs, "scheduler": rcp.schedule.scheduler,
+        "recipe_precision": rcp.precision, "launcher_precision": launcher,
+        "world_source": why, **resolved.to_dict(), "params": n, "trainable_params": t,
+        "activations_per_sample": plan.per_sample, "activations": plan.activations,
+        "gpu_mem": gpu_mem, "gpu_mem_source": source if gpu_mem else None,
+        "rows": plan.rows, "recommendation": recommend(plan, gpu_mem, p.per_rank, p.micro)}
+
+
+def report(f: dict[str, Any]) -> str:
+    """`facts` for people."""
+    size = f["image_size"]
+    asked = f"accelerate launch --mixed_precision {f['launcher_precision']}" \
+        if f["launcher_precision"] else f"precision {f['recipe_precision']}"
+    gpu = f"{gib(f['gpu_mem'])} ({f['gpu_mem_source']})" if f["gpu_mem"] else \
+        "unknown (no NVML GPU, no --gpu-mem)"
     lines = [
-        f"recipe     {rcp.name}: {rcp.model.name} ({rcp.model.in_channels}x{size}x{size}, "
-        f"{rcp.model.num_classes} classes), data {rcp.data.name}, {rcp.optim.name} lr "
-        f"{rcp.optim.lr:g}, {rcp.schedule.epochs} epochs {rcp.schedule.scheduler}, precision "
-        f"{rcp.precision} (-> {prec} on a GPU), strategy {rcp.strategy.name}",
-        f"world      {world} device(s) ({why})",
-        f"batch      global {bp.global_batch} = {bp.per_rank}/device = {bp.micro} micro x "
-        f"{bp.accum} accumulation",
-        f"parameters {n:,} total, {t:,} trainable",
-        f"activations measured: {gib(plan.per_sample)}/sample x {bp.micro} = "
-        f"{gib(plan.activations)} per device",
-        f"GPU memory {f'{gib(gpu_mem)} ({source})' if gpu_mem else 'unknown (no NVML GPU, no --gpu-mem)'}",
+        f"recipe     {f['recipe']}: {f['model']} ({f['in_channels']}x{size}x{size}, "
+        f"{f['num_classes']} classes), data {f['data']}, {f['optimizer']} lr {f['lr']:g}, "
+        f"{f['epochs']} epochs {f['scheduler']}, strategy {f['strategy']}",
+        f"precision  {f['precision']} on {f['device']} ({asked})",
+        f"world      {f['world_size']} device(s) ({f['world_source']})",
+        f"batch      global {f['global_batch']} = {f['per_rank']}/device = {f['micro']} micro x "
+        f"{f['accum']} accumulation",
+        f"parameters {f['params']:,} total, {f['trainable_params']:,} trainable",
+        f"activations measured: {gib(f['activations_per_sample'])}/sample x {f['micro']} = "
+        f"{gib(f['activations'])} per device",
+        f"GPU memory {gpu}",
         "",
         f"{'per device':<10} {'params':>11} {'grads':>11} {'optimizer':>11} {'activations':>12} "
         f"{'total':>11}",
     ]
-    for name, r in plan.rows.items():
+    for name, r in f["rows"].items():
         lines.append(f"{name:<10} {gib(r['params']):>11} {gib(r['grads']):>11} "
                      f"{gib(r['optimizer']):>11} {gib(r['activations']):>12} {gib(r['total']):>11}")
-    lines += ["", recommend(plan, gpu_mem, bp.per_rank, bp.micro)]
+    lines += ["", f["recommendation"]]
     return "\n".join(lines)
 
 
@@ -223,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value recipe overrides")
     p.add_argument("--gpu-mem", default=None, help="memory of the smallest GPU, e.g. 24GiB")
     p.add_argument("--world-size", type=int, default=None, help="devices in total")
+    p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
     return p
 
 
@@ -233,11 +255,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.world_size is not None and args.world_size < 1:
         raise RecipeError(f"--world-size={args.world_size}: use 1 or more.")
     rcp = recipe.load(args.recipe, args.overrides)
-    print(report(rcp, args))
+    found = facts(rcp, args)
+    print(json.dumps(found, indent=1) if args.json else report(found))
     return 0
 
 
 if __name__ == "__main__":
-    from ffdist.cli import main as cli_main  # prints user errors, exit 2
+    from ffdist.cli import main as cli_main  # errors: ffdist.errors.guard
 
     sys.exit(cli_main(["plan", *sys.argv[1:]]))

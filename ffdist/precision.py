@@ -1,10 +1,13 @@
-"""Mixed precision: which dtype `precision: auto` means here, and the autocast context."""
+"""Mixed precision: which dtype `precision: auto` means here, and the autocast context.
+
+`resolve` is called by ffdist.assemble.resolve only (one place decides a run's precision)."""
 
 from __future__ import annotations
 
 import logging
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -51,3 +54,28 @@ def autocast(precision: str, device: torch.device) -> AbstractContextManager:
     if precision == "fp32":
         return nullcontext()
     return torch.autocast(device_type=device.type, dtype=DTYPES[precision])
+
+
+class Numerics(Protocol):
+    """How a forward pass runs in the resolved precision: every Strategy is one, and so is
+    `Autocast` for commands without a strategy (ffdist eval, predict)."""
+
+    def autocast(self) -> AbstractContextManager:
+        """The context every forward runs in (train and eval)."""
+
+    def cast_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """The batch as the model takes it."""
+
+
+class Autocast:
+    """PyTorch's mixed precision: fp32 weights, ops autocast to the precision's dtype,
+    inputs left as they are."""
+
+    def __init__(self, precision: str, device: torch.device):
+        self.precision, self.device = precision, device
+
+    def autocast(self) -> AbstractContextManager:
+        return autocast(self.precision, self.device)
+
+    def cast_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        return x

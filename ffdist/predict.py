@@ -11,6 +11,9 @@ is below --uncertain-threshold (default 0.5) OR the normalized entropy of the so
 H(p) / log(num_classes) in [0, 1], is above --entropy-threshold (default 0.6). With --tta
 the probabilities are the mean over the image and its horizontal mirror (only for classes
 that are mirror-invariant: not for digits or text).
+
+The model runs at the precision the run resolves to on this device (ffdist.assemble, as
+`ffdist eval` runs it); the image size is the one training resolved.
 """
 
 from __future__ import annotations
@@ -21,10 +24,14 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from ffdist.errors import DataError
+
+if TYPE_CHECKING:
+    from ffdist.precision import Numerics
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 
@@ -105,11 +112,13 @@ def load_batch(paths: list[Path], channels: int, transform) -> tuple[list[Row], 
 
 @torch.no_grad()
 def probabilities(model: torch.nn.Module, x: torch.Tensor, mean: torch.Tensor,
-                  std: torch.Tensor, tta: bool) -> torch.Tensor:
+                  std: torch.Tensor, tta: bool, numerics: Numerics) -> torch.Tensor:
+    from ffdist.engine import forward
+
     x = (x.float() - mean) / std
-    probs = model(x).float().softmax(dim=1)
+    probs = forward(model, x, numerics).float().softmax(dim=1)
     if tta:
-        probs = (probs + model(x.flip(-1)).float().softmax(dim=1)) / 2
+        probs = (probs + forward(model, x.flip(-1), numerics).float().softmax(dim=1)) / 2
     return probs.cpu()
 
 
@@ -165,7 +174,10 @@ def save_picture(path: Path, rows: list[Row], classes: list[str], max_p: float, 
 
 
 def run(args: argparse.Namespace) -> int:
+    from ffdist.assemble import resolve
+    from ffdist.dist import launcher_precision
     from ffdist.loading import load_run
+    from ffdist.precision import Autocast
 
     if args.topk < 1 or args.batch_size < 1:
         raise DataError("--topk and --batch-size must be at least 1.")
@@ -175,17 +187,19 @@ def run(args: argparse.Namespace) -> int:
         raise DataError("--device cuda but no CUDA GPU is visible; use --device cpu or auto.")
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if cuda else "cpu")
+    resolved = resolve(loaded.recipe, 1, device, launcher_precision(), trains=False)
+    numerics = Autocast(resolved.precision, device)  # as ffdist eval runs the model
     model = loaded.model.to(device)
     mean = torch.tensor(loaded.mean, device=device).view(1, -1, 1, 1)
     std = torch.tensor(loaded.std, device=device).view(1, -1, 1, 1)
-    transform = make_transform(loaded.folder_data, loaded.image_size)
+    transform = make_transform(loaded.folder_data, resolved.image_size)
     paths = find_images(args.images)
     k = min(args.topk, len(loaded.classes))
     rows: list[Row] = []
     for start in range(0, len(paths), args.batch_size):
         batch_rows, x = load_batch(paths[start:start + args.batch_size], loaded.channels, transform)
         if x is not None:
-            probs = probabilities(model, x.to(device), mean, std, args.tta)
+            probs = probabilities(model, x.to(device), mean, std, args.tta, numerics)
             for r, p in zip([r for r in batch_rows if r.thumb is not None], probs):
                 r.probs = p
                 if len(rows) >= args.grid:  # keep only the thumbnails the picture shows
@@ -214,6 +228,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from ffdist.cli import main as cli_main  # prints user errors, exit 2
+    from ffdist.cli import main as cli_main  # errors: ffdist.errors.guard
 
     sys.exit(cli_main(["predict", *sys.argv[1:]]))

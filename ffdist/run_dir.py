@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ffdist.checkpoint import CheckpointManager, load_torch, save_text
+from ffdist.checkpoint import CheckpointManager, read_checkpoint, save_text
+from ffdist.ckpt_format import Checkpoint
 from ffdist.errors import CheckpointError
 from ffdist.recipe import Recipe
 
@@ -27,7 +28,7 @@ def check_writable(run_dir: Path) -> None:
                               "another output_dir or fix its permissions.") from None
 
 
-def resume_from(recipe: Recipe, manager: CheckpointManager) -> tuple[str, dict] | None:
+def resume_from(recipe: Recipe, manager: CheckpointManager) -> tuple[str, Checkpoint] | None:
     """(path, state) of the checkpoint to resume from, or None for a fresh start."""
     run_dir = recipe.run_dir
     mode = recipe.checkpoint.resume
@@ -42,17 +43,17 @@ def resume_from(recipe: Recipe, manager: CheckpointManager) -> tuple[str, dict] 
         if found is None:
             return None
         return str(found[0]), found[1]
-    return mode, load_torch(Path(mode))
+    return mode, read_checkpoint(Path(mode))
 
 
-def is_finished(recipe: Recipe, state: dict | None, total_steps: int) -> bool:
+def is_finished(recipe: Recipe, state: Checkpoint | None, total_steps: int) -> bool:
     """A run whose final weights exist and whose checkpoint reached this recipe's last step.
     resume=auto then does nothing (exit 0): a requeued job that had finished, or a second
     `train` of the same recipe, never retrains or rewrites it. Raising schedule.epochs (or
     max_steps) makes it unfinished again, and it continues from its last checkpoint."""
     if state is None or not (recipe.run_dir / "model.pt").is_file():
         return False
-    return state["step"] >= total_steps or state["epoch"] >= recipe.schedule.epochs
+    return state.step >= total_steps or state.epoch >= recipe.schedule.epochs
 
 
 def write_recipe(recipe: Recipe) -> None:

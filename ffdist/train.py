@@ -8,8 +8,15 @@ from __future__ import annotations
 
 import gc
 import sys
+from typing import TYPE_CHECKING
 
-from ffdist.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, FfdistError, one_line
+from ffdist.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, guard
+
+if TYPE_CHECKING:
+    from ffdist.ckpt_format import Checkpoint
+    from ffdist.dist import DistInfo
+    from ffdist.engine import Trainer
+    from ffdist.recipe import Recipe
 
 USAGE = "usage: python -m ffdist.train RECIPE.yaml [key=value ...]"
 
@@ -38,63 +45,23 @@ def run(recipe_path: str | None, overrides: list[str]) -> dict:
 
     rcp = recipe.load(recipe_path, overrides)  # before importing torch: recipe errors are fast
 
-    import torch
+    from ffdist import dist, signals
 
-    from ffdist import checkpoint, data, dist, models, precision, run_dir, signals, strategies
-    from ffdist.data.loader import plan_batches
-    from ffdist.engine import Trainer
-    from ffdist.monitor import Monitor, setup_logging
-    from ffdist.optim import total_steps
-    from ffdist.shared_fs import check_shared_dir
-
-    # Checks that every rank makes alike, before any process group exists to tear down.
-    plan_batches(rcp.data.batch_size, rcp.data.micro_batch_size, dist.world_from_env()[2])
-    dist.check_gpus(rcp.launch.gpus)
+    dist.check_gpus(rcp.launch.gpus)  # before any process group exists to tear down
     info = dist.init(rcp.launch.pg_timeout)
+    trainer = None
     try:
-        setup_logging(info.is_primary)
-        if info.is_primary:
-            run_dir.check_writable(rcp.run_dir)
-        check_shared_dir(rcp.run_dir, info.rank, info.world_size)  # multi-node: one output_dir
-        manager = checkpoint.CheckpointManager(rcp.run_dir, rcp.checkpoint, info.is_primary)
-        found = run_dir.resume_from(rcp, manager)
-        state = found[1] if found else None
-        loaders = data.build(rcp, info.rank, info.world_size, info.device)
-        torch.manual_seed(rcp.seed)  # same initial weights on every rank and world size
-        model = models.build(rcp.model)
-        if rcp.model.pretrained or rcp.model.freeze:  # transfer learning: ffdist.finetune
-            from ffdist import finetune
+        from ffdist.monitor import setup_logging
 
-            model = finetune.prepare(model, rcp.model, load_weights=state is None)
-        # Everything that can refuse the run does so before the run directory is touched.
-        if found:
-            checkpoint.check_compatible(found[1], model, found[0], rcp.model.num_classes)
-        if run_dir.is_finished(rcp, state, total_steps(rcp.schedule,
-                                                       loaders.train_sampler.steps_per_epoch)):
-            if info.is_primary:
-                print(f"ffdist: {rcp.run_dir} already holds the finished run (step "
-                      f"{state['step']}); nothing to do. Use a new output_dir (or name) for a "
-                      "new run.", flush=True)
-            return {"already_finished": True, "step": state["step"]}
-        torch.manual_seed(rcp.seed + 1000 * info.rank)  # per-rank dropout/augmentation
-        prec = precision.resolve(rcp.precision, info.device, info.launcher_precision)
-        strategy = strategies.build(model, rcp, info, prec)
-        resume_step = state["step"] if state else None
-        monitor = Monitor(rcp.run_dir, info.is_primary, rcp.log.tensorboard, rcp.log.progress,
-                          resume_step=resume_step)
-        trainer = Trainer(rcp, info, loaders, strategy, monitor, manager, prec)
+        setup_logging(info.is_primary)
+        trainer, state = start(rcp, info)
+        if trainer is None:
+            return {"already_finished": True, "step": state.step}
         signals.install(trainer)  # SIGTERM/SIGUSR1: checkpoint at the next step, exit 75
-        if state:
-            trainer.restore(state)
-            monitor.info("resumed from step %d (epoch %d)", state["step"], state["epoch"])
-        if info.is_primary:
-            run_dir.write_recipe(rcp)
-            monitor.info("%s: %s on %s x%d (%s), batch %d = %d/rank x %d accum, %s",
-                         rcp.name, rcp.model.name, info.device.type, info.world_size,
-                         strategies.resolve_name(rcp, info), loaders.plan.global_batch,
-                         loaders.plan.micro, loaders.plan.accum, prec)
         result = trainer.fit()
-        monitor.close()
+        if not result.get("stopped"):
+            finish(trainer, result)
+        trainer.monitor.close()
         dist.barrier()  # every rank is done before any of them tears its process group down
         return result
     finally:
@@ -102,9 +69,76 @@ def run(recipe_path: str | None, overrides: list[str]) -> dict:
         # DDP's reducer (in reference cycles) holds gloo work objects with tensors; freed at
         # interpreter exit, after the group is gone, they were seen to abort a rank
         # ("terminate called without an active exception"). Free them now, then destroy.
-        trainer = strategy = model = None  # noqa: F841
+        trainer = None  # noqa: F841
         gc.collect()
         dist.shutdown()
+
+
+def start(rcp: Recipe, info: DistInfo) -> tuple[Trainer | None, Checkpoint | None]:
+    """Resolve the run, find what to resume, refuse what cannot run, then assemble the
+    Trainer (restored). (None, checkpoint) when that checkpoint finished the run already."""
+    from ffdist import assemble, checkpoint, data, run_dir
+    from ffdist.monitor import Monitor, Pictures
+    from ffdist.optim import total_steps
+    from ffdist.shared_fs import check_shared_dir
+
+    resolved = assemble.resolve_for(rcp, info)  # every rank alike: batch plan, precision
+    if info.is_primary:
+        run_dir.check_writable(rcp.run_dir)
+    check_shared_dir(rcp.run_dir, info.rank, info.world_size)  # multi-node: one output_dir
+    manager = checkpoint.CheckpointManager(rcp.run_dir, rcp.checkpoint, info.is_primary)
+    found = run_dir.resume_from(rcp, manager)
+    state = found[1] if found else None
+    loaders = data.build(rcp, info.rank, resolved.plan, info.device)
+    model = assemble.build_model(rcp, load_weights=state is None)
+    # Everything that can refuse the run does so before the run directory is touched.
+    if found:
+        checkpoint.check_compatible(state, model, found[0], rcp, resolved)
+    if run_dir.is_finished(rcp, state, total_steps(rcp.schedule,
+                                                   loaders.train_sampler.steps_per_epoch)):
+        if info.is_primary:
+            print(f"ffdist: {rcp.run_dir} already holds the finished run (step "
+                  f"{state.step}); nothing to do. Use a new output_dir (or name) for a "
+                  "new run.", flush=True)
+        return None, state
+    spec = loaders.spec
+
+    def open_monitor() -> Monitor:  # after the strategy: it truncates metrics.jsonl
+        return Monitor(rcp.run_dir, info.is_primary, rcp.log.tensorboard, rcp.log.progress,
+                       resume_step=state.step if state else None,
+                       pictures=Pictures(rcp.log.images, rcp.log.graph, spec.mean, spec.std,
+                                         spec.classes))
+
+    trainer = assemble.build_trainer(rcp, info, resolved, loaders=loaders, model=model,
+                                     open_monitor=open_monitor, manager=manager)
+    monitor = trainer.monitor
+    if state:
+        trainer.restore(state)
+        monitor.info("resumed from step %d (epoch %d)", state.step, state.epoch)
+    if info.is_primary:
+        run_dir.write_recipe(rcp)
+        p = resolved.plan
+        monitor.info("%s: %s on %s x%d (%s), batch %d = %d/rank x %d accum, %s", rcp.name,
+                     rcp.model.name, info.device.type, info.world_size, resolved.strategy,
+                     p.global_batch, p.micro, p.accum, resolved.precision)
+    return trainer, state
+
+
+def finish(trainer: Trainer, end: dict) -> None:
+    """The end of a finished run: model.pt (the final weights), the "end" event and the
+    TensorBoard hparams."""
+    from ffdist.checkpoint import write_weights
+    from ffdist.recipe import flatten
+
+    weights = trainer.strategy.model_state_dict()  # a collective under ZeRO: every rank
+    if trainer.info.is_primary:
+        write_weights(trainer.recipe.run_dir / "model.pt", weights)
+    last = trainer.progress.last_eval
+    trainer.monitor.event(event="end", **end)
+    trainer.monitor.hparams(flatten(trainer.recipe.to_dict()),
+                            {"hparam/best_top1": end["best_top1"],
+                             "hparam/final_top1": end["final_top1"],
+                             "hparam/final_loss": last["loss"]})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,22 +146,11 @@ def main(argv: list[str] | None = None) -> int:
     if recipe_path is None:
         print(USAGE, file=sys.stderr)
         return EXIT_USER_ERROR
-    try:
-        result = run(recipe_path, overrides)
-    except FfdistError as e:
-        report(e)
-        return e.exit_code
-    except Exception as e:
-        if not _peer_lost(e):
-            raise  # a bug: keep the traceback
-        from ffdist.dist import world_from_env
+    return guard(_train, recipe_path, overrides)
 
-        rank, _, world, _, _ = world_from_env()
-        why = next((s for s in PEER_LOST if s in str(e)), type(e).__name__)
-        print(f"ffdist: rank {rank} of {world} stopped: it lost contact with another rank "
-              f"({why}), which failed first: see that rank's message.", file=sys.stderr,
-              flush=True)
-        return 1
+
+def _train(recipe_path: str, overrides: list[str]) -> int:
+    result = run(recipe_path, overrides)
     if result.get("stopped"):
         from ffdist.dist import report_to_launcher
 
@@ -135,34 +158,6 @@ def main(argv: list[str] | None = None) -> int:
                            f"written; exit {EXIT_PREEMPTED} means start again to resume.")
         return EXIT_PREEMPTED
     return 0
-
-
-PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "remote worker crashing")
-
-
-def _peer_lost(e: Exception) -> bool:
-    """A collective failed because a peer process died: the fallout of another rank's
-    error or crash (which reports itself), not a second bug; one line instead of N tracebacks."""
-    from ffdist.dist import world_from_env
-
-    if world_from_env()[2] < 2:
-        return False
-    comm_error = type(e).__name__ in ("DistBackendError", "DistNetworkError")
-    return comm_error or (isinstance(e, RuntimeError) and any(s in str(e) for s in PEER_LOST))
-
-
-def report(e: FfdistError) -> None:
-    """One line on stderr. An error every rank raises alike is printed by rank 0 only, so
-    that torchrun with N ranks shows it once; others are printed by each rank that hit it."""
-    from ffdist.dist import report_to_launcher, world_from_env
-
-    rank, _, world, _, _ = world_from_env()
-    where = f" (rank {rank} of {world})" if rank != 0 else ""
-    line = f"ffdist: error{where}: {one_line(e)}"
-    report_to_launcher(line)  # torchrun's failure summary then shows it instead of a URL
-    if rank != 0 and e.same_on_all_ranks:
-        return
-    print(line, file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ class BatchPlan:
 
 
 def plan_batches(global_batch: int, micro_batch: int | None, world_size: int) -> BatchPlan:
+    """The batch arithmetic above; a run calls it once, through ffdist.assemble.resolve."""
     if global_batch % world_size:
         raise RecipeError(f"data.batch_size={global_batch} is the global batch and does not "
                           f"divide over {world_size} processes; use a multiple of {world_size}.")
@@ -108,10 +109,15 @@ class Loaders:
     train_sampler: TrainSampler
 
 
-def build(recipe: Recipe, rank: int, world_size: int, device: torch.device) -> Loaders:
+def build(recipe: Recipe, rank: int, plan: BatchPlan, device: torch.device) -> Loaders:
+    """Train/eval loaders of this rank, for the batch plan the run resolved
+    (ffdist.assemble.resolve: the loaders never recompute it)."""
+    if not isinstance(plan, BatchPlan):
+        raise TypeError("ffdist.data.build takes the BatchPlan of ffdist.assemble.resolve() "
+                        f"(resolved.plan), not {type(plan).__name__}")
+    world_size = plan.world_size
     spec = build_datasets(recipe.data, recipe.seed, recipe.model.num_classes,
                           recipe.model.in_channels)
-    plan = plan_batches(recipe.data.batch_size, recipe.data.micro_batch_size, world_size)
     sampler = TrainSampler(len(spec.train), plan, rank, recipe.seed)
     eval_global = recipe.data.eval_batch_size or recipe.data.batch_size
     eval_batch = max(1, eval_global // world_size)

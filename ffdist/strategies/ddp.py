@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
+from typing import TYPE_CHECKING
 
-import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from ffdist.dist import DistInfo
 from ffdist.recipe import Recipe
 from ffdist.strategies.single import SingleDevice
 
+if TYPE_CHECKING:
+    from ffdist.assemble import Resolved
+
 
 class DDP(SingleDevice):
-    def __init__(self, model: nn.Module, recipe: Recipe, device: torch.device, precision: str):
+    def __init__(self, model: nn.Module, recipe: Recipe, resolved: Resolved, info: DistInfo):
         if recipe.strategy.sync_bn:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        super().__init__(model, recipe, device, precision)
+        super().__init__(model, recipe, resolved, info)
+        device = info.device
         # model.compile: SingleDevice compiled the plain module; DDP wraps the compiled one,
         # so checkpoints (from self.raw) carry neither `module.` nor `_orig_mod.`.
         self.model = DistributedDataParallel(

@@ -21,47 +21,31 @@ import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from ffdist.data import plan_batches
 from ffdist.dist import DistInfo, ensure_process_group
-from ffdist.errors import CheckpointError, LaunchError
+from ffdist.errors import CheckpointError
 from ffdist.optim import build_optimizer
 from ffdist.recipe import Recipe
 from ffdist.strategies import ds_config
 
+if TYPE_CHECKING:
+    from ffdist.assemble import Resolved
 
-class _LowPrecisionInputs(nn.Module):
-    """DeepSpeed's bf16/fp16 mode converts the module's weights (and buffers) to that dtype,
-    keeping the fp32 master copy in the optimizer: so the inputs are cast to it too, and the
-    Trainer's autocast is switched off inside. (CPU autocast runs batch_norm in fp32 and
-    would feed fp32 activations to bf16 BatchNorm weights; DDP keeps fp32 weights and
-    autocast instead.) The logits come out in bf16/fp16; the loss is computed in fp32."""
-
-    def __init__(self, engine: nn.Module, dtype: torch.dtype):
-        super().__init__()
-        self.engine, self.dtype = engine, dtype
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(x.device.type, enabled=False):
-            return self.engine(x.to(self.dtype))
+LOW = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class DeepSpeed:
     sharded = True
 
-    def __init__(self, model: nn.Module, recipe: Recipe, info: DistInfo, precision: str):
-        if precision == "fp16" and info.device.type != "cuda":
-            raise LaunchError("precision=fp16 with DeepSpeed needs a GPU (DeepSpeed has no fp16 "
-                              "on the CPU); use precision=bf16 or fp32.")
+    def __init__(self, model: nn.Module, recipe: Recipe, resolved: Resolved, info: DistInfo):
+        # (precision=fp16 without a GPU was refused by ffdist.assemble.resolve)
         self.info, self.zero_stage = info, recipe.strategy.zero_stage
-        plan = plan_batches(recipe.data.batch_size, recipe.data.micro_batch_size,
-                            info.world_size)
         # Checked before importing deepspeed: a config error stays one clean line.
-        self.config = ds_config.build(recipe, plan, precision, info.device)
+        self.config = ds_config.build(recipe, resolved.plan, resolved.precision, info.device)
         import deepspeed
         from deepspeed.utils import logger as ds_logger
 
@@ -78,14 +62,25 @@ class DeepSpeed:
         client = build_optimizer(self.raw, recipe.optim, info.device)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=self.raw, optimizer=client, config=self.config, dist_init_required=False)
-        low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-        if low is not None:
+        self.low = LOW.get(resolved.precision)
+        if self.low is not None:
             # DeepSpeed converts the parameters only; BatchNorm wants its running stats in
             # the weights' dtype too (on the CPU a mix is an error).
             for buf in self.engine.module.buffers():
                 if buf.is_floating_point():
-                    buf.data = buf.data.to(low)
-        self.model = _LowPrecisionInputs(self.engine, low) if low else self.engine
+                    buf.data = buf.data.to(self.low)
+        self.model = self.engine
+
+    # ---------------------------------------------------------------- numerics
+    def autocast(self) -> AbstractContextManager:
+        """No autocast: DeepSpeed's bf16/fp16 mode converts the module's weights (and we
+        its buffers) to that dtype, keeping the fp32 master copy in the optimizer. (CPU
+        autocast would also run batch_norm in fp32 and feed fp32 activations to bf16
+        BatchNorm weights.) The logits come out in bf16/fp16; the Trainer's loss is fp32."""
+        return contextlib.nullcontext()
+
+    def cast_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.low is None else x.to(self.low)
 
     # ---------------------------------------------------------------- training
     def no_sync(self, boundary: bool) -> AbstractContextManager:
@@ -103,6 +98,9 @@ class DeepSpeed:
         self.engine.step()  # clips (gradient_clipping), steps, zeroes the gradients
         norm = self.engine.get_global_grad_norm()
         return None if norm is None else torch.as_tensor(float(norm))
+
+    def skip_step(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
 
     def eval_batches(self, batches: Iterable) -> Iterator:
         """Under ZeRO-3 every forward all-gathers parameters, so all ranks must run the same
@@ -128,9 +126,10 @@ class DeepSpeed:
         return self.engine.module
 
     def state_dict(self) -> dict[str, Any]:
-        # Model and optimizer state live in the shards (save_shards); this is what resume
-        # checks before loading them.
-        return {"strategy": "deepspeed", "zero_stage": self.zero_stage}
+        return {}  # model and optimizer state live in the shards (save_shards)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        raise NotImplementedError("DeepSpeed's state is in its shards (load_shards)")
 
     def save_shards(self, folder: Path, tag: str, client_state: dict[str, Any]) -> None:
         """Every rank writes its own partition: <folder>/<tag>/*_optim_states.pt (+ model
@@ -138,21 +137,10 @@ class DeepSpeed:
         self.engine.save_checkpoint(str(folder), tag=tag, client_state=client_state,
                                     save_latest=False)
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        shards = state.get("shards")
-        if not shards:
-            raise CheckpointError(
-                f"the checkpoint at step {state.get('step')} was written by a "
-                f"{state.get('strategy', 'single/ddp')} run, not by DeepSpeed; resume it with "
-                "that strategy, or start from its weights with model.pretrained=<run>/model.pt.")
-        if state.get("world_size") != self.info.world_size or state.get("zero_stage") != \
-                self.zero_stage:
-            raise CheckpointError(
-                f"{shards} holds ZeRO-{state.get('zero_stage')} shards of "
-                f"{state.get('world_size')} ranks, this run is ZeRO-{self.zero_stage} on "
-                f"{self.info.world_size}; resume with the same, or start from the weights "
-                "with model.pretrained=<run>/model.pt and a new output_dir.")
-        path = Path(shards)
+    def load_shards(self, path: Path) -> None:
+        """(World size and ZeRO stage were checked against the checkpoint by
+        ffdist.checkpoint.check_compatible before the run directory was touched.)"""
+        path = Path(path)
         loaded, _ = self.engine.load_checkpoint(str(path.parent), tag=path.name,
                                                 load_optimizer_states=True,
                                                 load_lr_scheduler_states=False)

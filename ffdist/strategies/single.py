@@ -5,32 +5,44 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from ffdist.checkpoint import clean_state_dict
-from ffdist.errors import CheckpointError
+from ffdist.dist import DistInfo
 from ffdist.optim import build_optimizer, set_lr
+from ffdist.precision import Autocast
 from ffdist.recipe import Recipe
+from ffdist.strategies.base import NotSharded
+
+if TYPE_CHECKING:
+    from ffdist.assemble import Resolved
 
 
-class SingleDevice:
-    sharded = False
-
-    def __init__(self, model: nn.Module, recipe: Recipe, device: torch.device, precision: str):
+class SingleDevice(NotSharded):
+    def __init__(self, model: nn.Module, recipe: Recipe, resolved: Resolved, info: DistInfo):
+        device = info.device
         fmt = torch.channels_last if recipe.model.channels_last else torch.contiguous_format
         self.raw = model.to(device=device, memory_format=fmt)
         self.device = device
         self.grad_clip = recipe.optim.grad_clip
         self.optimizer = build_optimizer(self.raw, recipe.optim, device)
+        # fp32 weights, ops autocast to bf16/fp16 (DeepSpeed instead converts the weights).
+        self.numerics = Autocast(resolved.precision, device)
         # fp16 needs loss scaling against gradient underflow; bf16 has fp32's range.
-        self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+        self.scaler = torch.amp.GradScaler(device.type) if resolved.precision == "fp16" else None
         # Compile the plain module; a DDP subclass wraps the compiled one. Checkpoints come
         # from self.raw, so their keys carry no `_orig_mod.` prefix.
         self.model = _compiled(self.raw, recipe.model.compile_backend) if recipe.model.compile \
             else self.raw
+
+    def autocast(self) -> AbstractContextManager:
+        return self.numerics.autocast()
+
+    def cast_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        return x
 
     def no_sync(self, boundary: bool) -> AbstractContextManager:
         return contextlib.nullcontext()
@@ -56,6 +68,9 @@ class SingleDevice:
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
+    def skip_step(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
     def unwrap(self) -> nn.Module:
         return self.raw
 
@@ -71,10 +86,7 @@ class SingleDevice:
         return iter(batches)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if "model" not in state:
-            raise CheckpointError(f"the checkpoint at step {state.get('step')} holds DeepSpeed "
-                                  "ZeRO shards; resume it with strategy.name=deepspeed, or start "
-                                  "from its weights with model.pretrained=<run>/model.pt.")
+        # ffdist.checkpoint.check_compatible has refused checkpoints of another strategy.
         self.raw.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler is not None and state.get("scaler"):

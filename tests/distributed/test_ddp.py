@@ -19,12 +19,16 @@ def _init(rank: int, world: int, port: int) -> None:
 
 def _grads_worker(rank: int, world: int, port: int, out: dict) -> None:
     from ffdist import models, recipe
+    from ffdist.assemble import resolve
+    from ffdist.dist import DistInfo
     from ffdist.strategies.ddp import DDP
 
     _init(rank, world, port)
     r = recipe.load(None, ["model.in_channels=1", "precision=fp32"])
     torch.manual_seed(rank)  # different initial weights per rank: DDP must broadcast rank 0's
-    strategy = DDP(models.build(r.model), r, torch.device("cpu"), "fp32")
+    cpu = torch.device("cpu")
+    info = DistInfo(rank, rank, world, world, cpu, "test")
+    strategy = DDP(models.build(r.model), r, resolve(r, world, cpu), info)
     g = torch.Generator().manual_seed(100 + rank)  # different data on each rank
     x, y = torch.randn(8, 1, 8, 8, generator=g), torch.randint(0, 10, (8,), generator=g)
     torch.nn.functional.cross_entropy(strategy.model(x), y).backward()

@@ -14,7 +14,9 @@ from ffdist.checkpoint import (
     save_torch,
     set_rng_state,
 )
+from ffdist.ckpt_format import Checkpoint
 from ffdist.errors import CheckpointError
+from ffdist.strategies.base import NotSharded
 
 
 def test_round_trip_is_weights_only_loadable(tmp_path: Path) -> None:
@@ -68,25 +70,33 @@ def _manager(tmp_path: Path, keep: int = 2) -> CheckpointManager:
     return CheckpointManager(tmp_path, cfg, is_writer=True)
 
 
+def _ckpt(step: int) -> Checkpoint:
+    return Checkpoint(step=step, epoch=0, step_in_epoch=step, world_size=1, strategy="single",
+                      recipe={}, classes=["a", "b"], rng=[{}], model={}, optimizer={})
+
+
+ONE_FILE = NotSharded()  # a strategy whose state goes into the checkpoint file
+
+
 def test_keep_last_latest_and_best(tmp_path: Path) -> None:
     m = _manager(tmp_path)
     for step in (10, 20, 30):
-        m.save({"step": step}, step, is_best=step == 20)
+        m.save(_ckpt(step), ONE_FILE, is_best=step == 20)
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert names == ["best.pt", "latest", "step_00000020.pt", "step_00000030.pt"]
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_00000030.pt"
     assert load_torch(tmp_path / "checkpoints" / "best.pt")["step"] == 20
-    assert m.load_latest()[1]["step"] == 30
+    assert m.load_latest()[1].step == 30
 
 
 def test_corrupt_newest_checkpoint_falls_back(tmp_path: Path) -> None:
     m = _manager(tmp_path, keep=3)
-    m.save({"step": 1}, 1)
-    path = m.save({"step": 2}, 2)
+    m.save(_ckpt(1), ONE_FILE)
+    path = m.save(_ckpt(2), ONE_FILE)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])  # torn
     found = m.load_latest()
-    assert found is not None and found[1]["step"] == 1
+    assert found is not None and found[1].step == 1
 
 
 @pytest.mark.parametrize("junk", [b"", b"\x80\x02junk", b"PK\x03\x04" + bytes(60),

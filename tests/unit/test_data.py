@@ -102,7 +102,7 @@ def test_imagefolder_decodes_to_uint8_at_the_recipe_size(tmp_path: Path) -> None
     _write_pngs(tmp_path, {"ants": 3, "bees": 2})
     r = recipe.load(None, ["data.name=imagefolder", f"data.root={tmp_path}",
                            "data.image_size=16", "model.num_classes=2", "data.batch_size=2"])
-    loaders = build(r, 0, 1, torch.device("cpu"))
+    loaders = build(r, 0, plan_batches(2, None, 1), torch.device("cpu"))
     assert loaders.spec.classes == ["ants", "bees"]
     x, y = next(iter(loaders.train))
     assert x.dtype == torch.uint8 and x.shape == (2, 3, 16, 16)

@@ -1,0 +1,152 @@
+"""One place decides a run: `resolve()` derives every fact the recipe leaves to the machine,
+`build_model()` and `build_trainer()` assemble what trains.
+
+`resolve(recipe, world_size, device, launcher_precision)` is the ONLY caller of
+`plan_batches` and `precision.resolve`. `ffdist train`, `bench`, `eval`, `plan` and
+`predict` all call it, so `ffdist plan` reports the batch plan and precision that
+`ffdist train` will use on the same machine, and a consumer never recomputes a value (it
+receives the frozen `Resolved`). `build_trainer()` is the one assembly of a Trainer, shared
+by `ffdist train` and `ffdist bench` (so bench times what train trains: fine-tuning and
+freezing included). See docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ffdist.errors import LaunchError
+from ffdist.recipe import DataConfig, Recipe
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from ffdist.checkpoint import CheckpointManager
+    from ffdist.data import BatchPlan, Loaders
+    from ffdist.dist import DistInfo
+    from ffdist.engine import Trainer
+    from ffdist.monitor import Monitor
+
+# The side of the images an in-memory dataset holds (data.image_size does not resize them).
+NATIVE_SIZE = {"digits": 8, "mnist": 28, "fashion_mnist": 28, "cifar10": 32, "cifar100": 32}
+# data.image_size when unset, for datasets made at any size.
+DEFAULT_SIZE = {"synthetic": 32, "imagefolder": 224, "filelist": 224}
+
+
+def image_size(data: DataConfig) -> int:
+    """The side of the square images the model is fed, without opening the data (it may not
+    be on this machine): what ffdist.data.datasets produces for `data`."""
+    if data.name in NATIVE_SIZE:
+        return NATIVE_SIZE[data.name]
+    return data.image_size or DEFAULT_SIZE.get(data.name, 224)
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """Everything derived from (recipe, world size, device, launcher's precision)."""
+
+    plan: BatchPlan
+    """Global batch -> per rank -> micro-batch x accumulation (ffdist.data.plan_batches)."""
+    precision: str
+    """fp32 | bf16 | fp16: `auto` and `accelerate launch --mixed_precision` resolved."""
+    strategy: str
+    """single | ddp | deepspeed: `auto` resolved for the world size."""
+    image_size: int
+    """Side of the training images (NATIVE_SIZE / data.image_size / DEFAULT_SIZE)."""
+    device: torch.device
+    """Where this process computes (decided by ffdist.dist; carried here for reports)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values, for `ffdist plan --json` and bench.json."""
+        p = self.plan
+        return {"global_batch": p.global_batch, "world_size": p.world_size,
+                "per_rank": p.per_rank, "micro": p.micro, "accum": p.accum,
+                "precision": self.precision, "strategy": self.strategy,
+                "image_size": self.image_size, "device": self.device.type}
+
+
+def resolve(recipe: Recipe, world_size: int, device: torch.device,
+            launcher_precision: str | None = None, *, trains: bool = True) -> Resolved:
+    """The derived facts of a run, or the one-sentence error that refuses it.
+
+    `trains=False` (eval, predict): the refusals that concern only a training strategy
+    (strategy.name=single with N processes, DeepSpeed fp16 without a GPU) are skipped,
+    since those commands run the plain model."""
+    from ffdist import precision, strategies
+    from ffdist.data import plan_batches
+
+    plan = plan_batches(recipe.data.batch_size, recipe.data.micro_batch_size, world_size)
+    strategy = strategies.resolve_name(recipe, world_size, check=trains)
+    prec = precision.resolve(recipe.precision, device, launcher_precision)
+    if trains and strategy == "deepspeed" and prec == "fp16" and device.type != "cuda":
+        raise LaunchError("precision=fp16 with DeepSpeed needs a GPU (DeepSpeed has no fp16 "
+                          "on the CPU); use precision=bf16 or fp32.")
+    return Resolved(plan, prec, strategy, image_size(recipe.data), device)
+
+
+def resolve_for(recipe: Recipe, info: DistInfo, *, trains: bool = True) -> Resolved:
+    """`resolve` for this process, as ffdist.dist.init found it."""
+    return resolve(recipe, info.world_size, info.device, info.launcher_precision,
+                   trains=trains)
+
+
+# ------------------------------------------------------------------------------ assembly
+
+def build_model(recipe: Recipe, load_weights: bool = True) -> nn.Module:
+    """The recipe's model with fine-tuning applied (model.pretrained, model.freeze): the ONE
+    place a model is built, so every command counts the same trainable parameters.
+    `load_weights=False` skips the pretrained weights (resuming: the checkpoint has them;
+    plan/bench/eval: they need only the architecture and what is frozen)."""
+    import torch
+
+    from ffdist import models
+
+    torch.manual_seed(recipe.seed)  # same initial weights on every rank and world size
+    model = models.build(recipe.model)
+    if recipe.model.pretrained or recipe.model.freeze:  # transfer learning: ffdist.finetune
+        from ffdist import finetune
+
+        model = finetune.prepare(model, recipe.model, load_weights=load_weights)
+    return model
+
+
+def param_counts(model: nn.Module) -> tuple[int, int]:
+    """(all, trainable) parameters; ZeRO-3 placeholders count with their full size."""
+    def size(p: Any) -> int:
+        return int(getattr(p, "ds_numel", p.numel()))
+
+    params = list(model.parameters())
+    return sum(size(p) for p in params), sum(size(p) for p in params if p.requires_grad)
+
+
+def build_trainer(recipe: Recipe, info: DistInfo, resolved: Resolved, *,
+                  loaders: Loaders | None = None, model: nn.Module | None = None,
+                  open_monitor: Callable[[], Monitor] | None = None,
+                  manager: CheckpointManager | None = None) -> Trainer:
+    """The one assembly of a Trainer: data, model (build_model), strategy, Trainer.
+
+    What is not given is built here: the loaders; the model (with its pretrained weights
+    left out: ffdist train passes the model it built and vetted); a Monitor whose sinks are
+    off and a CheckpointManager that never writes (ffdist bench: nothing is left behind).
+    `open_monitor` is called once the strategy exists: building it is the last step that
+    can refuse the run (a DeepSpeed config error), and a Monitor starts writing the run
+    directory."""
+    import torch
+
+    from ffdist import data, strategies
+    from ffdist.checkpoint import CheckpointManager
+    from ffdist.engine import Trainer
+    from ffdist.monitor import Monitor
+
+    if loaders is None:
+        loaders = data.build(recipe, info.rank, resolved.plan, info.device)
+    if model is None:
+        model = build_model(recipe, load_weights=False)
+    torch.manual_seed(recipe.seed + 1000 * info.rank)  # per-rank dropout/augmentation
+    strategy = strategies.build(model, recipe, resolved, info)
+    monitor = open_monitor() if open_monitor else Monitor(recipe.run_dir, enabled=False)
+    if manager is None:
+        manager = CheckpointManager(recipe.run_dir, recipe.checkpoint, is_writer=False)
+    return Trainer(recipe, info, resolved, loaders, strategy, monitor, manager)
