@@ -1,9 +1,9 @@
 """One place decides a run: `resolve()` derives every fact the recipe leaves to the machine,
 `build_model()` and `build_trainer()` assemble what trains.
 
-`resolve(recipe, world_size, device, launcher_precision)` is the ONLY caller of
-`plan_batches` and `precision.resolve`. `ffdist train`, `bench`, `eval`, `plan` and
-`predict` all call it, so `ffdist plan` reports the batch plan and precision that
+`resolve(recipe, world_size, device, launcher_precision)` is the only place the batch plan
+and the precision are computed. `ffdist train`, `bench`, `eval`, `plan` and `predict` all
+call it, so `ffdist plan` reports the batch plan and precision that
 `ffdist train` will use on the same machine, and a consumer never recomputes a value (it
 receives the frozen `Resolved`). `build_trainer()` is the one assembly of a Trainer, shared
 by `ffdist train` and `ffdist bench` (so bench times what train trains: fine-tuning and
@@ -48,7 +48,7 @@ class Resolved:
     """Everything derived from (recipe, world size, device, launcher's precision)."""
 
     plan: BatchPlan
-    """Global batch -> per rank -> micro-batch x accumulation (ffdist.data.plan_batches)."""
+    """Global batch -> per rank -> micro-batch x accumulation (ffdist.data.loader)."""
     precision: str
     """fp32 | bf16 | fp16: `auto` and `accelerate launch --mixed_precision` resolved."""
     strategy: str
@@ -74,10 +74,9 @@ def resolve(recipe: Recipe, world_size: int, device: torch.device,
     `trains=False` (eval, predict): the refusals that concern only a training strategy
     (strategy.name=single with N processes, DeepSpeed fp16 without a GPU) are skipped,
     since those commands run the plain model."""
-    from ffdist import precision, strategies
-    from ffdist.data import plan_batches
+    from ffdist import data, precision, strategies
 
-    plan = plan_batches(recipe.data.batch_size, recipe.data.micro_batch_size, world_size)
+    plan = data.plan_batches(recipe.data.batch_size, recipe.data.micro_batch_size, world_size)
     strategy = strategies.resolve_name(recipe, world_size, check=trains)
     prec = precision.resolve(recipe.precision, device, launcher_precision)
     if trains and strategy == "deepspeed" and prec == "fp16" and device.type != "cuda":
