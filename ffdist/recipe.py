@@ -337,7 +337,9 @@ class Recipe:
     output_dir: str | None = None
     """Run directory (default runs/<name>); on a shared file system for multi-node."""
     precision: str = "auto"
-    """fp32 | bf16 | fp16 | auto (bf16 where the hardware runs it fast, else fp32)."""
+    """fp32 | bf16 | fp16 | auto: on GPUs bf16 (fp16 where the GPU has no bf16), on CPUs
+    bf16 with AMX/AVX512-BF16 (else fp32); `accelerate launch --mixed_precision` fills in
+    auto. `ffdist plan` shows what it resolves to on the machine."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
