@@ -92,10 +92,17 @@ def load_torch(path: str | Path) -> Any:
 def read_checkpoint(path: str | Path) -> Checkpoint:
     """A checkpoint file, or a ZeRO checkpoint folder (its ffdist_state.pt; the folder is
     `Checkpoint.shards`)."""
+    obj, shards = _load_raw(path)
+    return decode(obj, path, shards=shards)
+
+
+def _load_raw(path: str | Path) -> tuple[Any, Path | None]:
+    """What a checkpoint file holds (unread: ckpt_format.decode reads it), and the ZeRO
+    folder when `path` is one. CheckpointError when it cannot be loaded at all."""
     path = Path(path)
     if path.is_dir():
-        return decode(load_torch(path / SHARDED_STATE), path, shards=path)
-    return decode(load_torch(path), path)
+        return load_torch(path / SHARDED_STATE), path
+    return load_torch(path), None
 
 
 def write_weights(path: Path, state: dict[str, torch.Tensor]) -> None:
@@ -234,11 +241,11 @@ class CheckpointManager:
         restart the run and overwrite it."""
         for path in self.candidates():
             try:
-                obj = load_torch(path / SHARDED_STATE if path.is_dir() else path)
+                obj, shards = _load_raw(path)
             except CheckpointError as e:
                 log.warning("skipping unreadable checkpoint: %s", e)
                 continue
-            return path, decode(obj, path, shards=path if path.is_dir() else None)
+            return path, decode(obj, path, shards=shards)
         return None
 
 
