@@ -3,6 +3,7 @@ error's own exit code; and a checkpoint of another format refused with the run u
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import sys
 from pathlib import Path
@@ -13,7 +14,21 @@ import torch
 from ffdist import errors
 from ffdist.errors import EXIT_DIVERGED, EXIT_USER_ERROR, DataError, FfdistError, NonFiniteLoss
 from tests.fault import kit
-from tests.fault.test_bad_input import DIGITS, only_error_line, snapshot
+from tests.helpers import RECIPES
+
+DIGITS = str(RECIPES / "digits.yaml")
+
+
+def only_error_line(stderr: str) -> str:
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("ffdist: error: "), stderr
+    assert "Traceback" not in stderr
+    return lines[0]
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha1(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 class _Custom(FfdistError):
