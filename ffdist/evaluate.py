@@ -104,7 +104,7 @@ def run(run_dir: str | Path, overrides: list[str]) -> dict[str, Any]:
     checkpoint, overrides = split_checkpoint_arg(overrides)
     loaded = load_run(run_dir, overrides, checkpoint)
     rcp = loaded.recipe
-    info = dist.init(rcp.launch.pg_timeout)
+    info = dist.init(rcp.launch)
     try:
         loaders = data.build(rcp, info.rank, info.world_size, info.device)
         fmt = torch.channels_last if rcp.model.channels_last else torch.contiguous_format

@@ -79,12 +79,15 @@ def nvml_memory(gpus: list[int]) -> list[int] | None:
         pynvml.nvmlShutdown()
 
 
-def world_size(rcp: Recipe, override: int | None, gpu_count: int) -> tuple[int, str]:
+def world_size(rcp: Recipe, override: int | None) -> tuple[int, str]:
+    """Devices in total: --world-size, else what `ffdist launch` would start per node here
+    (launch.device, launch.gpus, launch.nproc and the visible GPUs) times launch.nnodes."""
     if override:
         return override, "--world-size"
-    per_node, why = (len(rcp.launch.gpus), "launch.gpus") if rcp.launch.gpus else \
-        ((gpu_count, "visible GPUs") if gpu_count else (rcp.launch.nproc, "launch.nproc"))
-    return per_node * rcp.launch.nnodes, f"{why} x launch.nnodes={rcp.launch.nnodes}"
+    from ffdist.launch import plan_local
+
+    node, notes = plan_local(rcp, dry_run=True)
+    return node.nproc * rcp.launch.nnodes, f"{notes[0]}; x launch.nnodes={rcp.launch.nnodes}"
 
 
 def image_size(rcp: Recipe) -> int:
@@ -180,7 +183,7 @@ def report(rcp: Recipe, args: argparse.Namespace) -> str:
     from ffdist.data import plan_batches
 
     sizes = nvml_memory(list(rcp.launch.gpus))
-    world, why = world_size(rcp, args.world_size, len(sizes or []))
+    world, why = world_size(rcp, args.world_size)
     bp = plan_batches(rcp.data.batch_size, rcp.data.micro_batch_size, world)
     torch.manual_seed(rcp.seed)
     model = models.build(rcp.model)

@@ -49,8 +49,7 @@ def run(recipe_path: str | None, overrides: list[str]) -> dict:
 
     # Checks that every rank makes alike, before any process group exists to tear down.
     plan_batches(rcp.data.batch_size, rcp.data.micro_batch_size, dist.world_from_env()[2])
-    dist.check_gpus(rcp.launch.gpus)
-    info = dist.init(rcp.launch.pg_timeout)
+    info = dist.init(rcp.launch)  # device checks (launch.device/gpus), then the group
     try:
         setup_logging(info.is_primary)
         if info.is_primary:
