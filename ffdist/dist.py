@@ -156,11 +156,18 @@ def visible_ids() -> list[str] | None:
 
 
 def visible_gpu_count() -> int:
-    """GPUs the processes started from here may use, without importing torch or creating a
-    CUDA context: an inherited CUDA_VISIBLE_DEVICES is respected (NVML counts every GPU of
-    the node and would widen it), else the node's GPUs."""
+    """GPUs the processes started from here may use, without creating a CUDA context: an
+    inherited CUDA_VISIBLE_DEVICES is respected (NVML counts every GPU of the node and would
+    widen it), else the node's GPUs. Numeric ids count up to the first one the node does
+    not have, as CUDA reads them; UUIDs and MIG names are taken as listed."""
     ids = visible_ids()
-    return len(ids) if ids is not None else gpu_count()
+    if ids is None:
+        return gpu_count()
+    if not ids or not ids[0].isdigit():
+        return len(ids)
+    physical = gpu_count()
+    return next((i for i, g in enumerate(ids) if not g.isdigit() or int(g) >= physical),
+                len(ids))
 
 
 def cuda_device_count() -> int:

@@ -97,6 +97,15 @@ def test_visible_ids(env: pytest.MonkeyPatch, value: str | None, ids: list[str] 
     assert dist.visible_gpu_count() == (8 if ids is None else len(ids))
 
 
+def test_visible_count_stops_at_an_id_the_node_lacks(env: pytest.MonkeyPatch) -> None:
+    env.setattr(dist, "gpu_count", lambda: 2)
+    env.setenv("CUDA_VISIBLE_DEVICES", "1,5,0")  # CUDA sees GPU 1 only
+    assert dist.visible_gpu_count() == 1
+    env.setattr(dist, "gpu_count", lambda: 0)  # a variable left over on a CPU machine
+    env.setenv("CUDA_VISIBLE_DEVICES", "0")
+    assert dist.visible_gpu_count() == 0
+
+
 def test_launch_gpus_are_the_gpus_the_ranks_get(env: pytest.MonkeyPatch) -> None:
     env.setattr(dist, "cuda_device_count", lambda: 4)
     dist.check_gpus([0, 1], ranks=2)  # bare torchrun on GPUs 0 and 1: as asked
