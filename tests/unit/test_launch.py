@@ -186,6 +186,7 @@ def test_accelerate_and_deepspeed_gpu_ranks(gpus, monkeypatch):
     assert opt(ds.argv, "--module") == "ffdist.train"
     # The deepspeed launcher drops an inherited CUDA_VISIBLE_DEVICES when given --num_gpus
     # (its ranks would land on GPUs 0..N-1): the visible ids go to --include instead.
+    gpus(8)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
     assert opt(build(launcher="deepspeed").argv, "--include") == "localhost:3,5"
 
