@@ -215,7 +215,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.synthetic:
         overrides = synthetic_overrides(args.recipe, overrides)
     rcp = recipe.load(args.recipe, overrides)
-    info = dist.init(rcp.launch.pg_timeout)
+    info = dist.init(rcp.launch)
     try:
         setup_logging(info.is_primary)
         trainer = setup(rcp, info)

@@ -131,7 +131,7 @@ def rng_state() -> dict[str, Any]:
                   "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
         "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
     }
-    if torch.cuda.is_available():
+    if torch.cuda.is_initialized():  # in use here; get_rng_state_all would initialise it
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
@@ -143,7 +143,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
                          n["has_gauss"], n["gauss"]))
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available():
+    if "cuda" in state and torch.cuda.is_initialized():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 

@@ -26,6 +26,8 @@ from ffdist.errors import LaunchError
 if TYPE_CHECKING:
     import torch
 
+    from ffdist.recipe import LaunchConfig
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -118,45 +120,139 @@ def _rendezvous_for(launcher: str) -> None:
         os.environ.setdefault("MASTER_PORT", "29500")
 
 
-def pick_device(local_rank: int) -> torch.device:
-    """cuda:<local_rank> among the visible GPUs, else the CPU (also when accelerate's
-    ACCELERATE_USE_CPU asks for it: `accelerate launch --cpu`, or `use_cpu: true`)."""
+# ---------------------------------------------------------------------------- devices
+# `launch.device` (recipe) decides where ranks run; the counts below are what there is.
+# `ffdist launch` asks before it starts anything (visible_gpu_count), every rank asks again
+# before a process group exists (cuda_device_count): both go through device_for().
+
+def gpu_count() -> int:
+    """Physical GPUs on this node: NVML (no CUDA context, cheap), else torch.cuda."""
+    try:
+        import pynvml  # nvidia-ml-py
+
+        pynvml.nvmlInit()
+        try:
+            return int(pynvml.nvmlDeviceGetCount())
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no driver / no library: ask torch, which says 0 on a CPU machine
+        import torch
+
+        return torch.cuda.device_count()
+
+
+def visible_ids() -> list[str] | None:
+    """CUDA_VISIBLE_DEVICES as a list (None: unset). CUDA stops at the first invalid entry;
+    a negative id is the usual way to hide every GPU ("-1"), so the list ends there."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return None
+    ids = []
+    for entry in (v.strip() for v in visible.split(",")):
+        if not entry or entry.startswith("-"):
+            break
+        ids.append(entry)
+    return ids
+
+
+def visible_gpu_count() -> int:
+    """GPUs the processes started from here may use, without creating a CUDA context: an
+    inherited CUDA_VISIBLE_DEVICES is respected (NVML counts every GPU of the node and would
+    widen it), else the node's GPUs. Numeric ids count up to the first one the node does
+    not have, as CUDA reads them; UUIDs and MIG names are taken as listed."""
+    ids = visible_ids()
+    if ids is None:
+        return gpu_count()
+    if not ids or not ids[0].isdigit():
+        return len(ids)
+    physical = gpu_count()
+    return next((i for i, g in enumerate(ids) if not g.isdigit() or int(g) >= physical),
+                len(ids))
+
+
+def cuda_device_count() -> int:
+    """GPUs torch can use in this process (0 when CUDA is unusable). Neither call creates
+    a CUDA context: torch initialises CUDA lazily, at the first tensor or stream."""
     import torch
 
-    if torch.cuda.is_available() and not _truthy("ACCELERATE_USE_CPU"):
-        count = torch.cuda.device_count()
-        if local_rank >= count:
-            raise LaunchError(
-                f"local rank {local_rank} has no GPU: only {count} visible "
-                f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); "
-                "start at most that many processes per node.")
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def check_gpus(gpus: list[int]) -> None:
-    """launch.gpus must name GPUs that exist: ids are physical (what CUDA_VISIBLE_DEVICES
-    takes), so they are checked against that list when a launcher set it, else against the
-    GPUs torch sees."""
+def _visible_text() -> str:
+    return f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}"
+
+
+def device_for(want: str, nproc: int, visible: int, started: str, fix: str) -> str:
+    """'cuda' or 'cpu' for `nproc` processes on a node with `visible` GPUs, as launch.device
+    asks (auto | cuda | cpu). `started` says where nproc comes from and `fix` how to start
+    fewer, for the error. auto never falls back to the CPU when GPUs exist but are too few:
+    a GPU job would silently run 100x slower; the user decides (fewer processes, or cpu)."""
+    if want == "cpu":
+        return "cpu"
+    if visible == 0:
+        if want == "cuda":
+            raise LaunchError(f"launch.device=cuda but no GPU is visible here ({_visible_text()}"
+                              "); run where a GPU is visible, or set launch.device=cpu (or "
+                              "auto) for CPU ranks.")
+        return "cpu"
+    if nproc > visible:
+        raise LaunchError(f"{started} asks for {nproc} GPU processes on this node, but only "
+                          f"{visible} GPU(s) are visible ({_visible_text()}); {fix}, or set "
+                          f"launch.device=cpu to run {nproc} CPU ranks.")
+    return "cuda"
+
+
+def pick_device(local_rank: int, local_world: int = 1, want: str = "auto",
+                gpus: list[int] | tuple[int, ...] = (), launcher: str = "none") -> torch.device:
+    """This rank's device: cuda:<local_rank> or the CPU, as launch.device says.
+
+    launch.device=cpu touches nothing of CUDA (no context, no count). accelerate's
+    ACCELERATE_USE_CPU (`accelerate launch --cpu`, `use_cpu: true`) means cpu for auto and
+    contradicts cuda. Every rank of a node checks the node's process count, so that all of
+    them fail alike before any process group exists (none waits for a peer that died)."""
+    import torch
+
+    if _truthy("ACCELERATE_USE_CPU"):
+        if want == "cuda":
+            raise LaunchError("ACCELERATE_USE_CPU is set (accelerate launch --cpu or use_cpu: "
+                              "true) but the recipe says launch.device=cuda; drop one of them.")
+        want = "cpu"
+    if want == "cpu":
+        return torch.device("cpu")
+    ranks = max(local_world, local_rank + 1)
+    check_gpus(list(gpus), ranks)  # GPUs named by id must exist, also where there are none
+    count = cuda_device_count()
+    started = f"{launcher} (local world size {ranks})" if launcher != "none" else "this process"
+    if device_for(want, ranks, count, started, f"start at most {count} per node (torchrun "
+                  f"--nproc_per_node {count}, or launch.nproc={count} with ffdist launch)") == "cpu":
+        return torch.device("cpu")
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def check_gpus(gpus: list[int], ranks: int = 1) -> None:
+    """launch.gpus must name GPUs that exist, and be the GPUs the ranks of this node get.
+    Ids are physical (what CUDA_VISIBLE_DEVICES takes): `ffdist launch` exports them there,
+    so rank r runs on the r-th visible GPU; a bare launcher without that variable would put
+    launch.gpus=[2] on GPU 0, which is refused rather than done silently."""
     if not gpus:
         return
-    import torch
-
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        ids = [v.strip() for v in visible.split(",") if v.strip()]
-        if not all(i.lstrip("-").isdigit() for i in ids):
-            return  # GPU UUIDs / MIG names: nothing to compare ids with
-        available = [int(i) for i in ids]
-    else:
-        available = list(range(torch.cuda.device_count() if torch.cuda.is_available() else 0))
+    ids = visible_ids()
+    if ids is not None and not all(i.isdigit() for i in ids):
+        return  # GPU UUIDs / MIG names: nothing to compare ids with
+    available = [int(i) for i in ids] if ids is not None else list(range(cuda_device_count()))
     missing = [g for g in gpus if g not in available]
     if missing:
         have = (f"GPU ids {available}" if available else "no GPU")
         raise LaunchError(f"launch.gpus={gpus} names GPU {missing[0]}, but this machine has "
                           f"{have} visible; use ids from that list, or launch.gpus=[] for "
-                          "all of them (the CPU when there is none).")
+                          "all of them (launch.device=cpu for CPU ranks).")
+    used = available[:ranks]
+    if sorted(used) != sorted(gpus):
+        raise LaunchError(f"launch.gpus={gpus}, but the {ranks} process(es) of this node would "
+                          f"run on GPU(s) {used} ({_visible_text()}): start them with "
+                          "`ffdist launch` (it exports launch.gpus as CUDA_VISIBLE_DEVICES), or "
+                          f"set CUDA_VISIBLE_DEVICES={','.join(map(str, gpus))} yourself.")
 
 
 def _restart_store(world: int, local_world: int, timeout: datetime.timedelta) -> object | None:
@@ -179,13 +275,20 @@ def _restart_store(world: int, local_world: int, timeout: datetime.timedelta) ->
     return dist.PrefixStore(f"ffdist/attempt_{restart}", store)
 
 
-def init(pg_timeout_s: int = 1800) -> DistInfo:
-    """Read the environment, join the process group if there is one, pick the device."""
+def init(launch: LaunchConfig | None = None) -> DistInfo:
+    """Read the environment, pick the device (launch.device, launch.gpus), then join the
+    process group if there is one: device errors come first, so every rank exits alike."""
     import torch
     import torch.distributed as dist
 
+    if launch is None:
+        from ffdist.recipe import LaunchConfig
+
+        launch = LaunchConfig()
     rank, local_rank, world, local_world, launcher = world_from_env()
-    device = pick_device(local_rank)
+    device = pick_device(local_rank, local_world, launch.device, launch.gpus, launcher)
+    if device.type == "cpu":
+        _deepspeed_on_cpu()
     if world > 1 and not dist.is_initialized():
         _rendezvous_for(launcher)
         os.environ.setdefault("RANK", str(rank))
@@ -194,7 +297,7 @@ def init(pg_timeout_s: int = 1800) -> DistInfo:
         # nccl for GPUs; gloo is the one CPU backend that all launchers support.
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs = {"device_id": device} if device.type == "cuda" else {}
-        timeout = datetime.timedelta(seconds=pg_timeout_s)
+        timeout = datetime.timedelta(seconds=launch.pg_timeout)
         store = _restart_store(world, local_world, timeout)
         if store is not None:
             kwargs["store"] = store
@@ -204,6 +307,16 @@ def init(pg_timeout_s: int = 1800) -> DistInfo:
         # Without this, every rank starts one thread per core and they fight over cores.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
     return DistInfo(rank, local_rank, world, local_world, device, launcher, launcher_precision())
+
+
+def _deepspeed_on_cpu() -> None:
+    """DeepSpeed picks its accelerator by itself (CUDA whenever torch sees a GPU), at its
+    import: CPU ranks on a GPU machine must say so first, or ZeRO would move to cuda:0."""
+    chosen = os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if chosen != "cpu":
+        raise LaunchError(f"DS_ACCELERATOR={chosen} but this rank runs on the CPU "
+                          "(launch.device, or no GPU visible); unset DS_ACCELERATOR or set "
+                          "launch.device=cuda.")
 
 
 def ensure_process_group(device: torch.device) -> None:

@@ -114,7 +114,7 @@ def run(run_dir: str | Path, overrides: list[str]) -> dict[str, Any]:
     checkpoint, overrides = loading.split_checkpoint_arg(overrides)
     rcp = loading.load_recipe(run_dir, overrides)
     weights = loading.weights_path(run_dir, checkpoint)
-    info = dist.init(rcp.launch.pg_timeout)
+    info = dist.init(rcp.launch)
     try:
         s = setup(rcp, info)
         loading.load_into(s.model, loading.state_dict_from(weights), weights)

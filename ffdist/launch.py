@@ -24,7 +24,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ffdist import dist
 from ffdist import recipe as recipe_mod
+from ffdist.dist import gpu_count
 from ffdist.errors import LaunchError
 from ffdist.recipe import Recipe
 
@@ -51,56 +53,61 @@ class Command:
 
 @dataclass(frozen=True)
 class Plan:
-    """What runs on this node: processes, the GPU ids they see (None: CPU ranks)."""
+    """What runs on this node: processes, the GPU ids they see (None: the visible ones, or
+    CPU ranks), and where they run."""
 
     nproc: int
     gpus: list[int] | None
     threads: int | None = None
     """OMP_NUM_THREADS per CPU rank, when the allocation says how many cores we have."""
+    device: str | None = None
+    """cuda | cpu, decided for this node by plan_local (launch.device); None where the
+    ranks alone decide (Slurm allocations)."""
 
 
 # ---------------------------------------------------------------------------- devices
-def gpu_count() -> int:
-    """GPUs on this node: NVML (no CUDA context, cheap), else torch.cuda."""
-    try:
-        import pynvml  # nvidia-ml-py
-
-        pynvml.nvmlInit()
-        try:
-            return int(pynvml.nvmlDeviceGetCount())
-        finally:
-            pynvml.nvmlShutdown()
-    except Exception:  # no driver / no library: ask torch, which says 0 on a CPU machine
-        import torch
-
-        return torch.cuda.device_count()
-
-
 def check_gpus(gpus: list[int], count: int) -> None:
     missing = [g for g in gpus if g >= count]
     if missing:
         raise LaunchError(
             f"launch.gpus={gpus}: GPU id(s) {missing} do not exist on this node, which has "
             + (f"{count} GPU(s) (ids 0..{count - 1}); pick ids from `nvidia-smi -L`." if count
-               else "no GPU; set launch.gpus=[] and launch.nproc=N for N CPU ranks."))
+               else "no GPU; set launch.device=cpu (and launch.nproc=N for N CPU ranks)."))
 
 
 def plan_local(rcp: Recipe, dry_run: bool) -> tuple[Plan, list[str]]:
-    """Processes and GPU ids for this node from launch.gpus / launch.nproc."""
-    gpus = list(rcp.launch.gpus)
-    if gpus:
+    """Processes and devices for this node from launch.device / launch.gpus / launch.nproc,
+    checked against the GPUs here before anything starts (exit 2 when they do not fit)."""
+    lc = rcp.launch
+    if lc.device == "cpu":
+        n = lc.nproc or 1
+        notes = [f"launch.device=cpu: {n} CPU rank(s)"
+                 + ("" if lc.nproc else " (launch.nproc=null: one)")]
+        if lc.gpus:
+            notes.append(f"launch.gpus={list(lc.gpus)} ignored: launch.device=cpu")
+        return Plan(n, None, device="cpu"), notes
+    if lc.gpus:
+        gpus = list(lc.gpus)
+        if lc.nproc is not None and lc.nproc != len(gpus):
+            raise LaunchError(
+                f"launch.nproc={lc.nproc} but launch.gpus={gpus} lists {len(gpus)} GPU(s), and "
+                f"each process gets one of them; set launch.nproc=null (or {len(gpus)}), or "
+                f"list {lc.nproc} GPU id(s).")
         if dry_run:
-            return Plan(len(gpus), gpus), ["launch.gpus not checked against this node (--dry-run)"]
-        check_gpus(gpus, gpu_count())
-        return Plan(len(gpus), gpus), []
-    # All GPUs this process may use: an inherited CUDA_VISIBLE_DEVICES is respected, not
-    # replaced (NVML counts physical GPUs and would widen it).
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    count = (len([g for g in visible.split(",") if g.strip()]) if visible is not None
-             else gpu_count())
-    if count:
-        return Plan(count, None), [f"launch.gpus=[]: all {count} visible GPU(s)"]
-    return Plan(rcp.launch.nproc, None), [f"no GPU: {rcp.launch.nproc} CPU rank(s) (launch.nproc)"]
+            return Plan(len(gpus), gpus, device="cuda"), [
+                "launch.gpus not checked against this node (--dry-run)"]
+        check_gpus(gpus, dist.gpu_count())
+        return Plan(len(gpus), gpus, device="cuda"), [f"launch.gpus={gpus}: one process each"]
+    count = dist.visible_gpu_count()
+    n = lc.nproc or max(count, 1)
+    device = dist.device_for(lc.device, n, count, f"launch.nproc={lc.nproc}",
+                             f"use launch.nproc={count} or null (one per GPU)")
+    if device == "cuda":
+        how = f"launch.nproc={lc.nproc}" if lc.nproc else "launch.nproc=null: one per GPU"
+        return Plan(n, None, device="cuda"), [
+            f"launch.device={lc.device}: {n} process(es) on {n} of {count} visible GPU(s) ({how})"]
+    how = f"launch.nproc={lc.nproc}" if lc.nproc else "launch.nproc=null: one"
+    return Plan(n, None, device="cpu"), [f"no GPU visible: {n} CPU rank(s) ({how})"]
 
 
 def plan_slurm_node(rcp: Recipe, environ: dict[str, str]) -> tuple[Plan, list[str]]:
@@ -120,12 +127,15 @@ def plan_slurm_node(rcp: Recipe, environ: dict[str, str]) -> tuple[Plan, list[st
         gpus = len([g for g in environ["CUDA_VISIBLE_DEVICES"].split(",") if g.strip()])
     if not gpus:
         gpus = gpu_count()
+    if rcp.launch.device == "cpu":
+        gpus = 0  # CPU ranks on a GPU node: the recipe says so
     if gpus:
         return Plan(gpus, None), notes + [f"{gpus} GPU(s) on this node from the allocation"]
     cpus = int(environ.get("SLURM_CPUS_ON_NODE") or os.cpu_count() or 1)
-    nproc = min(rcp.launch.nproc, cpus)
-    if nproc < rcp.launch.nproc:
-        notes.append(f"launch.nproc={rcp.launch.nproc} capped to the {cpus} CPU(s) allocated "
+    want = rcp.launch.nproc or 1  # null: one process per device, the CPU is one
+    nproc = min(want, cpus)
+    if nproc < want:
+        notes.append(f"launch.nproc={want} capped to the {cpus} CPU(s) allocated "
                      "on this node (ask for more with sbatch --cpus-per-task)")
     return Plan(nproc, None, max(1, cpus // nproc)), notes + [
         f"no GPU: {nproc} CPU rank(s) x {max(1, cpus // nproc)} thread(s)"]
@@ -211,7 +221,7 @@ def accelerate(rcp: Recipe, recipe_path: str, overrides: list[str], plan: Plan,
     if lc.nnodes > 1:
         argv += ["--machine_rank", str(lc.node_rank), "--main_process_ip", host,
                  "--main_process_port", port, "--same_network"]
-    if plan.gpus is None:
+    if plan.device == "cpu":
         # accelerate only starts a gloo world on CPUs when told to use the CPU; without it
         # the ranks silently train as independent processes.
         env["ACCELERATE_USE_CPU"] = "1"
@@ -233,14 +243,25 @@ def deepspeed(rcp: Recipe, recipe_path: str, overrides: list[str], plan: Plan,
             "launch/deepspeed/hostfile.example) or use --launcher torchrun, which runs "
             "strategy.name=deepspeed the same way.")
     env, _ = _net_env(rcp, dry_run, notes)
-    argv = [_bin("deepspeed")]
-    if plan.gpus is not None:
-        # The deepspeed launcher sets CUDA_VISIBLE_DEVICES itself from --include.
-        argv += ["--include", "localhost:" + ",".join(map(str, plan.gpus))]
-    else:
-        argv += ["--num_gpus", str(plan.nproc)]  # on CPU: the number of ranks
+    argv = [_bin("deepspeed"), *_deepspeed_devices(plan, env, notes)]
     argv += ["--module", "ffdist.train", recipe_path, *overrides]
     return Command(argv, env, notes)
+
+
+def _deepspeed_devices(plan: Plan, env: dict[str, str], notes: list[str]) -> list[str]:
+    """The deepspeed launcher's device flags. It sets CUDA_VISIBLE_DEVICES for its ranks
+    itself: from --include, or 0..N-1 for --num_gpus N, dropping an inherited one (so
+    that is passed on as --include)."""
+    if plan.device == "cpu":
+        env["DS_ACCELERATOR"] = "cpu"  # its own device count and the ranks' engine: CPU
+        return ["--num_gpus", str(plan.nproc)]  # on the CPU: the number of ranks
+    ids = [str(g) for g in plan.gpus] if plan.gpus is not None else dist.visible_ids()
+    if ids is not None and all(i.isdigit() for i in ids):
+        return ["--include", "localhost:" + ",".join(ids[:plan.nproc])]
+    if ids is not None:
+        notes.append("CUDA_VISIBLE_DEVICES holds GPU UUIDs, which the deepspeed launcher "
+                     "cannot take: it will use GPUs 0..N-1")
+    return ["--num_gpus", str(plan.nproc)]
 
 
 def slurm(rcp: Recipe, recipe_path: str, overrides: list[str], plan: Plan) -> Command:
@@ -262,8 +283,9 @@ def build(recipe_path: str, overrides: list[str], launcher: str | None = None,
     rcp = recipe_mod.load(recipe_path, overrides)
     launcher = launcher or rcp.launch.launcher
     if launcher == "slurm":
-        plan = (Plan(len(rcp.launch.gpus), list(rcp.launch.gpus)) if rcp.launch.gpus
-                else Plan(rcp.launch.nproc, None))
+        plan = (Plan(len(rcp.launch.gpus), list(rcp.launch.gpus))
+                if rcp.launch.gpus and rcp.launch.device != "cpu"
+                else Plan(rcp.launch.nproc or 1, None))
         return slurm(rcp, recipe_path, overrides, plan)
     plan, notes = plan_local(rcp, dry_run)
     if plan.nproc == 1 and rcp.launch.nnodes == 1:

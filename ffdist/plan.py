@@ -86,12 +86,15 @@ def nvml_memory(gpus: list[int]) -> list[int] | None:
         pynvml.nvmlShutdown()
 
 
-def world_size(rcp: Recipe, override: int | None, gpu_count: int) -> tuple[int, str]:
+def world_size(rcp: Recipe, override: int | None) -> tuple[int, str]:
+    """Devices in total: --world-size, else what `ffdist launch` would start per node here
+    (launch.device, launch.gpus, launch.nproc and the visible GPUs) times launch.nnodes."""
     if override:
         return override, "--world-size"
-    per_node, why = (len(rcp.launch.gpus), "launch.gpus") if rcp.launch.gpus else \
-        ((gpu_count, "visible GPUs") if gpu_count else (rcp.launch.nproc, "launch.nproc"))
-    return per_node * rcp.launch.nnodes, f"{why} x launch.nnodes={rcp.launch.nnodes}"
+    from ffdist.launch import plan_local
+
+    node, notes = plan_local(rcp, dry_run=True)
+    return node.nproc * rcp.launch.nnodes, f"{notes[0]}; x launch.nnodes={rcp.launch.nnodes}"
 
 
 def saved_bytes(model: nn.Module, batch: int, channels: int, size: int, precision: str) -> int:
@@ -187,8 +190,8 @@ def facts(rcp: Recipe, args: argparse.Namespace) -> dict[str, Any]:
     from ffdist import assemble, dist
 
     sizes = nvml_memory(list(rcp.launch.gpus))
-    world, why = world_size(rcp, args.world_size, len(sizes or []))
-    device = dist.pick_device(0)  # rank 0's device, as ffdist.dist.init picks it
+    world, why = world_size(rcp, args.world_size)
+    device = dist.pick_device(0, 1, rcp.launch.device, rcp.launch.gpus)  # rank 0's, as dist.init
     launcher = dist.launcher_precision()  # accelerate launch --mixed_precision
     resolved = assemble.resolve(rcp, world, device, launcher)
     model = assemble.build_model(rcp, load_weights=False)  # model.freeze applied

@@ -254,10 +254,18 @@ class StrategyConfig:
 class LaunchConfig:
     launcher: str = "torchrun"
     """What `ffdist launch` starts: torchrun | accelerate | deepspeed | slurm."""
+    device: str = "auto"
+    """Where ranks run: auto (the GPUs when this node has any visible, else the CPU) | cuda
+    | cpu (CPU ranks and gloo even where GPUs exist; CUDA is never initialised). Under auto
+    or cuda, more processes on a node than visible GPUs is an error (exit 2), never a
+    silent fallback to the CPU."""
     gpus: list[int] = field(default_factory=list)
-    """GPU ids for `ffdist launch` on each node (-> CUDA_VISIBLE_DEVICES); [] = all."""
-    nproc: int = 2
-    """Processes per node when there is no GPU (CPU ranks)."""
+    """GPU ids for `ffdist launch` on each node (-> CUDA_VISIBLE_DEVICES); [] = all visible.
+    Ignored with launch.device=cpu."""
+    nproc: int | None = None
+    """Processes per node. null: one per GPU (one per launch.gpus id, else per visible GPU)
+    when ranks run on GPUs, one process on the CPU. A number: exactly that many, on GPUs
+    (at most one per GPU; more is an error) or on the CPU (launch.device=cpu, or no GPU)."""
     nnodes: int = 1
     """Number of nodes."""
     node_rank: int = 0
@@ -280,7 +288,10 @@ class LaunchConfig:
                "GPU ids are 0 or more, e.g. [0, 2]")
         _check(len(set(self.gpus)) == len(self.gpus), "launch.gpus", self.gpus,
                "list each GPU id once")
-        _check(self.nproc >= 1, "launch.nproc", self.nproc, "use 1 or more")
+        _check(self.device in ("auto", "cuda", "cpu"), "launch.device", self.device,
+               "use auto, cuda or cpu")
+        _check(self.nproc is None or self.nproc >= 1, "launch.nproc", self.nproc,
+               "use 1 or more, or null (one per GPU; one on the CPU)")
         _check(self.nnodes >= 1, "launch.nnodes", self.nnodes, "use 1 or more")
         _check(0 <= self.node_rank < self.nnodes, "launch.node_rank", self.node_rank,
                "use 0 .. nnodes-1")

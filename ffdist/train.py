@@ -47,8 +47,7 @@ def run(recipe_path: str | None, overrides: list[str]) -> dict:
 
     from ffdist import dist, signals
 
-    dist.check_gpus(rcp.launch.gpus)  # before any process group exists to tear down
-    info = dist.init(rcp.launch.pg_timeout)
+    info = dist.init(rcp.launch)  # device checks (launch.device/gpus), then the group
     trainer = None
     try:
         from ffdist.monitor import setup_logging

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
@@ -18,6 +21,9 @@ def env(**extra: str) -> dict[str, str]:
     """Environment for child processes: this checkout's ffdist first on the path (so a
     worktree or fresh clone tests its own code), few threads, no GPU assumptions."""
     e = dict(os.environ)
+    # ffdist.dist sets DS_ACCELERATOR=cpu in a process whose ranks run on the CPU; tests that
+    # train in-process (launch.device=cpu) must not hand that to every later child process.
+    e.pop("DS_ACCELERATOR", None)
     e["PYTHONPATH"] = os.pathsep.join([str(REPO), e.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     e.setdefault("OMP_NUM_THREADS", "1")
     e["PYTHONUNBUFFERED"] = "1"
@@ -71,6 +77,29 @@ def end_event(run_dir: Path) -> dict:
 
 # Overrides that make a digits run tiny and quiet for tests.
 FAST = ("log.tensorboard=false", "log.progress=false")
+
+
+# -- devices (issue 11) ----------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=1)
+def cuda_gpus() -> int:
+    """GPUs torch can use here: the real count (tests/conftest.py skips `gpu` tests on it)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+CPU = "launch.device=cpu"
+"""Ranks on the CPU (gloo) whatever GPUs this machine has: for tests with more ranks than a
+machine may have GPUs, and for comparisons that are exact only on the CPU (CUDA kernels
+choose algorithms per shape and some reduce with atomics, in a different order each run)."""
+
+# The 2-rank tests that mean the same on GPUs: CPU ranks (gloo) always, and NCCL ranks
+# (launch.device=cuda) where 2 GPUs are visible; elsewhere that case reports "no GPU".
+TWO_RANK_DEVICES = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param("cuda", id="nccl", marks=(pytest.mark.gpu, pytest.mark.multigpu)),
+]
 
 
 # -- launchers other than torchrun (issue 3) -----------------------------------------------

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tests.helpers import FAST, end_event, events, free_port, torchrun, train
+from tests.helpers import CPU, FAST, TWO_RANK_DEVICES, end_event, events, free_port, torchrun, train
 
 
 def _init(rank: int, world: int, port: int) -> None:
@@ -78,7 +78,7 @@ def test_evaluation_over_an_odd_sized_set_counts_exactly_n() -> None:
 def test_one_and_two_processes_train_the_same_steps(tmp_path: Path) -> None:
     """Digits (BatchNorm-free model), fp32: the global batch of each step is the same set of
     images whatever the world size, so per-step losses agree up to float summation order."""
-    common = (*FAST, "precision=fp32", "log.every_steps=1", "schedule.max_steps=20",
+    common = (*FAST, CPU, "precision=fp32", "log.every_steps=1", "schedule.max_steps=20",
               "data.val_fraction=0.2006")  # 361 val images: odd, split unevenly over 2 ranks
     train("digits.yaml", f"output_dir={tmp_path / 'one'}", *common)
     torchrun("digits.yaml", f"output_dir={tmp_path / 'two'}", *common)
@@ -95,8 +95,9 @@ def test_one_and_two_processes_train_the_same_steps(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_torchrun_digits_reaches_98_percent_with_world_size_2(tmp_path: Path) -> None:
-    torchrun("digits.yaml", f"output_dir={tmp_path}", *FAST)
+@pytest.mark.parametrize("device", TWO_RANK_DEVICES)
+def test_torchrun_digits_reaches_98_percent_with_world_size_2(tmp_path: Path, device: str) -> None:
+    torchrun("digits.yaml", f"output_dir={tmp_path}", f"launch.device={device}", *FAST)
     end = end_event(tmp_path)
     val = events(tmp_path, "val")[-1]
     assert end["world_size"] == 2 and val["n"] == 360

@@ -10,7 +10,17 @@ import sys
 import pytest
 import torch
 
-from tests.helpers import FAST, RECIPES, end_event, events, run, torchrun, train_losses
+from tests.helpers import (
+    CPU,
+    FAST,
+    RECIPES,
+    TWO_RANK_DEVICES,
+    end_event,
+    events,
+    run,
+    torchrun,
+    train_losses,
+)
 
 pytestmark = pytest.mark.slow
 RECIPE = "digits_zero2.yaml"
@@ -44,7 +54,7 @@ def test_zero3_offload_trains_evaluates_and_writes_a_consolidated_model(tmp_path
     """ZeRO-3 partitions the parameters themselves, so evaluation must run the forward on
     every rank (uneven eval shards included) and model.pt must gather them."""
     out = tmp_path / "z3"
-    overrides = ("strategy.zero_stage=3", "strategy.offload_optimizer=true",
+    overrides = (CPU, "strategy.zero_stage=3", "strategy.offload_optimizer=true",
                  "strategy.offload_params=true", "precision=fp32",
                  "strategy.deepspeed_config=launch/deepspeed/zero3_offload.json")  # the example
     torchrun(RECIPE, *FAST, *overrides, "schedule.max_steps=8", "log.every_steps=1",
@@ -68,12 +78,13 @@ def test_zero3_offload_trains_evaluates_and_writes_a_consolidated_model(tmp_path
     assert set(best["model"]) == set(torch.load(out / "model.pt", weights_only=True))
 
 
-def test_zero1_bf16_trains_with_accumulation(tmp_path):
+@pytest.mark.parametrize("device", TWO_RANK_DEVICES)
+def test_zero1_bf16_trains_with_accumulation(tmp_path, device):
     """ZeRO-1 in bf16 (DeepSpeed's bf16: bf16 weights, fp32 master copy), 2 micro-steps per
     optimizer step (micro_batch_size 16 of 32 per rank)."""
     out = tmp_path / "z1"
-    torchrun(RECIPE, *FAST, "strategy.zero_stage=1", "precision=bf16", "schedule.max_steps=6",
-             "log.every_steps=1", f"output_dir={out}")
+    torchrun(RECIPE, *FAST, f"launch.device={device}", "strategy.zero_stage=1", "precision=bf16",
+             "schedule.max_steps=6", "log.every_steps=1", f"output_dir={out}")
     losses = train_losses(out)
     assert end_event(out)["world_size"] == 2
     assert sorted(losses) == list(range(1, 7)) and all(math.isfinite(v) for v in losses.values())

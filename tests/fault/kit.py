@@ -12,12 +12,13 @@ from pathlib import Path
 import psutil
 import torch
 
-from tests.helpers import BIN, RECIPES, REPO, env, free_port, metrics
+from tests.helpers import BIN, CPU, RECIPES, REPO, env, free_port, metrics
 
 # 30 steps of 64 over 2 epochs (22 steps each): checkpoints every 5 steps, so some are
-# mid-epoch; one loss per step in metrics.jsonl; fp32 so that CPU runs are bit-exact.
+# mid-epoch; one loss per step in metrics.jsonl; fp32 on CPU ranks (also where GPUs exist)
+# so that runs are bit-exact.
 STEPS = 30
-ARGS = ("precision=fp32", "schedule.epochs=2", f"schedule.max_steps={STEPS}",
+ARGS = (CPU, "precision=fp32", "schedule.epochs=2", f"schedule.max_steps={STEPS}",
         "checkpoint.every_steps=5", "checkpoint.keep_last=10", "log.every_steps=1",
         "log.tensorboard=false", "log.progress=false")
 

@@ -20,7 +20,7 @@ import pytest
 from ffdist import train
 from ffdist.errors import EXIT_USER_ERROR
 from tests.fault import kit
-from tests.helpers import RECIPES
+from tests.helpers import RECIPES, cuda_gpus
 
 DIGITS = str(RECIPES / "digits.yaml")
 
@@ -171,8 +171,9 @@ def test_checkpoint_of_another_model(capfd, ref1, tmp_path):
 
 def test_gpu_that_does_not_exist(capfd, tmp_path, monkeypatch):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    line = main_fails(capfd, "launch.gpus=[7]", f"output_dir={tmp_path / 'out'}")
-    assert "launch.gpus=[7] names GPU 7" in line
+    missing = cuda_gpus()  # ids are 0..count-1 here: this one never exists
+    line = main_fails(capfd, f"launch.gpus=[{missing}]", f"output_dir={tmp_path / 'out'}")
+    assert f"launch.gpus=[{missing}] names GPU {missing}" in line
 
 
 def test_output_dir_not_writable(capfd, tmp_path):

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import sys
 
-from tests.helpers import FAST, RECIPES, end_event, events, run
+import pytest
+
+from tests.helpers import FAST, RECIPES, TWO_RANK_DEVICES, end_event, events, run
 
 
-def test_ffdist_launch_trains_world_of_two(tmp_path):
+@pytest.mark.parametrize("device", TWO_RANK_DEVICES)
+def test_ffdist_launch_trains_world_of_two(tmp_path, device):
     out = tmp_path / "run"
     proc = run([sys.executable, "-m", "ffdist.cli", "launch", str(RECIPES / "digits.yaml"),
-                "launch.nproc=2", "schedule.epochs=2", f"output_dir={out}", *FAST], timeout=240)
+                f"launch.device={device}", "launch.nproc=2", "schedule.epochs=2",
+                f"output_dir={out}", *FAST], timeout=240)
     assert "torchrun" in proc.stdout and "--nproc_per_node 2" in proc.stdout  # the command
+    assert f"on {device} x2 (ddp)" in proc.stdout  # where the ranks ran
     assert {e["world_size"] for e in events(out, "train") + events(out, "val")} == {2}
     assert end_event(out)["step"] == 2 * 22
     assert (out / "model.pt").exists()

@@ -21,14 +21,25 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers import FAST, REPO, accelerate, deepspeed_launcher, end_event, torchrun, train_losses
+from tests.helpers import (
+    CPU,
+    FAST,
+    REPO,
+    TWO_RANK_DEVICES,
+    accelerate,
+    deepspeed_launcher,
+    end_event,
+    torchrun,
+    train_losses,
+)
 
 pytestmark = pytest.mark.slow
 RECIPE = "digits_zero2.yaml"
 STEPS = 10
 # lr: linear warmup over half an epoch (11 steps) then constant: it changes at every step
-# (so a missing per-step lr shows) and depends on the step only, not on max_steps.
-PARITY = (*FAST, "precision=fp32", "data.augment=false", "log.every_steps=1",
+# (so a missing per-step lr shows) and depends on the step only, not on max_steps. CPU
+# ranks on any machine: the comparison is exact only there (tests.helpers.CPU).
+PARITY = (*FAST, CPU, "precision=fp32", "data.augment=false", "log.every_steps=1",
           "schedule.scheduler=constant", "schedule.warmup_epochs=0.5")
 TOL = 1e-4
 
@@ -69,12 +80,14 @@ def test_accelerate_config_file_and_deepspeed_launcher_match_torchrun(tmp_path, 
     _assert_close(ds, ddp, range(1, STEPS + 1))
 
 
-def test_accelerate_multi_gpu_flags_give_a_real_world_of_two(tmp_path):
-    """No GPU here: accelerate's --multi_gpu launcher is torchrun underneath and ffdist joins
-    the gloo group itself (a plain Accelerator() would give 2 separate worlds of 1)."""
+@pytest.mark.parametrize("device", TWO_RANK_DEVICES)
+def test_accelerate_multi_gpu_flags_give_a_real_world_of_two(tmp_path, device):
+    """accelerate's --multi_gpu launcher is torchrun underneath and ffdist joins the process
+    group itself: gloo for CPU ranks (a plain Accelerator() would give 2 separate worlds of
+    1 there), NCCL on 2 GPUs."""
     out = tmp_path / "acc_flags"
-    accelerate("digits.yaml", *FAST, "schedule.max_steps=3", "log.every_steps=1",
-               f"output_dir={out}")
+    accelerate("digits.yaml", *FAST, f"launch.device={device}", "schedule.max_steps=3",
+               "log.every_steps=1", f"output_dir={out}")
     assert end_event(out)["world_size"] == 2
     assert sorted(train_losses(out)) == [1, 2, 3]
 

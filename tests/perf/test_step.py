@@ -15,7 +15,7 @@ from ffdist.errors import RecipeError
 from ffdist.metrics import EvalCounts
 from ffdist.models.small import SmallCNN
 from ffdist.strategies.single import _compiled
-from tests.helpers import FAST, events, torchrun
+from tests.helpers import CPU, FAST, events, torchrun
 
 
 def test_eval_counts_match_a_direct_computation() -> None:
@@ -58,7 +58,7 @@ def _assert_plain_keys(state: dict) -> None:
 def test_compile_before_ddp_checkpoints_have_plain_keys(tmp_path: Path) -> None:
     # DDP(torch.compile(model)) under torchrun: the path model.compile takes with N ranks
     # (the single-device one is its first half, SingleDevice.__init__).
-    torchrun("digits.yaml", f"output_dir={tmp_path}", "model.compile=true",
+    torchrun("digits.yaml", f"output_dir={tmp_path}", CPU, "model.compile=true",
              "model.compile_backend=aot_eager", "schedule.max_steps=3", "schedule.epochs=1",
              *FAST)
     _assert_plain_keys(load_torch(tmp_path / "model.pt"))

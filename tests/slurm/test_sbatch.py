@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.helpers import FAST, RECIPES, REPO, end_event, events, run
+from tests.helpers import CPU, FAST, RECIPES, REPO, end_event, events, run
 from tests.slurm.cluster import job_state, wait_done
 
 SCRIPT = str(REPO / "slurm" / "train.sh")
@@ -16,7 +16,8 @@ SCRIPT = str(REPO / "slurm" / "train.sh")
 def test_sbatch_trains_world_of_two(slurm_cluster, tmp_path):
     out = tmp_path / "run"
     proc = run(["sbatch", "--wait", "--output", str(tmp_path / "sbatch-%j.out"), SCRIPT,
-                str(RECIPES / "digits.yaml"), f"output_dir={out}", *FAST], timeout=400)
+                str(RECIPES / "digits.yaml"), f"output_dir={out}", CPU, "launch.nproc=2", *FAST],
+               timeout=400)
     job = re.search(r"Submitted batch job (\d+)", proc.stdout).group(1)
     log = (out / f"slurm-{job}.out").read_text()  # the job's log lives in the run dir
     assert "--nproc_per_node 2" in log and "--standalone" in log
@@ -32,7 +33,8 @@ def test_preemption_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path):
     # come from the checkpoint the USR1 trap asked for. Submitted by `ffdist launch`.
     proc = run([sys.executable, "-m", "ffdist.cli", "launch", str(RECIPES / "digits.yaml"),
                 "--launcher", "slurm", "schedule.epochs=3", "checkpoint.every_epochs=100",
-                "log.every_steps=5", f"output_dir={out}", *FAST], timeout=60)
+                "log.every_steps=5", f"output_dir={out}", CPU, "launch.nproc=2", *FAST],
+               timeout=60)
     job = re.search(r"Submitted batch job (\d+)", proc.stdout).group(1)
     try:
         deadline = time.monotonic() + 240

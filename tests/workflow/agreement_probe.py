@@ -137,9 +137,10 @@ def probe(case: dict[str, Any], info: Any) -> dict[str, Any]:
 
 def main(argv: list[str]) -> int:
     from ffdist import dist
+    from ffdist.recipe import LaunchConfig
 
     cases = json.loads(open(argv[0]).read())
-    info = dist.init(120)
+    info = dist.init(LaunchConfig(pg_timeout=120))
     # No dist.shutdown between cases: DeepSpeed keeps its process groups in globals, and a
     # second engine after a torn-down group fails; one group serves every case.
     results = [probe(case, info) for case in cases]

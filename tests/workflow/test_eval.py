@@ -7,6 +7,7 @@ import csv
 import json
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from ffdist.cli import main as cli
@@ -37,15 +38,23 @@ def test_eval_matches_training_and_writes_files(digits_run: Path):
     assert Image.open(digits_run / "eval" / "confusion.png").size[0] > 100
 
 
-def test_eval_torchrun_two_ranks_exact_counts_and_checkpoint(digits_run: Path):
+@pytest.mark.parametrize("device", helpers.TWO_RANK_DEVICES)
+def test_eval_torchrun_two_ranks_exact_counts_and_checkpoint(digits_run: Path, device: str):
     best = digits_run / "checkpoints" / "best.pt"
+    where = f"launch.device={device}"
+    # The reference: one process on the same device. (digits_run trained where it found a
+    # GPU, and CPU and GPU kernels round differently: a borderline image may flip.)
+    assert cli(["eval", str(digits_run), f"checkpoint={best}", where]) == 0
+    one = _report(digits_run)
     helpers.run([str(helpers.BIN / "torchrun"), "--nproc_per_node", "2", "--master_port",
                  str(helpers.free_port()), "-m", "ffdist.evaluate", str(digits_run),
-                 f"checkpoint={best}", "log.tensorboard=false"])
+                 f"checkpoint={best}", "log.tensorboard=false", where])
     r = _report(digits_run)
     assert r["world_size"] == 2 and r["n"] == VAL_SIZE  # disjoint shards, no padding
     assert r["weights"] == str(best)
-    assert abs(r["top1"] - helpers.end_event(digits_run)["best_top1"]) < 1e-9
+    assert abs(r["top1"] - one["top1"]) < 1e-9 and r["per_class"] == one["per_class"]
+    if helpers.cuda_gpus() == 0:  # trained on this CPU: the number training reported
+        assert abs(r["top1"] - helpers.end_event(digits_run)["best_top1"]) < 1e-9
 
 
 def test_evaluate_before_train_runs_first(digits_run: Path):

@@ -34,8 +34,9 @@ def test_finetune_frozen_backbone_from_local_checkpoint(digits_pngs: Path, tmp_p
     run("recipes/digits.yaml", ["schedule.epochs=6", f"model.pretrained={base / 'model.pt'}",
                                 "model.freeze=[backbone]", "optim.weight_decay=0.01",
                                 *_filelist_overrides(digits_pngs, lists_b, [5, 6, 7, 8, 9], tuned)])
-    before = torch.load(base / "model.pt", weights_only=True)
-    after = torch.load(tuned / "model.pt", weights_only=True)
+    # map_location: model.pt holds the tensors on the device they were trained on
+    before = torch.load(base / "model.pt", map_location="cpu", weights_only=True)
+    after = torch.load(tuned / "model.pt", map_location="cpu", weights_only=True)
     backbone = [k for k in before if not k.startswith("head.")]
     assert backbone, "small_cnn has a backbone"
     for k in backbone:  # frozen: identical bit for bit (even with weight decay configured)
@@ -82,7 +83,7 @@ def test_resnet_frozen_batchnorm_through_the_trainer(digits_pngs: Path, tmp_path
         "data.image_size=32", "data.num_workers=0", "data.batch_size=8", "schedule.epochs=2",
         "optim.lr=0.01", f"output_dir={out}", "log.tensorboard=false", "log.progress=false",
         "precision=fp32"])
-    after = torch.load(out / "model.pt", weights_only=True)
+    after = torch.load(out / "model.pt", map_location="cpu", weights_only=True)  # vs a CPU model
     for k, v in source.state_dict().items():
         if not k.startswith("fc."):
             assert torch.equal(v, after[k]), k  # weights AND running stats, bit for bit
