@@ -84,6 +84,8 @@ class RunModel:
     std: tuple[float, ...]
     weights: Path
     folder_data: bool         # imagefolder/filelist: resize + center crop like eval
+    eval_resize: int | None = None  # folders: short side before the crop (None: size/0.875)
+    interpolation: str = "bilinear"
 
 
 def load_run(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = (),
@@ -101,18 +103,20 @@ def load_run(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = (),
         from ffdist.data import transforms as T
 
         classes = _folder_classes(rcp)
-        channels, size = rcp.model.in_channels, rcp.data.image_size or 224
+        # the model is served at its EVAL size (data.eval_image_size when it trained smaller)
+        channels = rcp.model.in_channels
+        size = rcp.data.eval_image_size or rcp.data.image_size or 224
         mean, std = T.normalization("imagenet", channels)
     else:
         spec = build_datasets(rcp.data, rcp.seed, rcp.model.num_classes, rcp.model.in_channels)
         classes, channels, size, mean, std = (list(spec.classes), spec.channels,
-                                              spec.image_size, spec.mean, spec.std)
+                                              spec.eval_size, spec.mean, spec.std)
     model = models.build(rcp.model)
     path = weights_path(run_dir, checkpoint)
     load_into(model, state_dict_from(path), path)
     model.eval()
     return RunModel(rcp, model, classes, channels, size, tuple(mean), tuple(std), path,
-                    folder_data)
+                    folder_data, rcp.data.eval_resize_size, rcp.data.interpolation)
 
 
 def _folder_classes(rcp: Recipe) -> list[str]:
