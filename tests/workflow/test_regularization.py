@@ -118,3 +118,15 @@ def test_timm_model_with_drop_path_trains_finetunes_compiles_and_exports(tmp_pat
           "schedule.max_steps=2", f"output_dir={tmp_path / 'compiled'}")
     assert end_event(tmp_path / "compiled")["step"] == 2
     assert helpers.metrics(tmp_path / "compiled")
+
+
+def test_timm_pretrained_weights_offline_is_one_sentence(tmp_path: Path) -> None:
+    pytest.importorskip("timm")
+    proc = run([sys.executable, "-m", "ffdist.train", str(RECIPES / "digits.yaml"),
+                "model.name=timm/test_resnet", "model.pretrained=true", *FAST,
+                f"output_dir={tmp_path / 'run'}"], check=False,
+               HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "model.pretrained=true: timm could not get weights for test_resnet" in proc.stderr
+    assert "needs a network" in proc.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
