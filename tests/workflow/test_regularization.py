@@ -14,7 +14,6 @@ import torch
 
 from ffdist import recipe
 from ffdist.cli import main as cli
-from tests import helpers
 from tests.helpers import FAST, RECIPES, end_event, events, run, train
 from tests.workflow.conftest import write_filelists
 
@@ -105,19 +104,19 @@ def test_timm_model_with_drop_path_trains_finetunes_compiles_and_exports(tmp_pat
     assert end_event(out)["step"] == 6
     state = torch.load(out / "model.pt", weights_only=True)
     assert "fc.weight" in state and not any(k.startswith("module.") for k in state)
-    for fmt in ("onnx", "torchscript"):
-        proc = run([sys.executable, "-m", "ffdist.cli", "export", str(out), "--format", fmt])
-        assert "verified" in proc.stdout
-    tuned = tmp_path / "tuned"
+    # ONNX, verified against PyTorch at two batch sizes (TorchScript of a timm model works
+    # too, but its trace took 38 s here: tests/workflow/test_export.py covers that format)
+    proc = run([sys.executable, "-m", "ffdist.cli", "export", str(out), "--format", "onnx"])
+    assert "verified" in proc.stdout
+    tuned = tmp_path / "tuned"  # fine-tuned from that model.pt, frozen backbone, compiled
     train("digits.yaml", *base, f"model.pretrained={out / 'model.pt'}", "model.freeze=[backbone]",
-          f"output_dir={tuned}", "schedule.max_steps=3")
+          "model.compile=true", "model.compile_backend=eager", f"output_dir={tuned}",
+          "schedule.max_steps=3")
+    assert end_event(tuned)["step"] == 3
     after = torch.load(tuned / "model.pt", weights_only=True)
+    assert not any(k.startswith("_orig_mod.") for k in after)
     assert torch.equal(after["conv1.0.weight"], state["conv1.0.weight"])  # frozen backbone
     assert not torch.equal(after["fc.weight"], state["fc.weight"])  # timm's head trained
-    train("digits.yaml", *base, "model.compile=true", "model.compile_backend=eager",
-          "schedule.max_steps=2", f"output_dir={tmp_path / 'compiled'}")
-    assert end_event(tmp_path / "compiled")["step"] == 2
-    assert helpers.metrics(tmp_path / "compiled")
 
 
 def test_timm_pretrained_weights_offline_is_one_sentence(tmp_path: Path) -> None:
