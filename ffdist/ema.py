@@ -92,7 +92,10 @@ class EMA:
 
     def _tensors(self, model: nn.Module) -> tuple[list, list, list, list]:
         """(shadow, model) tensor lists to average and to copy, built once per model: a
-        state_dict() call costs ~1.4 ms for a ResNet-50, too much for every step."""
+        state_dict() call costs ~1.4 ms for a ResNet-50, too much for every step. The model
+        tensors are held by reference: updated in place (optimizer steps, load_state_dict)
+        they stay right; a strategy that REPLACES them (ZeRO-3 partitioning) needs its own
+        shard-wise EMA (docs/regularization.md)."""
         if self._lists is None or self._lists[0] != id(model):
             state = _named_state(model)
             self._lists = (id(model), [self.shadow[k] for k in self.averaged],
