@@ -43,6 +43,12 @@ def image_size(data: DataConfig) -> int:
     return data.image_size or DEFAULT_SIZE.get(data.name, 224)
 
 
+def eval_image_size(data: DataConfig) -> int:
+    """The side of the eval (and predict/export) images: data.eval_image_size for folder
+    datasets that evaluate larger than they train (FixRes), else the training size."""
+    return data.eval_image_size or image_size(data)
+
+
 @dataclass(frozen=True)
 class Resolved:
     """Everything derived from (recipe, world size, device, launcher's precision)."""
@@ -57,6 +63,8 @@ class Resolved:
     """Side of the training images (NATIVE_SIZE / data.image_size / DEFAULT_SIZE)."""
     device: torch.device
     """Where this process computes (decided by ffdist.dist; carried here for reports)."""
+    eval_image_size: int
+    """Side of the eval/predict/export images (data.eval_image_size, else image_size)."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values, for `ffdist plan --json` and bench.json."""
@@ -64,7 +72,8 @@ class Resolved:
         return {"global_batch": p.global_batch, "world_size": p.world_size,
                 "per_rank": p.per_rank, "micro": p.micro, "accum": p.accum,
                 "precision": self.precision, "strategy": self.strategy,
-                "image_size": self.image_size, "device": self.device.type}
+                "image_size": self.image_size, "eval_image_size": self.eval_image_size,
+                "device": self.device.type}
 
 
 def resolve(recipe: Recipe, world_size: int, device: torch.device,
@@ -82,7 +91,8 @@ def resolve(recipe: Recipe, world_size: int, device: torch.device,
     if trains and strategy == "deepspeed" and prec == "fp16" and device.type != "cuda":
         raise LaunchError("precision=fp16 with DeepSpeed needs a GPU (DeepSpeed has no fp16 "
                           "on the CPU); use precision=bf16 or fp32.")
-    return Resolved(plan, prec, strategy, image_size(recipe.data), device)
+    return Resolved(plan, prec, strategy, image_size(recipe.data), device,
+                    eval_image_size(recipe.data))
 
 
 def resolve_for(recipe: Recipe, info: DistInfo, *, trains: bool = True) -> Resolved:

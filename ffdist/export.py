@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def sidecar(loaded, fmt: str, path: Path) -> dict:
+    from ffdist.data.transforms import eval_resize
+
     mean, std = list(loaded.mean), list(loaded.std)
     return {
         "format": fmt, "file": path.name, "model": loaded.recipe.model.name,
@@ -66,7 +68,9 @@ def sidecar(loaded, fmt: str, path: Path) -> dict:
                           "mean": [m / 255 for m in mean], "std": [s / 255 for s in std],
                           "formula": "x = (pixels_0_255 - mean_255) / std_255 "
                                      "= (pixels_0_1 - mean) / std"},
-        "preprocessing": ("resize the short side to image_size/0.875, center crop image_size"
+        "preprocessing": (f"resize the short side to "
+                          f"{eval_resize(loaded.image_size, loaded.eval_resize)} "
+                          f"({loaded.interpolation}), center crop {loaded.image_size}"
                           if loaded.folder_data else "resize to image_size x image_size"),
         "weights": str(loaded.weights),
     }

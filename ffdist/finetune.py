@@ -1,11 +1,11 @@
 """Transfer learning: start from pretrained weights (`model.pretrained`) and freeze parts of
 the model (`model.freeze`).
 
-- pretrained 'true': torchvision's default weights for model.name (downloaded: needs a
-  network); a path: an ffdist checkpoint, a run's model.pt or a plain state dict, read
-  with weights_only=True. The classifier head (ffdist.models.head_name) keeps its fresh
-  initialisation when its shape differs (another class count); any other mismatch is an
-  error naming the key.
+- pretrained 'true': torchvision's default weights for model.name, or timm's for a
+  timm/<name> model (downloaded: needs a network); a path: an ffdist checkpoint, a run's
+  model.pt or a plain state dict, read with weights_only=True. The classifier head
+  (ffdist.models.head_name) keeps its fresh initialisation when its shape differs (another
+  class count); any other mismatch is an error naming the key.
 - freeze [backbone] = everything but the head; or name prefixes (`features`, `layer1`).
   Frozen parameters get requires_grad=False (ffdist.optim leaves them out of the
   optimizer) and frozen BatchNorm layers stay in eval mode: their running statistics are
@@ -39,6 +39,10 @@ def prepare(model: nn.Module, cfg: ModelConfig, load_weights: bool = True) -> nn
 
 
 def torchvision_weights(cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    from ffdist.models import from_timm
+
+    if from_timm.is_timm(cfg.name):  # timm/<name>: timm's weights from the Hugging Face Hub
+        return from_timm.pretrained_state(cfg)
     import torchvision
 
     try:

@@ -89,18 +89,20 @@ class RunModel:
     std: tuple[float, ...]
     weights: Path
     folder_data: bool         # imagefolder/filelist: resize + center crop like eval
+    eval_resize: int | None = None  # folders: short side before the crop (None: size/0.875)
+    interpolation: str = "bilinear"
 
 
 def load_run(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = (),
              checkpoint: str | None = None) -> RunModel:
     """The run's model (eval mode, CPU) with its weights, and its data description."""
-    from ffdist.assemble import build_model, image_size
+    from ffdist.assemble import build_model, eval_image_size
     from ffdist.data.datasets import build_datasets
 
     run_dir = Path(run_dir)
     rcp = load_recipe(run_dir, overrides)
     folder_data = rcp.data.name in ("imagefolder", "filelist")
-    size = image_size(rcp.data)  # the size training resolved (ffdist.assemble)
+    size = eval_image_size(rcp.data)  # served at the EVAL size, as ffdist.assemble resolves it
     if folder_data:
         # Do not scan an ImageNet-size folder for a class list: the class folder names (or
         # data.classes) are it; normalization as ffdist.data.datasets sets it.
@@ -117,7 +119,7 @@ def load_run(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = (),
     load_into(model, state_dict_from(path), path)
     model.eval()
     return RunModel(rcp, model, classes, channels, size, tuple(mean), tuple(std), path,
-                    folder_data)
+                    folder_data, rcp.data.eval_resize_size, rcp.data.interpolation)
 
 
 def _folder_classes(rcp: Recipe) -> list[str]:

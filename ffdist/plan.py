@@ -151,10 +151,46 @@ def estimate(rcp: Recipe, model: nn.Module, resolved: Resolved) -> Plan:
     for stage in (1, 2, 3):
         rows[f"ZeRO-{stage}"] = model_state_bytes(n, t, opt, precision, "deepspeed", stage, world,
                                                   momentum=momentum)
-    for r in rows.values():
+    for name, r in rows.items():
         r["activations"] = acts
-        r["total"] += acts
+        r["ema"] = ema_bytes(rcp, n, world, sharded=name == "ZeRO-3")
+        r["total"] += acts + r["ema"]
     return Plan(rows, acts, per_sample)
+
+
+def ema_bytes(rcp: Recipe, num_params: int, world: int, sharded: bool) -> int:
+    """optim.ema_decay > 0: an fp32 shadow of every parameter (buffers are small) on each
+    device; under ZeRO-3 it is sharded like the parameters (1/N each)."""
+    if rcp.optim.ema_decay <= 0:
+        return 0
+    return 4 * num_params // (world if sharded else 1)
+
+
+def regularization(rcp: Recipe) -> str:
+    """One line naming the regularization a recipe turns on ('none' when it has none)."""
+    from ffdist import assemble, mixup
+
+    d, o, m = rcp.data, rcp.optim, rcp.model
+    parts = []
+    if o.ema_decay > 0:
+        parts.append(f"EMA {o.ema_decay:g} every {o.ema_every_steps} step(s)")
+    if mixup.enabled(d):
+        group = "" if d.mix_mode != "batch" else f", group {d.mix_group or d.batch_size}"
+        parts.append(f"mixup {d.mixup_alpha:g} / cutmix {d.cutmix_alpha:g} ({d.mix_mode}"
+                     f"{group}; soft targets)")
+    if o.label_smoothing:
+        parts.append(f"label smoothing {o.label_smoothing:g}")
+    if d.auto_augment:
+        parts.append(f"auto_augment {d.auto_augment}")
+    if d.random_erase:
+        parts.append(f"random erase {d.random_erase:g} ({d.random_erase_mode})")
+    if d.repeated_augmentation > 1:
+        parts.append(f"repeated augmentation x{d.repeated_augmentation}")
+    if m.drop_path_rate:
+        parts.append(f"drop path {m.drop_path_rate:g}")
+    if d.eval_image_size and d.eval_image_size != assemble.image_size(d):
+        parts.append(f"eval at {d.eval_image_size}px")
+    return ", ".join(parts) or "none"
 
 
 def recommend(plan: Plan, gpu_mem: int | None, per_rank: int, micro: int) -> str:
@@ -208,12 +244,14 @@ def facts(rcp: Recipe, args: argparse.Namespace) -> dict[str, Any]:
         "world_source": why, **resolved.to_dict(), "params": n, "trainable_params": t,
         "activations_per_sample": plan.per_sample, "activations": plan.activations,
         "gpu_mem": gpu_mem, "gpu_mem_source": source if gpu_mem else None,
+        "regularization": regularization(rcp), "ema": rcp.optim.ema_decay > 0,
         "rows": plan.rows, "recommendation": recommend(plan, gpu_mem, p.per_rank, p.micro)}
 
 
 def report(f: dict[str, Any]) -> str:
     """`facts` for people."""
     size = f["image_size"]
+    ema = f["ema"]
     asked = f"accelerate launch --mixed_precision {f['launcher_precision']}" \
         if f["launcher_precision"] else f"precision {f['recipe_precision']}"
     gpu = f"{gib(f['gpu_mem'])} ({f['gpu_mem_source']})" if f["gpu_mem"] else \
@@ -227,16 +265,18 @@ def report(f: dict[str, Any]) -> str:
         f"batch      global {f['global_batch']} = {f['per_rank']}/device = {f['micro']} micro x "
         f"{f['accum']} accumulation",
         f"parameters {f['params']:,} total, {f['trainable_params']:,} trainable",
+        f"regularize {f['regularization']}",
         f"activations measured: {gib(f['activations_per_sample'])}/sample x {f['micro']} = "
         f"{gib(f['activations'])} per device",
         f"GPU memory {gpu}",
         "",
         f"{'per device':<10} {'params':>11} {'grads':>11} {'optimizer':>11} {'activations':>12} "
-        f"{'total':>11}",
+        + (f"{'EMA':>11} " if ema else "") + f"{'total':>11}",
     ]
     for name, r in f["rows"].items():
         lines.append(f"{name:<10} {gib(r['params']):>11} {gib(r['grads']):>11} "
-                     f"{gib(r['optimizer']):>11} {gib(r['activations']):>12} {gib(r['total']):>11}")
+                     f"{gib(r['optimizer']):>11} {gib(r['activations']):>12} "
+                     + (f"{gib(r['ema']):>11} " if ema else "") + f"{gib(r['total']):>11}")
     lines += ["", f["recommendation"]]
     return "\n".join(lines)
 

@@ -2,7 +2,8 @@
 model; one CSV row per image, and a picture of titled thumbnails next to the CSV.
 
 Images get the run's eval preprocessing: folder datasets resize the short side to
-size/0.875 and center-crop (ffdist.data.transforms.folder_eval); in-memory datasets
+data.eval_resize_size (default size/0.875) and center-crop data.eval_image_size (default
+image_size) (ffdist.data.transforms.folder_eval); in-memory datasets
 (digits, MNIST, CIFAR) were trained at their native size, so an image is resized to that
 square. Channels follow the run (grey runs read images as grey), then the run's mean/std.
 
@@ -74,12 +75,15 @@ def find_images(inputs: list[str]) -> list[Path]:
     return found
 
 
-def make_transform(folder_data: bool, size: int):
+def make_transform(folder_data: bool, size: int, resize: int | None = None,
+                   interp: str = "bilinear"):
     from torchvision.transforms import v2
 
     from ffdist.data import transforms as T
 
-    return T.folder_eval(size) if folder_data else v2.Resize((size, size), antialias=True)
+    if folder_data:
+        return T.folder_eval(size, resize, interp)
+    return v2.Resize((size, size), interpolation=T.interpolation(interp), antialias=True)
 
 
 @dataclass
@@ -192,7 +196,8 @@ def run(args: argparse.Namespace) -> int:
     model = loaded.model.to(device)
     mean = torch.tensor(loaded.mean, device=device).view(1, -1, 1, 1)
     std = torch.tensor(loaded.std, device=device).view(1, -1, 1, 1)
-    transform = make_transform(loaded.folder_data, resolved.image_size)
+    transform = make_transform(loaded.folder_data, resolved.eval_image_size, loaded.eval_resize,
+                               loaded.interpolation)
     paths = find_images(args.images)
     k = min(args.topk, len(loaded.classes))
     rows: list[Row] = []

@@ -25,6 +25,7 @@ from ffdist.errors import RecipeError
 SECTIONS = (
     "model", "data", "optim", "schedule", "strategy", "launch", "checkpoint", "log",
 )
+AUTO_AUGMENT = ("ra", "ta_wide", "augmix", "imagenet", "cifar10", "svhn")
 
 
 class _Invalid(ValueError):
@@ -69,6 +70,11 @@ class ModelConfig:
     compile_backend: str = "inductor"
     """torch.compile backend when model.compile is true: inductor (generated kernels; the
     first steps take a while to compile), or aot_eager / eager to check a model compiles."""
+    drop_path_rate: float | None = None
+    """Stochastic depth: the drop probability of the LAST residual block, rising linearly
+    from 0 over depth (torchvision's stochastic_depth_prob for convnext, efficientnet, swin,
+    maxvit; timm's drop_path_rate; ResNets: a drop-path on each residual branch). null:
+    the architecture's own default (0.1 for convnext_tiny, none for ResNets)."""
 
     def __post_init__(self) -> None:
         _check(self.num_classes >= 2, "model.num_classes", self.num_classes,
@@ -76,6 +82,10 @@ class ModelConfig:
         _check(self.in_channels >= 1, "model.in_channels", self.in_channels, "use 1 or 3")
         _check(self.pool in ("avg", "gem"), "model.pool", self.pool, "use avg or gem")
         _check(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "use 0 <= p < 1")
+        _check(self.drop_path_rate is None or 0.0 <= self.drop_path_rate < 1.0,
+               "model.drop_path_rate", self.drop_path_rate, "use 0 <= p < 1 or null")
+        _check(not self.name.startswith("timm/") or len(self.name) > 5, "model.name", self.name,
+               "name a timm architecture after the prefix, e.g. timm/resnet50")
 
 
 @dataclass
@@ -121,6 +131,55 @@ class DataConfig:
     """Unreadable images in a folder dataset: skip (count, warn once) or error."""
     max_bad_fraction: float = 0.01
     """With bad_images=skip: fail when more than this fraction of a split is unreadable."""
+    auto_augment: str | None = None
+    """Policy augmentation of training images (torchvision.transforms.v2 on uint8, seeded
+    per sample): ra (RandAugment) | ta_wide (TrivialAugmentWide) | augmix | imagenet,
+    cifar10, svhn (AutoAugment with that policy) | null (none)."""
+    ra_num_ops: int = 2
+    """auto_augment=ra: operations applied per image."""
+    ra_magnitude: int = 9
+    """auto_augment=ra: magnitude of each operation, 0..30 (torchvision's 31 bins)."""
+    augmix_severity: int = 3
+    """auto_augment=augmix: severity of the mixed operations, 1..10."""
+    random_erase: float = 0.0
+    """Random erasing (Zhong et al.): probability per training image of erasing a random
+    rectangle (2-33% of the area), after the policy."""
+    random_erase_mode: str = "mean"
+    """What fills the erased rectangle: mean (the dataset mean colour, i.e. 0 after
+    normalization, as torchvision's reference) | pixel (per-pixel Gaussian noise of the
+    dataset's mean/std, timm's default)."""
+    interpolation: str = "bilinear"
+    """Resampling of resized crops, eval resizes and the policies' geometric operations:
+    nearest | bilinear | bicubic (policies use bilinear then: torchvision's tensor
+    rotations and shears have no bicubic)."""
+    eval_image_size: int | None = None
+    """Folder datasets: side of the eval center crop (default: image_size). Training at a
+    smaller crop than evaluation is torchvision's FixRes mitigation (176 / 224)."""
+    eval_resize_size: int | None = None
+    """Folder datasets: short side the eval image is resized to before the center crop
+    (default: eval_image_size / 0.875, 256 for 224)."""
+    repeated_augmentation: int = 1
+    """Repeated augmentation (DeiT's RASampler, torchvision's --ra-reps): each image
+    appears this many times in a row in an epoch's order, each copy with its own
+    augmentation, spread over ranks; an epoch stays len(dataset) samples. 1: off."""
+    mixup_alpha: float = 0.0
+    """Mixup: Beta(alpha, alpha) mixing of image pairs and their labels (0: off)."""
+    cutmix_alpha: float = 0.0
+    """CutMix: Beta(alpha, alpha) area of a box pasted from the partner image (0: off)."""
+    cutmix_minmax: list[float] | None = None
+    """CutMix box side as [min, max] fractions of the image side instead of cutmix_alpha
+    (timm's cutmix_minmax); null: use cutmix_alpha."""
+    mix_prob: float = 1.0
+    """Probability that mixup/cutmix is applied to a batch (or pair/element by mix_mode)."""
+    mix_switch_prob: float = 0.5
+    """With both mixup and cutmix on: probability of cutmix instead of mixup."""
+    mix_mode: str = "batch"
+    """batch (one draw per mix_group images) | pair (one per image pair) | elem (one per
+    image), as timm's Mixup mode."""
+    mix_group: int | None = None
+    """mix_mode=batch: images that share one draw, a divisor of batch_size (null: the whole
+    global batch). Set it to a reference recipe's per-GPU batch to mix as it did on its
+    GPUs, on any number of devices."""
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, "data.batch_size", self.batch_size, "use a positive batch")
@@ -135,6 +194,48 @@ class DataConfig:
                "use skip or error")
         _check(0.0 <= self.max_bad_fraction <= 1.0, "data.max_bad_fraction",
                self.max_bad_fraction, "use a fraction between 0 and 1")
+        self._check_augmentation()
+        self._check_mixing()
+
+    def _check_augmentation(self) -> None:
+        _check(self.auto_augment in (None, *AUTO_AUGMENT), "data.auto_augment", self.auto_augment,
+               f"use one of {', '.join(AUTO_AUGMENT)} or null")
+        _check(self.auto_augment is None or self.augment, "data.auto_augment", self.auto_augment,
+               "a policy is training augmentation: set data.augment=true or auto_augment=null")
+        _check(self.ra_num_ops >= 1, "data.ra_num_ops", self.ra_num_ops, "use 1 or more")
+        _check(0 <= self.ra_magnitude <= 30, "data.ra_magnitude", self.ra_magnitude,
+               "use 0..30 (torchvision's 31 magnitude bins)")
+        _check(1 <= self.augmix_severity <= 10, "data.augmix_severity", self.augmix_severity,
+               "use 1..10")
+        _check(0.0 <= self.random_erase <= 1.0, "data.random_erase", self.random_erase,
+               "use a probability between 0 and 1")
+        _check(self.random_erase == 0 or self.augment, "data.random_erase", self.random_erase,
+               "erasing is training augmentation: set data.augment=true or random_erase=0")
+        _check(self.random_erase_mode in ("mean", "pixel"), "data.random_erase_mode",
+               self.random_erase_mode, "use mean or pixel")
+        _check(self.interpolation in ("nearest", "bilinear", "bicubic"), "data.interpolation",
+               self.interpolation, "use nearest, bilinear or bicubic")
+        for key in ("eval_image_size", "eval_resize_size"):
+            value = getattr(self, key)
+            _check(value is None or value >= 1, f"data.{key}", value, "use a positive size or null")
+        _check(self.repeated_augmentation >= 1, "data.repeated_augmentation",
+               self.repeated_augmentation, "use 1 (off) or more repeats per image")
+
+    def _check_mixing(self) -> None:
+        _check(self.mixup_alpha >= 0, "data.mixup_alpha", self.mixup_alpha, "use 0 (off) or more")
+        _check(self.cutmix_alpha >= 0, "data.cutmix_alpha", self.cutmix_alpha, "use 0 (off) or more")
+        mm = self.cutmix_minmax
+        _check(mm is None or (len(mm) == 2 and 0.0 < mm[0] < mm[1] <= 1.0), "data.cutmix_minmax",
+               mm, "give [min, max] fractions with 0 < min < max <= 1, or null")
+        _check(0.0 <= self.mix_prob <= 1.0, "data.mix_prob", self.mix_prob,
+               "use a probability between 0 and 1")
+        _check(0.0 <= self.mix_switch_prob <= 1.0, "data.mix_switch_prob", self.mix_switch_prob,
+               "use a probability between 0 and 1")
+        _check(self.mix_mode in ("batch", "pair", "elem"), "data.mix_mode", self.mix_mode,
+               "use batch, pair or elem")
+        g = self.mix_group
+        _check(g is None or (g >= 2 and g % 2 == 0 and self.batch_size % g == 0), "data.mix_group",
+               g, f"use an even divisor of data.batch_size={self.batch_size}, or null")
 
 
 @dataclass
@@ -155,6 +256,19 @@ class OptimConfig:
     """Cross-entropy label smoothing."""
     grad_clip: float | None = None
     """Clip the global gradient norm to this value (null: no clipping)."""
+    ema_decay: float = 0.0
+    """EMA of the weights: decay per EMA update, ema = decay * ema + (1 - decay) * weights,
+    over an fp32 copy of all parameters and float buffers (0: off). torchvision's
+    --model-ema-decay 0.99998 is 'adjusted' to 1 - 2e-5 * batch * ema_every_steps / epochs
+    before use; give the adjusted value here."""
+    ema_every_steps: int = 1
+    """Update the EMA every N optimizer steps (torchvision's --model-ema-steps, e.g. 32)."""
+    ema_warmup_epochs: float = 0.0
+    """The EMA copies the weights (instead of averaging them) until this many epochs have
+    passed, as torchvision's reference does during its lr warm-up."""
+    ema_buffers: str = "average"
+    """Float buffers (BatchNorm running statistics) in the EMA: average (as timm and
+    torchvision) | copy (the raw model's latest)."""
 
     def __post_init__(self) -> None:
         _check(self.name in ("sgd", "adamw"), "optim.name", self.name, "use sgd or adamw")
@@ -166,6 +280,14 @@ class OptimConfig:
                self.label_smoothing, "use 0 <= s < 1")
         _check(self.grad_clip is None or self.grad_clip > 0, "optim.grad_clip",
                self.grad_clip, "use a positive norm or null")
+        _check(0.0 <= self.ema_decay < 1.0, "optim.ema_decay", self.ema_decay,
+               "use 0 (off) or a decay in (0, 1), e.g. 0.9999")
+        _check(self.ema_every_steps >= 1, "optim.ema_every_steps", self.ema_every_steps,
+               "use 1 or more")
+        _check(self.ema_warmup_epochs >= 0, "optim.ema_warmup_epochs", self.ema_warmup_epochs,
+               "use 0 or more")
+        _check(self.ema_buffers in ("average", "copy"), "optim.ema_buffers", self.ema_buffers,
+               "use average or copy")
 
 
 @dataclass
@@ -314,12 +436,20 @@ class CheckpointConfig:
     resume: str = "auto"
     """auto: continue from the newest complete checkpoint in output_dir | never: start
     fresh, refuse an output_dir that holds a run | a checkpoint path."""
+    best_weights: str = "raw"
+    """Which evaluation picks best.pt: raw (the trained weights) | ema (their EMA; needs
+    optim.ema_decay > 0)."""
+    final_weights: str = "raw"
+    """Which weights model.pt holds: raw | ema (needs optim.ema_decay > 0)."""
 
     def __post_init__(self) -> None:
         _check(self.every_epochs >= 1, "checkpoint.every_epochs", self.every_epochs, "use 1 or more")
         _check(self.every_steps >= 0, "checkpoint.every_steps", self.every_steps, "use 0 or more")
         _check(self.keep_last >= 1, "checkpoint.keep_last", self.keep_last, "use 1 or more")
         _check(bool(self.resume), "checkpoint.resume", self.resume, "use auto, never or a path")
+        for key in ("best_weights", "final_weights"):
+            _check(getattr(self, key) in ("raw", "ema"), f"checkpoint.{key}", getattr(self, key),
+                   "use raw or ema")
 
 
 @dataclass
@@ -365,6 +495,10 @@ class Recipe:
                "use a plain run name without '/'")
         _check(self.precision in ("fp32", "bf16", "fp16", "auto"), "precision",
                self.precision, "use fp32, bf16, fp16 or auto")
+        for key in ("best_weights", "final_weights"):
+            value = getattr(self.checkpoint, key)
+            _check(value == "raw" or self.optim.ema_decay > 0, f"checkpoint.{key}", value,
+                   "EMA weights need optim.ema_decay > 0; set it or use raw")
 
     @property
     def run_dir(self) -> Path:

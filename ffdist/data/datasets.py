@@ -33,27 +33,40 @@ class DataSpec:
     image_size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    eval_image_size: int | None = None   # folders: the eval crop when it differs (FixRes)
+    eval_resize_size: int | None = None  # folders: the short side before that crop
+
+    @property
+    def eval_size(self) -> int:
+        return self.eval_image_size or self.image_size
 
 
-Key = "int | tuple[int, int]"
-"""A sample key: an index (eval), or (epoch, index) from the TrainSampler, which seeds the
-sample's augmentation (ffdist.data.transforms.sample_seeds)."""
+Key = "int | tuple[int, int] | tuple[int, int, int]"
+"""A sample key: an index (eval), or (epoch, index[, repeat]) from the TrainSampler, which
+seeds the sample's augmentation (ffdist.data.transforms.sample_seeds); `repeat` numbers the
+copies of an image under repeated augmentation."""
 
 
-def _split_keys(keys: list) -> tuple[int, torch.Tensor]:
+def _split_keys(keys: list) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """(epoch, indices, repeat copies) of a batch of keys (all of one epoch)."""
     if keys and isinstance(keys[0], tuple):
-        return keys[0][0], torch.as_tensor([k[1] for k in keys], dtype=torch.long)
-    return 0, torch.as_tensor(keys, dtype=torch.long)
+        idx = torch.as_tensor([k[1] for k in keys], dtype=torch.long)
+        rep = torch.as_tensor([k[2] if len(k) > 2 else 0 for k in keys], dtype=torch.long)
+        return keys[0][0], idx, rep
+    idx = torch.as_tensor(keys, dtype=torch.long)
+    return 0, idx, torch.zeros_like(idx)
 
 
 class TensorImages(Dataset):
-    """Images held in memory as one uint8 NCHW tensor."""
+    """Images held in memory as one uint8 NCHW tensor. Crop and flip run batched; the
+    per-sample transforms (policy, erasing: torchvision draws one set of parameters per
+    call) run image by image, each seeded with its own sample seed."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, pad: int = 0,
-                 flip: bool = False, seed: int = 0):
+                 flip: bool = False, seed: int = 0, sample_tf: tuple[Callable, ...] = ()):
         assert images.dtype == torch.uint8 and images.dim() == 4
         self.images, self.labels = images, labels.long()
-        self.pad, self.flip, self.seed = pad, flip, seed
+        self.pad, self.flip, self.seed, self.sample_tf = pad, flip, seed, sample_tf
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -63,11 +76,14 @@ class TensorImages(Dataset):
         return x[0], int(y[0])
 
     def __getitems__(self, keys: list) -> tuple[torch.Tensor, torch.Tensor]:
-        epoch, idx = _split_keys(keys)
+        epoch, idx, rep = _split_keys(keys)
         images = self.images[idx]
-        if self.pad or self.flip:
-            seeds = T.sample_seeds(self.seed, epoch, idx)
-            images = T.batch_crop_flip(images, self.pad, self.flip, seeds)
+        if self.pad or self.flip or self.sample_tf:
+            seeds = T.sample_seeds(self.seed, epoch, idx, rep)
+            if self.pad or self.flip:
+                images = T.batch_crop_flip(images, self.pad, self.flip, seeds)
+            if self.sample_tf:
+                images = T.per_sample(images, seeds, self.sample_tf)
         return images, self.labels[idx]
 
 
@@ -96,7 +112,7 @@ class FileImages(Dataset):
         return len(self.samples)
 
     def __getitem__(self, key: Key) -> tuple[torch.Tensor, int]:
-        epoch, idx = _split_keys([key])
+        epoch, idx, rep = _split_keys([key])
         path, label = self.samples[int(idx[0])]
         try:
             image = decode(path, self.channels)
@@ -106,7 +122,7 @@ class FileImages(Dataset):
         # after. default_generator only: torch.manual_seed also seeds every accelerator,
         # ~0.5 ms per image here (about 6% of decode + augment).
         with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(int(T.sample_seeds(self.seed, epoch, idx)[0]))
+            torch.default_generator.manual_seed(int(T.sample_seeds(self.seed, epoch, idx, rep)[0]))
             return self.transform(image), label
 
 
@@ -167,7 +183,8 @@ def _digits(cfg: DataConfig, seed: int) -> DataSpec:
     tr, va = torch.tensor(sorted(tr)), torch.tensor(sorted(va))
     mean, std = T.normalization("digits", 1)
     # Shifts of up to one pixel; never flips (a mirrored 2 is not a 2).
-    train = TensorImages(images[tr], labels[tr], pad=1 if cfg.augment else 0, seed=seed)
+    train = TensorImages(images[tr], labels[tr], pad=1 if cfg.augment else 0, seed=seed,
+                         sample_tf=T.sample_transforms(cfg, mean, std))
     return DataSpec(train, TensorImages(images[va], labels[va]),
                     [str(c) for c in d.target_names], 1, 8, mean, std)
 
@@ -197,7 +214,8 @@ def _torchvision(cfg: DataConfig, seed: int) -> DataSpec:
     cifar = cfg.name.startswith("cifar")
     aug = cfg.augment and cifar  # MNIST-like digits must not be flipped
     mean, std = T.normalization(cfg.name, xt.shape[1])
-    return DataSpec(TensorImages(xt, yt, pad=4 if aug else 0, flip=aug, seed=seed),
+    return DataSpec(TensorImages(xt, yt, pad=4 if aug else 0, flip=aug, seed=seed,
+                                 sample_tf=T.sample_transforms(cfg, mean, std)),
                     TensorImages(xv, yv),
                     list(train.classes), xt.shape[1], xt.shape[-1], mean, std)
 
@@ -213,9 +231,13 @@ def _synthetic(cfg: DataConfig, seed: int, num_classes: int, channels: int) -> D
     labels = torch.randint(0, num_classes, (cfg.synthetic_size,), generator=g)
     n_val = max(1, int(cfg.synthetic_size * cfg.val_fraction))
     mean, std = T.normalization("synthetic", channels)
-    return DataSpec(TensorImages(images[n_val:], labels[n_val:]),
-                    TensorImages(images[:n_val], labels[:n_val]),
-                    [str(c) for c in range(num_classes)], channels, size, mean, std)
+    val = images[:n_val]
+    if cfg.eval_image_size and cfg.eval_image_size != size:  # a recipe evaluating larger
+        val = torch.randint(0, 256, (n_val, channels, cfg.eval_image_size, cfg.eval_image_size),
+                            dtype=torch.uint8, generator=g)
+    return DataSpec(TensorImages(images[n_val:], labels[n_val:]), TensorImages(val, labels[:n_val]),
+                    [str(c) for c in range(num_classes)], channels, size, mean, std,
+                    eval_image_size=cfg.eval_image_size)
 
 
 def _scan_folder(root: Path) -> tuple[list[tuple[str, int]], list[str]]:
@@ -284,20 +306,40 @@ def _filelist(cfg: DataConfig, channels: int, num_classes: int, seed: int) -> Da
 def _files_spec(cfg: DataConfig, train: list, val: list, classes: list[str],
                 channels: int, seed: int) -> DataSpec:
     size = cfg.image_size or 224
-    train_tf = T.folder_train(size) if cfg.augment else T.folder_eval(size)
+    eval_size = cfg.eval_image_size or size
     mean, std = T.normalization("imagenet", channels)
+    interp = cfg.interpolation
+    train_tf = T.folder_train(size, interp, T.sample_transforms(cfg, mean, std)) if cfg.augment \
+        else T.folder_eval(size, interp=interp)
+    val_tf = T.folder_eval(eval_size, cfg.eval_resize_size, interp)
     bad = {"bad_images": cfg.bad_images, "max_bad_fraction": cfg.max_bad_fraction}
     return DataSpec(FileImages(train, train_tf, channels, seed, split="train", **bad),
-                    FileImages(val, T.folder_eval(size), channels, split="val", **bad),
-                    classes, channels, size, mean, std)
+                    FileImages(val, val_tf, channels, split="val", **bad),
+                    classes, channels, size, mean, std, cfg.eval_image_size, cfg.eval_resize_size)
 
 
 DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "imagefolder",
             "filelist", "synthetic")
 
 
+IN_MEMORY = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100")
+
+
+def _check_sizes(cfg: DataConfig) -> None:
+    """In-memory datasets train and evaluate at their native size: an eval size would be a
+    silent no-op there."""
+    if cfg.name not in IN_MEMORY:
+        return
+    for key in ("eval_image_size", "eval_resize_size"):
+        if getattr(cfg, key) is not None:
+            raise DataError(f"data.{key}={getattr(cfg, key)} applies to folder datasets "
+                            f"(imagefolder, filelist); data.name={cfg.name} is evaluated at its "
+                            "native size. Remove the key.")
+
+
 def build_datasets(cfg: DataConfig, seed: int, num_classes: int, channels: int) -> DataSpec:
     """The train/val datasets a recipe names, checked against the model's classes/channels."""
+    _check_sizes(cfg)
     if cfg.name == "digits":
         spec = _digits(cfg, seed)
     elif cfg.name in ("mnist", "fashion_mnist", "cifar10", "cifar100"):

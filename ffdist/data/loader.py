@@ -44,31 +44,72 @@ def plan_batches(global_batch: int, micro_batch: int | None, world_size: int) ->
     return BatchPlan(global_batch, world_size, per_rank, micro, per_rank // micro)
 
 
-class TrainSampler(Sampler[tuple[int, int]]):
+class TrainSampler(Sampler[tuple]):
     """DistributedSampler semantics (seed + epoch permutation, `set_epoch`), but the epoch
     is cut to whole GLOBAL batches, a resumed epoch can start mid-way (`skip_steps`), and
-    keys are (epoch, index) so that datasets seed each sample's augmentation from them."""
+    keys are (epoch, index) so that datasets seed each sample's augmentation from them.
 
-    def __init__(self, n: int, plan: BatchPlan, rank: int, seed: int, shuffle: bool = True):
+    repeats > 1 is repeated augmentation (DeiT's RASampler, torchvision's --ra-reps): each
+    index of the epoch's permutation appears `repeats` times in a row and the order is cut
+    back to n samples, so an epoch covers about n/repeats distinct images, each `repeats`
+    times. Keys become (epoch, index, copy): every copy gets its own augmentation. The
+    copies of an image are consecutive in the global batch, so rank r's stride r::world
+    spreads them over ranks, as DeiT's does; the global batch itself does not depend on the
+    world size.
+
+    pairs=True (mixup/cutmix on, ffdist.mixup): the global batch of B is reordered as the
+    pairs (b[j], b[j + B/2]) and ranks take whole pairs (pair k goes to rank k % world), so
+    every image and its mixing partner land in the same micro-batch, as neighbours, for
+    any world size. The partner is half a batch away in the permutation, never another
+    copy of the same image under repeated augmentation."""
+
+    def __init__(self, n: int, plan: BatchPlan, rank: int, seed: int, shuffle: bool = True,
+                 repeats: int = 1, pairs: bool = False):
         self.n, self.plan, self.rank, self.seed, self.shuffle = n, plan, rank, seed, shuffle
+        self.repeats, self.pairs = repeats, pairs
         self.epoch, self.skip = 0, 0
         self.steps_per_epoch = n // plan.global_batch
         if self.steps_per_epoch == 0:
             raise RecipeError(f"data.batch_size={plan.global_batch} is larger than the "
                               f"{n} training images; use a smaller batch.")
+        if pairs and (plan.per_rank % 2 or plan.micro % 2):
+            raise RecipeError(f"mixup/cutmix mixes images in pairs inside a micro-batch, but the "
+                              f"micro-batch is {plan.micro} (batch {plan.global_batch} over "
+                              f"{plan.world_size} processes); use an even data.micro_batch_size "
+                              "and a data.batch_size that gives an even per-process batch.")
 
     def set_epoch(self, epoch: int, skip_steps: int = 0) -> None:
         self.epoch, self.skip = epoch, skip_steps
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
+    def epoch_order(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(index, copy) of every sample of the epoch, in global-batch order."""
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
             perm = torch.randperm(self.n, generator=g)
         else:
             perm = torch.arange(self.n)
-        perm = perm[: self.steps_per_epoch * self.plan.global_batch]
-        mine = perm[self.rank:: self.plan.world_size]
-        return iter([(self.epoch, i) for i in mine[self.skip * self.plan.per_rank:].tolist()])
+        used = self.steps_per_epoch * self.plan.global_batch
+        if self.repeats > 1:
+            index = perm.repeat_interleave(self.repeats)[:used]
+            copy = torch.arange(self.repeats).repeat(self.n)[:used]
+        else:
+            index, copy = perm[:used], torch.zeros(used, dtype=torch.long)
+        if self.pairs:  # b[j], b[j + B/2], b[j + 1], ... within each global batch
+            b = self.plan.global_batch
+            index = index.view(-1, 2, b // 2).transpose(1, 2).reshape(-1)
+            copy = copy.view(-1, 2, b // 2).transpose(1, 2).reshape(-1)
+        return index, copy
+
+    def __iter__(self) -> Iterator[tuple]:
+        index, copy = self.epoch_order()
+        w, chunk = self.plan.world_size, 2 if self.pairs else 1
+        # rank r takes chunks r, r + w, ... (a chunk is one sample, or one mixing pair)
+        mine = torch.arange(len(index)).view(-1, w, chunk)[:, self.rank].reshape(-1)
+        mine = mine[self.skip * self.plan.per_rank:]
+        e = self.epoch
+        if self.repeats > 1:
+            return iter([(e, i, c) for i, c in zip(index[mine].tolist(), copy[mine].tolist())])
+        return iter([(e, i) for i in index[mine].tolist()])
 
     def __len__(self) -> int:
         return (self.steps_per_epoch - self.skip) * self.plan.per_rank
@@ -115,10 +156,15 @@ def build(recipe: Recipe, rank: int, plan: BatchPlan, device: torch.device) -> L
     if not isinstance(plan, BatchPlan):
         raise TypeError("ffdist.data.build takes the BatchPlan of ffdist.assemble.resolve() "
                         f"(resolved.plan), not {type(plan).__name__}")
+    from ffdist import mixup, unwired
+
+    unwired.refuse(recipe)  # issue 14 phase 1: EMA / mixup keys the Trainer ignores yet
     world_size = plan.world_size
     spec = build_datasets(recipe.data, recipe.seed, recipe.model.num_classes,
                           recipe.model.in_channels)
-    sampler = TrainSampler(len(spec.train), plan, rank, recipe.seed)
+    sampler = TrainSampler(len(spec.train), plan, rank, recipe.seed,
+                           repeats=recipe.data.repeated_augmentation,
+                           pairs=mixup.enabled(recipe.data))
     eval_global = recipe.data.eval_batch_size or recipe.data.batch_size
     eval_batch = max(1, eval_global // world_size)
     pin = device.type == "cuda"  # pinned host memory only helps (and only works) with CUDA

@@ -1,4 +1,5 @@
-"""Model registry: every torchvision classification model by name, plus our small ones."""
+"""Model registry: every torchvision classification model by name, our small ones, and
+any timm architecture as `timm/<name>` (with timm installed)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 from torch import nn
 
 from ffdist.errors import RecipeError
+from ffdist.models import droppath, from_timm
 from ffdist.models.small import LeNet, SmallCNN
 from ffdist.recipe import ModelConfig
 
@@ -39,7 +41,11 @@ class GeM(nn.Module):
 
 
 def head_name(model: nn.Module) -> str:
-    """Attribute holding the classifier ('fc' for ResNets, 'classifier', 'heads', 'head')."""
+    """Attribute holding the classifier ('fc' for ResNets, 'classifier', 'heads', 'head'),
+    or timm's dotted name for it ('head.fc' for timm's ConvNeXt)."""
+    named = from_timm.head_name(model)
+    if named:
+        return named
     for name in HEAD_NAMES:
         if isinstance(getattr(model, name, None), nn.Module):
             return name
@@ -78,8 +84,13 @@ def _set_pool(model: nn.Module, cfg: ModelConfig) -> None:
 def build(cfg: ModelConfig) -> nn.Module:
     """A freshly initialised model for the recipe (pretrained weights: ffdist.finetune)."""
     if cfg.name in OWN:
+        if cfg.drop_path_rate:
+            raise RecipeError(f"model.drop_path_rate: {cfg.name} has no residual blocks to drop; "
+                              "remove the key (model.dropout regularizes its head).")
         model = OWN[cfg.name](num_classes=cfg.num_classes, in_channels=cfg.in_channels,
                               dropout=cfg.dropout)
+    elif from_timm.is_timm(cfg.name):
+        model = from_timm.build(cfg)
     else:
         import torchvision
 
@@ -88,7 +99,7 @@ def build(cfg: ModelConfig) -> nn.Module:
             close = difflib.get_close_matches(cfg.name, available(), n=1)
             hint = f"did you mean '{close[0]}'?" if close else "see `ffdist models`."
             raise RecipeError(f"model.name={cfg.name!r} is not a known model; {hint}")
-        model = torchvision.models.get_model(cfg.name, weights=None, num_classes=cfg.num_classes)
+        model = droppath.torchvision_model(cfg.name, cfg.num_classes, cfg.drop_path_rate)
         if cfg.cifar_stem:
             _cifar_stem(model, cfg)
         elif cfg.in_channels != 3:
