@@ -134,12 +134,26 @@ write_conf() {  # $1: controller address; the rest: NAME=ADDR[@NETNS] per node
   : >"$dir/plugstack.conf"  # no SPANK plugins from the host's /etc/slurm
 }
 
+died() {  # a daemon that wrote its pid file (they do so after forking) and is gone
+  [ -s "$dir/run/$1.pid" ] && ! ours "$dir/run/$1.pid" >/dev/null \
+    && echo "local_cluster.sh: $1 died" >&2
+}
+
+wait_controller() {  # slurmctld answers within 20 s; one that died ends the wait at once
+  local end=$((SECONDS + 20))
+  while [ $SECONDS -lt $end ]; do
+    ! died slurmctld || return 1
+    SLURM_CONF=$conf timeout 5 scontrol ping 2>/dev/null | grep -q 'is UP' && return 0
+    sleep 0.2
+  done
+  echo "local_cluster.sh: slurmctld does not answer after 20 s" >&2
+  return 1
+}
+
 wait_ready() {  # every node idle within 30 s; a daemon that died ends the wait at once
   local want=$1 state= f end=$((SECONDS + 30))
   while [ $SECONDS -lt $end ]; do
-    for f in munged slurmctld "${@:2}"; do
-      ours "$dir/run/$f.pid" >/dev/null || { echo "local_cluster.sh: $f is not running" >&2; return 1; }
-    done
+    for f in munged slurmctld "${@:2}"; do ! died "$f" || return 1; done
     state=$(SLURM_CONF=$conf timeout 5 sinfo -h -N -o '%N %t' 2>/dev/null || true)
     [ "$(grep -c ' idle$' <<<"$state")" = "$want" ] && return 0
     sleep 0.5
@@ -170,8 +184,14 @@ start() {
     ! ours "$dir/run/$f.pid" >/dev/null || die "a cluster already runs in $dir: stop it first"
   done
   mkdir -p "$dir"/{munge,log,state,spool,run}
+  rm -f "$dir"/run/*.pid  # stale ones, of daemons that are gone (checked just above)
   # munged wants every folder above its socket searchable by all, and its key private.
   chmod 755 "$dir" "$dir/munge"
+  local up=$dir
+  while up=$(dirname "$up"); [ "$up" != / ]; do
+    [ "$(( 0$(stat -c %a "$up") & 1 ))" = 1 ] || die "munged needs every folder above" \
+      "$dir searchable by all users, and $up is not: pick a folder such as /tmp/slurm-try"
+  done
   [ -s "$dir/munge/munge.key" ] || head -c 1024 /dev/urandom >"$dir/munge/munge.key"
   chmod 400 "$dir/munge/munge.key"
   write_conf "$ctld" "${nodes[@]}"
@@ -181,6 +201,7 @@ start() {
     --pid-file="$dir/run/munged.pid" --log-file="$dir/log/munged.log" \
     --seed-file="$dir/munge/munged.seed"
   slurmctld -f "$conf"
+  wait_controller
   for line in "${nodes[@]}"; do
     local name=${line%%=*} netns=
     [[ $line == *@* ]] && netns=${line##*@}

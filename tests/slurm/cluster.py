@@ -66,7 +66,7 @@ def _free_subnet() -> str:
     raise RuntimeError(f"every subnet of {SUBNETS[0]}.0/24 .. {SUBNETS[-1]}.0/24 is in use here")
 
 
-def _free_port_pair() -> int:
+def free_port_pair() -> int:
     """P and P+1 both free here: slurmctld listens on P (slurmd's P+1 is in the netns)."""
     import socket
 
@@ -145,7 +145,7 @@ class Cluster:
     def start(self) -> None:
         started = time.monotonic()
         self._network()
-        self.port = _free_port_pair()
+        self.port = free_port_pair()
         cmd = ["bash", str(SCRIPT), "start", str(self.dir), "--port", str(self.port),
                "--name", f"ffdtest{self.tag}", "--controller-addr", self.controller_addr]
         for n in self.nodes:
@@ -210,7 +210,7 @@ class Cluster:
             names = [self.bridge] + [x for n in self.nodes for x in (n.netns, n.host_if)]
             left = [n for n in names if n and (f" {n}:" in links or f" {n}@" in links
                                                or n in netns.split())]
-            procs = [p for p in Path("/proc").glob("[0-9]*") if _cmdline_has(p, str(self.dir))]
+            procs = [p for p in Path("/proc").glob("[0-9]*") if cmdline_has(p, str(self.dir))]
             if not left and not procs:
                 return []
             if time.monotonic() > deadline:
@@ -218,7 +218,7 @@ class Cluster:
             time.sleep(0.2)
 
 
-def _cmdline_has(proc: Path, text: str) -> bool:
+def cmdline_has(proc: Path, text: str) -> bool:
     try:
         return text in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
