@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.slurm.cluster import CannotRun, missing_capability, new_cluster
+from tests.slurm.cluster import CannotRun, new_cluster, skip_unless_possible
 
 WATCHED = (Path("/etc/slurm"), Path("/etc/munge"), Path("/etc/hosts"))
 DAEMONS = ("munged", "slurmctld", "slurmd", "slurmdbd")  # not slurmstepd: it comes and goes
@@ -83,9 +83,7 @@ def host_before() -> dict:
 
 @pytest.fixture(scope="package")
 def slurm_cluster(host_before):
-    reason = missing_capability()
-    if reason:
-        pytest.skip(f"no private Slurm test cluster: {reason}")
+    skip_unless_possible()
     cluster = new_cluster()
     try:
         try:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import run
-from tests.slurm.cluster import SCRIPT, cmdline_has, free_port_pair, missing_capability
+from tests.slurm.cluster import SCRIPT, cmdline_has, free_port_pair, skip_unless_possible
 
 
 def _ours(folder: Path) -> list[str]:
@@ -37,9 +37,7 @@ def folder():
 
 
 def test_one_node_cluster_for_trying_it(host_before, folder, tmp_path):
-    reason = missing_capability()
-    if reason:
-        pytest.skip(f"no private Slurm cluster: {reason}")
+    skip_unless_possible()
     private = _script("start", str(tmp_path / "x"))
     assert private.returncode == 1 and "munged needs every folder above" in private.stderr
     port = free_port_pair()

@@ -126,8 +126,9 @@ def test_ffdist_launch_refuses_before_queueing(slurm_cluster, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_host_untouched_while_the_cluster_runs(slurm_cluster, host_before):
+def test_host_untouched_by_the_slurm_tests(host_before):
     """/etc/slurm, /etc/munge and /etc/hosts as before the Slurm tests (checksums, modes,
     owners; absent ones still absent), and every Slurm/munge daemon that ran before them
-    still runs. The fixture checks the same again after its teardown. Keep this test last."""
+    still runs. Last in tests/slurm/, so the cluster (if this machine can run one) is
+    still up; its fixture checks the same again after its teardown."""
     assert host_changes(host_before) == []
