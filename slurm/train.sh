@@ -12,7 +12,8 @@
 # log, exit 2.
 #
 # One srun task per node runs torchrun (through `python -m ffdist.launch --slurm-node`,
-# which prints the exact torchrun line into the log). The allocation decides everything:
+# which prints the torchrun line into the log and runs torchrun in its own process, so
+# that a preemption signal ends it with one line, not a traceback). The allocation decides:
 # node count, c10d rendezvous on the first node (at the address Slurm has for it,
 # NodeAddr) at port 20000 + job id % 20000, processes per node = the GPUs Slurm gave the
 # node, or launch.nproc CPU ranks capped to the node's allocated cores when there is no
