@@ -86,12 +86,12 @@ echo "ffdist: job $SLURM_JOB_ID start $(date -u +%FT%TZ), restart ${SLURM_RESTAR
 
 srun_pid=
 preempted() {
-  echo "ffdist: USR1 (preemption / time limit): asking the trainer to checkpoint"
+  echo "ffdist: $(date -u +%T) USR1 (preemption / time limit): asking the trainer to checkpoint"
   # Without --full, scancel signals the job steps only, not this script: every torchrun
   # (and its workers) gets USR1 and has ffdist.launch.SHUTDOWN_TIMEOUT_S to save and exit.
   scancel --signal=USR1 "$SLURM_JOB_ID"
   wait "$srun_pid"
-  echo "ffdist: trainer stopped (exit $?); requeueing job $SLURM_JOB_ID"
+  echo "ffdist: $(date -u +%T) trainer stopped (srun exit $?); requeueing job $SLURM_JOB_ID"
   scontrol requeue "$SLURM_JOB_ID"
   exit 0
 }
