@@ -26,6 +26,7 @@ from pathlib import Path
 
 from ffdist import dist
 from ffdist import recipe as recipe_mod
+from ffdist import slurm as slurm_job
 from ffdist.dist import gpu_count
 from ffdist.errors import LaunchError
 from ffdist.recipe import Recipe
@@ -264,6 +265,14 @@ def _deepspeed_devices(plan: Plan, env: dict[str, str], notes: list[str]) -> lis
     return ["--num_gpus", str(plan.nproc)]
 
 
+def slurm_plan(rcp: Recipe) -> Plan:
+    """What `ffdist launch` asks Slurm for per node: len(launch.gpus) GPUs, else
+    launch.nproc CPU ranks (on a GPU node without launch.gpus the job uses all its GPUs)."""
+    if rcp.launch.gpus and rcp.launch.device != "cpu":
+        return Plan(len(rcp.launch.gpus), list(rcp.launch.gpus))
+    return Plan(rcp.launch.nproc or 1, None)
+
+
 def slurm(rcp: Recipe, recipe_path: str, overrides: list[str], plan: Plan) -> Command:
     """`sbatch slurm/train.sh RECIPE ...` with the nodes and devices of the recipe."""
     lc = rcp.launch
@@ -283,10 +292,7 @@ def build(recipe_path: str, overrides: list[str], launcher: str | None = None,
     rcp = recipe_mod.load(recipe_path, overrides)
     launcher = launcher or rcp.launch.launcher
     if launcher == "slurm":
-        plan = (Plan(len(rcp.launch.gpus), list(rcp.launch.gpus))
-                if rcp.launch.gpus and rcp.launch.device != "cpu"
-                else Plan(rcp.launch.nproc or 1, None))
-        return slurm(rcp, recipe_path, overrides, plan)
+        return slurm(rcp, recipe_path, overrides, slurm_plan(rcp))
     plan, notes = plan_local(rcp, dry_run)
     if plan.nproc == 1 and rcp.launch.nnodes == 1:
         # One device: no launcher, no process group: the single-device fallback.
@@ -328,7 +334,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--dry-run", action="store_true",
                    help="print the command and environment, start nothing")
     p.add_argument("--slurm-node", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--print-run-dir", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--slurm-check", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_intermixed_args(argv)  # flags may come after key=value overrides
     overrides = list(args.overrides)
     for flag, key in (("nnodes", "nnodes"), ("node_rank", "node_rank"),
@@ -342,24 +348,26 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse(sys.argv[1:] if argv is None else argv)
-    if args.print_run_dir:  # for slurm/train.sh: validates the recipe, names its folder
-        print(recipe_mod.load(args.recipe, overrides).run_dir)
-        return 0
+    if args.slurm_check:
+        return slurm_job.check_for_script(args.recipe, overrides, dict(os.environ))
     if args.slurm_node:
         cmd = build_slurm_node(args.recipe, overrides, dict(os.environ))
     else:
         cmd = build(args.recipe, overrides, args.launcher, args.dry_run)
+    if cmd.argv[0] == "sbatch":  # a queued job may wait hours: refuse mistakes now
+        rcp = recipe_mod.load(args.recipe, overrides)
+        slurm_job.check(rcp, rcp.launch.nnodes * len(rcp.launch.gpus) or None)
     for note in cmd.notes:
         print(f"# {note}", file=sys.stderr)
     print(cmd.render(), flush=True)
     if args.dry_run:
         return 0
-    env = {**os.environ, **cmd.env}
-    if args.slurm_node:  # become torchrun: srun's signals and exit code reach it directly
-        os.execvpe(cmd.argv[0], cmd.argv, env)
+    if args.slurm_node:  # torchrun, in this process: srun's signals reach it directly
+        node = os.environ.get("SLURMD_NODENAME", "this node")
+        return slurm_job.run_torchrun(cmd.argv[1:], cmd.env, f"node {node}")
     if cmd.argv[0] == "sbatch":
-        rcp = recipe_mod.load(args.recipe, overrides)
-        rcp.run_dir.mkdir(parents=True, exist_ok=True)  # sbatch cannot create --output's dir
+        return slurm_job.submit(cmd.argv, rcp.run_dir)
+    env = {**os.environ, **cmd.env}
     try:
         return subprocess.call(cmd.argv, env=env)
     except FileNotFoundError:

@@ -81,8 +81,21 @@ def _set_pool(model: nn.Module, cfg: ModelConfig) -> None:
                       f"model.name={cfg.name} has none. Use model.pool=avg.")
 
 
+def check_name(name: str) -> None:
+    """RecipeError unless `name` is in the registry (without building anything)."""
+    if name in OWN:
+        return
+    import torchvision
+
+    if name not in torchvision.models.list_models(module=torchvision.models):
+        close = difflib.get_close_matches(name, available(), n=1)
+        hint = f"did you mean '{close[0]}'?" if close else "see `ffdist models`."
+        raise RecipeError(f"model.name={name!r} is not a known model; {hint}")
+
+
 def build(cfg: ModelConfig) -> nn.Module:
     """A freshly initialised model for the recipe (pretrained weights: ffdist.finetune)."""
+    check_name(cfg.name)
     if cfg.name in OWN:
         if cfg.drop_path_rate:
             raise RecipeError(f"model.drop_path_rate: {cfg.name} has no residual blocks to drop; "
@@ -94,11 +107,6 @@ def build(cfg: ModelConfig) -> nn.Module:
     else:
         import torchvision
 
-        names = torchvision.models.list_models(module=torchvision.models)
-        if cfg.name not in names:
-            close = difflib.get_close_matches(cfg.name, available(), n=1)
-            hint = f"did you mean '{close[0]}'?" if close else "see `ffdist models`."
-            raise RecipeError(f"model.name={cfg.name!r} is not a known model; {hint}")
         model = droppath.torchvision_model(cfg.name, cfg.num_classes, cfg.drop_path_rate)
         if cfg.cifar_stem:
             _cifar_stem(model, cfg)
