@@ -85,6 +85,9 @@ def check_name(name: str) -> None:
     """RecipeError unless `name` is in the registry (without building anything)."""
     if name in OWN:
         return
+    if from_timm.is_timm(name):
+        from_timm.architecture(ModelConfig(name=name))  # the extra installed, the name known
+        return
     import torchvision
 
     if name not in torchvision.models.list_models(module=torchvision.models):
@@ -105,8 +108,6 @@ def build(cfg: ModelConfig) -> nn.Module:
     elif from_timm.is_timm(cfg.name):
         model = from_timm.build(cfg)
     else:
-        import torchvision
-
         model = droppath.torchvision_model(cfg.name, cfg.num_classes, cfg.drop_path_rate)
         if cfg.cifar_stem:
             _cifar_stem(model, cfg)
