@@ -76,6 +76,14 @@ class Resolved:
                 "device": self.device.type}
 
 
+def batch_plan(recipe: Recipe, world_size: int) -> BatchPlan:
+    """The recipe's batch plan over `world_size` processes (part of `resolve`; alone where
+    the device is not known yet, e.g. checking a Slurm job at submission)."""
+    from ffdist import data
+
+    return data.plan_batches(recipe.data.batch_size, recipe.data.micro_batch_size, world_size)
+
+
 def resolve(recipe: Recipe, world_size: int, device: torch.device,
             launcher_precision: str | None = None, *, trains: bool = True) -> Resolved:
     """The derived facts of a run, or the one-sentence error that refuses it.
@@ -83,9 +91,9 @@ def resolve(recipe: Recipe, world_size: int, device: torch.device,
     `trains=False` (eval, predict): the refusals that concern only a training strategy
     (strategy.name=single with N processes, DeepSpeed fp16 without a GPU) are skipped,
     since those commands run the plain model."""
-    from ffdist import data, precision, strategies
+    from ffdist import precision, strategies
 
-    plan = data.plan_batches(recipe.data.batch_size, recipe.data.micro_batch_size, world_size)
+    plan = batch_plan(recipe, world_size)
     strategy = strategies.resolve_name(recipe, world_size, check=trains)
     prec = precision.resolve(recipe.precision, device, launcher_precision)
     if trains and strategy == "deepspeed" and prec == "fp16" and device.type != "cuda":

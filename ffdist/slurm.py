@@ -24,12 +24,12 @@ from ffdist.recipe import Recipe
 def check(rcp: Recipe, world: int | None = None) -> None:
     """Refuse what would fail at the job's start: an unknown model, a global batch that does
     not divide over `world` processes (when known), an output_dir that cannot be made."""
-    from ffdist.data.loader import plan_batches
+    from ffdist.assemble import batch_plan
     from ffdist.models import check_name
 
     check_name(rcp.model.name)
     if world:
-        plan_batches(rcp.data.batch_size, rcp.data.micro_batch_size, world)
+        batch_plan(rcp, world)
     existing = next(p for p in (rcp.run_dir, *rcp.run_dir.absolute().parents) if p.exists())
     if not (existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)):
         raise CheckpointError(f"output_dir={rcp.run_dir} cannot be created or written: "
