@@ -5,12 +5,24 @@ The Trainer only trains: it is assembled by ffdist.assemble.build_trainer, its s
 owns the numerics (autocast, input casting, backward, step and skip, state), its Monitor
 draws the pictures, and ffdist.train writes model.pt and the end of the run.
 
-Host-device sync points are deliberate and few, each marked "sync point" where it happens:
-one two-number all-reduce + read per optimizer step (the NaN/Inf flag and the stop flag,
-see `_start_flags`, overlapped with the backward pass), one read per logging interval
-(log.every_steps), one all-reduce per evaluation, the RNG all-gather when a checkpoint is
-written, and fp16's GradScaler (free with the fused CUDA optimizers ffdist.optim builds;
-see strategies/single.py). Everything else (loss sums, hit counts) stays on the device.
+Host-device sync points. The steady-state step has none of its own: NaN/Inf decides the
+skip on the device (ffdist.step_flags + ffdist.optim.step_unless), and the host reads a
+step's flags one step late, after the next step is queued. THE list (docs/performance.md
+repeats it); each is marked "sync point" where it happens:
+
+1. the flags of step k, read after step k+1 is queued (`_settle(lag=1)`, an event wait
+   behind step k's flag copy: it never starves the GPU of queued work);
+2. one read per log line (log.every_steps: the loss sum, and all pending flags);
+3. one all-reduce + read per evaluation (ffdist.metrics.EvalCounts.reduce);
+4. the RNG all-gather and the state copies when a checkpoint is written (and the
+   pending flags read first, so the checkpoint's skip counts are exact);
+5. the end of an epoch (pending flags read: a stop request acts before evaluation);
+6. DeepSpeed: the flags of the current step, read before its step (`_settle(lag=0)`):
+   its engine decides fp16 overflow on the host anyway (strategies/deepspeed.py);
+7. optimizers without a fused kernel on the device (none on CUDA or the CPU): their skip
+   is decided on the host (ffdist.optim.step_unless);
+8. the first step: lazy initialisation (cuDNN autotuning, compile, GradScaler's scale).
+Loss sums, hit counts, GradScaler's scale update and the skip itself stay on the device.
 """
 
 from __future__ import annotations
@@ -37,6 +49,7 @@ from ffdist.monitor import Monitor
 from ffdist.optim import lr_at, total_steps
 from ffdist.precision import Numerics
 from ffdist.recipe import Recipe
+from ffdist.step_flags import Flags, StepFlags
 from ffdist.strategies import Strategy
 
 if TYPE_CHECKING:
@@ -86,7 +99,11 @@ class StepStats:
     """One optimizer step as `Trainer.train_step` saw it (no host sync to make one)."""
 
     loss: torch.Tensor        # the step's loss (mean over its micro-steps), on the device
-    applied: bool             # False: non-finite, the update was skipped
+    applied: torch.Tensor     # 0-dim float32 on the device: 1.0 the optimizer update was
+    #                           applied, 0.0 skipped (non-finite loss on a rank, or an fp16
+    #                           overflow). Multiply by it, never `if` it (a host sync).
+    loss_finite: torch.Tensor  # 0-dim bool on the device: finite on every rank (counts
+    #                            in the logged mean)
     seconds: float            # host wall time of the step (device work may still run)
     data_wait: float          # of which, waiting for batches
 
@@ -99,14 +116,16 @@ class StatsWindow:
         self.reset()
 
     def reset(self) -> None:
-        self.loss_sum = torch.zeros((), device=self.device)
-        self.steps, self.images, self.loss_steps = 0, 0, 0
+        # [sum of finite losses, how many]: on the device, read once per log line
+        self.loss = torch.zeros(2, device=self.device)
+        self.steps, self.images = 0, 0
         self.data_wait = self.step_time = 0.0
 
     def add(self, stats: StepStats, images: int) -> None:
-        if stats.applied:  # a skipped step's loss is NaN: it would poison the mean
-            self.loss_sum += stats.loss
-            self.loss_steps += 1
+        # a non-finite loss would poison the mean: masked on the device, not tested on the host
+        finite = stats.loss_finite
+        self.loss[0] += torch.where(finite, stats.loss, 0.0)
+        self.loss[1] += finite
         self.steps += 1
         self.images += images
         self.step_time += stats.seconds
@@ -129,10 +148,12 @@ class Trainer:
                                             channels_last)
         self.progress = Progress()
         self.window = StatsWindow(info.device)
+        self.flags = StepFlags(info.device)
         self._first_batch_pending = monitor.wants_first_batch  # pictures, once per run
         # stop_requested is set on THIS rank by ffdist.signals; `_stop` is what all ranks
-        # agreed on at the last step boundary. Control flow only ever reads `_stop`, else a
-        # rank that got the signal would leave a collective its peers are still in.
+        # agreed on, from the flags of the last settled step. Control flow only ever reads
+        # `_stop`, else a rank that got the signal would leave a collective its peers are
+        # still in.
         self.stop_requested = False
         self._stop = False
         self._saved_step = -1
@@ -155,6 +176,7 @@ class Trainer:
             **self.strategy.state_dict())
 
     def save(self, is_best: bool = False) -> None:
+        self.settle_flags()  # the checkpoint's skip counts include every step it holds
         self.manager.save(self.checkpoint(), self.strategy, is_best=is_best)
         self._saved_step = self.progress.step
 
@@ -224,13 +246,16 @@ class Trainer:
                 break
         if self.window.steps:
             self._log_train(lr)
+        self.settle_flags()  # sync point, once per epoch: a stop acts before evaluating
         self.monitor.end_epoch()
 
     def train_step(self, batches: Iterator[Batch], lr: float) -> StepStats:
-        """One optimizer step (plan.accum micro-steps) at `lr`, applied or skipped; its only
-        host sync is the flag read at the end (`_apply_flags`). `ffdist bench` times it."""
+        """One optimizer step (plan.accum micro-steps) at `lr`, applied or skipped on the
+        device. The host reads the PREVIOUS step's flags at the end (`_settle(lag=1)`),
+        this step's only under DeepSpeed. `ffdist bench` times it."""
         started = time.perf_counter()
         accum, wait = self.plan.accum, 0.0
+        step = self.progress.step + 1
         step_loss = torch.zeros((), device=self.info.device)
         for micro in range(accum):
             t0 = time.perf_counter()
@@ -244,47 +269,44 @@ class Trainer:
             with self.strategy.no_sync(boundary=last):
                 logits = forward(self.strategy.model, x, self.strategy)
                 loss = self.criterion(logits.float(), y) / accum  # the loss in fp32
-                loss = faults.poison_loss(loss, self.progress.step + 1, self.info.rank)
+                loss = faults.poison_loss(loss, step, self.info.rank)
                 step_loss += loss.detach()
                 if last:  # the flags travel while backward computes (and DDP all-reduces)
-                    flags = self._start_flags(step_loss)
+                    flags = self.flags.start(step_loss, self.stop_requested)
                 self.strategy.backward(loss)
-        applied = self._apply_flags(flags)
-        if applied:
-            self.strategy.step(lr)
-        else:
+        skip = self.flags.wait(flags)
+        self.flags.record(step, flags)
+        if self.strategy.skips_on_device:
+            applied = self.strategy.step(lr, skip)
+            self._settle(lag=1)  # sync point (lagged): step-1's flags, this step queued
+        elif self._settle(lag=0)[-1].bad_ranks:  # sync point: DeepSpeed decides on the host
             self.strategy.skip_step()
-        return StepStats(step_loss, applied, time.perf_counter() - started, wait)
+            applied = torch.zeros((), device=self.info.device)
+        else:
+            applied = self.strategy.step(lr, skip)
+        return StepStats(step_loss, applied, skip == 0, time.perf_counter() - started, wait)
 
-    def _start_flags(self, step_loss: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        """Start ONE asynchronous all-reduce of two numbers: (this rank's loss is not
-        finite, this rank was asked to stop). Issued after the last forward and before its
-        backward, in the same order on every rank, so it overlaps the backward pass."""
-        flags = torch.zeros(2, device=self.info.device)
-        flags[0] = (~torch.isfinite(step_loss)).float()
-        flags[1] = float(self.stop_requested)
-        work = tdist.all_reduce(flags, async_op=True) if tdist.is_initialized() else None
-        return flags, work
+    def settle_flags(self) -> None:
+        """Read and act on every pending step flag now (a sync point): before a checkpoint,
+        a log line, the end of an epoch, or after timing steps (bench)."""
+        self._settle(lag=0)
 
-    def _apply_flags(self, pending: tuple[torch.Tensor, Any]) -> bool:
-        """Wait for the flags and read them once (a host sync point, every step: the
-        optimizer step must not run on NaN gradients). Returns whether to apply the step."""
-        flags, work = pending
-        if work is not None:
-            work.wait()
-        bad_ranks, stopping = flags.tolist()
-        self._stop = self._stop or stopping > 0
-        if not bad_ranks:
-            self.progress.bad_in_a_row = 0
-            return True
-        self._non_finite(int(bad_ranks))
-        return False
+    def _settle(self, lag: int) -> list[Flags]:
+        """Act on the flags of every step but the newest `lag`, in step order: the stop
+        request, and nan_policy for non-finite steps (their update was already skipped)."""
+        read = self.flags.settle(lag)
+        for f in read:
+            self._stop = self._stop or f.stop
+            if f.bad_ranks:
+                self._non_finite(f.step, f.bad_ranks)
+            else:
+                self.progress.bad_in_a_row = 0
+        return read
 
-    def _non_finite(self, bad_ranks: int) -> None:
-        """nan_policy: stop now (NonFiniteLoss), or count the skip (and stop after
-        max_bad_steps in a row)."""
+    def _non_finite(self, step: int, bad_ranks: int) -> None:
+        """nan_policy for step `step`, whose update was skipped: stop now (NonFiniteLoss),
+        or count the skip (and stop after max_bad_steps in a row)."""
         p, sched = self.progress, self.recipe.schedule
-        step = p.step + 1
         where = f"on {bad_ranks} of {self.info.world_size} ranks"
         last = (f"the last checkpoint, step {self._saved_step}, is kept"
                 if self._saved_step >= 0 else "no checkpoint was written yet")
@@ -304,10 +326,11 @@ class Trainer:
 
     def _log_train(self, lr: float) -> None:
         window, p = self.window, self.progress
-        loss_sum = all_reduce_sum(window.loss_sum.clone())  # sync point: once per interval
+        self.settle_flags()  # the record's skipped_steps is exact; a NaN-stop raises first
+        # sync point: once per interval; the sum and count over every rank's finite losses
+        loss_sum, loss_steps = all_reduce_sum(window.loss.clone()).tolist()
         # all steps of the window skipped (NaN) -> nan, not a made-up 0
-        loss = loss_sum.item() / (window.loss_steps * self.info.world_size) \
-            if window.loss_steps else float("nan")
+        loss = loss_sum / loss_steps if loss_steps else float("nan")
         ips = window.images / max(window.step_time, 1e-9)
         wait = window.data_wait / max(window.step_time, 1e-9)
         record = {"loss": loss, "lr": lr, "images_per_s": ips, "data_wait_fraction": wait,

@@ -21,6 +21,10 @@ class Strategy(Protocol):
     model: nn.Module
     """What forward is called on (wrapped: DDP, compiled, DeepSpeed engine)."""
     optimizer: Any
+    skips_on_device: bool
+    """True: step() applies or skips the update on the device, from a device flag, with no
+    host sync (single, DDP: ffdist.optim.step_unless). False (DeepSpeed): the Trainer reads
+    the flag on the host first and calls step() or skip_step()."""
     sharded: bool
     """True when every rank writes its own checkpoint shard (ZeRO): then the checkpoint
     goes through save_shards/load_shards, else through state_dict/load_state_dict. Decided
@@ -40,11 +44,15 @@ class Strategy(Protocol):
 
     def backward(self, loss: torch.Tensor) -> None: ...
 
-    def step(self, lr: float) -> torch.Tensor | None:
-        """Optimizer step at `lr`, zero the gradients; returns the grad norm if computed."""
+    def step(self, lr: float, skip: torch.Tensor) -> torch.Tensor:
+        """Optimizer step at `lr` unless `skip` (0-dim float32 on the device, 1.0: the loss
+        is not finite on some rank), then zero the gradients. Returns `applied`, 0-dim
+        float32 on the device: 1.0 when the update was applied, 0.0 when it was skipped
+        (`skip`, or an fp16 overflow). Reads nothing back when `skips_on_device`."""
 
     def skip_step(self) -> None:
-        """Drop this step's gradients without updating anything (a non-finite loss)."""
+        """Drop this step's gradients without updating anything (a non-finite loss; only
+        called when not `skips_on_device`)."""
 
     # ---------------------------------------------------------------- state
     def unwrap(self) -> nn.Module:

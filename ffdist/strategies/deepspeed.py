@@ -40,6 +40,9 @@ LOW = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 class DeepSpeed:
     sharded = True
+    # The engine decides fp16 overflow on the host (DeepSpeed's loss scaler reads it back
+    # every step), so the Trainer also reads its NaN/stop flag before step(): a sync point.
+    skips_on_device = False
 
     def __init__(self, model: nn.Module, recipe: Recipe, resolved: Resolved, info: DistInfo):
         # (precision=fp16 without a GPU was refused by ffdist.assemble.resolve)
@@ -59,7 +62,7 @@ class DeepSpeed:
         # initial broadcast views each one as bytes (fails on channels_last bf16 weights).
         # The inputs are still channels_last (ffdist.data's prefetcher), convs accept both.
         self.raw = model.to(device=info.device)
-        client = build_optimizer(self.raw, recipe.optim, info.device)
+        client = build_optimizer(self.raw, recipe.optim, info.device, skips_on_device=False)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=self.raw, optimizer=client, config=self.config, dist_init_required=False)
         self.low = LOW.get(resolved.precision)
@@ -92,12 +95,13 @@ class DeepSpeed:
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss, scale_wrt_gas=False)  # loss is already / accumulation
 
-    def step(self, lr: float) -> torch.Tensor | None:
+    def step(self, lr: float, skip: torch.Tensor | None = None) -> torch.Tensor:
+        """(`skip` is unused: the Trainer calls skip_step() instead, having read the flag.)"""
         for group in self.engine.optimizer.param_groups:  # ZeRO exposes the client's groups
             group["lr"] = lr
-        self.engine.step()  # clips (gradient_clipping), steps, zeroes the gradients
-        norm = self.engine.get_global_grad_norm()
-        return None if norm is None else torch.as_tensor(float(norm))
+        self.engine.step()  # clips (gradient_clipping), steps (unless fp16 overflowed), zeroes
+        # a fill, not a host->device copy: the host already knows (DeepSpeed synced)
+        return torch.full((), float(self.engine.was_step_applied()), device=self.info.device)
 
     def skip_step(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ffdist import optim
 from ffdist.checkpoint import clean_state_dict
 from ffdist.dist import DistInfo
 from ffdist.optim import build_optimizer, set_lr
@@ -22,6 +23,9 @@ if TYPE_CHECKING:
 
 
 class SingleDevice(NotSharded):
+    # The optimizer update is applied or skipped on the device (ffdist.optim.step_unless).
+    skips_on_device = True
+
     def __init__(self, model: nn.Module, recipe: Recipe, resolved: Resolved, info: DistInfo):
         device = info.device
         fmt = torch.channels_last if recipe.model.channels_last else torch.contiguous_format
@@ -50,23 +54,23 @@ class SingleDevice(NotSharded):
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
-    def step(self, lr: float) -> torch.Tensor | None:
+    def step(self, lr: float, skip: torch.Tensor) -> torch.Tensor:
+        """Unscale (fp16), clip, and step unless `skip` or an fp16 overflow, all decided on
+        the device: GradScaler's found_inf joins ours, and the fused optimizer honours the
+        sum (ffdist.optim.step_unless). No host sync (GradScaler.update is on the device)."""
         set_lr(self.optimizer, lr)
-        norm = None
+        found = skip
         if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-        if self.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)  # fp32 grads, and the overflow check
+            found = torch.maximum(found, _overflow(self.scaler, self.optimizer))
+        if self.grad_clip is not None:  # (non-finite grads make a NaN norm: skipped anyway)
             params = [p for p in self.raw.parameters() if p.grad is not None]
-            norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+            torch.nn.utils.clip_grad_norm_(params, self.grad_clip, foreach=True)
+        optim.step_unless(self.optimizer, found)
         if self.scaler is not None:
-            # skips the step on inf/nan grads. Sync point only with non-fused optimizers
-            # (GradScaler reads found_inf); the fused CUDA ones take it as a device tensor.
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
+            self.scaler.update()  # backs off on the scaler's own overflow only
         self.optimizer.zero_grad(set_to_none=True)
-        return norm
+        return 1.0 - found
 
     def skip_step(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -89,8 +93,23 @@ class SingleDevice(NotSharded):
         # ffdist.checkpoint.check_compatible has refused checkpoints of another strategy.
         self.raw.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        optim.init_momentum_buffers(self.optimizer)  # (a step-0 checkpoint may lack some)
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
+
+
+def _overflow(scaler: torch.amp.GradScaler, opt: torch.optim.Optimizer) -> torch.Tensor:
+    """1.0 where GradScaler.unscale_ found inf/NaN gradients, else 0.0 (on the device).
+
+    GradScaler keeps this per optimizer and device and hands it to fused optimizers as
+    `found_inf` inside its own step(); we step the optimizer ourselves (to add the loss
+    flag), so we read it through `_found_inf_per_device`, the one private GradScaler call
+    in ffdist (tests/unit/test_device_skip.py fails if torch changes it)."""
+    per_device = list(scaler._found_inf_per_device(opt).values())
+    found = per_device[0]
+    for more in per_device[1:]:
+        found = torch.maximum(found, more.to(found.device))
+    return found
 
 
 def _compiled(model: nn.Module, backend: str) -> nn.Module:
