@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup train test lint bench clean
+.PHONY: setup train test lint bench gpu-wheels gpu-check clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,15 @@ lint: setup
 
 bench: setup
 	$(BIN)/python -m benchmarks.run_all
+
+# GPU machines: `make gpu-wheels` here (network), copy the repo there, `make gpu-check` there
+# (its python3, no venv). `make gpu-check PY=.venv/bin/python ARGS=--cpu-dry-run` tries the
+# script on a CPU. See docs/performance.md.
+gpu-wheels:
+	PIP=$(BIN)/pip benchmarks/gpu_wheels.sh
+
+gpu-check:
+	$(PY) benchmarks/gpu_check.py $(ARGS)
 
 clean:
 	rm -rf runs .pytest_cache
