@@ -390,6 +390,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--wheels", type=Path, default=REPO / "wheels" / "gpu")
     p.add_argument("--out", type=Path, help="default benchmarks/RESULTS-gpu.md "
                                             "(dry run: runs/gpu-check/RESULTS-gpu-dry-run.md)")
+    p.add_argument("--work", type=Path, default=REPO / "runs" / "gpu-check",
+                   help="scratch folder: bench.json files, run folders, the JPEGs")
     p.add_argument("--only", nargs="*", choices=("tests", "bench", "jpeg", "zero"),
                    help="run these steps only")
     args = p.parse_args(argv)
@@ -400,7 +402,7 @@ def main(argv: list[str]) -> int:
     if not dry and not torch.cuda.is_available():
         sys.exit("gpu_check: no CUDA GPU visible; run it on a GPU machine, or --cpu-dry-run.")
     cfg = DRY if dry else GPU
-    work = REPO / "runs" / "gpu-check"
+    work = args.work
     work.mkdir(parents=True, exist_ok=True)
     info = machine()
     steps = args.only or ["tests", "bench", "jpeg", "zero"]

@@ -1,11 +1,13 @@
-"""Cost of the per-step NaN/stop flag (Trainer._start_flags/_apply_flags) on the digits model.
+"""Cost of the per-step NaN/stop flag all-reduce (ffdist.step_flags) on the digits model.
 
     PYTHONPATH=. python -m benchmarks.nan_check_overhead      # 2 gloo ranks on the CPU
 
 Times DDP training steps of the digits SmallCNN (global batch 64 = 2 x 32) without the flag,
 with a blocking 2-number all-reduce after backward, and with the Trainer's way (started
 before backward, waited after), interleaved in blocks so that load from other processes
-hits all alike. Prints numbers; asserts nothing.
+hits all alike. Prints numbers; asserts nothing. (On gloo the host waits for the all-reduce
+whatever ffdist does; on CUDA only the stream waits, and the host reads the flags a step
+later: docs/performance.md.)
 """
 
 from __future__ import annotations

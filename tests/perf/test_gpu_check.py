@@ -1,0 +1,53 @@
+"""benchmarks/gpu_check.py on the CPU: its JPEG step end to end (--cpu-dry-run --only jpeg),
+and the write-up's pieces. The full dry run (`make gpu-check PY=.venv/bin/python
+ARGS=--cpu-dry-run`, ~15 min here: DeepSpeed builds its CPU op) is run by hand."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+from tests.helpers import REPO, run
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+import gpu_check  # noqa: E402
+
+
+def test_make_jpegs_writes_an_imagefolder(tmp_path: Path) -> None:
+    n = gpu_check.make_jpegs(tmp_path, classes=3, per_class=4, size=(50, 40))
+    train = sorted((tmp_path / "train").rglob("*.jpg"))
+    val = sorted((tmp_path / "val").rglob("*.jpg"))
+    assert n == len(train) + len(val) == 3 * 4 + 3 * 2
+    assert sorted(p.name for p in (tmp_path / "train").iterdir()) == ["c0", "c1", "c2"]
+    with Image.open(train[0]) as img:
+        assert img.format == "JPEG" and img.size == (50, 40)
+
+
+def test_dry_run_jpeg_step_measures_the_loader_and_bench(tmp_path: Path) -> None:
+    out = tmp_path / "results.md"
+    proc = run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--cpu-dry-run",
+                "--only", "jpeg", "--out", str(out), "--work", str(tmp_path / "work")],
+               timeout=600)
+    text = out.read_text()
+    assert text.startswith("# ffdist gpu-check: CPU DRY RUN")
+    assert "ffdist commit:" in text and "torch " in text and "CPU cores:" in text
+    loader = [ln for ln in text.splitlines() if ln.startswith("| JPEG loader alone")]
+    bench = [ln for ln in text.splitlines() if ln.startswith("| bench on the JPEG folder")]
+    assert "| JPEG folder |" in text and len(bench) == 1, text
+    # the recipe's workers (8), and all cores but two when that differs
+    assert 1 <= len(loader) <= 2 and all("images/s" in ln for ln in loader), loader
+    assert "data wait" in bench[0] and "(the recipe)" in "".join(loader)
+    assert "**NO**" not in text, text
+    assert "[ok] bench on the JPEG folder" in proc.stdout
+
+
+def test_junit_counts_and_the_bench_table(tmp_path: Path) -> None:
+    xml = tmp_path / "r.xml"
+    xml.write_text('<testsuites><testsuite tests="5" failures="1" errors="1" skipped="2">'
+                   "</testsuite></testsuites>")
+    assert gpu_check._junit(xml) == {"tests": 5, "failed": 2, "skipped": 2, "passed": 1}
+    assert gpu_check._junit(tmp_path / "none.xml") is None
+    printed = "noise\nmodel  a\nrow    b\nmodel  c\nrow    d\nwrote x.json\nstderr line\n"
+    assert gpu_check._table(printed) == "model  c\nrow    d"
