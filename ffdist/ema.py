@@ -14,8 +14,10 @@ every 32 steps it would stay below 0.999 for a third of a 600-epoch run) and cha
 published recipes; a copy during warm-up does not.
 
 Exactness: the update is a pure function of (shadow, weights, step): no RNG, no host sync
-(`torch._foreach_lerp_` with a host float as weight, or mul_ + add_ for low-precision
-weights), the same on every rank. `state_dict()` is plain tensors and numbers (loads with
+(`torch._foreach_lerp_` with a host float as weight; low-precision weights are promoted to
+fp32 first), the same on every rank. A skipped optimizer step (non-finite loss) is no
+update: the host says so (`applied=False`), or the device does with a 0/1 tensor that
+masks the update (`applied=tensor`, no host read; see `update`). `state_dict()` is plain tensors and numbers (loads with
 weights_only=True); restoring it and continuing gives the same shadow bit for bit as an
 uninterrupted run.
 
@@ -71,23 +73,25 @@ class EMA:
         return step % self.every == 0
 
     @torch.no_grad()
-    def update(self, model: nn.Module, step: int) -> bool:
+    def update(self, model: nn.Module, step: int,
+               applied: bool | torch.Tensor | None = None) -> bool:
         """After optimizer step `step` (1-based count of steps done): update when due.
-        Returns whether it did. Launches device work only; reads nothing back."""
+
+        `applied` says whether that optimizer step changed the weights: None/True (yes),
+        False (it was skipped, a non-finite loss: the shadow is left alone), or a 0-dim
+        device tensor 1.0/0.0 when only the device knows (a skip decided on the device):
+        the update is then masked on the device, with no host read. Masked by 1.0 it gives
+        the same bits as an unmasked update; by 0.0 it leaves the shadow as it was.
+        Returns whether an update was due. Launches device work only; reads nothing back."""
         if not self.due(step):
             return False
+        self.updates += 1  # due updates, applied or masked: the same count either way
+        if applied is False:
+            return True
         ema, cur, ema_copied, cur_copied = self._tensors(model)
-        weight = 1.0 - self.decay_at(step)
-        if weight == 1.0:  # warm-up: a copy
-            torch._foreach_copy_(ema, cur)
-        elif all(c.dtype == e.dtype for c, e in zip(cur, ema)):
-            torch._foreach_lerp_(ema, cur, weight)
-        else:  # bf16/fp16 weights into the fp32 shadow: add_ promotes in its kernel
-            torch._foreach_mul_(ema, 1.0 - weight)
-            torch._foreach_add_(ema, cur, alpha=weight)
+        average(ema, cur, 1.0 - self.decay_at(step), applied)
         if ema_copied:
-            torch._foreach_copy_(ema_copied, cur_copied)
-        self.updates += 1
+            copy_masked(ema_copied, cur_copied, applied)
         return True
 
     def _tensors(self, model: nn.Module) -> tuple[list, list, list, list]:
@@ -153,3 +157,32 @@ class EMA:
         copied = copy.deepcopy(model)
         self.copy_to(copied)
         return copied.eval()
+
+
+# ------------------------------------------------------------------ the arithmetic
+def average(ema: list[torch.Tensor], cur: list[torch.Tensor], weight: float,
+            applied: bool | torch.Tensor | None = None) -> None:
+    """ema <- ema + weight * (cur - ema) (torch.lerp: weight 1 is an exact copy), in place,
+    for fp32 shadows of tensors of any float dtype. `applied` (0-dim device tensor) scales
+    the weight on the device: 1.0 the same bits as the float weight, 0.0 no change."""
+    if not ema:
+        return
+    w: float | torch.Tensor = weight
+    if isinstance(applied, torch.Tensor):
+        w = applied.to(device=ema[0].device, dtype=torch.float32) * weight
+    same = [i for i, (e, c) in enumerate(zip(ema, cur)) if e.dtype == c.dtype]
+    if len(same) == len(ema):
+        torch._foreach_lerp_(ema, cur, [w] * len(ema) if isinstance(w, torch.Tensor) else w)
+        return
+    for i, (e, c) in enumerate(zip(ema, cur)):  # bf16/fp16 weights: promote, then lerp
+        e.lerp_(c if i in same else c.to(e.dtype), w)
+
+
+def copy_masked(dst: list[torch.Tensor], src: list[torch.Tensor],
+         applied: bool | torch.Tensor | None = None) -> None:
+    """dst <- src (integer buffers: num_batches_tracked); masked by a device `applied`."""
+    if isinstance(applied, torch.Tensor):
+        for d, s in zip(dst, src):
+            d.copy_(torch.where(applied.to(d.device) > 0, s, d))
+    else:
+        torch._foreach_copy_(dst, src)
