@@ -17,9 +17,9 @@ Exactness: the update is a pure function of (shadow, weights, step): no RNG, no 
 (`torch._foreach_lerp_` with a host float as weight; low-precision weights are promoted to
 fp32 first), the same on every rank. A skipped optimizer step (non-finite loss) is no
 update: the host says so (`applied=False`), or the device does with a 0/1 tensor that
-masks the update (`applied=tensor`, no host read; see `update`). `state_dict()` is plain tensors and numbers (loads with
-weights_only=True); restoring it and continuing gives the same shadow bit for bit as an
-uninterrupted run.
+masks the update (`applied=tensor`, no host read; see `update`). `state_dict()` is plain
+tensors and numbers (loads with weights_only=True); restoring it and continuing gives the
+same shadow bit for bit as an uninterrupted run.
 
 Evaluating with the EMA weights: `swapped(model)` puts them into the model and restores the
 raw weights on exit (exactly: a saved copy is put back); `module_copy(model)` returns a
@@ -31,10 +31,14 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from ffdist.recipe import Recipe
+    from ffdist.strategies import Strategy
 
 
 def _named_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -42,6 +46,22 @@ def _named_state(model: nn.Module) -> dict[str, torch.Tensor]:
     from ffdist.checkpoint import clean_state_dict
 
     return clean_state_dict(model.state_dict(keep_vars=True))
+
+
+def for_run(recipe: Recipe, strategy: Strategy, steps_per_epoch: int) -> EMA | None:
+    """The run's EMA of the weights (None when optim.ema_decay is 0), built from the weights
+    the strategy holds now: single device and DDP average the module (every DDP rank holds
+    the same weights, so the same shadow); DeepSpeed averages its fp32 master partitions
+    (ffdist.ema_zero)."""
+    o = recipe.optim
+    if o.ema_decay <= 0:
+        return None
+    warmup = round(o.ema_warmup_epochs * steps_per_epoch)
+    if strategy.sharded:
+        from ffdist.ema_zero import ZeroEMA
+
+        return ZeroEMA(strategy, o.ema_decay, o.ema_every_steps, warmup, o.ema_buffers)
+    return EMA(strategy.unwrap(), o.ema_decay, o.ema_every_steps, warmup, o.ema_buffers)
 
 
 class EMA:
@@ -114,6 +134,18 @@ class EMA:
         return {"decay": self.decay, "every": self.every, "warmup_steps": self.warmup_steps,
                 "buffers": self.buffers, "updates": self.updates,
                 "shadow": {k: v.detach().cpu().clone() for k, v in self.shadow.items()}}
+
+    def restore(self, state: dict[str, Any] | None, model: nn.Module) -> bool:
+        """Resume: the checkpoint's EMA section, or (a checkpoint written without one) a
+        fresh shadow of the restored weights. Returns whether the section was there."""
+        self._lists = None  # the model's tensors may have been replaced by the restore
+        if state is None:
+            with torch.no_grad():
+                for k, v in _named_state(model).items():
+                    self.shadow[k].copy_(v.detach())
+            return False
+        self.load_state_dict(state)
+        return True
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         shadow = state["shadow"]
