@@ -114,7 +114,9 @@ def time_train(trainer: Trainer, steps: int, warmup: int,
                batches: Iterator[tuple[torch.Tensor, torch.Tensor]] | None = None
                ) -> dict[str, Any]:
     """Per-step wall time and data wait of the Trainer's own optimizer step, on the
-    recipe's batches (or `batches`)."""
+    recipe's batches (or `batches`). The step counter advances as in training, so the
+    step's regularization costs what it costs there: a new mixup/cutmix draw every step,
+    the EMA update every optim.ema_every_steps."""
     device = trainer.info.device
     trainer.strategy.model.train()
     batches = _epochs(trainer) if batches is None else batches
@@ -127,6 +129,7 @@ def time_train(trainer: Trainer, steps: int, warmup: int,
             begin = time.perf_counter()
         t0 = time.perf_counter()
         stats = trainer.train_step(batches, trainer.lr_at(i))
+        trainer.progress.step += 1
         _sync(device)
         if i >= warmup:
             step_s.append(time.perf_counter() - t0)
@@ -243,6 +246,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def describe(trainer: Trainer, args: argparse.Namespace) -> dict[str, Any]:
     """What was timed: the resolved run and the model (bench.json's non-figures)."""
     from ffdist.assemble import param_counts
+    from ffdist.plan import regularization
 
     rcp, res, p = trainer.recipe, trainer.resolved, trainer.plan
     params, trainable = param_counts(trainer.strategy.unwrap())
@@ -254,6 +258,10 @@ def describe(trainer: Trainer, args: argparse.Namespace) -> dict[str, Any]:
             "strategy": res.strategy, "data": rcp.data.name,
             "image_size": res.image_size, "device": trainer.info.device.type,
             "steps": args.steps, "warmup": args.warmup, "num_workers": rcp.data.num_workers,
+            # timed inside the step: the mixing of every micro-batch, the EMA update
+            "mixup": trainer.mixer is not None, "ema": trainer.ema is not None,
+            "ema_every_steps": rcp.optim.ema_every_steps if trainer.ema is not None else None,
+            "regularization": regularization(rcp),
             "torch": torch.__version__, "threads": torch.get_num_threads()}
 
 
@@ -263,6 +271,8 @@ def table(r: dict[str, Any]) -> str:
                       f"{'channels_last' if r['channels_last'] else 'NCHW'}"
                       f"{', compiled' if r['compile'] else ''})"),
             ("data", f"{r['data']} {r['image_size']}px, workers {r['num_workers']}"),
+            ("regularize", r["regularization"] + (" (mixing and EMA update timed in the step)"
+                                                  if r["mixup"] or r["ema"] else "")),
             ("parameters", f"{r['params']:,} ({r['trainable_params']:,} trainable"
                            f"{', freeze ' + str(r['freeze']) if r['freeze'] else ''})"),
             ("world size x device", f"{r['world_size']} x {r['device']}"),
