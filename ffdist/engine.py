@@ -361,7 +361,7 @@ class Trainer:
         best = results[cfg.best_weights][0]["top1"]
         is_best = best > p.best_top1
         p.best_top1 = max(p.best_top1, best)
-        line = "  ".join(f"{'val' if k == 'raw' else k} loss {r['loss']:.4f}  top1 "
+        line = "  ".join(f"{'val' if k == 'raw' else 'val_ema'} loss {r['loss']:.4f}  top1 "
                          f"{r['top1']:.4f}  top5 {r['top5']:.4f}" for k, (r, _) in results.items())
         self.monitor.info("epoch %d step %d  %s  (n=%d)", p.epoch, p.step, line, final["n"])
         return is_best
