@@ -105,3 +105,23 @@ def test_two_ranks_train_on_the_same_augmented_and_mixed_batches(all_ref: Path,
     assert ema <= 2 * raw + 1e-7 and raw < 1e-3, (ema, raw)
     mine = torch.load(out / "model.pt", weights_only=True)
     assert all(torch.equal(mine[k], two["ema"]["shadow"][k]) for k in mine)
+
+
+def test_a_skipped_step_moves_neither_the_weights_nor_their_ema(tmp_path: Path) -> None:
+    """nan_policy=skip: steps 12 and 13 have a NaN loss; the EMA (updated every step) is
+    not updated on them, or it would move towards the unchanged weights."""
+    out = tmp_path / "run"
+    proc = kit.run(kit.python_cmd(out, "optim.ema_decay=0.9", "schedule.nan_policy=skip",
+                                  "schedule.max_bad_steps=3", "schedule.max_steps=15",
+                                  "checkpoint.every_steps=1", "checkpoint.keep_last=20"),
+                   FFDIST_FAULT="nan_loss:step=12-13")
+    assert proc.returncode == 0, kit.explain(proc)
+    ckpt = {s: torch.load(out / "checkpoints" / f"step_{s:08d}.pt", weights_only=True)
+            for s in (11, 12, 13, 14)}
+    for k in ckpt[11]["model"]:
+        for s in (12, 13):
+            assert torch.equal(ckpt[s]["model"][k], ckpt[11]["model"][k]), (s, k)
+            assert torch.equal(ckpt[s]["ema"]["shadow"][k], ckpt[11]["ema"]["shadow"][k])
+    assert not torch.equal(ckpt[14]["ema"]["shadow"]["head.weight"],
+                           ckpt[13]["ema"]["shadow"]["head.weight"])
+    assert ckpt[14]["skipped_steps"] == 2

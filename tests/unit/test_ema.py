@@ -113,6 +113,21 @@ def test_state_dict_is_plain_and_resumes_bit_exact():
         assert torch.equal(resumed.shadow[k], full.shadow[k]), k
 
 
+def test_restore_without_a_section_starts_again_from_the_restored_weights():
+    """A checkpoint written before the EMA was turned on: the EMA starts as a copy of the
+    weights the checkpoint restored (what they are now), not of the initial ones."""
+    model = _bn_net()
+    ema = EMA(model, decay=0.9)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)  # the restore loaded other weights in place
+    assert not ema.restore(None, model)
+    assert all(torch.equal(ema.shadow[k], v.float() if v.is_floating_point() else v)
+               for k, v in model.state_dict().items())
+    saved = ema.state_dict()
+    assert EMA(_bn_net(), 0.9).restore(saved, model)
+
+
 def test_load_refuses_another_model():
     ema = EMA(_bn_net(), 0.9)
     other = EMA(nn.Linear(2, 2), 0.9)
