@@ -82,6 +82,14 @@ class ZeroEMA(EMA):
         self.copied = [k for k in self.buffer_names if k not in set(self.averaged)]
         self.frozen = sorted(frozen)
         self._lists = None
+        self._buffers = self._buffer_refs()
+
+    def _buffer_refs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The module's buffers to average and to copy, held by reference: a state_dict()
+        per update costs ~1.4 ms for a ResNet-50 (see EMA._tensors)."""
+        state = _named_state(self.module)
+        return ([state[k].detach() for k in self.averaged],
+                [state[k].detach() for k in self.copied])
 
     def _piece(self, name: str, p: nn.Parameter) -> Piece:
         if hasattr(p, "ds_id"):  # ZeRO-3: this rank's partition of the parameter
@@ -119,12 +127,10 @@ class ZeroEMA(EMA):
             cur.append(p.source if p.source is not None else _local_fp32(p.param))
         for ema, cur in by_device.values():
             average(ema, cur, weight, applied)
-        state = _named_state(self.module)
-        average([self.shadow[k] for k in self.averaged], [state[k].detach() for k in
-                                                           self.averaged], weight, applied)
+        averaged, copied = self._buffers
+        average([self.shadow[k] for k in self.averaged], averaged, weight, applied)
         if self.copied:
-            copy_masked([self.shadow[k] for k in self.copied],
-                        [state[k].detach() for k in self.copied], applied)
+            copy_masked([self.shadow[k] for k in self.copied], copied, applied)
         return True
 
     # ------------------------------------------------------------------ gathering
@@ -200,6 +206,7 @@ class ZeroEMA(EMA):
         self.updates = int(state["updates"])
 
     def restore(self, state: dict[str, Any] | None, model: nn.Module) -> bool:
+        self._buffers = self._buffer_refs()
         for piece in self.pieces:  # the restore may have replaced the master tensors
             if piece.kind == "z3" and piece.source is not None:
                 piece.source = _local_fp32(piece.param)

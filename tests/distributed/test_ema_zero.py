@@ -2,7 +2,7 @@
 the EMA of the full fp32 weights, the same as DDP's, whether ZeRO-2 fragments or ZeRO-3
 partitions hold the master (ZeRO-3 with persistent and partitioned parameters, offloaded);
 evaluating it leaves the raw weights as they were; checkpoints and model.pt hold it
-consolidated; a ZeRO-3 run resumes it bit for bit; under bf16 it averages the fp32 master,
+consolidated; ZeRO-2 and ZeRO-3 runs resume it bit for bit; under bf16 it averages the fp32 master,
 not the bf16 module.
 
 Tolerances: as tests/integration/test_launchers.py (fp32, same data, same micro-batches;
@@ -84,8 +84,11 @@ def test_zero_ema_is_ddps_ema_of_the_full_fp32_weights(runs: dict[str, Path], ze
     assert set(best["ema"]["shadow"]) == set(got)  # ZeRO's best.pt: consolidated, both
 
 
-def test_zero3_resumes_the_ema_bit_for_bit(runs: dict[str, Path], tmp_path: Path):
-    ref = runs["zero3"]
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_zero_resumes_the_ema_bit_for_bit(runs: dict[str, Path], zero: str, tmp_path: Path):
+    """Each rank takes its part (ZeRO-2: fragments, ZeRO-3: partitions) back out of the
+    consolidated EMA of the step-20 checkpoint."""
+    ref = runs[zero]
     out = tmp_path / "run"
     shutil.copytree(ref, out)
     (out / "model.pt").unlink()
@@ -93,8 +96,8 @@ def test_zero3_resumes_the_ema_bit_for_bit(runs: dict[str, Path], tmp_path: Path
         if int(folder.name[5:]) > 20:
             shutil.rmtree(folder)
     (out / "checkpoints" / "latest").write_text("step_00000020\n")
-    proc = torchrun(RECIPE, *PARITY, *Z3, f"strategy.deepspeed_config={_z3_config(tmp_path)}",
-                    f"output_dir={out}", timeout=300)
+    extra = (*Z3, f"strategy.deepspeed_config={_z3_config(tmp_path)}") if zero == "zero3" else ()
+    proc = torchrun(RECIPE, *PARITY, *extra, f"output_dir={out}", timeout=300)
     assert "resumed from step 20" in proc.stdout
     assert train_losses(out) == train_losses(ref)
     for split in ("val", "val_ema"):
