@@ -238,10 +238,17 @@ def alternate(sides: list[Side], steps: int, reps: int, warmup: int) -> None:
 
 
 def trainer_side(label: str, trainer: Trainer, batches: Iterator[Batch]) -> Side:
+    def step(i: int) -> float:
+        # The step counter advances as in training, so the step's regularization costs
+        # what it costs there: a new mixup/cutmix draw every step, the EMA update every
+        # optim.ema_every_steps.
+        wait = trainer.train_step(batches, trainer.lr_at(i)).data_wait
+        trainer.progress.step += 1
+        return wait
+
     def build() -> tuple[Callable[[int], float], Callable[[], None]]:
         trainer.strategy.model.train()
-        return (lambda i: trainer.train_step(batches, trainer.lr_at(i)).data_wait,
-                trainer.settle_flags)
+        return step, trainer.settle_flags
 
     return Side(label, trainer.info.device, build)
 
@@ -497,6 +504,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def describe(trainer: Trainer, args: argparse.Namespace) -> dict[str, Any]:
     """What was timed: the resolved run and the model (bench.json's non-figures)."""
     from ffdist.assemble import param_counts
+    from ffdist.plan import regularization
 
     rcp, res, p = trainer.recipe, trainer.resolved, trainer.plan
     params, trainable = param_counts(trainer.strategy.unwrap())
@@ -511,6 +519,10 @@ def describe(trainer: Trainer, args: argparse.Namespace) -> dict[str, Any]:
             "image_size": res.image_size, "device": trainer.info.device.type,
             "steps": args.steps, "warmup": args.warmup, "reps": getattr(args, "reps", 1),
             "num_workers": rcp.data.num_workers,
+            # timed inside the step: the mixing of every micro-batch, the EMA update
+            "mixup": trainer.mixer is not None, "ema": trainer.ema is not None,
+            "ema_every_steps": rcp.optim.ema_every_steps if trainer.ema is not None else None,
+            "regularization": regularization(rcp),
             "torch": torch.__version__, "threads": torch.get_num_threads()}
 
 
@@ -551,6 +563,8 @@ def table(r: dict[str, Any]) -> str:
                       f"{', compiled' if r['compile'] else ''}, {r['optimizer']})"),
             ("data", f"{'device-made batches' if r['synthetic'] else r['data']} "
                      f"{r['image_size']}px, workers {r['num_workers']}"),
+            ("regularize", r["regularization"] + (" (mixing and EMA update timed in the step)"
+                                                  if r["mixup"] or r["ema"] else "")),
             ("parameters", f"{r['params']:,} ({r['trainable_params']:,} trainable"
                            f"{', freeze ' + str(r['freeze']) if r['freeze'] else ''})"),
             ("world size x device", f"{r['world_size']} x {r['device']}"

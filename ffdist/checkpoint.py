@@ -186,7 +186,10 @@ class CheckpointManager:
         from ffdist.dist import barrier
 
         path = self.dir / f"step_{ckpt.step:08d}"
-        strategy.save_shards(self.dir, path.name, encode(ckpt))
+        # DeepSpeed stores client_state beside its shards; the optional sections (the
+        # consolidated EMA) go into ffdist_state.pt only, not twice on disk.
+        strategy.save_shards(self.dir, path.name,
+                             encode(dataclasses.replace(ckpt, sections={})))
         barrier()  # every shard is on disk before the folder is marked complete
         if self.is_writer:
             save_torch(path / SHARDED_STATE, encode(ckpt))

@@ -14,10 +14,12 @@ every 32 steps it would stay below 0.999 for a third of a 600-epoch run) and cha
 published recipes; a copy during warm-up does not.
 
 Exactness: the update is a pure function of (shadow, weights, step): no RNG, no host sync
-(`torch._foreach_lerp_` with a host float as weight, or mul_ + add_ for low-precision
-weights), the same on every rank. `state_dict()` is plain tensors and numbers (loads with
-weights_only=True); restoring it and continuing gives the same shadow bit for bit as an
-uninterrupted run.
+(`torch._foreach_lerp_` with a host float as weight; low-precision weights are promoted to
+fp32 first), the same on every rank. A skipped optimizer step (non-finite loss) is no
+update: the host says so (`applied=False`), or the device does with a 0/1 tensor that
+masks the update (`applied=tensor`, no host read; see `update`). `state_dict()` is plain
+tensors and numbers (loads with weights_only=True); restoring it and continuing gives the
+same shadow bit for bit as an uninterrupted run.
 
 Evaluating with the EMA weights: `swapped(model)` puts them into the model and restores the
 raw weights on exit (exactly: a saved copy is put back); `module_copy(model)` returns a
@@ -29,10 +31,14 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from ffdist.recipe import Recipe
+    from ffdist.strategies import Strategy
 
 
 def _named_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -40,6 +46,22 @@ def _named_state(model: nn.Module) -> dict[str, torch.Tensor]:
     from ffdist.checkpoint import clean_state_dict
 
     return clean_state_dict(model.state_dict(keep_vars=True))
+
+
+def for_run(recipe: Recipe, strategy: Strategy, steps_per_epoch: int) -> EMA | None:
+    """The run's EMA of the weights (None when optim.ema_decay is 0), built from the weights
+    the strategy holds now: single device and DDP average the module (every DDP rank holds
+    the same weights, so the same shadow); DeepSpeed averages its fp32 master partitions
+    (ffdist.ema_zero)."""
+    o = recipe.optim
+    if o.ema_decay <= 0:
+        return None
+    warmup = round(o.ema_warmup_epochs * steps_per_epoch)
+    if strategy.sharded:
+        from ffdist.ema_zero import ZeroEMA
+
+        return ZeroEMA(strategy, o.ema_decay, o.ema_every_steps, warmup, o.ema_buffers)
+    return EMA(strategy.unwrap(), o.ema_decay, o.ema_every_steps, warmup, o.ema_buffers)
 
 
 class EMA:
@@ -71,23 +93,25 @@ class EMA:
         return step % self.every == 0
 
     @torch.no_grad()
-    def update(self, model: nn.Module, step: int) -> bool:
+    def update(self, model: nn.Module, step: int,
+               applied: bool | torch.Tensor | None = None) -> bool:
         """After optimizer step `step` (1-based count of steps done): update when due.
-        Returns whether it did. Launches device work only; reads nothing back."""
+
+        `applied` says whether that optimizer step changed the weights: None/True (yes),
+        False (it was skipped, a non-finite loss: the shadow is left alone), or a 0-dim
+        device tensor 1.0/0.0 when only the device knows (a skip decided on the device):
+        the update is then masked on the device, with no host read. Masked by 1.0 it gives
+        the same bits as an unmasked update; by 0.0 it leaves the shadow as it was.
+        Returns whether an update was due. Launches device work only; reads nothing back."""
         if not self.due(step):
             return False
+        self.updates += 1  # due updates, applied or masked: the same count either way
+        if applied is False:
+            return True
         ema, cur, ema_copied, cur_copied = self._tensors(model)
-        weight = 1.0 - self.decay_at(step)
-        if weight == 1.0:  # warm-up: a copy
-            torch._foreach_copy_(ema, cur)
-        elif all(c.dtype == e.dtype for c, e in zip(cur, ema)):
-            torch._foreach_lerp_(ema, cur, weight)
-        else:  # bf16/fp16 weights into the fp32 shadow: add_ promotes in its kernel
-            torch._foreach_mul_(ema, 1.0 - weight)
-            torch._foreach_add_(ema, cur, alpha=weight)
+        average(ema, cur, 1.0 - self.decay_at(step), applied)
         if ema_copied:
-            torch._foreach_copy_(ema_copied, cur_copied)
-        self.updates += 1
+            copy_masked(ema_copied, cur_copied, applied)
         return True
 
     def _tensors(self, model: nn.Module) -> tuple[list, list, list, list]:
@@ -110,6 +134,18 @@ class EMA:
         return {"decay": self.decay, "every": self.every, "warmup_steps": self.warmup_steps,
                 "buffers": self.buffers, "updates": self.updates,
                 "shadow": {k: v.detach().cpu().clone() for k, v in self.shadow.items()}}
+
+    def restore(self, state: dict[str, Any] | None, model: nn.Module) -> bool:
+        """Resume: the checkpoint's EMA section, or (a checkpoint written without one) a
+        fresh shadow of the restored weights. Returns whether the section was there."""
+        self._lists = None  # the model's tensors may have been replaced by the restore
+        if state is None:
+            with torch.no_grad():
+                for k, v in _named_state(model).items():
+                    self.shadow[k].copy_(v.detach())
+            return False
+        self.load_state_dict(state)
+        return True
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         shadow = state["shadow"]
@@ -153,3 +189,32 @@ class EMA:
         copied = copy.deepcopy(model)
         self.copy_to(copied)
         return copied.eval()
+
+
+# ------------------------------------------------------------------ the arithmetic
+def average(ema: list[torch.Tensor], cur: list[torch.Tensor], weight: float,
+            applied: bool | torch.Tensor | None = None) -> None:
+    """ema <- ema + weight * (cur - ema) (torch.lerp: weight 1 is an exact copy), in place,
+    for fp32 shadows of tensors of any float dtype. `applied` (0-dim device tensor) scales
+    the weight on the device: 1.0 the same bits as the float weight, 0.0 no change."""
+    if not ema:
+        return
+    w: float | torch.Tensor = weight
+    if isinstance(applied, torch.Tensor):
+        w = applied.to(device=ema[0].device, dtype=torch.float32) * weight
+    same = [i for i, (e, c) in enumerate(zip(ema, cur)) if e.dtype == c.dtype]
+    if len(same) == len(ema):
+        torch._foreach_lerp_(ema, cur, [w] * len(ema) if isinstance(w, torch.Tensor) else w)
+        return
+    for i, (e, c) in enumerate(zip(ema, cur)):  # bf16/fp16 weights: promote, then lerp
+        e.lerp_(c if i in same else c.to(e.dtype), w)
+
+
+def copy_masked(dst: list[torch.Tensor], src: list[torch.Tensor],
+         applied: bool | torch.Tensor | None = None) -> None:
+    """dst <- src (integer buffers: num_batches_tracked); masked by a device `applied`."""
+    if isinstance(applied, torch.Tensor):
+        for d, s in zip(dst, src):
+            d.copy_(torch.where(applied.to(d.device) > 0, s, d))
+    else:
+        torch._foreach_copy_(dst, src)

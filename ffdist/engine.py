@@ -38,7 +38,8 @@ import torch.distributed as tdist
 from torch import nn
 
 from ffdist import checkpoint as ckpt_io
-from ffdist import faults
+from ffdist import ema as ema_mod
+from ffdist import faults, mixup
 from ffdist.checkpoint import CheckpointManager
 from ffdist.ckpt_format import Checkpoint
 from ffdist.data import DevicePrefetcher, Loaders
@@ -89,7 +90,8 @@ class Progress:
     step: int = 0             # optimizer steps done in total
     step_in_epoch: int = 0    # optimizer steps done in `epoch`
     best_top1: float = -1.0
-    last_eval: dict[str, Any] = field(default_factory=dict)
+    last_eval: dict[str, Any] = field(default_factory=dict)  # of checkpoint.final_weights
+    last_top1: dict[str, float] = field(default_factory=dict)  # raw (and ema): last top-1
     skipped_steps: int = 0    # non-finite steps skipped (nan_policy=skip), in total
     bad_in_a_row: int = 0     # ... consecutively, up to now
 
@@ -140,7 +142,11 @@ class Trainer:
         self.plan = resolved.plan
         self.steps_per_epoch = loaders.train_sampler.steps_per_epoch
         self.total_steps = total_steps(recipe.schedule, self.steps_per_epoch)
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=recipe.optim.label_smoothing)
+        # Regularization (docs/regularization.md): mixup/cutmix of each micro-batch with
+        # its soft-target loss, and the EMA of the weights, updated after each step.
+        self.criterion = mixup.criterion(recipe)
+        self.mixer = mixup.for_run(recipe, self.plan, info.rank)
+        self.ema = ema_mod.for_run(recipe, strategy, self.steps_per_epoch)
         spec, channels_last = loaders.spec, recipe.model.channels_last
         self.train_batches = DevicePrefetcher(loaders.train, info.device, spec.mean, spec.std,
                                               channels_last)
@@ -173,6 +179,7 @@ class Trainer:
             recipe=self.recipe.to_dict(), classes=list(self.loaders.spec.classes),
             best_top1=p.best_top1, skipped_steps=p.skipped_steps, bad_in_a_row=p.bad_in_a_row,
             zero_stage=self.recipe.strategy.zero_stage if deepspeed else None, rng=rng,
+            sections={"ema": self.ema.state_dict()} if self.ema is not None else {},
             **self.strategy.state_dict())
 
     def save(self, is_best: bool = False) -> None:
@@ -185,6 +192,10 @@ class Trainer:
         self.progress = Progress(ckpt.epoch, ckpt.step, ckpt.step_in_epoch, ckpt.best_top1,
                                  skipped_steps=ckpt.skipped_steps, bad_in_a_row=ckpt.bad_in_a_row)
         self._saved_step = ckpt.step
+        if self.ema is not None and not self.ema.restore(ckpt.sections.get("ema"),
+                                                         self.strategy.unwrap()):
+            self.monitor.info("the checkpoint of step %d has no EMA of the weights; the EMA "
+                              "starts again from its weights", ckpt.step)
         if len(ckpt.rng) == self.info.world_size:
             ckpt_io.set_rng_state(ckpt.rng[self.info.rank])
         else:  # another world size: a fresh but deterministic stream per rank
@@ -220,9 +231,17 @@ class Trainer:
             return {"stopped": True, "step": p.step}
         if not p.last_eval:  # resumed a run whose last checkpoint came after its last eval
             self.evaluate()
-        return {"best_top1": p.best_top1, "final_top1": p.last_eval["top1"],
+        by_weights = {f"final_top1_{k}": v for k, v in p.last_top1.items()} if self.ema else {}
+        return {"best_top1": p.best_top1, "final_top1": p.last_eval["top1"], **by_weights,
                 "seconds": round(time.perf_counter() - started, 3),
                 "world_size": self.info.world_size, "step": p.step}
+
+    def final_weights(self) -> dict[str, torch.Tensor] | None:
+        """What model.pt holds (checkpoint.final_weights): the raw or the EMA weights, plain
+        fp32 state dict on rank 0 (None elsewhere). A collective under ZeRO: every rank."""
+        if self.ema is not None and self.recipe.checkpoint.final_weights == "ema":
+            return self.ema.weights() if self.info.is_primary or self.strategy.sharded else None
+        return self.strategy.model_state_dict()
 
     def train_epoch(self) -> None:
         p = self.progress
@@ -261,6 +280,8 @@ class Trainer:
             t0 = time.perf_counter()
             x, y = next(batches)
             wait += time.perf_counter() - t0
+            if self.mixer is not None:  # soft targets from here on (mixup.criterion)
+                x, y = self.mixer(x, y, step=self.progress.step, micro=micro)
             if self._first_batch_pending:
                 self._first_batch_pending = False
                 self.monitor.first_batch(x, self.strategy.unwrap(),
@@ -284,6 +305,8 @@ class Trainer:
             applied = torch.zeros((), device=self.info.device)
         else:
             applied = self.strategy.step(lr, skip)
+        if self.ema is not None:  # masked by the device flag: no host read (ffdist.ema)
+            self.ema.update(self.strategy.unwrap(), step, applied)
         return StepStats(step_loss, applied, skip == 0, time.perf_counter() - started, wait)
 
     def settle_flags(self) -> None:
@@ -347,19 +370,33 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> bool:
-        """Evaluate on every rank's shard; returns whether top-1 is a new best."""
+        """Evaluate on every rank's shard: the raw weights (split val) and, with an EMA, the
+        EMA weights (split val_ema); returns whether the top-1 of the weights
+        checkpoint.best_weights names is a new best."""
+        p, cfg = self.progress, self.recipe.checkpoint
+        results = {"raw": self._evaluate("val")}
+        if self.ema is not None:
+            with self.ema.swapped(self.strategy.unwrap()):  # the raw weights come back exactly
+                results["ema"] = self._evaluate("val_ema")
+        final, confusion = results[cfg.final_weights]
+        p.last_eval = {**final, "confusion": confusion}
+        p.last_top1 = {k: r["top1"] for k, (r, _) in results.items()}
+        best = results[cfg.best_weights][0]["top1"]
+        is_best = best > p.best_top1
+        p.best_top1 = max(p.best_top1, best)
+        line = "  ".join(f"{'val' if k == 'raw' else 'val_ema'} loss {r['loss']:.4f}  top1 "
+                         f"{r['top1']:.4f}  top5 {r['top5']:.4f}" for k, (r, _) in results.items())
+        self.monitor.info("epoch %d step %d  %s  (n=%d)", p.epoch, p.step, line, final["n"])
+        return is_best
+
+    def _evaluate(self, split: str) -> tuple[dict[str, Any], torch.Tensor]:
+        """One evaluation of the weights the model holds now, logged as `split`."""
         result, confusion = evaluate_model(
             self.strategy.model, self.strategy.eval_batches(self.val_batches),
             self.recipe.model.num_classes, self.info.device, self.strategy)
         p = self.progress
-        self.monitor.confusion(confusion, p.step)
-        p.last_eval = {**result, "confusion": confusion}
-        is_best = result["top1"] > p.best_top1
-        p.best_top1 = max(p.best_top1, result["top1"])
-        self.monitor.event(split="val", epoch=p.epoch, step=p.step,
+        self.monitor.confusion(confusion, p.step, split)
+        self.monitor.event(split=split, epoch=p.epoch, step=p.step,
                            world_size=self.info.world_size, **result)
-        self.monitor.scalars("val", result, p.step)
-        self.monitor.info("epoch %d step %d  val loss %.4f  top1 %.4f  top5 %.4f  (n=%d)",
-                          p.epoch, p.step, result["loss"], result["top1"], result["top5"],
-                          result["n"])
-        return is_best
+        self.monitor.scalars(split, result, p.step)
+        return result, confusion

@@ -1,5 +1,9 @@
-"""`ffdist eval RUN_DIR [key=value ...] [checkpoint=PATH]`: evaluate a run's weights on its
-val split and write RUN_DIR/eval/{report.json, confusion.csv, confusion.png}.
+"""`ffdist eval RUN_DIR [key=value ...] [checkpoint=PATH] [weights=raw|ema]`: evaluate a run's
+weights on its val split and write RUN_DIR/eval/{report.json, confusion.csv, confusion.png}.
+
+The weights: model.pt (what checkpoint.final_weights named), or checkpoint=PATH; of a
+checkpoint, its raw weights or their EMA (weights=raw|ema, default the run's
+checkpoint.final_weights, so that a checkpoint and model.pt evaluate the same kind).
 
 Runs under any launcher, like training: `torchrun --nproc_per_node 2 -m ffdist.evaluate
 RUN_DIR` (or `-m ffdist.cli eval RUN_DIR`) gives every rank a disjoint shard of the val set
@@ -29,7 +33,7 @@ if TYPE_CHECKING:
     from ffdist.dist import DistInfo
     from ffdist.recipe import Recipe
 
-USAGE = "usage: ffdist eval RUN_DIR [key=value ...] [checkpoint=PATH]"
+USAGE = "usage: ffdist eval RUN_DIR [key=value ...] [checkpoint=PATH] [weights=raw|ema]"
 
 
 def build_report(result: dict[str, Any], confusion: torch.Tensor, classes: list[str],
@@ -112,12 +116,14 @@ def run(run_dir: str | Path, overrides: list[str]) -> dict[str, Any]:
 
     run_dir = Path(run_dir)
     checkpoint, overrides = loading.split_checkpoint_arg(overrides)
+    kind, overrides = loading.split_weights_arg(overrides)
     rcp = loading.load_recipe(run_dir, overrides)
     weights = loading.weights_path(run_dir, checkpoint)
+    state, kind = loading.run_weights(rcp, weights, kind)
     info = dist.init(rcp.launch)
     try:
         s = setup(rcp, info)
-        loading.load_into(s.model, loading.state_dict_from(weights), weights)
+        loading.load_into(s.model, state, weights)
         fmt = torch.channels_last if rcp.model.channels_last else torch.contiguous_format
         model = s.model.to(device=info.device, memory_format=fmt)
         spec, prec = s.loaders.spec, s.resolved.precision
@@ -127,10 +133,10 @@ def run(run_dir: str | Path, overrides: list[str]) -> dict[str, Any]:
                                            Autocast(prec, info.device))
         classes = list(spec.classes)
         report = build_report(result, confusion, classes, world_size=info.world_size,
-                              weights=str(weights), precision=prec)
+                              weights=str(weights), weights_kind=kind, precision=prec)
         if info.is_primary:
             out = write_outputs(run_dir, report, confusion, classes, rcp.log.tensorboard)
-            print(f"{weights}: top1 {result['top1']:.4f}  top5 {result['top5']:.4f}  "
+            print(f"{weights} ({kind}): top1 {result['top1']:.4f}  top5 {result['top5']:.4f}  "
                   f"loss {result['loss']:.4f}  n={result['n']}  ({info.world_size} process(es))")
             _print_per_class(report)
             print(f"wrote {out}/report.json, confusion.csv, confusion.png")

@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None,
                    help="output file (default RUN_DIR/export/model.onnx or model.torchscript.pt)")
     p.add_argument("--checkpoint", default=None, help="weights other than RUN_DIR/model.pt")
+    p.add_argument("--weights", default=None, choices=["raw", "ema"],
+                   help="of a checkpoint: raw or EMA weights (default: the run's "
+                        "checkpoint.final_weights, what model.pt holds)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="recipe override, e.g. --set data.root=/new/place (repeatable)")
     p.add_argument("--batch-size", type=int, default=8, help="verification batch (default 8)")
@@ -134,7 +137,7 @@ def run(args: argparse.Namespace) -> dict:
 
     if args.batch_size < 2:
         raise RecipeError("--batch-size must be at least 2 (ONNX is checked at two sizes).")
-    loaded = load_run(args.run_dir, args.set, args.checkpoint)
+    loaded = load_run(args.run_dir, args.set, args.checkpoint, args.weights)
     model = loaded.model.float().to(memory_format=torch.contiguous_format).eval()
     out = Path(args.out) if args.out else \
         Path(args.run_dir) / "export" / f"model{SUFFIX[args.format]}"

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ffdist.checkpoint import clean_state_dict, load_torch
-from ffdist.errors import CheckpointError
+from ffdist.errors import CheckpointError, RecipeError
 from ffdist.recipe import Recipe
 
 
@@ -28,6 +28,24 @@ def split_checkpoint_arg(overrides: list[str]) -> tuple[str | None, list[str]]:
     return path, rest
 
 
+def split_weights_arg(overrides: list[str]) -> tuple[str | None, list[str]]:
+    """`weights=raw|ema` (no dot): which weights of a checkpoint to use (see run_weights)."""
+    kind, rest = None, []
+    for item in overrides:
+        if item.startswith("weights="):
+            kind = check_weights_kind(item.split("=", 1)[1], "weights")
+        else:
+            rest.append(item)
+    return kind, rest
+
+
+def check_weights_kind(kind: str | None, flag: str) -> str | None:
+    if kind not in (None, "raw", "ema"):
+        raise RecipeError(f"{flag}={kind}: use raw (the trained weights) or ema (their "
+                          "moving average, in checkpoints of runs with optim.ema_decay > 0).")
+    return kind
+
+
 def load_recipe(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     from ffdist import recipe
 
@@ -39,21 +57,50 @@ def load_recipe(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()
     return recipe.load(path, [*overrides, f"output_dir={Path(run_dir)}"])
 
 
-def state_dict_from(path: str | Path) -> dict[str, torch.Tensor]:
+def state_dict_from(path: str | Path, weights: str = "raw",
+                    plain_holds: str | None = None) -> dict[str, torch.Tensor]:
     """Model weights from an ffdist checkpoint ({"model": ...}), a run's model.pt or a plain
     (torchvision) state dict; read with weights_only=True. Any checkpoint format version
-    will do: only its "model" is read (ffdist.ckpt_format)."""
+    will do: only its "model" (weights=raw) or its EMA section (weights=ema) is read
+    (ffdist.ckpt_format). A plain state dict is what it is: `plain_holds` names which
+    weights it holds (a run's model.pt: its checkpoint.final_weights), checked against
+    `weights`."""
     if Path(path).is_dir():
         raise CheckpointError(f"{path} is a ZeRO checkpoint folder, whose weights are split "
                               "over DeepSpeed's shards; give the run's model.pt or "
                               "checkpoints/best.pt (consolidated weights) instead.")
     obj = load_torch(path)
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        obj = obj["model"]
+    if isinstance(obj, dict) and ("format" in obj or isinstance(obj.get("model"), dict)):
+        obj = _checkpoint_weights(obj, weights, path)
+    elif plain_holds is not None and weights != plain_holds:
+        raise CheckpointError(
+            f"{path} holds the {plain_holds} weights only (checkpoint.final_weights="
+            f"{plain_holds}); the {weights} ones are in the run's checkpoints: pass "
+            "checkpoint=<run>/checkpoints/best.pt (or a step_*.pt) with it.")
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path} holds no model state dict; give an ffdist checkpoint, "
                               "a run's model.pt or a plain state dict of tensors.")
     return clean_state_dict(obj)
+
+
+def _checkpoint_weights(obj: dict, weights: str, path: str | Path) -> object:
+    if weights == "raw":
+        return obj.get("model")
+    ema = obj.get("ema")
+    if not isinstance(ema, dict) or not isinstance(ema.get("shadow"), dict):
+        raise CheckpointError(f"{path} holds no EMA of the weights (its run trained with "
+                              "optim.ema_decay=0); use weights=raw.")
+    return ema["shadow"]
+
+
+def run_weights(rcp: Recipe, path: str | Path, weights: str | None = None
+                ) -> tuple[dict[str, torch.Tensor], str]:
+    """The weights eval, predict and export use from a run's file, and which they are:
+    `weights` (raw | ema) or, unset, the run's checkpoint.final_weights (what model.pt
+    holds), so that a checkpoint and model.pt give the same model by default."""
+    final = rcp.checkpoint.final_weights
+    kind = weights or final
+    return state_dict_from(path, kind, plain_holds=final), kind
 
 
 def weights_path(run_dir: Path, checkpoint: str | None) -> Path:
@@ -94,8 +141,9 @@ class RunModel:
 
 
 def load_run(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = (),
-             checkpoint: str | None = None) -> RunModel:
-    """The run's model (eval mode, CPU) with its weights, and its data description."""
+             checkpoint: str | None = None, weights: str | None = None) -> RunModel:
+    """The run's model (eval mode, CPU) with its weights (`run_weights`: raw | ema | None,
+    the run's checkpoint.final_weights), and its data description."""
     from ffdist.assemble import build_model, eval_image_size
     from ffdist.data.datasets import build_datasets
 
@@ -116,7 +164,7 @@ def load_run(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = (),
         classes, channels, mean, std = list(spec.classes), spec.channels, spec.mean, spec.std
     model = build_model(rcp, load_weights=False)  # as training built it; weights below
     path = weights_path(run_dir, checkpoint)
-    load_into(model, state_dict_from(path), path)
+    load_into(model, run_weights(rcp, path, check_weights_kind(weights, "--weights"))[0], path)
     model.eval()
     return RunModel(rcp, model, classes, channels, size, tuple(mean), tuple(std), path,
                     folder_data, rcp.data.eval_resize_size, rcp.data.interpolation)

@@ -30,13 +30,20 @@ non-blocking copy of a pinned tensor per micro-batch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ffdist.recipe import DataConfig
+
+if TYPE_CHECKING:
+    from ffdist.data import BatchPlan
+    from ffdist.recipe import Recipe
 
 STREAM = 0x6D6978  # "mix": this generator's own stream, apart from augmentation seeds
 
@@ -51,6 +58,24 @@ def soft_targets(cfg: DataConfig) -> bool:
     """Training targets are soft (mixed) label distributions: the top-1 of a training batch
     is then not an accuracy and must not be reported as one."""
     return enabled(cfg)
+
+
+def for_run(recipe: Recipe, plan: BatchPlan, rank: int) -> Mixer | None:
+    """The run's Mixer (None when the recipe does not mix): what the Trainer applies to each
+    micro-batch as it comes off the prefetcher."""
+    if not enabled(recipe.data):
+        return None
+    return Mixer(recipe.data, recipe.model.num_classes, recipe.optim.label_smoothing,
+                 plan.global_batch, plan.world_size, rank, plan.micro, recipe.seed)
+
+
+def criterion(recipe: Recipe) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The training loss: the soft-target cross-entropy when images are mixed (label
+    smoothing is then inside the targets, see `smooth_one_hot`: applying it again in the
+    loss would smooth twice), else cross-entropy with label smoothing on class indices."""
+    if soft_targets(recipe.data):
+        return soft_target_cross_entropy
+    return nn.CrossEntropyLoss(label_smoothing=recipe.optim.label_smoothing)
 
 
 def soft_target_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

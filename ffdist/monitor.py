@@ -129,13 +129,13 @@ class Monitor:
         if p.graph:
             self.graph(model, example)
 
-    def confusion(self, confusion: Any, step: int) -> None:
-        """The confusion matrix of an evaluation (rows: true class)."""
+    def confusion(self, confusion: Any, step: int, split: str = "val") -> None:
+        """The confusion matrix of an evaluation (rows: true class), as `split`/confusion."""
         if self.tb is None or self.pictures is None or not self.pictures.images:
             return
         from ffdist.visual import confusion_image, to_chw
 
-        self.image("val/confusion", to_chw(confusion_image(confusion, self.pictures.classes)),
+        self.image(f"{split}/confusion", to_chw(confusion_image(confusion, self.pictures.classes)),
                    step)
 
     def hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:

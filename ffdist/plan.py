@@ -153,17 +153,20 @@ def estimate(rcp: Recipe, model: nn.Module, resolved: Resolved) -> Plan:
                                                   momentum=momentum)
     for name, r in rows.items():
         r["activations"] = acts
-        r["ema"] = ema_bytes(rcp, n, world, sharded=name == "ZeRO-3")
+        r["ema"] = ema_bytes(rcp, n, t, world, deepspeed=name != "DDP")
         r["total"] += acts + r["ema"]
     return Plan(rows, acts, per_sample)
 
 
-def ema_bytes(rcp: Recipe, num_params: int, world: int, sharded: bool) -> int:
-    """optim.ema_decay > 0: an fp32 shadow of every parameter (buffers are small) on each
-    device; under ZeRO-3 it is sharded like the parameters (1/N each)."""
+def ema_bytes(rcp: Recipe, num_params: int, trainable: int, world: int,
+              deepspeed: bool) -> int:
+    """optim.ema_decay > 0 (ffdist.ema, ffdist.ema_zero; buffers are small): DDP/single, an
+    fp32 shadow of every parameter on each device; DeepSpeed (any ZeRO stage), an fp32
+    shadow of each rank's part of the fp32 master, 4 bytes x trainable / N (frozen weights
+    are their own EMA)."""
     if rcp.optim.ema_decay <= 0:
         return 0
-    return 4 * num_params // (world if sharded else 1)
+    return -(-4 * trainable // world) if deepspeed else 4 * num_params
 
 
 def regularization(rcp: Recipe) -> str:

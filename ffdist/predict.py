@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="uncertain when normalized entropy is above this (default 0.6; 1 = off)")
     p.add_argument("--tta", action="store_true", help="average with the horizontal mirror")
     p.add_argument("--checkpoint", default=None, help="weights other than RUN_DIR/model.pt")
+    p.add_argument("--weights", default=None, choices=["raw", "ema"],
+                   help="of a checkpoint: raw or EMA weights (default: the run's "
+                        "checkpoint.final_weights, what model.pt holds)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="recipe override, e.g. --set data.root=/new/place (repeatable)")
     p.add_argument("--grid", type=int, default=36, help="thumbnails in the picture (0: none)")
@@ -185,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.topk < 1 or args.batch_size < 1:
         raise DataError("--topk and --batch-size must be at least 1.")
-    loaded = load_run(args.run_dir, args.set, args.checkpoint)
+    loaded = load_run(args.run_dir, args.set, args.checkpoint, args.weights)
     # The device is decided once: CUDA when there is one (or asked for), else the CPU.
     if args.device == "cuda" and not torch.cuda.is_available():
         raise DataError("--device cuda but no CUDA GPU is visible; use --device cpu or auto.")

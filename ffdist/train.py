@@ -124,12 +124,12 @@ def start(rcp: Recipe, info: DistInfo) -> tuple[Trainer | None, Checkpoint | Non
 
 
 def finish(trainer: Trainer, end: dict) -> None:
-    """The end of a finished run: model.pt (the final weights), the "end" event and the
-    TensorBoard hparams."""
+    """The end of a finished run: model.pt (the weights checkpoint.final_weights names), the
+    "end" event and the TensorBoard hparams."""
     from ffdist.checkpoint import write_weights
     from ffdist.recipe import flatten
 
-    weights = trainer.strategy.model_state_dict()  # a collective under ZeRO: every rank
+    weights = trainer.final_weights()  # checkpoint.final_weights; a collective under ZeRO
     if trainer.info.is_primary:
         write_weights(trainer.recipe.run_dir / "model.pt", weights)
     last = trainer.progress.last_eval

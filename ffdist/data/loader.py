@@ -156,9 +156,7 @@ def build(recipe: Recipe, rank: int, plan: BatchPlan, device: torch.device) -> L
     if not isinstance(plan, BatchPlan):
         raise TypeError("ffdist.data.build takes the BatchPlan of ffdist.assemble.resolve() "
                         f"(resolved.plan), not {type(plan).__name__}")
-    from ffdist import mixup, unwired
-
-    unwired.refuse(recipe)  # issue 14 phase 1: EMA / mixup keys the Trainer ignores yet
+    from ffdist import mixup
     world_size = plan.world_size
     spec = build_datasets(recipe.data, recipe.seed, recipe.model.num_classes,
                           recipe.model.in_channels)

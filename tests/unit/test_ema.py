@@ -113,6 +113,21 @@ def test_state_dict_is_plain_and_resumes_bit_exact():
         assert torch.equal(resumed.shadow[k], full.shadow[k]), k
 
 
+def test_restore_without_a_section_starts_again_from_the_restored_weights():
+    """A checkpoint written before the EMA was turned on: the EMA starts as a copy of the
+    weights the checkpoint restored (what they are now), not of the initial ones."""
+    model = _bn_net()
+    ema = EMA(model, decay=0.9)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)  # the restore loaded other weights in place
+    assert not ema.restore(None, model)
+    assert all(torch.equal(ema.shadow[k], v.float() if v.is_floating_point() else v)
+               for k, v in model.state_dict().items())
+    saved = ema.state_dict()
+    assert EMA(_bn_net(), 0.9).restore(saved, model)
+
+
 def test_load_refuses_another_model():
     ema = EMA(_bn_net(), 0.9)
     other = EMA(nn.Linear(2, 2), 0.9)
@@ -163,6 +178,43 @@ def test_wrapper_prefixes_and_low_precision_weights():
     torch.testing.assert_close(ema.shadow["weight"], 0.5 * start + 0.5 * low.weight.float())
 
 
+def test_a_skipped_step_is_no_update_told_by_the_host_or_masked_on_the_device():
+    """applied=False (the host knows), or a 0-dim device tensor (only the device knows):
+    1.0 gives the bits of an unmasked update, 0.0 leaves the shadow as it was, warm-up
+    copies included; the update count is the same either way."""
+    def run(masks: list) -> EMA:
+        model = _bn_net()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        ema = EMA(model, decay=0.7, warmup_steps=2)
+        g = torch.Generator().manual_seed(5)
+        for step, applied in enumerate(masks, start=1):
+            if applied is not False and not (isinstance(applied, torch.Tensor) and applied == 0):
+                _train_step(model, opt, g)  # a skipped step leaves the weights alone too
+            ema.update(model, step, applied)
+        return ema
+
+    plain = run([None, None, None, None, None])
+    masked = run([torch.tensor(1.0)] * 5)
+    for k in plain.shadow:
+        assert torch.equal(masked.shadow[k], plain.shadow[k]), k
+    host = run([None, False, None, False, None])
+    device = run([torch.tensor(1.0), torch.tensor(0.0), torch.tensor(1.0), torch.tensor(0.0),
+                  torch.tensor(1.0)])
+    assert host.updates == device.updates == 5
+    for k in host.shadow:
+        assert torch.equal(device.shadow[k], host.shadow[k]), k
+    assert not torch.equal(host.shadow["0.weight"], plain.shadow["0.weight"])
+    low = nn.Linear(3, 2).to(torch.bfloat16)  # bf16 weights into the fp32 shadow, masked
+    ema = EMA(low, 0.5)
+    start = ema.shadow["weight"].clone()
+    with torch.no_grad():
+        low.weight.add_(1.0)
+    ema.update(low, 1, torch.tensor(0.0))
+    assert torch.equal(ema.shadow["weight"], start)
+    ema.update(low, 2, torch.tensor(1.0))
+    torch.testing.assert_close(ema.shadow["weight"], 0.5 * start + 0.5 * low.weight.float())
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
 def test_update_on_cuda_never_waits_for_the_device():
@@ -174,6 +226,9 @@ def test_update_on_cuda_never_waits_for_the_device():
     try:
         for step in range(2, 6):
             ema.update(model, step)
+        flag = torch.ones((), device="cuda")  # a device-decided skip flag: masked update
+        ema.update(model, 6, flag)
+        ema.update(model, 7, flag * 0)
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    assert ema.updates == 5
+    assert ema.updates == 7

@@ -226,6 +226,28 @@ def test_pairs_need_even_micro_batches_and_soft_target_flag():
         TrainSampler(100, plan_batches(18, 3, 2), 0, 0, pairs=True)
 
 
+def test_the_run_mixes_with_the_soft_loss_and_smooths_labels_once():
+    """mixup.for_run/criterion, what the Trainer uses: with mixing, the loss is the soft
+    cross-entropy and the smoothing is in the targets only (torch's smoothed CE on top would
+    smooth twice); without, plain cross-entropy with label smoothing on class indices."""
+    mixing = recipe.load(None, ["data.batch_size=16", "data.mixup_alpha=0.2",
+                                "optim.label_smoothing=0.1", "model.num_classes=5"])
+    plan = plan_batches(16, 4, 2)
+    mixer = mixup.for_run(mixing, plan, rank=1)
+    assert (mixer.world, mixer.rank, mixer.micro, mixer.smoothing) == (2, 1, 4, 0.1)
+    loss = mixup.criterion(mixing)
+    assert loss is mixup.soft_target_cross_entropy
+    logits, y = torch.randn(6, 5), torch.tensor([0, 3, 1, 1, 4, 2])
+    unmixed = np.stack([np.ones(6), *np.zeros((5, 6))], axis=1)
+    _, target = mixup.mix(torch.zeros(6, 1, 2, 2), y, unmixed, 5, 0.1)
+    torch.testing.assert_close(loss(logits, target),
+                               F.cross_entropy(logits, y, label_smoothing=0.1))
+    plain = recipe.load(None, ["optim.label_smoothing=0.1"])
+    assert mixup.for_run(plain, plan, 0) is None
+    ce = mixup.criterion(plain)
+    assert isinstance(ce, torch.nn.CrossEntropyLoss) and ce.label_smoothing == 0.1
+
+
 def test_an_odd_batch_leaves_its_last_image_unmixed():
     cfg = _cfg("data.mixup_alpha=1.0", "data.mix_mode=elem")
     x, y = torch.randn(7, 1, 4, 4), torch.arange(7) % 5
