@@ -314,7 +314,8 @@ class Trainer:
             return
         from ffdist.visual import confusion_image, to_chw
 
-        picture = confusion_image(confusion, self.loaders.spec.classes)
+        picture = confusion_image(confusion, self.loaders.spec.classes,
+                                  title=f"{self.recipe.name}, step {step}", split="val")
         self.monitor.image("val/confusion", to_chw(picture), step)
 
 
