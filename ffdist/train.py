@@ -12,6 +12,21 @@ import sys
 from ffdist.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, FfdistError, one_line
 
 USAGE = "usage: python -m ffdist.train RECIPE.yaml [key=value ...]"
+HELP = f"""{USAGE}
+       ffdist train RECIPE.yaml [key=value ...]
+       torchrun --nproc_per_node N -m ffdist.train RECIPE.yaml [key=value ...]
+
+Train a recipe (a YAML file, e.g. recipes/digits.yaml) with dotted key=value overrides,
+e.g. optim.lr=0.05 schedule.epochs=5 output_dir=runs/try. Alone it trains on one device;
+under torchrun, accelerate launch, the deepspeed launcher or srun each rank runs it
+(`ffdist launch` writes those commands). The run directory (output_dir, default
+runs/<name>) receives recipe.yaml, metrics.jsonl, tb/, checkpoints/ and model.pt; an
+unfinished run there is resumed from its latest checkpoint.
+
+Every recipe key, its default and meaning: the docstrings in ffdist/recipe.py (the
+recipe reference in the docs is generated from them).
+Exit status: 0 done, 2 bad input (one sentence says what to fix), 75 preempted (a
+checkpoint was written: run the same command again to resume)."""
 
 
 def split_argv(argv: list[str]) -> tuple[str | None, list[str]]:
@@ -26,7 +41,7 @@ def split_argv(argv: list[str]) -> tuple[str | None, list[str]]:
             continue
         args.append(a)
     if args and args[0] in ("-h", "--help"):
-        print(USAGE)
+        print(HELP)
         sys.exit(0)
     if not args or "=" in args[0]:
         return None, args
