@@ -7,6 +7,7 @@ stderr, exit code 2, no traceback (bugs keep theirs).
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 from ffdist.errors import EXIT_USER_ERROR, FfdistError
@@ -21,12 +22,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("ffdist.plan", "memory/batch plan: ffdist plan RECIPE [key=value ...] [--gpu-mem 24GiB]"),
     "launch": ("ffdist.launch", "run a recipe under torchrun/accelerate/deepspeed/sbatch"),
     "bench": ("ffdist.bench", "throughput of a recipe: ffdist bench RECIPE [k=v ...] [--synthetic]"),
+    "samples": ("ffdist.samples", "write digit PNGs to try predict on: ffdist samples [--out samples]"),
 }
 
 
 def usage() -> str:
     lines = ["usage: ffdist <command> [args]", "", "commands:"]
     lines += [f"  {name:<8} {text}" for name, (_, text) in COMMANDS.items()]
+    lines += ["", "ffdist <command> --help: that command's arguments and options"]
     return "\n".join(lines)
 
 
@@ -45,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     except FfdistError as e:
         print(f"ffdist: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except BrokenPipeError:  # `ffdist models | head`: the reader left; no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":
