@@ -1,5 +1,5 @@
 """`ffdist predict RUN_DIR IMAGES... --out preds.csv`: classify JPEG/PNG files with a run's
-model; one CSV row per image, and a picture of titled thumbnails next to the CSV.
+model; one CSV row per image, and a picture of captioned thumbnails next to the CSV.
 
 Images get the run's eval preprocessing: folder datasets resize the short side to
 size/0.875 and center-crop (ffdist.data.transforms.folder_eval); in-memory datasets
@@ -11,6 +11,11 @@ is below --uncertain-threshold (default 0.5) OR the normalized entropy of the so
 H(p) / log(num_classes) in [0, 1], is above --entropy-threshold (default 0.6). With --tta
 the probabilities are the mean over the image and its horizontal mirror (only for classes
 that are mirror-invariant: not for digits or text).
+
+The picture (preds.png next to preds.csv): the first --grid images as the model saw them,
+each captioned with the predicted class, its probability and the file name; uncertain
+ones in an orange frame with a "?"; under the grid, every file that could not be read,
+with the reason (the CSV's error column has them all).
 """
 
 from __future__ import annotations
@@ -48,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None, help="weights other than RUN_DIR/model.pt")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="recipe override, e.g. --set data.root=/new/place (repeatable)")
-    p.add_argument("--grid", type=int, default=36, help="thumbnails in the picture (0: none)")
+    p.add_argument("--grid", type=int, default=36,
+                   help="thumbnails in the picture next to the CSV (default 36; 0: no picture)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     return p
 
