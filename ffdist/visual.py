@@ -311,7 +311,7 @@ def confusion_image(confusion: torch.Tensor, classes: Sequence[str], title: str 
     pad, head = 10, _title_lines(cm, m, title, split)
     g = _layout(m, _lines_height(head), pad)
     stats_w = round(_width("100%  n=00000", g.font)) + 2 * pad
-    w = max([g.right + stats_w, 2 * 250 + 3 * pad]
+    w = max([g.right + stats_w, _legend().width + 2 * pad]
             + [round(_width(t, _font(s))) + 2 * pad for t, s, _ in head])
     img = Image.new("RGB", (w, g.y0 + len(m.rows) * g.cell + 74), "white")
     draw = ImageDraw.Draw(img)
@@ -321,7 +321,7 @@ def confusion_image(confusion: torch.Tensor, classes: Sequence[str], title: str 
     _vertical_text(img, "true class", axis, (pad, g.y0), GREY)
     _draw_labels(img, draw, m, g, overall=int(cm.diagonal().sum()) / max(1, int(cm.sum())))
     _draw_cells(draw, m, g)
-    _draw_legend(draw, pad, g.y0 + len(m.rows) * g.cell + 14)
+    _draw_legend(img, pad, g.y0 + len(m.rows) * g.cell + 14)
     # where the cells are, for tests and tools (PNG files do not store it)
     img.info.update(cells=(g.x0, g.y0, g.cell), columns=[g.col_x(j) for j in range(g.ncol)],
                     shown=m.index)
@@ -374,17 +374,29 @@ def _draw_cells(draw: ImageDraw.ImageDraw, m: _Matrix, g: _Layout) -> None:
                           text, fill="white" if _dark(colour) else INK, font=font)
 
 
-def _draw_legend(draw: ImageDraw.ImageDraw, x: int, y: int, bar: int = 200) -> None:
+def _draw_legend(img: Image.Image, x: int, y: int) -> None:
+    img.paste(_legend(), (x, y))
+
+
+@lru_cache(maxsize=1)
+def _legend(bar: int = 200) -> Image.Image:
     """Both colour scales, share of the row from 0 to 100%, on the square-root axis the
-    cells use (ticks at 1%, 10%, 50%, 100%)."""
+    cells use (ticks at 1%, 10%, 50%, 100%). Drawn once per process: every evaluation's
+    picture pastes the same one."""
     font = _font(11)
-    for k, (label, correct) in enumerate((("right (diagonal)", True), ("wrong (off the diagonal)", False))):
-        bx = x + k * (bar + 60)
-        draw.text((bx, y), f"{label}: share of the true class", fill=GREY, font=font)
+    labels = ("right (diagonal): share of the true class",
+              "wrong (off the diagonal): share of the true class")
+    step = max(bar, round(_width(labels[0], font))) + 40
+    img = Image.new("RGB", (step + max(bar, round(_width(labels[1], font))) + 12, 52), "white")
+    draw = ImageDraw.Draw(img)
+    for k, (label, correct) in enumerate(zip(labels, (True, False))):
+        bx = k * step
+        draw.text((bx, 0), label, fill=GREY, font=font)
         for p in range(bar):
             share = ((p + 0.5) / bar) ** 2
-            draw.line((bx + p, y + 16, bx + p, y + 30), fill=cell_colour(share, correct))
+            draw.line((bx + p, 16, bx + p, 30), fill=cell_colour(share, correct))
         for share, text in ((0.01, "1%"), (0.1, "10%"), (0.5, "50%"), (1.0, "100%")):
             px = bx + round(math.sqrt(share) * (bar - 1))
-            draw.line((px, y + 30, px, y + 34), fill=GREY)
-            draw.text((px - _width(text, font) / 2, y + 35), text, fill=GREY, font=font)
+            draw.line((px, 30, px, 34), fill=GREY)
+            draw.text((px - _width(text, font) / 2, 35), text, fill=GREY, font=font)
+    return img
