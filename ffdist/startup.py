@@ -7,6 +7,7 @@ on the 2-core development machine, about six during start-up, so ~0.6 s of a dig
 that trains in ~2 s. Start-up makes no cyclic garbage worth that, so collection is off
 while the run is built; then the survivors are frozen (`gc.freeze`: never scanned again,
 which also keeps later collections cheap) and collection is back on for the run itself.
+At the end of the run `thaw` hands the frozen objects back to the collector.
 """
 
 from __future__ import annotations
@@ -24,10 +25,19 @@ def pause_gc() -> None:
         _paused = True
 
 
-def resume_gc() -> None:
-    """Freeze what start-up built and collect again; a no-op unless `pause_gc` paused it."""
+def resume_gc(freeze: bool = True) -> None:
+    """Collect again, first freezing what start-up built (not when start-up failed: an
+    in-process caller gets its collector back as it was); a no-op unless `pause_gc` paused."""
     global _paused
     if _paused:
-        gc.freeze()
+        if freeze:
+            gc.freeze()
         gc.enable()
         _paused = False
+
+
+def thaw() -> None:
+    """Let collections reach what `resume_gc` froze again: at the end of a run, whose
+    explicit `gc.collect()` must free the cycles built at start-up (DDP's reducer holds gloo
+    work objects that abort the process if freed after the process group is gone)."""
+    gc.unfreeze()

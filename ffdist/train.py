@@ -119,6 +119,7 @@ def run(recipe_path: str | None, overrides: list[str]) -> dict:
         # interpreter exit, after the group is gone, they were seen to abort a rank
         # ("terminate called without an active exception"). Free them now, then destroy.
         trainer = strategy = model = None  # noqa: F841
+        startup.thaw()  # those cycles were built at start-up: frozen (ffdist.startup)
         gc.collect()
         dist.shutdown()
 
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
         return 1
     finally:
-        startup.resume_gc()  # also when start-up failed: an in-process caller keeps its GC
+        startup.resume_gc(freeze=False)  # if start-up failed: an in-process caller's GC back on
     if result.get("stopped"):
         from ffdist.dist import report_to_launcher
 

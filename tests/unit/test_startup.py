@@ -28,7 +28,26 @@ def test_resume_is_a_no_op_unless_paused():
         gc.enable()
 
 
-def test_a_failed_start_leaves_the_callers_gc_on(capsys):
+def test_a_failed_start_leaves_the_callers_gc_on_and_unfrozen(capsys):
     assert main(["recipes/digits.yaml", "optim.lrr=1"]) == 2
     assert "did you mean 'optim.lr'" in capsys.readouterr().err
-    assert gc.isenabled()
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+
+
+def test_thaw_hands_frozen_cycles_back_to_the_collector():
+    import weakref
+
+    class Node:
+        pass
+
+    startup.pause_gc()
+    a, b = Node(), Node()
+    a.other, b.other = b, a  # a cycle built at start-up (like DDP's reducer)
+    gone = weakref.ref(a)
+    startup.resume_gc()
+    del a, b
+    gc.collect()
+    assert gone() is not None  # frozen: collections do not see it
+    startup.thaw()
+    gc.collect()
+    assert gone() is None
