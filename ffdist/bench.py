@@ -32,10 +32,9 @@ USAGE = ("ffdist bench RECIPE [key=value ...] [--steps N] [--warmup N] [--eval-s
          "[--synthetic] [--out PATH]")
 
 
-def parse(argv: list[str]) -> argparse.Namespace:
-    from ffdist.train import split_argv
-
-    p = argparse.ArgumentParser(prog="ffdist bench", usage=USAGE)
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ffdist bench", usage=USAGE,
+                                description=__doc__.split("\n\n")[1].replace("\n", " "))
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*", help="dotted.key=value")
     p.add_argument("--steps", type=int, default=30, help="timed optimizer steps (30)")
@@ -44,6 +43,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--synthetic", action="store_true",
                    help="random images of the recipe's size/channels/classes instead of its data")
     p.add_argument("--out", help="bench.json path (default: RUN_DIR/bench.json)")
+    return p
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    from ffdist.train import split_argv
+
+    p = build_parser()
     recipe, rest = split_argv(argv)  # also drops the deepspeed launcher's --local_rank
     args = p.parse_intermixed_args(([recipe] if recipe else []) + rest)
     for name in ("steps", "warmup", "eval_steps"):
@@ -286,9 +292,12 @@ def table(r: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
-        return 0 if argv else EXIT_USER_ERROR
+    if not argv:
+        print(f"usage: {USAGE}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    if argv[0] in ("-h", "--help"):
+        build_parser().print_help()
+        return 0
     run(parse(argv))
     return 0
 

@@ -329,7 +329,7 @@ class Trainer:
             self.strategy.model, self.strategy.eval_batches(self.val_batches),
             self.recipe.model.num_classes, self.info.device, self.strategy)
         p = self.progress
-        self.monitor.confusion(confusion, p.step)
+        self.monitor.confusion(confusion, p.step, title=f"{self.recipe.name}, step {p.step}")
         p.last_eval = {**result, "confusion": confusion}
         is_best = result["top1"] > p.best_top1
         p.best_top1 = max(p.best_top1, result["top1"])

@@ -82,6 +82,11 @@ def guard(main: Callable[..., Any], *args: Any) -> int:
     except FfdistError as e:
         report(e)
         return e.exit_code
+    except BrokenPipeError:  # `ffdist models | head`: the reader left; no traceback
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except Exception as e:
         if not peer_lost(e):
             raise  # a bug: keep the traceback

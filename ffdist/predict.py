@@ -1,5 +1,5 @@
 """`ffdist predict RUN_DIR IMAGES... --out preds.csv`: classify JPEG/PNG files with a run's
-model; one CSV row per image, and a picture of titled thumbnails next to the CSV.
+model; one CSV row per image, and a picture of captioned thumbnails next to the CSV.
 
 Images get the run's eval preprocessing: folder datasets resize the short side to
 data.eval_resize_size (default size/0.875) and center-crop data.eval_image_size (default
@@ -15,6 +15,11 @@ that are mirror-invariant: not for digits or text).
 
 The model runs at the precision the run resolves to on this device (ffdist.assemble, as
 `ffdist eval` runs it); the image size is the one training resolved.
+
+The picture (preds.png next to preds.csv): the first --grid images as the model saw them,
+each captioned with the predicted class, its probability and the file name; uncertain
+ones in an orange frame with a "?"; under the grid, every file that could not be read,
+with the reason (the CSV's error column has them all).
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ import torch
 from ffdist.errors import DataError
 
 if TYPE_CHECKING:
+    from PIL import Image
+
     from ffdist.precision import Numerics
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
@@ -52,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None, help="weights other than RUN_DIR/model.pt")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="recipe override, e.g. --set data.root=/new/place (repeatable)")
-    p.add_argument("--grid", type=int, default=36, help="thumbnails in the picture (0: none)")
+    p.add_argument("--grid", type=int, default=36,
+                   help="thumbnails in the picture next to the CSV (default 36; 0: no picture)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     return p
 
@@ -163,18 +171,46 @@ def write_csv(path: Path, rows: list[Row], classes: list[str], k: int, max_p: fl
 
 
 def save_picture(path: Path, rows: list[Row], classes: list[str], max_p: float, max_h: float,
-                 limit: int) -> None:
+                 limit: int, source: str = "") -> Image.Image | None:
+    """Thumbnails of the first `limit` predictions, each captioned with its class,
+    probability and file name (uncertain ones framed and marked "?"), and below them the
+    files that could not be read, with the reason: the picture never drops one silently."""
+    import os
+
     from ffdist.visual import titled_grid
 
-    shown = [r for r in rows if r.probs is not None and r.thumb is not None][:limit]
+    predicted = [r for r in rows if r.probs is not None]
+    shown = [r for r in predicted if r.thumb is not None][:limit]
+    bad = [r for r in rows if r.probs is None]
     if not shown:
-        return
-    titles, flags = [], []
+        return None
+    root = os.path.commonpath([str(Path(r.path).parent) for r in shown + bad])
+    names = {r.path: os.path.relpath(r.path, root) for r in shown + bad}
+    captions, flags = [], []
     for r in shown:
         p, i = r.probs.max(0)
         flags.append(is_uncertain(r.probs, max_p, max_h))
-        titles.append(f"{classes[int(i)]} ({float(p):.2f})" + (" ?" if flags[-1] else ""))
-    titled_grid([r.thumb for r in shown], titles, flags).save(path)
+        captions.append(f"{classes[int(i)]}  {float(p):.2f}" + ("  ?" if flags[-1] else "")
+                        + "\n" + names[r.path])
+    uncertain = sum(is_uncertain(r.probs, max_p, max_h) for r in predicted)
+    title = [f"ffdist predict {source}".rstrip(),
+             f"{len(predicted)} predicted, {uncertain} uncertain, {len(bad)} unreadable"
+             + (f"; the first {len(shown)} shown, all in {path.with_suffix('.csv').name}"
+                if len(shown) < len(predicted) else ""),
+             f"caption: predicted class, its probability, file (under {root or '.'}); "
+             f"orange frame and ?: uncertain (p < {max_p:g} or entropy > {max_h:g})"]
+    footer = []
+    if bad:
+        footer = [f"{len(bad)} unreadable, not predicted:"]
+        footer += [f"{names[r.path]}: {r.error}" for r in bad[:UNREADABLE_LISTED]]
+        if len(bad) > UNREADABLE_LISTED:
+            footer.append(f"... and {len(bad) - UNREADABLE_LISTED} more: see the CSV's error column")
+    picture = titled_grid([r.thumb for r in shown], captions, flags, title, footer)
+    picture.save(path)
+    return picture
+
+
+UNREADABLE_LISTED = 20  # names under the picture; the CSV lists every one
 
 
 def run(args: argparse.Namespace) -> int:
@@ -201,13 +237,15 @@ def run(args: argparse.Namespace) -> int:
     paths = find_images(args.images)
     k = min(args.topk, len(loaded.classes))
     rows: list[Row] = []
+    thumbs = 0
     for start in range(0, len(paths), args.batch_size):
         batch_rows, x = load_batch(paths[start:start + args.batch_size], loaded.channels, transform)
         if x is not None:
             probs = probabilities(model, x.to(device), mean, std, args.tta, numerics)
             for r, p in zip([r for r in batch_rows if r.thumb is not None], probs):
                 r.probs = p
-                if len(rows) >= args.grid:  # keep only the thumbnails the picture shows
+                thumbs += 1
+                if thumbs > args.grid:  # keep only the thumbnails the picture shows
                     r.thumb = None
         rows += batch_rows
     out = Path(args.out)
@@ -215,7 +253,7 @@ def run(args: argparse.Namespace) -> int:
     picture = out.with_suffix(".png")
     if args.grid:
         save_picture(picture, rows, loaded.classes, args.uncertain_threshold,
-                     args.entropy_threshold, args.grid)
+                     args.entropy_threshold, args.grid, source=str(args.run_dir))
     errors = len(rows) - done
     uncertain = sum(1 for r in rows if r.probs is not None and is_uncertain(
         r.probs, args.uncertain_threshold, args.entropy_threshold))

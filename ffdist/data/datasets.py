@@ -171,22 +171,19 @@ def collate(batch: object) -> object:
 # ------------------------------------------------------------------------------ builders
 
 def _digits(cfg: DataConfig, seed: int) -> DataSpec:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    from ffdist.data import digits
 
-    d = load_digits()
-    images = torch.from_numpy((d.images * (255.0 / 16.0)).round()).to(torch.uint8)[:, None]
-    labels = torch.from_numpy(d.target)
+    pixels, target = digits.load()
+    images = torch.from_numpy(pixels)[:, None]
+    labels = torch.from_numpy(target)
     # A fixed split (not the training seed): every run and every rank sees the same val set.
-    tr, va = train_test_split(range(len(labels)), test_size=cfg.val_fraction,
-                              stratify=d.target, random_state=0)
-    tr, va = torch.tensor(sorted(tr)), torch.tensor(sorted(va))
+    tr, va = (torch.tensor(ix) for ix in digits.split(target, cfg.val_fraction))
     mean, std = T.normalization("digits", 1)
     # Shifts of up to one pixel; never flips (a mirrored 2 is not a 2).
     train = TensorImages(images[tr], labels[tr], pad=1 if cfg.augment else 0, seed=seed,
                          sample_tf=T.sample_transforms(cfg, mean, std))
     return DataSpec(train, TensorImages(images[va], labels[va]),
-                    [str(c) for c in d.target_names], 1, 8, mean, std)
+                    [str(c) for c in range(10)], 1, 8, mean, std)
 
 
 def _torchvision(cfg: DataConfig, seed: int) -> DataSpec:
