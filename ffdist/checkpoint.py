@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ffdist import faults
-from ffdist.errors import CheckpointError
+from ffdist.errors import CheckpointError, shorten
 from ffdist.recipe import CheckpointConfig
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ def load_torch(path: str | Path) -> dict:
         raise CheckpointError(f"checkpoint {path} does not exist; give the path of a .pt "
                               "file or a run directory.") from None
     except Exception as e:  # torn or foreign files raise many different errors
-        first = (str(e).splitlines() or [""])[0][:160]  # some errors have no message at all
+        first = shorten((str(e).splitlines() or [""])[0])  # some errors have no message at all
         raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: "
                               f"{first}); it is truncated, corrupt or "
                               "not a checkpoint.") from None

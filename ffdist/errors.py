@@ -60,3 +60,12 @@ def one_line(e: BaseException) -> str:
         last = [ln for ln in text.splitlines() if ln.strip()][-1]
         text = last.split(": ", 1)[1] if ": " in last else last
     return text
+
+
+def shorten(text: str, limit: int = 160) -> str:
+    """One line of at most `limit` characters, cut between words (never mid-word)."""
+    text = " ".join(str(text).split())
+    if len(text) <= limit:
+        return text
+    cut = text.rfind(" ", 0, limit - 3)
+    return text[: cut if cut > limit // 2 else limit - 3].rstrip(" ,;:") + "..."

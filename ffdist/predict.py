@@ -91,12 +91,9 @@ def load_batch(paths: list[Path], channels: int, transform) -> tuple[list[Row], 
         try:
             image = transform(decode(str(path), channels))
         except Exception as e:  # corrupt, truncated or not an image: report it, go on
-            msg = (str(e).strip().splitlines() or [""])[0]
-            # torchvision's message starts with a C++ source location and, for unknown
-            # bytes, ends with advice about AVIF/HEIC: say what it means instead.
-            reason = "not a JPEG/PNG image" if "Unsupported image file" in msg else \
-                msg.split(", ")[-1][:120]
-            rows.append(Row(str(path), error=f"unreadable image ({type(e).__name__}: {reason})"))
+            from ffdist.data.datasets import decode_error
+
+            rows.append(Row(str(path), error=f"unreadable image ({decode_error(e)})"))
             continue
         rows.append(Row(str(path), thumb=image))
         tensors.append(image)

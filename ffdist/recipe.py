@@ -309,14 +309,18 @@ class CheckpointConfig:
     keep_best: bool = True
     """Keep checkpoints/best.pt, the one with the best val top-1."""
     resume: str = "auto"
-    """auto: continue from the newest complete checkpoint in output_dir | never: start
-    fresh, refuse an output_dir that holds a run | a checkpoint path."""
+    """auto: continue an unfinished run from its newest complete checkpoint (a finished one
+    with the same recipe: nothing to do) | never: start fresh, refuse an output_dir that
+    holds a run | extend: continue a finished run in place with more epochs/steps (its
+    model.pt is replaced) | a checkpoint path. Keys that may change on resume: see
+    docs/failure-and-recovery.md."""
 
     def __post_init__(self) -> None:
         _check(self.every_epochs >= 1, "checkpoint.every_epochs", self.every_epochs, "use 1 or more")
         _check(self.every_steps >= 0, "checkpoint.every_steps", self.every_steps, "use 0 or more")
         _check(self.keep_last >= 1, "checkpoint.keep_last", self.keep_last, "use 1 or more")
-        _check(bool(self.resume), "checkpoint.resume", self.resume, "use auto, never or a path")
+        _check(bool(self.resume), "checkpoint.resume", self.resume,
+               "use auto, never, extend or a checkpoint path")
 
 
 @dataclass

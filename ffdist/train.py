@@ -51,13 +51,18 @@ def run(recipe_path: str | None, overrides: list[str]) -> dict:
     plan_batches(rcp.data.batch_size, rcp.data.micro_batch_size, dist.world_from_env()[2])
     dist.check_gpus(rcp.launch.gpus)
     info = dist.init(rcp.launch.pg_timeout)
+    owner = None
     try:
         setup_logging(info.is_primary)
-        if info.is_primary:
-            run_dir.check_writable(rcp.run_dir)
+        owner = run_dir.claim(rcp.run_dir, info)  # writable, and ours alone for the run's life
         check_shared_dir(rcp.run_dir, info.rank, info.world_size)  # multi-node: one output_dir
         manager = checkpoint.CheckpointManager(rcp.run_dir, rcp.checkpoint, info.is_primary)
-        found = run_dir.resume_from(rcp, manager)
+        start = run_dir.plan_start(rcp, manager)  # fresh / resume / nothing to do, or refuse
+        if start.done:
+            if info.is_primary:
+                print(start.message, flush=True)
+            return {"already_finished": True}
+        found = start.found
         state = found[1] if found else None
         loaders = data.build(rcp, info.rank, info.world_size, info.device)
         torch.manual_seed(rcp.seed)  # same initial weights on every rank and world size
@@ -69,13 +74,8 @@ def run(recipe_path: str | None, overrides: list[str]) -> dict:
         # Everything that can refuse the run does so before the run directory is touched.
         if found:
             checkpoint.check_compatible(found[1], model, found[0], rcp.model.num_classes)
-        if run_dir.is_finished(rcp, state, total_steps(rcp.schedule,
-                                                       loaders.train_sampler.steps_per_epoch)):
-            if info.is_primary:
-                print(f"ffdist: {rcp.run_dir} already holds the finished run (step "
-                      f"{state['step']}); nothing to do. Use a new output_dir (or name) for a "
-                      "new run.", flush=True)
-            return {"already_finished": True, "step": state["step"]}
+        run_dir.check_progress(rcp, state, total_steps(rcp.schedule,
+                                                       loaders.train_sampler.steps_per_epoch))
         torch.manual_seed(rcp.seed + 1000 * info.rank)  # per-rank dropout/augmentation
         prec = precision.resolve(rcp.precision, info.device, info.launcher_precision)
         strategy = strategies.build(model, rcp, info, prec)
@@ -99,6 +99,8 @@ def run(recipe_path: str | None, overrides: list[str]) -> dict:
         return result
     finally:
         signals.uninstall()
+        if owner is not None:
+            owner.release()
         # DDP's reducer (in reference cycles) holds gloo work objects with tensors; freed at
         # interpreter exit, after the group is gone, they were seen to abort a rank
         # ("terminate called without an active exception"). Free them now, then destroy.
