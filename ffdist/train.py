@@ -98,7 +98,6 @@ def run(recipe_path: str | None, overrides: list[str]) -> dict:
         dist.barrier()  # every rank is done before any of them tears its process group down
         return result
     finally:
-        signals.uninstall()
         if owner is not None:
             owner.release()
         # DDP's reducer (in reference cycles) holds gloo work objects with tensors; freed at
@@ -107,6 +106,7 @@ def run(recipe_path: str | None, overrides: list[str]) -> dict:
         trainer = strategy = model = None  # noqa: F841
         gc.collect()
         dist.shutdown()
+        signals.uninstall()  # last: a Ctrl-C during teardown still gets ffdist's handling
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     except FfdistError as e:
         report(e)
         return e.exit_code
+    except KeyboardInterrupt:
+        return interrupted()
     except Exception as e:
         if not _peer_lost(e):
             raise  # a bug: keep the traceback
@@ -151,6 +153,15 @@ def _peer_lost(e: Exception) -> bool:
         return False
     comm_error = type(e).__name__ in ("DistBackendError", "DistNetworkError")
     return comm_error or (isinstance(e, RuntimeError) and any(s in str(e) for s in PEER_LOST))
+
+
+def interrupted() -> int:
+    """Ctrl-C before ffdist.signals took it over (imports, data, model): one line, 130."""
+    from ffdist.signals import EXIT_ABORTED
+
+    print("ffdist: interrupted (Ctrl-C) before training started; start the same command "
+          "again.", file=sys.stderr, flush=True)
+    return EXIT_ABORTED
 
 
 def report(e: FfdistError) -> None:
