@@ -621,7 +621,7 @@ def _explain(e: Exception, source: str, origin: str) -> str:
                 "${other.key} may refer to another recipe key only.")
     if isinstance(e, ValidationError) and key:
         value = getattr(e, "value", None)
-        wrong = "has no value (null)" if value is None else f"={value!r} has the wrong type"
+        wrong = " has no value (null)" if value is None else f"={value!r} has the wrong type"
         return f"{where}: {key}{wrong}; expected {_type_phrase(key, _expected_type(key))}."
     return f"{where}: {key or 'the recipe'}: {first}."
 
