@@ -90,8 +90,8 @@ RULES: tuple[Rule, ...] = (
     Rule("data.*", False, True, "what is trained on"),
     Rule("optim.*", False, True, "the optimizer and its state in the checkpoint"),
     Rule("schedule.*", False, True, "the shape of the learning-rate schedule"),
-    Rule("strategy.name", False, False, "single, ddp and auto are interchangeable; DeepSpeed "
-                                        "checkpoints are sharded"),
+    Rule("strategy.name", False, False, "auto, single and ddp count as one value (they write "
+                                        "the same checkpoint); deepspeed's are sharded"),
     Rule("strategy.sync_bn", False, True, "BatchNorm statistics"),
     Rule("strategy.*", False, True, "DeepSpeed's shard layout and settings"),
 )
@@ -199,3 +199,22 @@ def finished_refusal(run_dir: Path, recipe: Recipe, diffs: list[tuple[str, Any, 
     return (f"output_dir={run_dir} already holds a finished run, and this recipe differs in "
             f"{_listing(diffs)}; training that here would replace its model: train it as a "
             f"new run with {new_place(recipe)}{extend}.")
+
+
+def markdown_table() -> str:
+    """The table for docs/failure-and-recovery.md (`python -m ffdist.resume_rules`; a test
+    checks that the document holds exactly this)."""
+    lines = ["| keys | resuming an unfinished run | a finished run asked again | why |",
+             "|---|---|---|---|"]
+    for rule in RULES:
+        resume = "may change" if rule.on_resume else "**refused** if changed"
+        finished = ("refused if changed (another result)" if rule.result
+                    else "ignored: still nothing to do")
+        keys = f"`{rule.pattern}`" + (" (the others)" if rule.pattern.endswith("*") and any(
+            r.pattern.startswith(rule.pattern[:-1]) and r is not rule for r in RULES) else "")
+        lines.append(f"| {keys} | {resume} | {finished} | {rule.why} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(markdown_table())

@@ -40,7 +40,7 @@ def run(recipe_path: str | None, overrides: list[str]) -> dict:
 
     import torch
 
-    from ffdist import checkpoint, data, dist, models, precision, run_dir, signals, strategies
+    from ffdist import checkpoint, data, dist, models, precision, preflight, run_dir, signals, strategies
     from ffdist.data.loader import plan_batches
     from ffdist.engine import Trainer
     from ffdist.monitor import Monitor, setup_logging
@@ -67,6 +67,8 @@ def run(recipe_path: str | None, overrides: list[str]) -> dict:
         loaders = data.build(rcp, info.rank, info.world_size, info.device)
         torch.manual_seed(rcp.seed)  # same initial weights on every rank and world size
         model = models.build(rcp.model)
+        preflight.check_input_size(model, rcp.model.name, loaders.spec.channels,
+                                   loaders.spec.image_size)
         if rcp.model.pretrained or rcp.model.freeze:  # transfer learning: ffdist.finetune
             from ffdist import finetune
 

@@ -201,8 +201,12 @@ def _digits(cfg: DataConfig, seed: int) -> DataSpec:
     images = torch.from_numpy((d.images * (255.0 / 16.0)).round()).to(torch.uint8)[:, None]
     labels = torch.from_numpy(d.target)
     # A fixed split (not the training seed): every run and every rank sees the same val set.
-    tr, va = train_test_split(range(len(labels)), test_size=cfg.val_fraction,
-                              stratify=d.target, random_state=0)
+    try:
+        tr, va = train_test_split(range(len(labels)), test_size=cfg.val_fraction,
+                                  stratify=d.target, random_state=0)
+    except ValueError:  # a split smaller than the 10 classes
+        raise DataError(f"data.val_fraction={cfg.val_fraction} leaves fewer images than the 10 "
+                        f"classes in one split of the {len(labels)} digits; use e.g. 0.2.") from None
     tr, va = torch.tensor(sorted(tr)), torch.tensor(sorted(va))
     mean, std = T.normalization("digits", 1)
     # Shifts of up to one pixel; never flips (a mirrored 2 is not a 2).

@@ -25,7 +25,7 @@ def test_billion_laughs_is_refused_quickly():
     text = laughs()
     assert len(text) < 600  # a few hundred bytes: 9**10 = 3.5 billion values expanded
     started = time.perf_counter()
-    with pytest.raises(YamlRefused, match="aliases expand it to more than 200,000 values"):
+    with pytest.raises(YamlRefused, match="aliases expand it by more than 10,000 values"):
         safe_yaml.load(text)
     assert time.perf_counter() - started < 0.5
 
@@ -88,3 +88,18 @@ def test_plain_values_read_like_omegaconf():
 def test_syntax_errors_stay_yaml_errors():
     with pytest.raises(yaml.YAMLError):
         safe_yaml.load("name: [unclosed\n")
+
+
+def test_a_long_plain_list_is_not_an_alias_expansion():
+    """ImageNet-21k's class list (21,841 names, ~300 KB) has no aliases: only MAX_BYTES
+    bounds it."""
+    text = "data:\n  classes:\n" + "".join(f"  - n{i:08d}\n" for i in range(21841))
+    assert len(text) < safe_yaml.MAX_BYTES
+    assert len(safe_yaml.load(text)["data"]["classes"]) == 21841
+
+
+def test_aliases_that_add_more_than_the_limit_are_refused_even_when_small():
+    lines = ["a0: &a0 [1, 2]"] + [f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}]"
+                                  for i in range(1, 9)]  # 2 * 3**8 = 13,122 values
+    with pytest.raises(YamlRefused, match="aliases expand it by more than 10,000 values"):
+        safe_yaml.load("\n".join(lines))
