@@ -69,3 +69,10 @@ def shorten(text: str, limit: int = 160) -> str:
         return text
     cut = text.rfind(" ", 0, limit - 3)
     return text[: cut if cut > limit // 2 else limit - 3].rstrip(" ,;:") + "..."
+
+
+def printable(text: object) -> str:
+    """User text inside a one-line message: newlines, tabs and other control characters
+    escaped (\\n, \\t, \\x0c), the rest as is."""
+    text = str(text)
+    return text if text.isprintable() else repr(text)[1:-1]

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from ffdist.errors import RecipeError
+from ffdist.errors import RecipeError, printable
 
 SECTIONS = (
     "model", "data", "optim", "schedule", "strategy", "launch", "checkpoint", "log",
@@ -484,7 +484,7 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> list[tuple[str, A
         key, eq, text = item.partition("=")
         key = key.strip()
         if not eq or not key:
-            raise RecipeError(f"command line: override {item!r} is not key=value; "
+            raise RecipeError(f"command line: override '{printable(item)}' is not key=value; "
                               "write e.g. optim.lr=0.05.")
         if text and not text.strip():
             value: Any = text
@@ -492,13 +492,15 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> list[tuple[str, A
             try:
                 value = safe_yaml.load(text)
             except safe_yaml.YamlRefused as e:
-                raise RecipeError(f"command line: {item}: {e}.") from None
+                raise RecipeError(f"command line: {printable(item)}: {e}.") from None
             except yaml.YAMLError as e:
-                problem = getattr(e, "problem", None) or "syntax error"
-                quote = (f", or quote text: {key}='\"{text}\"'"
-                         if leaf_types().get(key, "").startswith("str") else "")
-                raise RecipeError(f"command line: the value of {key}={text} is not valid YAML "
-                                  f"({problem}); write a list as [a,b]{quote}.") from None
+                if leaf_types().get(key, "").startswith("str"):
+                    parsed.append((key, text))  # text keys take text as typed: list_sep=,
+                    continue
+                problem = printable(getattr(e, "problem", None) or "syntax error")
+                raise RecipeError(f"command line: the value of {printable(key)}="
+                                  f"{printable(text)} is not valid YAML ({problem}); write a "
+                                  "list as [a,b].") from None
         parsed.append((key, value))
     return parsed
 
@@ -509,15 +511,17 @@ def _nest(cli: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in cli:
         if "[" in key or "]" in key or "" in key.split("."):
-            raise RecipeError(f"command line: {key}=...: write a dotted key such as optim.lr, and "
+            raise RecipeError(f"command line: {printable(key)}=...: write a dotted key such as "
+                              "optim.lr, and "
                               "a whole list as its value, e.g. launch.gpus=[0,1].")
         *path, last = key.split(".")
         node = out
         for i, part in enumerate(path):
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise RecipeError(f"command line: {key}=...: {'.'.join(path[:i + 1])} was "
-                                  "given a value, so it has no keys below it.")
+                raise RecipeError(f"command line: {printable(key)}=...: "
+                                  f"{printable('.'.join(path[:i + 1]))} was given a value, so "
+                                  "it has no keys below it.")
             node = child
         node[last] = value
     return out
@@ -549,9 +553,8 @@ def _normalize(raw: dict[str, Any], source: str) -> dict[str, Any]:
 
 def _unknown(key: str, where: str) -> str:
     hint = suggest(key)
-    fix = f"did you mean '{hint}'?" if hint else "see README's recipe reference."
-    shown = key if key.isprintable() else repr(key)[1:-1]  # one line, whatever the key holds
-    return f"{where}: unknown key '{shown}'; {fix}"
+    fix = f"did you mean '{printable(hint)}'?" if hint else "see README's recipe reference."
+    return f"{where}: unknown key '{printable(key)}'; {fix}"
 
 
 def _check_section_value(key: str, value: Any, where: str) -> None:

@@ -110,7 +110,8 @@ class LimitedLoader(yaml.SafeLoader):
                 continue
             key = key_node.value
             if key in seen:
-                raise YamlRefused(f"duplicate key '{key}' at lines {seen[key]} and "
+                shown = key if key.isprintable() else repr(key)[1:-1]
+                raise YamlRefused(f"duplicate key '{shown}' at lines {seen[key]} and "
                                   f"{_line(key_node)} (the second would silently replace the "
                                   "first); keep one", _line(key_node))
             seen[key] = _line(key_node)

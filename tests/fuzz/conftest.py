@@ -23,7 +23,7 @@ COUNTS = {
     "recipe_texts": (150, 5000),
     "overrides": (150, 5000),
     "images": (120, 3000),
-    "train": (10, 300),
+    "train": (25, 300),
     "predict": (6, 150),
     "real": (2, 12),
 }

@@ -70,9 +70,9 @@ def render(value: Any) -> str:
 @st.composite
 def overrides(draw: st.DrawFn, max_size: int = 5) -> list[str]:
     items = []
+    rnd = draw(st.randoms(use_true_random=True))
     for _ in range(draw(st.integers(0, max_size))):
-        form = draw(st.integers(0, 9))
-        if form == 0:
+        if rnd.random() < 0.1:
             items.append(draw(st.sampled_from(["lr", "=1", "optim.lr", "a==b", " = "])))
         else:
             items.append(f"{draw(keys())}={render(draw(values))}")
@@ -198,17 +198,20 @@ def write_image(path_without_suffix: Path, spec: tuple[str, tuple[int, int], int
 def image_folders(draw: st.DrawFn) -> dict[str, dict[str, list]]:
     """{split: {class name: [image spec, ...]}} for an imagefolder; sometimes an empty class,
     a class only in one split, or no val/ at all."""
-    classes = draw(st.lists(st.sampled_from(["0", "1", "cat", "dog", "é", "a b"]), min_size=1,
-                            max_size=3, unique=True))
+    # Hypothesis favours small values (0 most of all); the mix of layouts is chosen with a
+    # plain Random seeded by it instead, so that 1 in 10 really means 1 in 10.
+    rnd = draw(st.randoms(use_true_random=True))
+    classes = draw(st.lists(st.sampled_from(["0", "1", "cat", "dog", "é", "a b"]),
+                            min_size=1 if rnd.random() < 0.1 else 2, max_size=3, unique=True))
     layout: dict[str, dict[str, list]] = {}
     for split in ("train", "val"):
-        if split == "val" and draw(st.integers(0, 9)) == 0:
+        if split == "val" and rnd.random() < 0.1:
             continue
         names = list(classes)
-        if draw(st.integers(0, 9)) == 0:
+        if rnd.random() < 0.1:
             names = names[:-1] or names
-        layout[split] = {c: draw(st.lists(image_files, min_size=0 if draw(st.integers(0, 9)) == 0
-                                          else 1, max_size=4)) for c in names}
+        layout[split] = {c: draw(st.lists(image_files, min_size=0 if rnd.random() < 0.1 else 1,
+                                          max_size=4)) for c in names}
     return layout
 
 
