@@ -106,9 +106,11 @@ def run(recipe_path: str | None, overrides: list[str]) -> dict:
         # interpreter exit, after the group is gone, they were seen to abort a rank
         # ("terminate called without an active exception"). Free them now, then destroy.
         trainer = strategy = model = None  # noqa: F841
-        gc.collect()
-        dist.shutdown()
-        signals.uninstall()  # last: a Ctrl-C during teardown still gets ffdist's handling
+        try:
+            gc.collect()
+            dist.shutdown()
+        finally:
+            signals.uninstall()  # last: a Ctrl-C during teardown still gets ffdist's handling
 
 
 def main(argv: list[str] | None = None) -> int:
