@@ -182,7 +182,7 @@ def test_checkpoint_of_another_model(capfd, ref1, tmp_path):
            "lenet), which a resumed run cannot change" in line
     # without the recipe in it, the weights themselves tell: the first key that differs
     foreign = without_recipe(ckpt, tmp_path)
-    line = main_fails(capfd, "model.name=lenet", f"checkpoint.resume={foreign}",
+    line = main_fails(capfd, "model.name=resnet18", f"checkpoint.resume={foreign}",
                       f"output_dir={tmp_path / 'out2'}", *kit.ARGS)
     assert f"checkpoint {foreign} comes from another model: key '" in line
     line = main_fails(capfd, "data.name=synthetic", "model.num_classes=12",
