@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ffdist import outputs
 from ffdist.errors import DataError
 
 if TYPE_CHECKING:
@@ -48,7 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ffdist predict", description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir", help="a training run directory (holds recipe.yaml, model.pt)")
     p.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
-    p.add_argument("--out", required=True, help="CSV file to write; the picture goes next to it")
+    p.add_argument("--out", required=True,
+                   help="CSV file to write; the picture goes next to it (preds.csv -> preds.png)")
+    p.add_argument("--force", action="store_true",
+                   help="replace files at --out (and its picture) that ffdist predict did not write")
     p.add_argument("--topk", type=int, default=3, help="classes listed per image (default 3)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--uncertain-threshold", type=float, default=0.5,
@@ -110,12 +114,9 @@ def load_batch(paths: list[Path], channels: int, transform) -> tuple[list[Row], 
         try:
             image = transform(decode(str(path), channels))
         except Exception as e:  # corrupt, truncated or not an image: report it, go on
-            msg = (str(e).strip().splitlines() or [""])[0]
-            # torchvision's message starts with a C++ source location and, for unknown
-            # bytes, ends with advice about AVIF/HEIC: say what it means instead.
-            reason = "not a JPEG/PNG image" if "Unsupported image file" in msg else \
-                msg.split(", ")[-1][:120]
-            rows.append(Row(str(path), error=f"unreadable image ({type(e).__name__}: {reason})"))
+            from ffdist.data.datasets import decode_error
+
+            rows.append(Row(str(path), error=f"unreadable image ({decode_error(e)})"))
             continue
         rows.append(Row(str(path), thumb=image))
         tensors.append(image)
@@ -235,6 +236,7 @@ def run(args: argparse.Namespace) -> int:
     transform = make_transform(loaded.folder_data, resolved.eval_image_size, loaded.eval_resize,
                                loaded.interpolation)
     paths = find_images(args.images)
+    out, picture = _output_paths(args, loaded, paths)
     k = min(args.topk, len(loaded.classes))
     rows: list[Row] = []
     thumbs = 0
@@ -248,21 +250,38 @@ def run(args: argparse.Namespace) -> int:
                 if thumbs > args.grid:  # keep only the thumbnails the picture shows
                     r.thumb = None
         rows += batch_rows
-    out = Path(args.out)
-    done = write_csv(out, rows, loaded.classes, k, args.uncertain_threshold, args.entropy_threshold)
-    picture = out.with_suffix(".png")
-    if args.grid:
-        save_picture(picture, rows, loaded.classes, args.uncertain_threshold,
-                     args.entropy_threshold, args.grid, source=str(args.run_dir))
+    with outputs.replacing(out) as tmp:
+        done = write_csv(tmp, rows, loaded.classes, k, args.uncertain_threshold,
+                         args.entropy_threshold)
+    written = [out]
+    if picture is not None:
+        with outputs.replacing(picture, mark="ffdist predict") as tmp:
+            save_picture(tmp, rows, loaded.classes, args.uncertain_threshold,
+                         args.entropy_threshold, args.grid, source=str(args.run_dir))
+        written += [picture] if picture.exists() else []
     errors = len(rows) - done
     uncertain = sum(1 for r in rows if r.probs is not None and is_uncertain(
         r.probs, args.uncertain_threshold, args.entropy_threshold))
     print(f"{done} image(s) predicted on {device.type} ({uncertain} uncertain), {errors} "
-          f"unreadable -> {out}" + (f", {picture}" if args.grid and done else ""))
+          f"unreadable -> {', '.join(map(str, written))}")
     if not done:
         print("ffdist: error: no image could be read", file=sys.stderr)
         return 1
     return 0
+
+
+def _output_paths(args: argparse.Namespace, loaded, images: list[Path]) -> tuple[Path, Path | None]:
+    """The CSV and the picture beside it, checked by ffdist.outputs before any work."""
+    out = Path(args.out)
+    if out.suffix.lower() in IMAGE_SUFFIXES:
+        raise outputs.OutputError(f"--out {out}: --out names the CSV file, and the picture is "
+                                  f"written next to it; use e.g. --out {out.with_suffix('.csv')}.")
+    picture = outputs.picture_path(out) if args.grid else None
+    planned = [outputs.Output(out, "predict.csv")]
+    planned += [outputs.Output(picture, "predict.png")] if picture is not None else []
+    reads = [loaded.weights, Path(args.run_dir) / "recipe.yaml", *images]
+    outputs.check(planned, reads, args.force, "ffdist predict")
+    return out, picture
 
 
 def main(argv: list[str] | None = None) -> int:
