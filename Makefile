@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup train test lint bench gpu-wheels gpu-check clean
+.PHONY: setup train test lint bench fuzz gpu-wheels gpu-check clean
 
 setup: $(STAMP)
 
@@ -22,6 +22,12 @@ train: setup
 test: setup
 	$(BIN)/ruff check ffdist tests benchmarks
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The fuzzer's long run (tests/fuzz, random cases; about an hour on 2 cores). The suite runs
+# the same tests in a fixed, ~1-minute profile. FUZZ_SCALE=0.1 for a quicker look.
+fuzz: setup
+	FFDIST_FUZZ=long FFDIST_FUZZ_SCALE=$(or $(FUZZ_SCALE),1) $(BIN)/python -m pytest tests/fuzz -q \
+		-p no:cacheprovider --hypothesis-show-statistics --timeout 14400 $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check ffdist tests benchmarks

@@ -56,10 +56,9 @@ PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 SYNTHETIC_BATCHES = 4  # distinct device batches cycled by --synthetic
 
 
-def parse(argv: list[str]) -> argparse.Namespace:
-    from ffdist.train import split_argv
-
-    p = argparse.ArgumentParser(prog="ffdist bench", usage=USAGE)
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ffdist bench", usage=USAGE,
+                                description=__doc__.split("\n\n")[1].replace("\n", " "))
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*", help="dotted.key=value")
     p.add_argument("--steps", type=int, default=30, help="timed optimizer steps per repetition (30)")
@@ -75,6 +74,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--precision", type=lambda s: [v for v in s.split(",") if v], default=None,
                    help="comma-separated precisions to compare, e.g. bf16,fp16")
     p.add_argument("--out", help="bench.json path (default: RUN_DIR/bench.json)")
+    return p
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    from ffdist.train import split_argv
+
+    p = build_parser()
     recipe, rest = split_argv(argv)  # also drops the deepspeed launcher's --local_rank
     args = p.parse_intermixed_args(([recipe] if recipe else []) + rest)
     for name in ("steps", "warmup", "eval_steps", "reps"):
@@ -591,9 +597,12 @@ def table(r: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
-        return 0 if argv else EXIT_USER_ERROR
+    if not argv:
+        print(f"usage: {USAGE}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    if argv[0] in ("-h", "--help"):
+        build_parser().print_help()
+        return 0
     run(parse(argv))
     return 0
 

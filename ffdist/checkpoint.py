@@ -24,7 +24,7 @@ import torch
 
 from ffdist import faults
 from ffdist.ckpt_format import SHARDED_STATE, WEIGHTS, Checkpoint, decode, encode, is_resumable
-from ffdist.errors import CheckpointError
+from ffdist.errors import CheckpointError, shorten
 from ffdist.recipe import CheckpointConfig, Recipe
 
 if TYPE_CHECKING:
@@ -83,7 +83,7 @@ def load_torch(path: str | Path) -> Any:
         raise CheckpointError(f"checkpoint {path} does not exist; give the path of a .pt "
                               "file or a run directory.") from None
     except Exception as e:  # torn or foreign files raise many different errors
-        first = (str(e).splitlines() or [""])[0][:160]  # some errors have no message at all
+        first = shorten((str(e).splitlines() or [""])[0])  # some errors have no message at all
         raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: "
                               f"{first}); it is truncated, corrupt or "
                               "not a checkpoint.") from None

@@ -22,12 +22,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("ffdist.plan", "memory/batch plan: ffdist plan RECIPE [key=value ...] [--gpu-mem 24GiB]"),
     "launch": ("ffdist.launch", "run a recipe under torchrun/accelerate/deepspeed/sbatch"),
     "bench": ("ffdist.bench", "throughput of a recipe: ffdist bench RECIPE [k=v ...] [--synthetic]"),
+    "samples": ("ffdist.samples", "write digit PNGs to try predict on: ffdist samples [--out samples]"),
 }
 
 
 def usage() -> str:
     lines = ["usage: ffdist <command> [args]", "", "commands:"]
     lines += [f"  {name:<8} {text}" for name, (_, text) in COMMANDS.items()]
+    lines += ["", "ffdist <command> --help: that command's arguments and options"]
     return "\n".join(lines)
 
 

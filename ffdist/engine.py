@@ -395,7 +395,8 @@ class Trainer:
             self.strategy.model, self.strategy.eval_batches(self.val_batches),
             self.recipe.model.num_classes, self.info.device, self.strategy)
         p = self.progress
-        self.monitor.confusion(confusion, p.step, split)
+        self.monitor.confusion(confusion, p.step, split,
+                               title=f"{self.recipe.name}, step {p.step}")
         self.monitor.event(split=split, epoch=p.epoch, step=p.step,
                            world_size=self.info.world_size, **result)
         self.monitor.scalars(split, result, p.step)

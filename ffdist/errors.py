@@ -82,6 +82,11 @@ def guard(main: Callable[..., Any], *args: Any) -> int:
     except FfdistError as e:
         report(e)
         return e.exit_code
+    except BrokenPipeError:  # `ffdist models | head`: the reader left; no traceback
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except Exception as e:
         if not peer_lost(e):
             raise  # a bug: keep the traceback
@@ -118,3 +123,19 @@ def peer_lost(e: Exception) -> bool:
         return False
     comm_error = type(e).__name__ in ("DistBackendError", "DistNetworkError")
     return comm_error or (isinstance(e, RuntimeError) and any(s in str(e) for s in PEER_LOST))
+
+
+def shorten(text: str, limit: int = 160) -> str:
+    """One line of at most `limit` characters, cut between words (never mid-word)."""
+    text = " ".join(str(text).split())
+    if len(text) <= limit:
+        return text
+    cut = text.rfind(" ", 0, limit - 3)
+    return text[: cut if cut > limit // 2 else limit - 3].rstrip(" ,;:") + "..."
+
+
+def printable(text: object) -> str:
+    """User text inside a one-line message: newlines, tabs and other control characters
+    escaped (\\n, \\t, \\x0c), the rest as is."""
+    text = str(text)
+    return text if text.isprintable() else repr(text)[1:-1]

@@ -78,7 +78,8 @@ def write_outputs(run_dir: Path, report: dict[str, Any], confusion: torch.Tensor
     out.mkdir(parents=True, exist_ok=True)
     save_text(out / "report.json", json.dumps(report, indent=2) + "\n")
     write_confusion_csv(out / "confusion.csv", confusion, classes)
-    picture = confusion_image(confusion, classes)
+    picture = confusion_image(confusion, classes, split="val",
+                              title=f"{run_dir.name}, {Path(report['weights']).name}")
     picture.save(out / "confusion.png")
     if tensorboard:
         from torch.utils.tensorboard import SummaryWriter  # lazy: ~1 s of imports

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ffdist import outputs
 from ffdist.errors import FfdistError, RecipeError
 
 OPSET = 17
@@ -44,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", required=True, choices=["torchscript", "onnx"])
     p.add_argument("--out", default=None,
                    help="output file (default RUN_DIR/export/model.onnx or model.torchscript.pt)")
+    p.add_argument("--force", action="store_true",
+                   help="replace files at --out (and its .json sidecar) that ffdist export did "
+                        "not write")
     p.add_argument("--checkpoint", default=None, help="weights other than RUN_DIR/model.pt")
     p.add_argument("--weights", default=None, choices=["raw", "ema"],
                    help="of a checkpoint: raw or EMA weights (default: the run's "
@@ -141,17 +145,19 @@ def run(args: argparse.Namespace) -> dict:
     model = loaded.model.float().to(memory_format=torch.contiguous_format).eval()
     out = Path(args.out) if args.out else \
         Path(args.run_dir) / "export" / f"model{SUFFIX[args.format]}"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    meta_path = out.with_name(out.name + ".json")
+    outputs.check([outputs.Output(out, "export.model"), outputs.Output(meta_path, "export.sidecar")],
+                  [loaded.weights, Path(args.run_dir) / "recipe.yaml"], args.force, "ffdist export")
     g = torch.Generator().manual_seed(0)
     shape = (loaded.channels, loaded.image_size, loaded.image_size)
     batches = [torch.randn(n, *shape, generator=g) for n in (args.batch_size, args.batch_size // 2 + 1)]
     exporter = export_onnx if args.format == "onnx" else export_torchscript
-    runner = exporter(model, batches[0], out)
-    diff = verify(model, runner, batches, args.tolerance)
+    with outputs.replacing(out) as tmp:  # a file that fails verification replaces nothing
+        runner = exporter(model, batches[0], tmp)
+        diff = verify(model, runner, batches, args.tolerance)
     meta = {**sidecar(loaded, args.format, out), "verified": {
         "max_abs_diff": diff, "tolerance": args.tolerance, "batch_sizes": [len(b) for b in batches]}}
-    meta_path = out.with_name(out.name + ".json")
-    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+    outputs.write_text(meta_path, json.dumps(meta, indent=2) + "\n")
     print(f"{args.format}: {out} ({out.stat().st_size / 1e6:.2f} MB), sidecar {meta_path}")
     print(f"verified against PyTorch on batches of {[len(b) for b in batches]}: "
           f"max abs difference {diff:.3g} (tolerance {args.tolerance:g} x max(1, |logit|))")

@@ -112,8 +112,9 @@ def weights_path(run_dir: Path, checkpoint: str | None) -> Path:
     latest = run_dir / "checkpoints" / "latest"
     if latest.is_file():
         return run_dir / "checkpoints" / latest.read_text().strip()
-    raise CheckpointError(f"{run_dir}: no model.pt and no checkpoint; finish the training run "
-                          "or pass checkpoint=PATH.")
+    raise CheckpointError(f"{run_dir}: no model.pt and no checkpoint; finish the training run, "
+                          "or name the weights (ffdist eval: checkpoint=PATH; ffdist predict "
+                          "and export: --checkpoint PATH).")
 
 
 def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str | Path) -> None:

@@ -129,14 +129,14 @@ class Monitor:
         if p.graph:
             self.graph(model, example)
 
-    def confusion(self, confusion: Any, step: int, split: str = "val") -> None:
+    def confusion(self, confusion: Any, step: int, split: str = "val", title: str = "") -> None:
         """The confusion matrix of an evaluation (rows: true class), as `split`/confusion."""
         if self.tb is None or self.pictures is None or not self.pictures.images:
             return
         from ffdist.visual import confusion_image, to_chw
 
-        self.image(f"{split}/confusion", to_chw(confusion_image(confusion, self.pictures.classes)),
-                   step)
+        picture = confusion_image(confusion, self.pictures.classes, title=title, split=split)
+        self.image(f"{split}/confusion", to_chw(picture), step)
 
     def hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
         if self.tb is not None:

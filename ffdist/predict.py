@@ -1,5 +1,5 @@
 """`ffdist predict RUN_DIR IMAGES... --out preds.csv`: classify JPEG/PNG files with a run's
-model; one CSV row per image, and a picture of titled thumbnails next to the CSV.
+model; one CSV row per image, and a picture of captioned thumbnails next to the CSV.
 
 Images get the run's eval preprocessing: folder datasets resize the short side to
 data.eval_resize_size (default size/0.875) and center-crop data.eval_image_size (default
@@ -15,6 +15,11 @@ that are mirror-invariant: not for digits or text).
 
 The model runs at the precision the run resolves to on this device (ffdist.assemble, as
 `ffdist eval` runs it); the image size is the one training resolved.
+
+The picture (preds.png next to preds.csv): the first --grid images as the model saw them,
+each captioned with the predicted class, its probability and the file name; uncertain
+ones in an orange frame with a "?"; under the grid, every file that could not be read,
+with the reason (the CSV's error column has them all).
 """
 
 from __future__ import annotations
@@ -29,9 +34,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ffdist import outputs
 from ffdist.errors import DataError
 
 if TYPE_CHECKING:
+    from PIL import Image
+
     from ffdist.precision import Numerics
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
@@ -41,7 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ffdist predict", description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir", help="a training run directory (holds recipe.yaml, model.pt)")
     p.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
-    p.add_argument("--out", required=True, help="CSV file to write; the picture goes next to it")
+    p.add_argument("--out", required=True,
+                   help="CSV file to write; the picture goes next to it (preds.csv -> preds.png)")
+    p.add_argument("--force", action="store_true",
+                   help="replace files at --out (and its picture) that ffdist predict did not write")
     p.add_argument("--topk", type=int, default=3, help="classes listed per image (default 3)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--uncertain-threshold", type=float, default=0.5,
@@ -55,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "checkpoint.final_weights, what model.pt holds)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="recipe override, e.g. --set data.root=/new/place (repeatable)")
-    p.add_argument("--grid", type=int, default=36, help="thumbnails in the picture (0: none)")
+    p.add_argument("--grid", type=int, default=36,
+                   help="thumbnails in the picture next to the CSV (default 36; 0: no picture)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     return p
 
@@ -105,12 +117,9 @@ def load_batch(paths: list[Path], channels: int, transform) -> tuple[list[Row], 
         try:
             image = transform(decode(str(path), channels))
         except Exception as e:  # corrupt, truncated or not an image: report it, go on
-            msg = (str(e).strip().splitlines() or [""])[0]
-            # torchvision's message starts with a C++ source location and, for unknown
-            # bytes, ends with advice about AVIF/HEIC: say what it means instead.
-            reason = "not a JPEG/PNG image" if "Unsupported image file" in msg else \
-                msg.split(", ")[-1][:120]
-            rows.append(Row(str(path), error=f"unreadable image ({type(e).__name__}: {reason})"))
+            from ffdist.data.datasets import decode_error
+
+            rows.append(Row(str(path), error=f"unreadable image ({decode_error(e)})"))
             continue
         rows.append(Row(str(path), thumb=image))
         tensors.append(image)
@@ -166,18 +175,46 @@ def write_csv(path: Path, rows: list[Row], classes: list[str], k: int, max_p: fl
 
 
 def save_picture(path: Path, rows: list[Row], classes: list[str], max_p: float, max_h: float,
-                 limit: int) -> None:
+                 limit: int, source: str = "") -> Image.Image | None:
+    """Thumbnails of the first `limit` predictions, each captioned with its class,
+    probability and file name (uncertain ones framed and marked "?"), and below them the
+    files that could not be read, with the reason: the picture never drops one silently."""
+    import os
+
     from ffdist.visual import titled_grid
 
-    shown = [r for r in rows if r.probs is not None and r.thumb is not None][:limit]
+    predicted = [r for r in rows if r.probs is not None]
+    shown = [r for r in predicted if r.thumb is not None][:limit]
+    bad = [r for r in rows if r.probs is None]
     if not shown:
-        return
-    titles, flags = [], []
+        return None
+    root = os.path.commonpath([str(Path(r.path).parent) for r in shown + bad])
+    names = {r.path: os.path.relpath(r.path, root) for r in shown + bad}
+    captions, flags = [], []
     for r in shown:
         p, i = r.probs.max(0)
         flags.append(is_uncertain(r.probs, max_p, max_h))
-        titles.append(f"{classes[int(i)]} ({float(p):.2f})" + (" ?" if flags[-1] else ""))
-    titled_grid([r.thumb for r in shown], titles, flags).save(path)
+        captions.append(f"{classes[int(i)]}  {float(p):.2f}" + ("  ?" if flags[-1] else "")
+                        + "\n" + names[r.path])
+    uncertain = sum(is_uncertain(r.probs, max_p, max_h) for r in predicted)
+    title = [f"ffdist predict {source}".rstrip(),
+             f"{len(predicted)} predicted, {uncertain} uncertain, {len(bad)} unreadable"
+             + (f"; the first {len(shown)} shown, all in {path.with_suffix('.csv').name}"
+                if len(shown) < len(predicted) else ""),
+             f"caption: predicted class, its probability, file (under {root or '.'}); "
+             f"orange frame and ?: uncertain (p < {max_p:g} or entropy > {max_h:g})"]
+    footer = []
+    if bad:
+        footer = [f"{len(bad)} unreadable, not predicted:"]
+        footer += [f"{names[r.path]}: {r.error}" for r in bad[:UNREADABLE_LISTED]]
+        if len(bad) > UNREADABLE_LISTED:
+            footer.append(f"... and {len(bad) - UNREADABLE_LISTED} more: see the CSV's error column")
+    picture = titled_grid([r.thumb for r in shown], captions, flags, title, footer)
+    picture.save(path)
+    return picture
+
+
+UNREADABLE_LISTED = 20  # names under the picture; the CSV lists every one
 
 
 def run(args: argparse.Namespace) -> int:
@@ -202,32 +239,52 @@ def run(args: argparse.Namespace) -> int:
     transform = make_transform(loaded.folder_data, resolved.eval_image_size, loaded.eval_resize,
                                loaded.interpolation)
     paths = find_images(args.images)
+    out, picture = _output_paths(args, loaded, paths)
     k = min(args.topk, len(loaded.classes))
     rows: list[Row] = []
+    thumbs = 0
     for start in range(0, len(paths), args.batch_size):
         batch_rows, x = load_batch(paths[start:start + args.batch_size], loaded.channels, transform)
         if x is not None:
             probs = probabilities(model, x.to(device), mean, std, args.tta, numerics)
             for r, p in zip([r for r in batch_rows if r.thumb is not None], probs):
                 r.probs = p
-                if len(rows) >= args.grid:  # keep only the thumbnails the picture shows
+                thumbs += 1
+                if thumbs > args.grid:  # keep only the thumbnails the picture shows
                     r.thumb = None
         rows += batch_rows
-    out = Path(args.out)
-    done = write_csv(out, rows, loaded.classes, k, args.uncertain_threshold, args.entropy_threshold)
-    picture = out.with_suffix(".png")
-    if args.grid:
-        save_picture(picture, rows, loaded.classes, args.uncertain_threshold,
-                     args.entropy_threshold, args.grid)
+    with outputs.replacing(out) as tmp:
+        done = write_csv(tmp, rows, loaded.classes, k, args.uncertain_threshold,
+                         args.entropy_threshold)
+    written = [out]
+    if picture is not None:
+        with outputs.replacing(picture, mark="ffdist predict") as tmp:
+            save_picture(tmp, rows, loaded.classes, args.uncertain_threshold,
+                         args.entropy_threshold, args.grid, source=str(args.run_dir))
+        written += [picture] if picture.exists() else []
     errors = len(rows) - done
     uncertain = sum(1 for r in rows if r.probs is not None and is_uncertain(
         r.probs, args.uncertain_threshold, args.entropy_threshold))
     print(f"{done} image(s) predicted on {device.type} ({uncertain} uncertain), {errors} "
-          f"unreadable -> {out}" + (f", {picture}" if args.grid and done else ""))
+          f"unreadable -> {', '.join(map(str, written))}")
     if not done:
         print("ffdist: error: no image could be read", file=sys.stderr)
         return 1
     return 0
+
+
+def _output_paths(args: argparse.Namespace, loaded, images: list[Path]) -> tuple[Path, Path | None]:
+    """The CSV and the picture beside it, checked by ffdist.outputs before any work."""
+    out = Path(args.out)
+    if out.suffix.lower() in IMAGE_SUFFIXES:
+        raise outputs.OutputError(f"--out {out}: --out names the CSV file, and the picture is "
+                                  f"written next to it; use e.g. --out {out.with_suffix('.csv')}.")
+    picture = outputs.picture_path(out) if args.grid else None
+    planned = [outputs.Output(out, "predict.csv")]
+    planned += [outputs.Output(picture, "predict.png")] if picture is not None else []
+    reads = [loaded.weights, Path(args.run_dir) / "recipe.yaml", *images]
+    outputs.check(planned, reads, args.force, "ffdist predict")
+    return out, picture
 
 
 def main(argv: list[str] | None = None) -> int:

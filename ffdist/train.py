@@ -13,12 +13,27 @@ from typing import TYPE_CHECKING
 from ffdist.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, guard
 
 if TYPE_CHECKING:
-    from ffdist.ckpt_format import Checkpoint
+    from ffdist import run_dir
     from ffdist.dist import DistInfo
     from ffdist.engine import Trainer
     from ffdist.recipe import Recipe
 
 USAGE = "usage: python -m ffdist.train RECIPE.yaml [key=value ...]"
+HELP = f"""{USAGE}
+       ffdist train RECIPE.yaml [key=value ...]
+       torchrun --nproc_per_node N -m ffdist.train RECIPE.yaml [key=value ...]
+
+Train a recipe (a YAML file, e.g. recipes/digits.yaml) with dotted key=value overrides,
+e.g. optim.lr=0.05 schedule.epochs=5 output_dir=runs/try. Alone it trains on one device;
+under torchrun, accelerate launch, the deepspeed launcher or srun each rank runs it
+(`ffdist launch` writes those commands). The run directory (output_dir, default
+runs/<name>) receives recipe.yaml, metrics.jsonl, tb/, checkpoints/ and model.pt; an
+unfinished run there is resumed from its latest checkpoint.
+
+Every recipe key, its default and meaning: the docstrings in ffdist/recipe.py (the
+recipe reference in the docs is generated from them).
+Exit status: 0 done, 2 bad input (one sentence says what to fix), 75 preempted (a
+checkpoint was written: run the same command again to resume)."""
 
 
 def split_argv(argv: list[str]) -> tuple[str | None, list[str]]:
@@ -33,7 +48,7 @@ def split_argv(argv: list[str]) -> tuple[str | None, list[str]]:
             continue
         args.append(a)
     if args and args[0] in ("-h", "--help"):
-        print(USAGE)
+        print(HELP)
         sys.exit(0)
     if not args or "=" in args[0]:
         return None, args
@@ -45,18 +60,23 @@ def run(recipe_path: str | None, overrides: list[str]) -> dict:
 
     rcp = recipe.load(recipe_path, overrides)  # before importing torch: recipe errors are fast
 
-    from ffdist import dist, signals
+    from ffdist import dist, signals, startup
 
     info = dist.init(rcp.launch)  # device checks (launch.device/gpus), then the group
-    trainer = None
+    trainer, owner = None, None
     try:
+        from ffdist import run_dir
         from ffdist.monitor import setup_logging
 
         setup_logging(info.is_primary)
-        trainer, state = start(rcp, info)
+        owner = run_dir.claim(rcp.run_dir, info)  # writable, and ours alone for the run's life
+        trainer, start = build(rcp, info)
         if trainer is None:
-            return {"already_finished": True, "step": state.step}
-        signals.install(trainer)  # SIGTERM/SIGUSR1: checkpoint at the next step, exit 75
+            if info.is_primary:
+                print(start.message, flush=True)
+            return {"already_finished": True}
+        signals.install(trainer)  # SIGTERM/SIGUSR1/Ctrl-C: checkpoint at the next step, exit 75
+        startup.resume_gc()  # the run is built; from here on its own garbage is collected
         result = trainer.fit()
         if not result.get("stopped"):
             finish(trainer, result)
@@ -64,42 +84,44 @@ def run(recipe_path: str | None, overrides: list[str]) -> dict:
         dist.barrier()  # every rank is done before any of them tears its process group down
         return result
     finally:
-        signals.uninstall()
+        if owner is not None:
+            owner.release()
         # DDP's reducer (in reference cycles) holds gloo work objects with tensors; freed at
         # interpreter exit, after the group is gone, they were seen to abort a rank
         # ("terminate called without an active exception"). Free them now, then destroy.
         trainer = None  # noqa: F841
-        gc.collect()
-        dist.shutdown()
+        startup.thaw()  # those cycles were built at start-up: frozen (ffdist.startup)
+        try:
+            gc.collect()
+            dist.shutdown()
+        finally:
+            signals.uninstall()  # last: a Ctrl-C during teardown still gets ffdist's handling
 
 
-def start(rcp: Recipe, info: DistInfo) -> tuple[Trainer | None, Checkpoint | None]:
-    """Resolve the run, find what to resume, refuse what cannot run, then assemble the
-    Trainer (restored). (None, checkpoint) when that checkpoint finished the run already."""
+def build(rcp: Recipe, info: DistInfo) -> tuple[Trainer | None, run_dir.Start]:
+    """Resolve the run, decide fresh / resume / nothing to do (ffdist.run_dir), refuse what
+    cannot run, then assemble the Trainer (restored). (None, start) when there is nothing
+    to do: the run directory holds this recipe's finished run."""
     from ffdist import assemble, checkpoint, data, run_dir
     from ffdist.monitor import Monitor, Pictures
     from ffdist.optim import total_steps
     from ffdist.shared_fs import check_shared_dir
 
     resolved = assemble.resolve_for(rcp, info)  # every rank alike: batch plan, precision
-    if info.is_primary:
-        run_dir.check_writable(rcp.run_dir)
     check_shared_dir(rcp.run_dir, info.rank, info.world_size)  # multi-node: one output_dir
     manager = checkpoint.CheckpointManager(rcp.run_dir, rcp.checkpoint, info.is_primary)
-    found = run_dir.resume_from(rcp, manager)
+    start = run_dir.plan_start(rcp, manager)  # fresh / resume / nothing to do, or refuse
+    if start.done:
+        return None, start
+    found = start.found
     state = found[1] if found else None
     loaders = data.build(rcp, info.rank, resolved.plan, info.device)
     model = assemble.build_model(rcp, load_weights=state is None)
     # Everything that can refuse the run does so before the run directory is touched.
     if found:
         checkpoint.check_compatible(state, model, found[0], rcp, resolved)
-    if run_dir.is_finished(rcp, state, total_steps(rcp.schedule,
-                                                   loaders.train_sampler.steps_per_epoch)):
-        if info.is_primary:
-            print(f"ffdist: {rcp.run_dir} already holds the finished run (step "
-                  f"{state.step}); nothing to do. Use a new output_dir (or name) for a "
-                  "new run.", flush=True)
-        return None, state
+    run_dir.check_progress(rcp, state, total_steps(rcp.schedule,
+                                                   loaders.train_sampler.steps_per_epoch))
     spec = loaders.spec
 
     def open_monitor() -> Monitor:  # after the strategy: it truncates metrics.jsonl
@@ -120,7 +142,7 @@ def start(rcp: Recipe, info: DistInfo) -> tuple[Trainer | None, Checkpoint | Non
         monitor.info("%s: %s on %s x%d (%s), batch %d = %d/rank x %d accum, %s", rcp.name,
                      rcp.model.name, info.device.type, info.world_size, resolved.strategy,
                      p.global_batch, p.micro, p.accum, resolved.precision)
-    return trainer, state
+    return trainer, start
 
 
 def finish(trainer: Trainer, end: dict) -> None:
@@ -145,7 +167,15 @@ def main(argv: list[str] | None = None) -> int:
     if recipe_path is None:
         print(USAGE, file=sys.stderr)
         return EXIT_USER_ERROR
-    return guard(_train, recipe_path, overrides)
+    from ffdist import startup
+
+    startup.pause_gc()  # while torch & co load: ~0.6 s of full collections (ffdist.startup)
+    try:
+        return guard(_train, recipe_path, overrides)
+    except KeyboardInterrupt:
+        return interrupted()
+    finally:
+        startup.resume_gc(freeze=False)  # if start-up failed: an in-process caller's GC back on
 
 
 def _train(recipe_path: str, overrides: list[str]) -> int:
@@ -157,6 +187,15 @@ def _train(recipe_path: str, overrides: list[str]) -> int:
                            f"written; exit {EXIT_PREEMPTED} means start again to resume.")
         return EXIT_PREEMPTED
     return 0
+
+
+def interrupted() -> int:
+    """Ctrl-C before ffdist.signals took it over (imports, data, model): one line, 130."""
+    from ffdist.signals import EXIT_ABORTED
+
+    print("ffdist: interrupted (Ctrl-C) before training started; start the same command "
+          "again.", file=sys.stderr, flush=True)
+    return EXIT_ABORTED
 
 
 if __name__ == "__main__":

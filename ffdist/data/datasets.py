@@ -9,6 +9,7 @@ torchvision.io and augment with transforms v2.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,7 +117,7 @@ class FileImages(Dataset):
         path, label = self.samples[int(idx[0])]
         try:
             image = decode(path, self.channels)
-        except (RuntimeError, OSError) as e:  # what torchvision.io raises for broken files
+        except (RuntimeError, OSError, ValueError) as e:  # torchvision.io on broken files
             return self._unreadable(path, e)  # type: ignore[return-value]
         # transforms v2 draw from torch's global CPU RNG: seed it per sample, restore it
         # after. default_generator only: torch.manual_seed also seeds every accelerator,
@@ -127,7 +128,7 @@ class FileImages(Dataset):
 
 
     def _unreadable(self, path: str, e: Exception) -> None:
-        reason = str(e).strip().splitlines()[-1][:120] if str(e).strip() else type(e).__name__
+        reason = decode_error(e)
         if self.bad_images == "error":
             raise DataError(f"{path}: cannot be decoded as an image ({reason}); replace or "
                             "remove the file, or set data.bad_images=skip to skip such files.")
@@ -148,11 +149,49 @@ class FileImages(Dataset):
 
 
 def decode(path: str, channels: int = 3) -> torch.Tensor:
-    """JPEG/PNG file -> uint8 CHW tensor with `channels` channels."""
+    """JPEG/PNG/WebP/GIF file -> uint8 CHW tensor with `channels` channels."""
     from torchvision.io import ImageReadMode, decode_image, read_file
 
-    mode = ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY
-    return decode_image(read_file(path), mode=mode)
+    data = read_file(path)
+    webp = bytes(data[:4].tolist()) == b"RIFF" and bytes(data[8:12].tolist()) == b"WEBP"
+    # WebP has no grey decoding (torchvision warns on every file): decode RGB, convert below
+    mode = ImageReadMode.RGB if channels == 3 or webp else ImageReadMode.GRAY
+    return as_uint8_image(decode_image(data, mode=mode), channels)
+
+
+def as_uint8_image(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """decode_image's mode is a request, not a promise: 16-bit PNGs come back as uint16
+    (0..65535, which the 0..255 normalization would turn into nonsense), GIF and WebP ignore
+    GRAY, and an animated GIF gives its frames (N, C, H, W). Make it uint8 CHW, `channels`."""
+    from torchvision.transforms.v2 import functional as F
+
+    if x.dim() == 4:
+        x = x[0]  # the first frame
+    if x.dtype == torch.uint16:
+        x = (x.to(torch.int32) // 257).to(torch.uint8)  # 65535 -> 255 exactly
+    elif x.dtype != torch.uint8:
+        raise ValueError(f"decoded to {x.dtype}, not 8 or 16 bits per channel")
+    if x.shape[0] in (2, 4):
+        x = x[: x.shape[0] - 1]  # drop alpha
+    if x.shape[0] == 3 and channels == 1:
+        x = F.rgb_to_grayscale(x)
+    elif x.shape[0] == 1 and channels == 3:
+        x = x.expand(3, -1, -1).contiguous()
+    return x
+
+
+def decode_error(e: Exception) -> str:
+    """Why a file could not be decoded, in whole words: torchvision's message without the
+    C++ source location it starts with, nor its advice about AVIF/HEIC."""
+    from ffdist.errors import shorten
+
+    text = " ".join(str(e).split()) or type(e).__name__
+    text = re.sub(r"^\w+, \S+:\d+, ", "", text)
+    if text.startswith("Unsupported image file"):
+        return "not a JPEG, PNG, WebP or GIF image"
+    if text.startswith("Expected a non empty file"):
+        return "the file is empty"
+    return shorten(text, 160)
 
 
 def collate(batch: object) -> object:
@@ -171,22 +210,19 @@ def collate(batch: object) -> object:
 # ------------------------------------------------------------------------------ builders
 
 def _digits(cfg: DataConfig, seed: int) -> DataSpec:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    from ffdist.data import digits
 
-    d = load_digits()
-    images = torch.from_numpy((d.images * (255.0 / 16.0)).round()).to(torch.uint8)[:, None]
-    labels = torch.from_numpy(d.target)
+    pixels, target = digits.load()
+    images = torch.from_numpy(pixels)[:, None]
+    labels = torch.from_numpy(target)
     # A fixed split (not the training seed): every run and every rank sees the same val set.
-    tr, va = train_test_split(range(len(labels)), test_size=cfg.val_fraction,
-                              stratify=d.target, random_state=0)
-    tr, va = torch.tensor(sorted(tr)), torch.tensor(sorted(va))
+    tr, va = (torch.tensor(ix) for ix in digits.split(target, cfg.val_fraction))
     mean, std = T.normalization("digits", 1)
     # Shifts of up to one pixel; never flips (a mirrored 2 is not a 2).
     train = TensorImages(images[tr], labels[tr], pad=1 if cfg.augment else 0, seed=seed,
                          sample_tf=T.sample_transforms(cfg, mean, std))
     return DataSpec(train, TensorImages(images[va], labels[va]),
-                    [str(c) for c in d.target_names], 1, 8, mean, std)
+                    [str(c) for c in range(10)], 1, 8, mean, std)
 
 
 def _torchvision(cfg: DataConfig, seed: int) -> DataSpec:
@@ -265,8 +301,13 @@ def _imagefolder(cfg: DataConfig, channels: int, seed: int) -> DataSpec:
     train, classes = _scan_folder(root / "train")
     val, val_classes = _scan_folder(root / "val")
     if val_classes != classes:
-        raise DataError(f"data.root: {root}/train and {root}/val have different class folders "
-                        f"({len(classes)} vs {len(val_classes)}); make them the same.")
+        only_train = sorted(set(classes) - set(val_classes))
+        only_val = sorted(set(val_classes) - set(classes))
+        diff = "; ".join(f"only in {root / split}: {', '.join(names[:5])}"
+                         + (f" (+{len(names) - 5} more)" if len(names) > 5 else "")
+                         for split, names in (("train", only_train), ("val", only_val)) if names)
+        raise DataError(f"data.root: {root / 'train'} and {root / 'val'} must hold the same "
+                        f"class folders ({diff}); add or remove folders so that they match.")
     return _files_spec(cfg, train, val, classes, channels, seed)
 
 

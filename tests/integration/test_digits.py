@@ -30,7 +30,7 @@ def test_resume_continues_at_the_right_epoch_and_step(tmp_path: Path) -> None:
     common = (f"output_dir={tmp_path}", *FAST, "checkpoint.every_epochs=1", "log.every_steps=11")
     train("digits.yaml", "schedule.epochs=2", *common)
     assert end_event(tmp_path)["step"] == 44
-    proc = train("digits.yaml", "schedule.epochs=4", *common)
+    proc = train("digits.yaml", "schedule.epochs=4", "checkpoint.resume=extend", *common)
     assert "resumed from step 44 (epoch 2)" in proc.stdout
     steps = [e["step"] for e in metrics(tmp_path) if e.get("split") == "train"]
     assert steps == [11, 22, 33, 44, 55, 66, 77, 88]  # nothing repeated, nothing missing

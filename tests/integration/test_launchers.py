@@ -98,8 +98,10 @@ def test_zero2_resumes_from_the_last_complete_checkpoint(tmp_path, zero2_run):
              f"output_dir={out}")
     ckpts = out / "checkpoints"
     assert (ckpts / "latest").read_text().strip() == "step_00000006"
-    # As if killed while saving step 6: shards on disk, but rank 0 never wrote the marker.
+    # As if killed while saving step 6: shards on disk, but rank 0 never wrote the marker
+    # (nor, then, the final model.pt: a finished run would not be trained over).
     (ckpts / "step_00000006" / "ffdist_state.pt").unlink()
+    (out / "model.pt").unlink()
     torchrun(RECIPE, *PARITY, f"schedule.max_steps={STEPS}", f"output_dir={out}")
     losses = train_losses(out)
     # metrics.jsonl was cut back to step 3, then steps 4..10 were trained once each.

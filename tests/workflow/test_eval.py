@@ -35,7 +35,11 @@ def test_eval_matches_training_and_writes_files(digits_run: Path):
     rows = list(csv.reader((digits_run / "eval" / "confusion.csv").open()))
     assert rows[0] == ["true\\predicted", *[str(i) for i in range(10)]]
     assert sum(int(v) for row in rows[1:] for v in row[1:]) == VAL_SIZE
-    assert Image.open(digits_run / "eval" / "confusion.png").size[0] > 100
+    picture = Image.open(digits_run / "eval" / "confusion.png")
+    assert picture.size[0] > 500
+    from tests.unit.test_visual import _ink_bands
+
+    assert _ink_bands(picture, 0, 50) == 2  # the title (run, weights) and top-1 with n
 
 
 @pytest.mark.parametrize("device", helpers.TWO_RANK_DEVICES)

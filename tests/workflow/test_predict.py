@@ -83,3 +83,26 @@ def test_predict_tta_averages_with_the_mirror(digits_run: Path, digits_pngs: Pat
     # digits are not mirror-symmetric: averaging with the mirror changes the probabilities
     assert any(abs(float(x["probability"]) - float(y["probability"])) > 1e-3
                for x, y in zip(a, b))
+
+
+def test_picture_captions_and_lists_unreadable_files(tmp_path: Path):
+    """The grid names every file it could not read, under the thumbnails (pixel facts: one
+    line of text per file), and cuts the list with a count beyond 20."""
+    import torch
+
+    from ffdist import predict
+    from tests.unit.test_visual import _ink_bands
+
+    def rows(bad: int) -> list[predict.Row]:
+        good = [predict.Row(str(tmp_path / f"img_{i}.png"), probs=torch.eye(10)[i % 10] * 0.9 + 0.01,
+                            thumb=torch.zeros(1, 8, 8, dtype=torch.uint8)) for i in range(7)]
+        return good + [predict.Row(str(tmp_path / f"bad_{i}.png"), error="unreadable image (x)")
+                       for i in range(bad)]
+
+    classes = [str(i) for i in range(10)]
+    for bad, lines in ((0, 0), (2, 3), (25, 22)):  # head + files (+ "... and 5 more")
+        pic = predict.save_picture(tmp_path / "p.png", rows(bad), classes, 0.5, 0.6, 36)
+        assert _ink_bands(pic, pic.info["footer_top"], pic.height) == lines, bad
+        assert Image.open(tmp_path / "p.png").size == pic.size
+    # Nothing readable: no picture (the CSV and the exit status say it).
+    assert predict.save_picture(tmp_path / "q.png", rows(3)[7:], classes, 0.5, 0.6, 36) is None
