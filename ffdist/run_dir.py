@@ -73,17 +73,32 @@ os.register_at_fork(after_in_child=_close_in_child)
 
 
 class RunLock:
-    """An exclusive flock on <run_dir>/.ffdist.lock (fd None: not held, e.g. other ranks)."""
+    """An exclusive flock on <run_dir>/.ffdist.lock (fd None: not held, e.g. other ranks).
+    `created`: the folders claim() made (the run directory, its checkpoints/)."""
 
-    def __init__(self, path: Path, fd: int | None):
-        self.path, self.fd = path, fd
+    def __init__(self, path: Path, fd: int | None, created: tuple[Path, ...] = ()):
+        self.path, self.fd, self.created = path, fd, created
 
     def release(self) -> None:
-        if self.fd is not None:
-            if self.fd in _held:
-                _held.remove(self.fd)
-            os.close(self.fd)  # closing the last fd releases the flock
-            self.fd = None
+        """Let go of the lock; a run that stopped before writing anything (a refusal, a
+        missing download) leaves no empty run directory behind: the folders claim() made
+        are removed again if they hold nothing but the lock file."""
+        if self.fd is None:
+            return
+        if self.fd in _held:
+            _held.remove(self.fd)
+        empty = all(not any(p for p in d.iterdir() if p.name != LOCK_FILE and p not in
+                            self.created) for d in self.created if d.is_dir())
+        if self.created and empty:
+            self.path.unlink(missing_ok=True)  # while still locked: no one else holds it
+        os.close(self.fd)  # closing the last fd releases the flock
+        self.fd = None
+        if self.created and empty:
+            for folder in sorted(self.created, key=lambda d: len(d.parts), reverse=True):
+                try:
+                    folder.rmdir()
+                except OSError:  # another run has started writing there since: keep it
+                    pass
 
 
 def lock(run_dir: Path) -> RunLock:
@@ -136,9 +151,12 @@ def claim(run_dir: Path, info: Any) -> RunLock:
 
     held, refusal = RunLock(Path(run_dir) / LOCK_FILE, None), None
     if info.is_primary:
+        run_dir = Path(run_dir)
+        new = tuple(d for d in (run_dir, run_dir / "checkpoints") if not d.exists())
         try:
-            check_writable(Path(run_dir))
+            check_writable(run_dir)
             held = lock(run_dir)
+            held.created = new
         except CheckpointError as e:
             refusal = str(e)
     if info.world_size > 1:

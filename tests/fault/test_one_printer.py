@@ -28,7 +28,7 @@ def only_error_line(stderr: str) -> str:
 
 def snapshot(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): hashlib.sha1(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".ffdist.lock"}
 
 
 class _Custom(FfdistError):

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -313,3 +314,18 @@ def test_read_only_checkpoints_folder_is_found_before_training(tmp_path):
     assert f"output_dir={out}: its checkpoints/ folder is not writable (Read-only file " \
            "system)" in line or "folder is not writable (Permission denied)" in line
     assert not (out / "metrics.jsonl").exists()
+
+
+def test_a_run_that_stops_before_writing_anything_leaves_no_folder(capfd, tmp_path):
+    """The run directory and checkpoints/ that claim() made are removed again when the run
+    was refused after them (here: a checkpoint to resume that does not exist); a folder
+    that existed before, or holds anything, stays."""
+    out = tmp_path / "new" / "run"
+    line = refused_in_process(capfd, out, f"checkpoint.resume={tmp_path / 'gone.pt'}")
+    assert "does not exist" in line and not out.exists() and (tmp_path / "new").is_dir()
+    kept = tmp_path / "mine"
+    (kept / "notes.txt").parent.mkdir()
+    (kept / "notes.txt").write_text("the user's")
+    held = run_dir.claim(kept, SimpleNamespace(is_primary=True, world_size=1))
+    held.release()
+    assert (kept / "notes.txt").read_text() == "the user's" and not (kept / "checkpoints").exists()
