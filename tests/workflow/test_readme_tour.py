@@ -10,7 +10,7 @@ The rules, the same for every line (the fast variants):
   `python -m ffdist.train recipes/digits.yaml` (the test checks the Makefile says so);
   `make` itself would install into the venv.
 - Every command that trains (`ffdist train ...`, `... -m ffdist.train ...`) gets TRAIN_FAST
-  appended: 2 epochs instead of 20, no progress bar. Everything else about the command,
+  appended: 1 epoch instead of 20, no progress bar. Everything else about the command,
   its recipe, overrides and output_dir, is the README's.
 - `torchrun` gets `--master_port <a free port>` after its name: the default port 29500 may
   be taken by another job on a shared machine.
@@ -21,7 +21,8 @@ Every command must exit 0, and CHECKS looks at its key output (eval prints a top
 writes preds.csv with a row per sample, export writes the file, ...). A tour line that no
 check knows fails the test, so a new line in the README comes with its check here.
 
-About 60-90 s on a shared 2-core machine (start-up of ~10 processes dominates).
+About 60 s of CPU time, 75-100 s wall on a shared 2-core machine (the start-up of ~10
+processes dominates).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from pathlib import Path
 
 from tests.helpers import REPO, env, free_port
 
-TRAIN_FAST = ("schedule.epochs=2", "log.progress=false")
+TRAIN_FAST = ("schedule.epochs=1", "log.progress=false")
 BEGIN, END = "<!-- tour -->", "<!-- /tour -->"
 
 
@@ -83,7 +84,7 @@ def end_of(run: Path) -> dict:
 def check_trained(run: str, world_size: int = 1) -> Callable[[Path, str], None]:
     def check(cwd: Path, out: str) -> None:
         end = end_of(cwd / run)
-        assert end["world_size"] == world_size and end["step"] == 44, end  # 2 epochs x 22
+        assert end["world_size"] == world_size and end["step"] == 22, end  # 1 epoch of 22 steps
         assert (cwd / run / "model.pt").is_file()
     return check
 
@@ -91,7 +92,7 @@ def check_trained(run: str, world_size: int = 1) -> Callable[[Path, str], None]:
 def check_lr005(cwd: Path, out: str) -> None:
     check_trained("runs/digits_lr005")(cwd, out)
     assert "lr: 0.05" in (cwd / "runs/digits_lr005/recipe.yaml").read_text()
-    assert end_of(cwd / "runs/digits")["step"] == 44  # the first run is left as it was
+    assert end_of(cwd / "runs/digits")["step"] == 22  # the first run is left as it was
 
 
 def check_activate(cwd: Path, out: str) -> None:
