@@ -69,3 +69,19 @@ def test_relative_links_resolve(page: Path) -> None:
 def test_pages_are_found() -> None:
     names = {p.name for p in PAGES}
     assert {"README.md", "recipe-reference.md", "deepspeed.md", "RESULTS.md"} <= names
+
+
+def test_pages_named_by_code_and_recipes_exist() -> None:
+    """Error messages, --help texts and recipe headers that send a user to `docs/X.md` (or
+    README.md) name a page that exists."""
+    sources = [*(REPO / "ffdist").rglob("*.py"), *(REPO / "recipes").glob("*.yaml"),
+               *(REPO / "slurm").glob("*.sh"), REPO / "Makefile"]
+    missing, named = set(), set()
+    for source in sources:
+        for page in re.findall(r"\b(docs/[\w.-]+\.md|benchmarks/RESULTS[\w-]*\.md)",
+                               source.read_text()):
+            named.add(page)
+            if not (REPO / page).is_file() and not page.endswith("RESULTS-gpu.md"):
+                missing.add(f"{source.relative_to(REPO)}: {page}")
+    assert "docs/recipe-reference.md" in named, named  # the unknown-key message names it
+    assert not missing, sorted(missing)
