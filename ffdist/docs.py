@@ -1,7 +1,8 @@
-"""`python -m ffdist.docs`: regenerate README's recipe reference from ffdist/recipe.py.
+"""`python -m ffdist.docs [PATH]`: regenerate the recipe reference from ffdist/recipe.py.
 
-The schema's docstrings are the single source; this writes them between the README's
-`<!-- recipe reference -->` markers so the two cannot drift apart (a test checks)."""
+The schema's docstrings are the single source; this writes them as a table between the
+`<!-- recipe reference -->` markers of docs/recipe-reference.md (or PATH), so the two
+cannot drift apart (tests/unit/test_recipe.py checks the file holds exactly `table()`)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,14 @@ from pathlib import Path
 
 from ffdist.recipe import field_docs
 
+TARGET = Path("docs") / "recipe-reference.md"
 BEGIN = "<!-- recipe reference: generated from ffdist/recipe.py -->"
 END = "<!-- end of recipe reference -->"
 
 
 def table() -> str:
-    lines = ["### Recipe reference", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+    """The Markdown table of every recipe key: key, type, default, meaning."""
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
     for key, typ, default, doc in field_docs():
         typ = typ.replace(" | None", " or null")
         default = "null" if default is None else default
@@ -23,15 +26,29 @@ def table() -> str:
     return "\n".join(lines)
 
 
+def generated_part(text: str) -> str | None:
+    """What stands between the markers of `text` (None when a marker is missing)."""
+    if BEGIN not in text or END not in text.split(BEGIN, 1)[1]:
+        return None
+    return text.split(BEGIN, 1)[1].split(END, 1)[0].strip("\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    readme = Path(argv[0] if argv else "README.md")
-    text = readme.read_text()
-    if BEGIN not in text:
-        print(f"{readme}: marker {BEGIN!r} not found", file=sys.stderr)
+    target = Path(argv[0]) if argv else TARGET
+    if not target.is_file():
+        print(f"ffdist: error: {target}: no such file; run `python -m ffdist.docs` from the "
+              "ffdist checkout, or give the Markdown file that holds the markers.",
+              file=sys.stderr)
+        return 2
+    text = target.read_text()
+    if generated_part(text) is None:
+        print(f"ffdist: error: {target}: the markers {BEGIN!r} and {END!r} are missing; "
+              "add both where the table belongs.", file=sys.stderr)
         return 2
     head, rest = text.split(BEGIN, 1)
-    tail = rest.split(END, 1)[1] if END in rest else rest
-    readme.write_text(f"{head}{BEGIN}\n{table()}\n{END}{tail}")
+    tail = rest.split(END, 1)[1]
+    target.write_text(f"{head}{BEGIN}\n{table()}\n{END}{tail}")
+    print(f"{target}: recipe reference written ({len(field_docs())} keys)")
     return 0
 
 

@@ -1,6 +1,6 @@
 """Errors a user can cause, and the exit-code contract of `python -m ffdist.train`.
 
-Exit codes (README "Failure and recovery"):
+Exit codes (docs/failure-and-recovery.md):
     0                 the run finished (or had already finished: nothing to do)
     2  EXIT_USER_ERROR    bad input (recipe, paths, data, devices, checkpoints): one sentence
     3  EXIT_DIVERGED      non-finite loss (schedule.nan_policy); the last good checkpoint stays

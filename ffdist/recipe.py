@@ -700,7 +700,7 @@ def _normalize(raw: dict[str, Any], source: str) -> dict[str, Any]:
 
 def _unknown(key: str, where: str) -> str:
     hint = suggest(key)
-    fix = f"did you mean '{printable(hint)}'?" if hint else "see README's recipe reference."
+    fix = f"did you mean '{printable(hint)}'?" if hint else "every key is listed in docs/recipe-reference.md."
     return f"{where}: unknown key '{printable(key)}'; {fix}"
 
 
@@ -863,7 +863,7 @@ def _type_phrase(key: str, annotation: str) -> str:
     elif len(parts) == 1 and parts[0] in _WORDS:
         phrase = _WORDS[parts[0]]
     else:
-        return "the type given in README's recipe reference"
+        return "the type given in docs/recipe-reference.md"
     return phrase + (" or null" if nullable else "")
 
 
@@ -879,7 +879,7 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def field_docs() -> list[tuple[str, str, Any, str]]:
-    """(dotted key, type, default, doc) for every recipe key: the README reference."""
+    """(dotted key, type, default, doc) for every recipe key: docs/recipe-reference.md."""
     import ast
     import inspect
 

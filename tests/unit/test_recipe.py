@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from ffdist import recipe
+from ffdist import docs, recipe
 from ffdist.errors import RecipeError
 from tests.helpers import RECIPES, REPO, env
 
@@ -98,6 +98,27 @@ def test_every_key_is_documented() -> None:
     rows = recipe.field_docs()
     undocumented = [key for key, _, _, doc in rows if not doc]
     assert not undocumented, f"keys without a docstring: {undocumented}"
-    readme = (REPO / "README.md").read_text()
-    missing = [key for key, *_ in rows if f"`{key}`" not in readme]
-    assert not missing, f"README's recipe reference lacks {missing}; run `python -m ffdist.docs`"
+    page = (REPO / "docs" / "recipe-reference.md").read_text()
+    missing = [key for key, *_ in rows if f"`{key}`" not in page]
+    assert not missing, f"docs/recipe-reference.md lacks {missing}; run `python -m ffdist.docs`"
+    # Not only every key: the generated table itself, so a changed default or docstring
+    # shows too.
+    assert docs.generated_part(page) == docs.table(), (
+        "docs/recipe-reference.md's table differs from ffdist/recipe.py's docstrings; "
+        "run `python -m ffdist.docs`")
+
+
+def test_docs_command_writes_the_table_between_the_markers(tmp_path: Path) -> None:
+    page = tmp_path / "ref.md"
+    page.write_text(f"# head\n{docs.BEGIN}\nstale\n{docs.END}\ntail\n")
+    proc = subprocess.run([sys.executable, "-m", "ffdist.docs", str(page)], cwd=REPO, env=env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    text = page.read_text()
+    assert text.startswith("# head\n") and text.endswith("tail\n") and "stale" not in text
+    assert docs.generated_part(text) == docs.table()
+    page.write_text("# no markers\n")
+    proc = subprocess.run([sys.executable, "-m", "ffdist.docs", str(page)], cwd=REPO, env=env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "markers" in proc.stderr and "Traceback" not in proc.stderr
+    assert page.read_text() == "# no markers\n"
