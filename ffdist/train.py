@@ -59,6 +59,10 @@ def run(recipe_path: str | None, overrides: list[str]) -> dict:
     from ffdist import recipe
 
     rcp = recipe.load(recipe_path, overrides)  # before importing torch: recipe errors are fast
+    from ffdist.data.presence import check_present
+
+    # absent data: one sentence, before any process group or run directory exists
+    check_present(rcp.data, recipe_path)
 
     from ffdist import dist, signals, startup
 
