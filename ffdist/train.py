@@ -56,7 +56,11 @@ def split_argv(argv: list[str]) -> tuple[str | None, list[str]]:
 
 
 def run(recipe_path: str | None, overrides: list[str]) -> dict:
+    import time
+
     from ffdist import recipe
+
+    started = time.perf_counter()
 
     rcp = recipe.load(recipe_path, overrides)  # before importing torch: recipe errors are fast
     from ffdist.data.presence import check_present
@@ -77,7 +81,9 @@ def run(recipe_path: str | None, overrides: list[str]) -> dict:
         trainer, start = build(rcp, info)
         if trainer is None:
             if info.is_primary:
-                print(start.message, flush=True)
+                from ffdist.summary import already_finished
+
+                print(already_finished(start.message, rcp, recipe_path), flush=True)
             return {"already_finished": True}
         signals.install(trainer)  # SIGTERM/SIGUSR1/Ctrl-C: checkpoint at the next step, exit 75
         startup.resume_gc()  # the run is built; from here on its own garbage is collected
@@ -86,6 +92,12 @@ def run(recipe_path: str | None, overrides: list[str]) -> dict:
             finish(trainer, result)
         trainer.monitor.close()
         dist.barrier()  # every rank is done before any of them tears its process group down
+        if info.is_primary and not result.get("stopped"):
+            from ffdist.summary import finished
+
+            n = trainer.progress.last_eval.get("n")
+            print(finished(rcp, result, time.perf_counter() - started, recipe_path,
+                           info.world_size, n), flush=True)
         return result
     finally:
         if owner is not None:
