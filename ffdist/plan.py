@@ -40,7 +40,7 @@ from ffdist.errors import RecipeError
 from ffdist.memory import model_state_bytes
 from ffdist.recipe import Recipe
 
-if TYPE_CHECKING:  # torch loads in facts(), after plan has said what it is doing
+if TYPE_CHECKING:  # torch loads in facts() (ffdist.assemble), after the recipe is read
     import torch
     from torch import nn
 
@@ -258,7 +258,6 @@ def facts(rcp: Recipe, args: argparse.Namespace) -> dict[str, Any]:
     """Everything `ffdist plan` reports, as plain values (`--json` prints them). The batch
     plan and precision come from ffdist.assemble.resolve on the device `ffdist train` would
     use here, so they are what training will use on this machine."""
-    progress(f"{rcp.name}: loading torch and resolving the run ...")
     from ffdist import assemble, dist
 
     sizes = nvml_memory(list(rcp.launch.gpus))
@@ -266,7 +265,8 @@ def facts(rcp: Recipe, args: argparse.Namespace) -> dict[str, Any]:
     device = dist.pick_device(0, 1, rcp.launch.device, rcp.launch.gpus)  # rank 0's, as dist.init
     launcher = dist.launcher_precision()  # accelerate launch --mixed_precision
     resolved = assemble.resolve(rcp, world, device, launcher)
-    progress(f"building {rcp.model.name} ...")
+    # after resolve: a refused recipe prints its one sentence and nothing else
+    progress(f"{rcp.name}: building {rcp.model.name} for {world} device(s) ...")
     model = assemble.build_model(rcp, load_weights=False)  # model.freeze applied
     n, t = assemble.param_counts(model)
     size = resolved.image_size
