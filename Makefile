@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	  $(PY) -m venv $(VENV) || { echo "make setup: FAILED creating $(VENV) with $(PY) -m venv" \
 	    "(on Debian/Ubuntu: apt install python3-venv; or PY=/path/to/python3.10+)" >&2; exit 1; }; \
 	fi; \
-	phase() { what="$$1"; note="$$2"; shift 2; echo "make setup: $$what $$note"; \
+	phase() { what="$$1"; note="$$2"; shift 2; echo "make setup: $$what$${note:+ $$note}"; \
 	  "$$@" >$(SETUP_LOG) 2>&1 && return 0; \
 	  echo "make setup: FAILED while $$what; the end of pip's output ($(SETUP_LOG)):" >&2; \
 	  tail -n 25 $(SETUP_LOG) >&2; exit 1; }; \
