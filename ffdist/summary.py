@@ -35,7 +35,7 @@ def _result_line(rcp: Recipe, result: dict[str, Any], n: int | None) -> str:
     return f"val top-1{of}: {best}, {final}"
 
 
-def _files(run: Path, rcp: Recipe) -> str:
+def _files(run: Path) -> str:
     """The run's main files that exist, in the order people look for them."""
     names = [("model.pt", run / "model.pt"), ("checkpoints/best.pt", run / "checkpoints" / "best.pt"),
              ("metrics.jsonl", run / "metrics.jsonl"), ("tb/", run / "tb"),
@@ -75,7 +75,7 @@ def finished(rcp: Recipe, result: dict[str, Any], seconds: float, recipe_path: s
     run = rcp.run_dir
     lines = [f"ffdist: {rcp.name} finished in {duration(seconds)}, {result['step']} steps; "
              + _result_line(rcp, result, n),
-             f"  run folder {run}/: {_files(run, rcp)}",
+             f"  run folder {run}/: {_files(run)}",
              "next:", *next_commands(rcp, recipe_path, world_size)]
     return "\n".join(lines)
 

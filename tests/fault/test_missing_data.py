@@ -128,3 +128,30 @@ def test_every_rank_exits_2_and_only_rank_0_prints(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("ffdist: error: "), lines
     assert results[0][1].strip() == lines[0]  # rank 0 printed it
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("rank,local_rank,prints", [(0, 0, True), (1, 1, False), (2, 0, True)])
+def test_first_rank_of_each_node_prints_others_leave_torchrun_a_pointer(
+        capsys, monkeypatch, tmp_path, rank, local_rank, prints):
+    """DataMissing (per node: nodes may hold their own copy of the data): rank 0 and the first
+    rank of every other node print the sentence; the rest print nothing and leave torchrun's
+    summary a pointer instead of the sentence again."""
+    import json
+
+    from ffdist.data.presence import DataMissing
+    from ffdist.errors import RecipeError, report
+
+    error_file = tmp_path / "error.json"
+    for k, v in {"RANK": rank, "LOCAL_RANK": local_rank, "WORLD_SIZE": 4, "LOCAL_WORLD_SIZE": 2,
+                 "TORCHELASTIC_ERROR_FILE": error_file}.items():
+        monkeypatch.setenv(k, str(v))
+    report(DataMissing("no data there."))
+    err = capsys.readouterr().err
+    message = json.loads(error_file.read_text())["message"]
+    if prints:
+        assert err.strip().endswith("no data there.") and message == err.strip()
+    else:
+        assert err == "" and message == (f"ffdist: rank {rank} of 4 stopped on the same error "
+                                         "as rank 0 (its message above).")
+    report(RecipeError("bad key."))  # alike on every rank of every node: rank 0 alone prints
+    assert bool(capsys.readouterr().err) == (rank == 0)
