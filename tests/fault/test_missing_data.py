@@ -155,3 +155,14 @@ def test_first_rank_of_each_node_prints_others_leave_torchrun_a_pointer(
                                          "as rank 0 (its message above).")
     report(RecipeError("bad key."))  # alike on every rank of every node: rank 0 alone prints
     assert bool(capsys.readouterr().err) == (rank == 0)
+
+
+def test_ffdist_launch_checks_the_data_before_starting_torchrun(tmp_path):
+    """`ffdist launch` (2 CPU ranks under torchrun): the sentence alone, no launcher output."""
+    proc = run([sys.executable, "-m", "ffdist.cli", "launch", R50, CPU, "launch.nproc=2",
+                f"data.root={tmp_path / 'imagenet'}", f"output_dir={tmp_path / 'run'}"],
+               check=False, timeout=120)
+    assert proc.returncode == EXIT_USER_ERROR, proc.stderr
+    lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("ffdist: error: "), lines
+    assert "does not exist" in lines[0] and not (tmp_path / "run").exists()
