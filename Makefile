@@ -10,11 +10,30 @@ setup: $(STAMP)
 
 # Re-installs only when pyproject.toml changes (idempotent). pip, not uv/poetry: pip takes
 # torch from this machine's local copy instead of downloading several GB.
+# One line per phase; pip's own output (build-backend banners and warnings) goes to
+# $(SETUP_LOG), whose last lines are shown, with the phase's name, when a phase fails.
+SETUP_LOG := $(VENV)/setup.log
+TORCH_NOTE := (a first run downloads them: up to ~3 GB with the CUDA libraries on Linux, \
+a few minutes; a pip cache or local wheels make it quick)
+
 $(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[test]"
-	touch $(STAMP)
+	@start=$$(date +%s); \
+	if ! test -x $(BIN)/python; then \
+	  echo "make setup: creating $(VENV) with $$($(PY) --version 2>/dev/null) ($(PY))"; \
+	  $(PY) -m venv $(VENV) || { echo "make setup: FAILED creating $(VENV) with $(PY) -m venv" \
+	    "(on Debian/Ubuntu: apt install python3-venv; or PY=/path/to/python3.10+)" >&2; exit 1; }; \
+	fi; \
+	phase() { what="$$1"; note="$$2"; shift 2; echo "make setup: $$what$${note:+ $$note}"; \
+	  "$$@" >$(SETUP_LOG) 2>&1 && return 0; \
+	  echo "make setup: FAILED while $$what; the end of pip's output ($(SETUP_LOG)):" >&2; \
+	  tail -n 25 $(SETUP_LOG) >&2; exit 1; }; \
+	phase "upgrading pip" "" $(BIN)/pip install --quiet --upgrade pip; \
+	phase "installing torch and torchvision" "$(TORCH_NOTE)" $(BIN)/pip install --quiet "torch>=2.4" "torchvision>=0.19"; \
+	phase "installing ffdist and its extras" "(deepspeed, accelerate, tensorboard, test tools)" \
+	  $(BIN)/pip install --quiet -e ".[test]"; \
+	touch $(STAMP); \
+	echo "make setup: done in $$(( $$(date +%s) - start )) s; use it with" \
+	  ". $(VENV)/bin/activate (then ffdist ...) or $(BIN)/ffdist ..."
 
 train: setup
 	$(BIN)/python -m ffdist.train recipes/digits.yaml $(ARGS)

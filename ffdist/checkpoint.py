@@ -106,8 +106,24 @@ def _load_raw(path: str | Path) -> tuple[Any, Path | None]:
 
 
 def write_weights(path: Path, state: dict[str, torch.Tensor]) -> None:
-    """model.pt: the final weights as a plain state dict (ffdist.ckpt_format)."""
-    save_torch(path, state)
+    """model.pt: the final weights as a plain state dict (ffdist.ckpt_format), on the CPU:
+    a file trained on cuda loads anywhere with torch.load's default map_location."""
+    save_torch(path, cpu_state(state))
+
+
+def cpu_state(state: dict[str, Any]) -> dict[str, Any]:
+    """Every tensor of a state dict as its own contiguous CPU tensor (dtype kept). A view
+    would drag its whole storage into the file (torch.save writes storages); a cuda tensor
+    would need a GPU (or map_location) to load."""
+    out: dict[str, Any] = {}
+    for k, v in state.items():
+        if isinstance(v, torch.Tensor):
+            v = v.detach().to("cpu")
+            # clone when still sharing a larger (or strided) storage: the file holds its own
+            whole = v.is_contiguous() and v.untyped_storage().nbytes() == v.nbytes
+            v = v if whole else v.contiguous().clone()
+        out[k] = v
+    return out
 
 
 def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -29,6 +29,9 @@ class FfdistError(Exception):
     exit_code = EXIT_USER_ERROR
     same_on_all_ranks = False
     """True when every rank raises it alike (then only rank 0 prints it)."""
+    per_node = False
+    """With same_on_all_ranks: alike on the ranks of one node (files on a node's own disks),
+    so the first rank of each node prints it."""
 
 
 class RecipeError(FfdistError):
@@ -105,12 +108,17 @@ def report(e: FfdistError) -> None:
     that torchrun with N ranks shows it once; others are printed by each rank that hit it."""
     from ffdist.dist import report_to_launcher, world_from_env
 
-    rank, _, world, _, _ = world_from_env()
+    rank, local_rank, world, _, _ = world_from_env()
     where = f" (rank {rank} of {world})" if rank != 0 else ""
     line = f"ffdist: error{where}: {one_line(e)}"
-    report_to_launcher(line)  # torchrun's failure summary then shows it instead of a URL
-    if rank != 0 and e.same_on_all_ranks:
+    printer = local_rank == 0 if e.per_node else rank == 0
+    if e.same_on_all_ranks and not printer:
+        # torchrun's failure summary lists every rank's error file: a pointer, not the
+        # sentence again (and not torchrun's URL, which is what it shows for no file)
+        report_to_launcher(f"ffdist: rank {rank} of {world} stopped on the same error as "
+                           "rank 0 (its message above).")
         return
+    report_to_launcher(line)  # torchrun's failure summary then shows it instead of a URL
     print(line, file=sys.stderr, flush=True)
 
 

@@ -357,6 +357,11 @@ def main(argv: list[str] | None = None) -> int:
     if cmd.argv[0] == "sbatch":  # a queued job may wait hours: refuse mistakes now
         rcp = recipe_mod.load(args.recipe, overrides)
         slurm_job.check(rcp, rcp.launch.nnodes * len(rcp.launch.gpus) or None)
+    if not args.dry_run and cmd.argv[0] != "sbatch":  # (a job's data is on its nodes)
+        from ffdist.data.presence import check_present
+
+        # absent data: one sentence here, before a launcher and its N ranks start
+        check_present(recipe_mod.load(args.recipe, overrides).data, args.recipe)
     for note in cmd.notes:
         print(f"# {note}", file=sys.stderr)
     print(cmd.render(), flush=True)

@@ -1,4 +1,4 @@
-"""`ffdist plan RECIPE [key=value ...] [--gpu-mem 24GiB] [--world-size N] [--json]`: what a
+"""`ffdist plan RECIPE [key=value ...] [--gpu-mem 24GiB] [--gpus N] [--json]`: what a
 recipe will need per device before spending GPU hours.
 
 The batch plan and precision are ffdist.assemble.resolve's for this machine's device (the
@@ -36,14 +36,14 @@ import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
-
 from ffdist.errors import RecipeError
 from ffdist.memory import model_state_bytes
 from ffdist.recipe import Recipe
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch loads in facts() (ffdist.assemble), after the recipe is read
+    import torch
+    from torch import nn
+
     from ffdist.assemble import Resolved
 
 GiB = 1 << 30
@@ -87,19 +87,31 @@ def nvml_memory(gpus: list[int]) -> list[int] | None:
 
 
 def world_size(rcp: Recipe, override: int | None) -> tuple[int, str]:
-    """Devices in total: --world-size, else what `ffdist launch` would start per node here
-    (launch.device, launch.gpus, launch.nproc and the visible GPUs) times launch.nnodes."""
+    """Devices in total and why: --gpus (--world-size), else what `ffdist launch` would start
+    per node here (launch.device, launch.gpus, launch.nproc and the visible GPUs: the rules
+    of docs/launchers.md) times launch.nnodes."""
     if override:
-        return override, "--world-size"
+        return override, f"--gpus {override}"
     from ffdist.launch import plan_local
 
     node, notes = plan_local(rcp, dry_run=True)
-    return node.nproc * rcp.launch.nnodes, f"{notes[0]}; x launch.nnodes={rcp.launch.nnodes}"
+    nodes = rcp.launch.nnodes
+    why = notes[0] if nodes == 1 else f"{node.nproc} per node x launch.nnodes={nodes}; {notes[0]}"
+    if node.device == "cpu":
+        why += "; for GPUs: --gpus N"
+    return node.nproc * nodes, why
+
+
+def progress(message: str) -> None:
+    """What plan is doing, on stderr (measuring takes seconds; --json keeps stdout clean)."""
+    print(f"plan: {message}", file=sys.stderr, flush=True)
 
 
 def saved_bytes(model: nn.Module, batch: int, channels: int, size: int, precision: str) -> int:
     """Bytes of the tensors autograd saves for backward in one training forward (each
     storage once: in-place ops and views share theirs), parameters excluded."""
+    import torch
+
     from ffdist.precision import autocast
 
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -196,30 +208,50 @@ def regularization(rcp: Recipe) -> str:
     return ", ".join(parts) or "none"
 
 
-def recommend(plan: Plan, gpu_mem: int | None, per_rank: int, micro: int) -> str:
-    ddp = plan.rows["DDP"]["total"]
+def recommend(plan: Plan, gpu_mem: int | None, per_rank: int, micro: int,
+              row: str = "DDP") -> str:
+    """Judge the recipe's own strategy (`row` of plan.rows) and its own micro batch x
+    accumulation against the GPU: what to change if it does not fit, and whether a larger
+    micro batch (less accumulation) would also fit when it does."""
+    need, accum = plan.rows[row]["total"], per_rank // micro
+    recipe_batch = f"micro batch {micro} x {accum} accumulation"
     if gpu_mem is None:
-        return (f"DDP needs {gib(ddp)} per device; pass --gpu-mem (no NVML GPU here) for a "
-                "recommendation.")
+        return (f"{row} needs {gib(need)} per device at the recipe's {recipe_batch}; pass "
+                "--gpu-mem (no NVML GPU here) for a recommendation.")
     budget = USABLE * gpu_mem
-    head = f"DDP needs {gib(ddp)} per GPU, the smallest GPU has {gib(gpu_mem)}"
-    if ddp <= budget:
+    head = (f"{row} needs {gib(need)} per GPU, the smallest GPU has {gib(gpu_mem)} "
+            f"(recipe: {recipe_batch})")
+    states = need - plan.activations
+    fits = [m for m in range(per_rank, 0, -1)
+            if per_rank % m == 0 and states + plan.per_sample * m <= budget]
+    if need <= budget:
+        if fits and fits[0] > micro:
+            m = fits[0]
+            return (f"{head}: it fits, and so does micro batch {m}: data.micro_batch_size={m} "
+                    f"gives {per_rank // m} accumulation step(s) instead of {accum} (the same "
+                    "global batch and schedule, fewer and larger steps).")
         return f"{head}: it fits (under {USABLE:.0%} of the memory); no change needed."
     fixes = []
-    for stage in (1, 2, 3):
-        if plan.rows[f"ZeRO-{stage}"]["total"] <= budget:
-            fixes.append(f"strategy.name=deepspeed strategy.zero_stage={stage}")
+    stage = int(row.split("-")[1]) if row.startswith("ZeRO-") else 0
+    for s in range(stage + 1, 4):
+        if plan.rows[f"ZeRO-{s}"]["total"] <= budget:
+            fixes.append(f"strategy.name=deepspeed strategy.zero_stage={s}")
             break
-    states = plan.rows["DDP"]["total"] - plan.activations
-    fitting = [m for m in range(micro - 1, 0, -1)
-               if per_rank % m == 0 and states + plan.per_sample * m <= budget]
-    if fitting:
-        fixes.append(f"data.micro_batch_size={fitting[0]} (gradient accumulation "
-                     f"{per_rank // fitting[0]})")
+    smaller = [m for m in fits if m < micro]
+    if smaller:
+        fixes.append(f"data.micro_batch_size={smaller[0]} (gradient accumulation "
+                     f"{per_rank // smaller[0]})")
     if not fixes:
         return (f"{head}: even ZeRO-3 with micro batch 1 does not fit; use more GPUs, a smaller "
                 "model or smaller images.")
     return f"{head}: use {' or '.join(fixes)}."
+
+
+def recipe_row(rcp: Recipe, resolved: Resolved) -> str:
+    """The row of the strategy the recipe trains with."""
+    if resolved.strategy == "deepspeed" and rcp.strategy.zero_stage:
+        return f"ZeRO-{rcp.strategy.zero_stage}"
+    return "DDP"
 
 
 def facts(rcp: Recipe, args: argparse.Namespace) -> dict[str, Any]:
@@ -233,8 +265,13 @@ def facts(rcp: Recipe, args: argparse.Namespace) -> dict[str, Any]:
     device = dist.pick_device(0, 1, rcp.launch.device, rcp.launch.gpus)  # rank 0's, as dist.init
     launcher = dist.launcher_precision()  # accelerate launch --mixed_precision
     resolved = assemble.resolve(rcp, world, device, launcher)
+    # after resolve: a refused recipe prints its one sentence and nothing else
+    progress(f"{rcp.name}: building {rcp.model.name} for {world} device(s) ...")
     model = assemble.build_model(rcp, load_weights=False)  # model.freeze applied
     n, t = assemble.param_counts(model)
+    size = resolved.image_size
+    progress(f"measuring {rcp.model.name} activations at {size}x{size} ({resolved.precision}, "
+             "forward+backward of batches of 2 and 4 on the CPU) ...")
     plan = estimate(rcp, model, resolved)
     gpu_mem = parse_size(args.gpu_mem) if args.gpu_mem else (min(sizes) if sizes else None)
     source = "--gpu-mem" if args.gpu_mem else f"NVML, smallest of {len(sizes or [])} GPU(s)"
@@ -248,7 +285,17 @@ def facts(rcp: Recipe, args: argparse.Namespace) -> dict[str, Any]:
         "activations_per_sample": plan.per_sample, "activations": plan.activations,
         "gpu_mem": gpu_mem, "gpu_mem_source": source if gpu_mem else None,
         "regularization": regularization(rcp), "ema": rcp.optim.ema_decay > 0,
-        "rows": plan.rows, "recommendation": recommend(plan, gpu_mem, p.per_rank, p.micro)}
+        "rows": plan.rows, "judged_row": recipe_row(rcp, resolved),
+        "recommendation": recommend(plan, gpu_mem, p.per_rank, p.micro,
+                                    recipe_row(rcp, resolved))}
+
+
+def cpu_note(f: dict[str, Any]) -> str:
+    """Planning GPUs (--gpus) from a machine without one: which precision they would get."""
+    if f["device"] != "cpu" or not f["world_source"].startswith("--gpus") \
+            or f["recipe_precision"] != "auto" or f["launcher_precision"]:
+        return ""
+    return "; no GPU here: on GPUs precision=auto is bf16 (fp16 where bf16 is missing)"
 
 
 def report(f: dict[str, Any]) -> str:
@@ -263,7 +310,7 @@ def report(f: dict[str, Any]) -> str:
         f"recipe     {f['recipe']}: {f['model']} ({f['in_channels']}x{size}x{size}, "
         f"{f['num_classes']} classes), data {f['data']}, {f['optimizer']} lr {f['lr']:g}, "
         f"{f['epochs']} epochs {f['scheduler']}, strategy {f['strategy']}",
-        f"precision  {f['precision']} on {f['device']} ({asked})",
+        f"precision  {f['precision']} on {f['device']} ({asked}){cpu_note(f)}",
         f"world      {f['world_size']} device(s) ({f['world_source']})",
         f"batch      global {f['global_batch']} = {f['per_rank']}/device = {f['micro']} micro x "
         f"{f['accum']} accumulation",
@@ -289,7 +336,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*", help="key=value recipe overrides")
     p.add_argument("--gpu-mem", default=None, help="memory of the smallest GPU, e.g. 24GiB")
-    p.add_argument("--world-size", type=int, default=None, help="devices in total")
+    p.add_argument("--gpus", "--world-size", dest="world_size", type=int, default=None,
+                   metavar="N",
+                   help="plan for N devices in total, all nodes (--world-size is the same "
+                        "flag); default: what `ffdist launch` would start here (launch.device, "
+                        "launch.nproc, launch.gpus, the visible GPUs) x launch.nnodes")
     p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
     return p
 
@@ -299,9 +350,13 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     if args.world_size is not None and args.world_size < 1:
-        raise RecipeError(f"--world-size={args.world_size}: use 1 or more.")
+        raise RecipeError(f"--gpus/--world-size={args.world_size}: use 1 or more.")
+    import time
+
+    started = time.perf_counter()
     rcp = recipe.load(args.recipe, args.overrides)
     found = facts(rcp, args)
+    progress(f"done in {time.perf_counter() - started:.1f} s")
     print(json.dumps(found, indent=1) if args.json else report(found))
     return 0
 

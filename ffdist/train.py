@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import sys
+import time
 from typing import TYPE_CHECKING
 
 from ffdist.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, guard
@@ -57,15 +58,18 @@ def split_argv(argv: list[str]) -> tuple[str | None, list[str]]:
 
 def run(recipe_path: str | None, overrides: list[str]) -> dict:
     from ffdist import recipe
+    from ffdist.data.presence import check_present
 
+    started = time.perf_counter()
     rcp = recipe.load(recipe_path, overrides)  # before importing torch: recipe errors are fast
+    check_present(rcp.data, recipe_path)  # absent data: before any process group or run dir
 
     from ffdist import dist, signals, startup
 
     info = dist.init(rcp.launch)  # device checks (launch.device/gpus), then the group
     trainer, owner = None, None
     try:
-        from ffdist import run_dir
+        from ffdist import run_dir, summary
         from ffdist.monitor import setup_logging
 
         setup_logging(info.is_primary)
@@ -73,7 +77,7 @@ def run(recipe_path: str | None, overrides: list[str]) -> dict:
         trainer, start = build(rcp, info)
         if trainer is None:
             if info.is_primary:
-                print(start.message, flush=True)
+                print(summary.already_finished(start.message, rcp, recipe_path), flush=True)
             return {"already_finished": True}
         signals.install(trainer)  # SIGTERM/SIGUSR1/Ctrl-C: checkpoint at the next step, exit 75
         startup.resume_gc()  # the run is built; from here on its own garbage is collected
@@ -82,6 +86,10 @@ def run(recipe_path: str | None, overrides: list[str]) -> dict:
             finish(trainer, result)
         trainer.monitor.close()
         dist.barrier()  # every rank is done before any of them tears its process group down
+        if info.is_primary and not result.get("stopped"):  # after model.pt and every rank
+            print(summary.finished(rcp, result, time.perf_counter() - started, recipe_path,
+                                   info.world_size, trainer.progress.last_eval.get("n")),
+                  flush=True)
         return result
     finally:
         if owner is not None:

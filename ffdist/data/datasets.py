@@ -230,7 +230,9 @@ def _torchvision(cfg: DataConfig, seed: int) -> DataSpec:
 
     cls = {"mnist": datasets.MNIST, "fashion_mnist": datasets.FashionMNIST,
            "cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}[cfg.name]
-    root = cfg.root or f"data/{cfg.name}"
+    from ffdist.data.presence import torchvision_root
+
+    root = torchvision_root(cfg)
     try:
         train = cls(root, train=True, download=cfg.download)
         val = cls(root, train=False, download=cfg.download)

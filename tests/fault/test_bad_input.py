@@ -133,7 +133,8 @@ def main_fails(capfd, *args: str) -> str:
 def test_dataset_root_missing(capfd, tmp_path):
     line = main_fails(capfd, *FOLDER, f"data.root={tmp_path / 'nowhere'}",
                       f"output_dir={tmp_path / 'out'}")
-    assert f"{tmp_path / 'nowhere' / 'train'} is not a folder" in line
+    assert f"data.root={tmp_path / 'nowhere'} does not exist" in line
+    assert not (tmp_path / "out").exists()  # refused before the run directory
 
 
 def test_empty_class_folder(capfd, tmp_path):

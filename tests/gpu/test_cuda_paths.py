@@ -132,8 +132,19 @@ def test_fp16_grad_scaler_trains_digits_and_stays_finite(tmp_path: Path) -> None
     state = torch.load(out / "checkpoints" / latest, map_location="cpu", weights_only=True)
     scale = state["scaler"]["scale"]  # GradScaler.state_dict(): it was on, and is sane
     assert math.isfinite(scale) and scale > 0, state["scaler"]
-    final = torch.load(out / "model.pt", map_location="cpu", weights_only=True)
+    final = torch.load(out / "model.pt", weights_only=True)  # default map_location
+    assert all(v.device.type == "cpu" for v in final.values())  # loads without a GPU
     assert all(torch.isfinite(v).all() for v in final.values() if v.is_floating_point())
+
+
+def test_write_weights_moves_cuda_tensors_to_the_cpu(tmp_path: Path) -> None:
+    from ffdist.checkpoint import write_weights
+
+    w = torch.randn(3, 4, device="cuda")
+    write_weights(tmp_path / "model.pt", {"w": w.t(), "b": torch.ones(2, device="cuda")})
+    back = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert {v.device.type for v in back.values()} == {"cpu"}
+    assert back["w"].is_contiguous() and torch.equal(back["w"], w.t().cpu())
 
 
 def test_channels_last_trains_like_nchw_on_cuda(tmp_path: Path) -> None:

@@ -23,10 +23,13 @@ def test_ffdist_launch_trains_world_of_two(tmp_path, device):
 
 
 def test_ffdist_launch_returns_the_trainer_exit_code(tmp_path):
-    # The recipe loads, but the trainer fails on the missing data folder (exit 2):
-    # `ffdist launch` must hand that code back, not its own success.
+    # The recipe loads and its data folders exist (launch's own check passes), but the
+    # trainer fails on a class folder without images (exit 2): `ffdist launch` must hand
+    # that code back, not its own success.
+    for split in ("train", "val"):
+        (tmp_path / "data" / split / "a").mkdir(parents=True)
     proc = run([sys.executable, "-m", "ffdist.cli", "launch", str(RECIPES / "digits.yaml"),
-                "launch.nproc=1", "data.name=imagefolder", f"data.root={tmp_path}/none",
+                "launch.nproc=1", "data.name=imagefolder", f"data.root={tmp_path}/data",
                 f"output_dir={tmp_path}/run", *FAST], timeout=120, check=False)
     assert proc.returncode == 2, proc.stderr
     assert "-m ffdist.train" in proc.stdout and "ffdist: error:" in proc.stderr

@@ -9,10 +9,12 @@ from ffdist.checkpoint import (
     CheckpointManager,
     atomic_write,
     clean_state_dict,
+    cpu_state,
     load_torch,
     rng_state,
     save_torch,
     set_rng_state,
+    write_weights,
 )
 from ffdist.ckpt_format import Checkpoint
 from ffdist.errors import CheckpointError
@@ -107,3 +109,30 @@ def test_unreadable_file_is_a_checkpoint_error(tmp_path: Path, junk: bytes) -> N
         load_torch(tmp_path / "junk.pt")
     with pytest.raises(CheckpointError, match="does not exist"):
         load_torch(tmp_path / "nope.pt")
+
+
+def test_model_pt_holds_compact_cpu_tensors(tmp_path: Path) -> None:
+    """write_weights: each tensor its own contiguous CPU storage (a view of a big buffer
+    must not drag the buffer into model.pt), dtypes and non-tensor entries as they were."""
+    big = torch.arange(10_000, dtype=torch.float32)
+    state = {"view": big[:4], "strided": torch.arange(12.0).view(3, 4).t(),
+             "half": torch.ones(3, dtype=torch.bfloat16), "count": torch.tensor(7),
+             "note": 3}
+    write_weights(tmp_path / "model.pt", state)
+    back = torch.load(tmp_path / "model.pt", weights_only=True)  # default map_location
+    assert (tmp_path / "model.pt").stat().st_size < 10_000  # not the 40 kB buffer
+    for k, v in state.items():
+        if isinstance(v, torch.Tensor):
+            assert back[k].device.type == "cpu" and back[k].is_contiguous(), k
+            assert back[k].dtype == v.dtype and torch.equal(back[k], v), k
+        else:
+            assert back[k] == v
+
+
+def test_cpu_state_moves_off_other_devices() -> None:
+    """A tensor on another device is copied to the CPU: a meta tensor (no data) shows the
+    copy is attempted, since copying it out is what fails; tests/gpu checks real cuda."""
+    with pytest.raises(NotImplementedError, match="meta"):
+        cpu_state({"w": torch.empty(2, 2, device="meta")})
+    cpu = torch.ones(2)
+    assert cpu_state({"w": cpu})["w"].data_ptr() == cpu.data_ptr()  # whole on the CPU: no copy

@@ -120,7 +120,7 @@ def probe(case: dict[str, Any], info: Any) -> dict[str, Any]:
                 "loader_plan": s.loaders.plan == s.resolved.plan}
 
     def train_setup() -> dict[str, Any]:
-        trainer, _ = train.build(rcp, info)
+        trainer, _ = train.build(rcp, info)  # train.run builds the run with it
         trainer.monitor.close()
         return of_trainer(trainer)
 

@@ -85,5 +85,91 @@ def test_plan_command(capsys):
     total = sum(p.numel() for p in model.parameters())
     head = sum(p.numel() for p in model.head.parameters())
     assert f"{total:,} total, {head:,} trainable" in out
-    assert "4 device(s) (--world-size)" in out and "global 64 = 16/device" in out
+    assert "4 device(s) (--gpus 4)" in out and "global 64 = 16/device" in out
     assert "ZeRO-3" in out and "the smallest GPU has 4 MiB" in out
+
+
+def _plan(rows_total: int, per_sample: int) -> plan.Plan:
+    """A plan whose model states are `rows_total` minus the activations of micro batch 128."""
+    acts = per_sample * 128
+    rows = {name: {"total": rows_total} for name in ("DDP", "ZeRO-1", "ZeRO-2", "ZeRO-3")}
+    return plan.Plan(rows, activations=acts, per_sample=per_sample)
+
+
+def test_an_accumulating_recipe_is_told_when_a_larger_micro_batch_fits():
+    """The recipe's own micro batch x accumulation is judged: 512 per device as 128 x 4, with
+    2 GiB of states and 32 MiB per sample (4 GiB at 128): 16 GiB holds 256 (10 GiB), not 512
+    (18 GiB); 80 GiB holds 512 in one step. Where nothing larger fits: no change."""
+    gib = plan.GiB
+    p = _plan(6 * gib, gib // 32)
+    text = plan.recommend(p, 16 * gib, per_rank=512, micro=128)
+    assert "(recipe: micro batch 128 x 4 accumulation)" in text
+    assert "it fits, and so does micro batch 256: data.micro_batch_size=256 gives 2 " \
+           "accumulation step(s) instead of 4" in text
+    text = plan.recommend(p, 80 * gib, per_rank=512, micro=128)
+    assert "data.micro_batch_size=512 gives 1 accumulation step(s) instead of 4" in text
+    assert "no change needed" in plan.recommend(p, 7 * gib, per_rank=512, micro=128)  # 6.3 usable
+    assert "no change needed" in plan.recommend(p, 80 * gib, per_rank=128, micro=128)  # no accum
+
+
+def test_an_accumulating_recipe_that_does_not_fit_gets_a_smaller_micro_batch():
+    gib = plan.GiB
+    p = _plan(6 * gib, gib // 32)  # 2 GiB states + 32 MiB/sample; 4 GiB x 0.9 = 3.6 GiB usable
+    text = plan.recommend(p, 4 * gib, per_rank=512, micro=128)
+    assert "(recipe: micro batch 128 x 4 accumulation): use " in text
+    assert "data.micro_batch_size=32 (gradient accumulation 16)" in text  # 2 + 1 GiB <= 3.6
+
+
+def test_a_zero_recipe_is_judged_on_its_own_row():
+    gib = plan.GiB
+    rows = {"DDP": {"total": 30 * gib}, "ZeRO-1": {"total": 25 * gib},
+            "ZeRO-2": {"total": 20 * gib}, "ZeRO-3": {"total": 12 * gib}}
+    p = plan.Plan(rows, activations=4 * gib, per_sample=gib // 32)
+    text = plan.recommend(p, 16 * gib, per_rank=128, micro=128, row="ZeRO-2")
+    assert text.startswith("ZeRO-2 needs 20 GiB per GPU") and "zero_stage=3" in text
+    assert "zero_stage=1" not in text  # never a stage below the recipe's
+    rcp = recipe.load("recipes/digits_zero2.yaml")
+    from ffdist.assemble import resolve
+
+    assert plan.recipe_row(rcp, resolve(rcp, 2, torch.device("cpu"))) == "ZeRO-2"
+    rcp = recipe.load("recipes/digits.yaml")
+    assert plan.recipe_row(rcp, resolve(rcp, 2, torch.device("cpu"))) == "DDP"
+
+
+def test_gpus_is_world_size_and_progress_goes_to_stderr(capfd):
+    """--gpus N and --world-size N are one flag; what plan is doing goes to stderr, so that
+    --json stays one JSON object on stdout."""
+    import json
+
+    outs = []
+    for flag in ("--gpus", "--world-size"):
+        assert cli(["plan", "recipes/digits.yaml", flag, "2", "--json"]) == 0
+        out, err = capfd.readouterr()
+        outs.append(json.loads(out))
+        assert "plan: measuring small_cnn activations at 8x8" in err
+        assert err.splitlines()[-1].startswith("plan: done in ")
+    assert outs[0] == outs[1] and outs[0]["world_size"] == 2 and outs[0]["per_rank"] == 32
+    assert outs[0]["world_source"] == "--gpus 2"
+    with pytest.raises(SystemExit) as stop:  # argparse's --help
+        cli(["plan", "--help"])
+    assert stop.value.code == 0
+    text = " ".join(capfd.readouterr().out.split())
+    assert "--gpus N, --world-size N" in text and "plan for N devices in total" in text
+
+
+@pytest.mark.parametrize("nproc,expect", [
+    (None, "1 device(s) (no GPU visible: 1 CPU rank(s) (launch.nproc=null: one); for GPUs: --gpus N)"),
+    (2, "2 device(s) (no GPU visible: 2 CPU rank(s) (launch.nproc=2); for GPUs: --gpus N)"),
+])
+def test_without_gpus_plan_says_what_it_plans_for_and_why(nproc, expect):
+    """No GPU visible (CUDA_VISIBLE_DEVICES empty): the world is ffdist launch's (launch.nproc
+    CPU ranks, null: one), said as such, with the way to plan for GPUs."""
+    import sys
+
+    from tests.helpers import run
+
+    args = [] if nproc is None else [f"launch.nproc={nproc}"]
+    proc = run([sys.executable, "-m", "ffdist.cli", "plan", "recipes/digits.yaml", *args],
+               CUDA_VISIBLE_DEVICES="")
+    world = [ln for ln in proc.stdout.splitlines() if ln.startswith("world")]
+    assert world == [f"world      {expect}"], proc.stdout

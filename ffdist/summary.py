@@ -1,0 +1,90 @@
+"""What the end of `python -m ffdist.train` says (rank 0): the result, where it is, and the
+commands to run next with the run's real path. Printed by ffdist.train after model.pt is
+written; a run that had already finished gets the folder and the same commands in short.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ffdist.recipe import Recipe
+
+
+def duration(seconds: float) -> str:
+    """12.3 s, 4 min 05 s, 2 h 03 min."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs:02d} s"
+    return f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def _result_line(rcp: Recipe, result: dict[str, Any], n: int | None) -> str:
+    """best and final val top-1; with an EMA, the final top-1 of both kinds of weights."""
+    cfg = rcp.checkpoint
+    if "final_top1_ema" in result:  # an EMA: val is the raw weights, val_ema the EMA
+        best = f"best {result['best_top1']:.4f} ({'val_ema' if cfg.best_weights == 'ema' else 'val'})"
+        final = (f"final val {result['final_top1_raw']:.4f}, val_ema "
+                 f"{result['final_top1_ema']:.4f} (model.pt: {cfg.final_weights})")
+    else:
+        best, final = f"best {result['best_top1']:.4f}", f"final {result['final_top1']:.4f}"
+    of = f" of {n} images" if n else ""
+    return f"val top-1{of}: {best}, {final}"
+
+
+def _files(run: Path) -> str:
+    """The run's main files that exist, in the order people look for them."""
+    names = [("model.pt", run / "model.pt"), ("checkpoints/best.pt", run / "checkpoints" / "best.pt"),
+             ("metrics.jsonl", run / "metrics.jsonl"), ("tb/", run / "tb"),
+             ("recipe.yaml", run / "recipe.yaml")]
+    return ", ".join(name for name, path in names if path.exists())
+
+
+def next_run_dir(run: Path) -> Path:
+    """A folder next to `run` that holds nothing yet (runs/digits -> runs/digits-2)."""
+    i = 2
+    while (candidate := run.with_name(f"{run.name}-{i}")).exists():
+        i += 1
+    return candidate
+
+
+def next_commands(rcp: Recipe, recipe_path: str | None, world_size: int) -> list[str]:
+    """(command, what it does) lines with the run's real path, aligned."""
+    run = rcp.run_dir
+    images = "samples" if rcp.data.name == "digits" else "IMAGES..."
+    rows = [(f"ffdist eval {run}", "top-1/top-5, confusion matrix of model.pt")]
+    if rcp.data.name == "digits":
+        rows.append(("ffdist samples --out samples", "a few digit PNGs to try predict on"))
+    rows.append((f"ffdist predict {run} {images} --out preds.csv", "classify image files"))
+    if rcp.log.tensorboard:
+        rows.append((f"tensorboard --logdir {run}/tb", "loss and accuracy curves"))
+    width = max(len(cmd) for cmd, _ in rows)
+    lines = [f"  {cmd:<{width}}  # {what}" for cmd, what in rows]
+    again = f"KEY=VALUE ... output_dir={next_run_dir(run)}"
+    cmd = f"ffdist train {recipe_path} {again}" if world_size == 1 and recipe_path else \
+        f"the same command + {again}"
+    return [*lines, f"  {cmd}  # train again with a change ({run} keeps this run)"]
+
+
+def finished(rcp: Recipe, result: dict[str, Any], seconds: float, recipe_path: str | None,
+             world_size: int, n: int | None = None) -> str:
+    """The block printed when a run has finished: ~8 lines."""
+    run = rcp.run_dir
+    lines = [f"ffdist: {rcp.name} finished in {duration(seconds)}, {result['step']} steps; "
+             + _result_line(rcp, result, n),
+             f"  run folder {run}/: {_files(run)}",
+             "next:", *next_commands(rcp, recipe_path, world_size)]
+    return "\n".join(lines)
+
+
+def already_finished(message: str, rcp: Recipe, recipe_path: str | None) -> str:
+    """The "nothing to do" message and, on a second line, the commands that use the run."""
+    run = rcp.run_dir
+    images = "samples" if rcp.data.name == "digits" else "IMAGES..."
+    cmds = [f"ffdist eval {run}", f"ffdist predict {run} {images} --out preds.csv"]
+    if rcp.log.tensorboard and (run / "tb").exists():
+        cmds.append(f"tensorboard --logdir {run}/tb")
+    return f"{message}\n  next: {'  |  '.join(cmds)}"
