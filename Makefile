@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup train test lint bench fuzz gpu-wheels gpu-check clean
+.PHONY: setup train test test-all lint bench fuzz gpu-wheels gpu-check clean
 
 setup: $(STAMP)
 
@@ -38,7 +38,13 @@ $(STAMP): pyproject.toml
 train: setup
 	$(BIN)/python -m ffdist.train recipes/digits.yaml $(ARGS)
 
+# The fast tier (about 14 minutes on 2 CPU cores): every path once. test-all adds the
+# tests marked `extended`, second configurations of covered paths (about 20 minutes).
 test: setup
+	$(BIN)/ruff check ffdist tests benchmarks
+	$(BIN)/python -m pytest -q -m "not extended" $(PYTEST_ARGS)
+
+test-all: setup
 	$(BIN)/ruff check ffdist tests benchmarks
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 

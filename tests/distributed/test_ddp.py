@@ -95,6 +95,9 @@ def test_one_and_two_processes_train_the_same_steps(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+# make test-all only; the fast tier covers its path:
+# test_one_and_two_processes_train_the_same_steps, the README tour's 2-rank torchrun
+@pytest.mark.extended
 @pytest.mark.parametrize("device", TWO_RANK_DEVICES)
 def test_torchrun_digits_reaches_98_percent_with_world_size_2(tmp_path: Path, device: str) -> None:
     torchrun("digits.yaml", f"output_dir={tmp_path}", f"launch.device={device}", *FAST)

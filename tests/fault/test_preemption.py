@@ -10,6 +10,8 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
+import pytest
+
 from ffdist.errors import EXIT_PREEMPTED
 from tests.fault import kit
 
@@ -41,6 +43,9 @@ def test_sigterm_checkpoints_exits_75_and_resumes_bit_exact(ref1: Path, tmp_path
     kit.same_weights(out / "model.pt", ref1 / "model.pt")
 
 
+# make test-all only; the fast tier covers its path: test_sbatch's two-node preemption,
+# test_ctrl_c's stop of both torchrun ranks at the same step
+@pytest.mark.extended
 def test_sigusr1_to_one_rank_stops_both_at_the_same_step(ref2: Path, tmp_path: Path):
     out = tmp_path / "run"
     agent = kit.start(kit.torchrun_cmd(out), FFDIST_FAULT=SLOW)

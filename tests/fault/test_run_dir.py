@@ -87,6 +87,9 @@ def test_a_second_training_into_the_same_output_dir_is_refused_naming_the_first(
     kit.train_losses(out)  # one writer: no step logged twice
 
 
+# make test-all only; the fast tier covers its path: the one-process second training above,
+# test_resume_table_under_torchrun's one-line refusal under torchrun
+@pytest.mark.extended
 def test_a_second_torchrun_job_is_refused_by_every_rank_with_one_line(tmp_path):
     out = tmp_path / "run"
     first = kit.start(kit.python_cmd(out), FFDIST_FAULT=HOLD)

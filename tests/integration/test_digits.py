@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from ffdist import models, recipe
@@ -26,6 +27,9 @@ def test_default_recipe_reaches_98_percent_and_writes_the_run_dir(tmp_path: Path
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
 
 
+# make test-all only; the fast tier covers its path: test_preemption's and test_resume_exact's
+# bit-exact resumes
+@pytest.mark.extended
 def test_resume_continues_at_the_right_epoch_and_step(tmp_path: Path) -> None:
     common = (f"output_dir={tmp_path}", *FAST, "checkpoint.every_epochs=1", "log.every_steps=11")
     train("digits.yaml", "schedule.epochs=2", *common)

@@ -92,6 +92,9 @@ def test_accelerate_multi_gpu_flags_give_a_real_world_of_two(tmp_path, device):
     assert sorted(train_losses(out)) == [1, 2, 3]
 
 
+# make test-all only; the fast tier covers its path: test_ema_zero's ZeRO-2/3 resumes,
+# test_resume_exact's fallback past an incomplete checkpoint
+@pytest.mark.extended
 def test_zero2_resumes_from_the_last_complete_checkpoint(tmp_path, zero2_run):
     out = tmp_path / "resume"
     torchrun(RECIPE, *PARITY, "schedule.max_steps=6", "checkpoint.every_steps=3",

@@ -21,6 +21,10 @@ import pytest
 
 from tests.helpers import CPU, FAST, RECIPES, REPO, end_event, env, events, torchrun
 
+# make test-all: the fast tier's two-node proof is tests/slurm/test_sbatch.py (two network-
+# namespace nodes, world size 4, preempted, requeued, resumed).
+pytestmark = pytest.mark.extended
+
 SUBNET = "10.213.47"  # private, only ever on the veth pair below
 PORT = "29400"        # inside fresh namespaces: nothing else listens there
 COMPARE_STEPS = 10

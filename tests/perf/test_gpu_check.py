@@ -7,6 +7,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from tests.helpers import REPO, run
@@ -25,6 +26,8 @@ def test_make_jpegs_writes_an_imagefolder(tmp_path: Path) -> None:
         assert img.format == "JPEG" and img.size == (50, 40)
 
 
+# make test-all only; the fast tier covers its path: test_junit_counts_and_the_bench_table
+@pytest.mark.extended
 def test_dry_run_jpeg_step_measures_the_loader_and_bench(tmp_path: Path) -> None:
     out = tmp_path / "results.md"
     proc = run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--cpu-dry-run",

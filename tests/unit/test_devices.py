@@ -135,8 +135,10 @@ def _probe(tmp_path, recipe_name: str) -> list[dict]:
     return [json.loads((tmp_path / f"probe.{r}.json").read_text()) for r in range(2)]
 
 
-@pytest.mark.parametrize("recipe_name", ["digits.yaml", "digits_zero2.yaml"],
-                         ids=["ddp", "zero2"])
+@pytest.mark.parametrize("recipe_name", [
+    "digits.yaml",
+    pytest.param("digits_zero2.yaml", marks=pytest.mark.extended),  # make test-all
+], ids=["ddp", "zero2"])
 def test_cpu_ranks_where_torch_sees_gpus_call_no_cuda(tmp_path, recipe_name: str) -> None:
     """torch.cuda.is_available() is made to say True (2 GPUs): every check gated on it runs
     as on a GPU machine. Training with checkpoints, under DDP and ZeRO-2, must call nothing

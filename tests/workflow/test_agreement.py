@@ -128,6 +128,9 @@ def test_every_entry_point_agrees(tmp_path: Path, launcher_bf16: bool):
 
 
 @pytest.mark.slow
+# make test-all only; the fast tier covers its path: the 1-process agreement, test_plan's world
+# sizes
+@pytest.mark.extended
 def test_two_ranks_agree_under_torchrun(tmp_path: Path):
     """World size 2: the per-rank batch and accumulation change; DDP and ZeRO-2 engines are
     built for real (gloo), and plan --world-size 2 predicts them."""
