@@ -37,6 +37,15 @@ def contract(code: int, out: str, err: str, csv_path: Path) -> None:
         assert csv_path.is_file()
 
 
+def image_folder(box: Path, files: list) -> Path:
+    """<box>/in with one file per drawn image spec."""
+    folder = box / "in"
+    folder.mkdir()
+    for i, spec in enumerate(files):
+        S.write_image(folder / f"f{i}", spec)
+    return folder
+
+
 def args_for(run: Path, folder: Path, out: Path, extra: list[tuple]) -> list[str]:
     return [str(run), str(folder), "--out", str(out), *[a for f in extra for a in f]]
 
@@ -46,10 +55,7 @@ def args_for(run: Path, folder: Path, out: Path, extra: list[tuple]) -> list[str
 def test_predict_contract_in_process(tiny_run, files, extra, capfd):
     with tempfile.TemporaryDirectory() as box:
         box = Path(box)
-        folder = box / "in"
-        folder.mkdir()
-        for i, spec in enumerate(files):
-            S.write_image(folder / f"f{i}", spec)
+        folder = image_folder(box, files)
         before = snapshot(box, skip=box / "out")
         try:
             code = cli(["predict", *args_for(tiny_run, folder, box / "out" / "p.csv", extra)])
@@ -65,10 +71,7 @@ def test_predict_contract_in_process(tiny_run, files, extra, capfd):
 def test_predict_contract_real_process(tiny_run, files):
     with tempfile.TemporaryDirectory() as box:
         box = Path(box)
-        folder = box / "in"
-        folder.mkdir()
-        for i, spec in enumerate(files):
-            S.write_image(folder / f"f{i}", spec)
+        folder = image_folder(box, files)
         before = snapshot(box, skip=box / "out")
         proc = subprocess.run([sys.executable, "-m", "ffdist.cli", "predict",
                                *args_for(tiny_run, folder, box / "out" / "p.csv", [])],
