@@ -75,6 +75,9 @@ def test_evaluation_over_an_odd_sized_set_counts_exactly_n() -> None:
 
 
 @pytest.mark.slow
+# make test-all only; the fast tier covers its path: test_resume_regularization's 1 vs 2
+# ranks on the same batches, test_world_size_resume
+@pytest.mark.extended
 def test_one_and_two_processes_train_the_same_steps(tmp_path: Path) -> None:
     """Digits (BatchNorm-free model), fp32: the global batch of each step is the same set of
     images whatever the world size, so per-step losses agree up to float summation order."""

@@ -18,6 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
@@ -185,6 +186,9 @@ def test_train_contract_in_process(case, capfd):
         assert snapshot(box, skip=out) == before, "something outside output_dir changed"
 
 
+# make test-all only; the fast tier covers its path: test_train_contract_in_process (the same
+# contract), test_one_printer (the CLI's exit codes)
+@pytest.mark.extended
 @settings(max_examples=examples("real"))
 @given(case=cases())
 def test_train_contract_real_process(case):

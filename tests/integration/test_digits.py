@@ -42,6 +42,8 @@ def test_resume_continues_at_the_right_epoch_and_step(tmp_path: Path) -> None:
     assert end_event(tmp_path)["step"] == 88
 
 
+# make test-all only; the fast tier covers its path: tests/fault/test_run_dir.py's resume rules
+@pytest.mark.extended
 def test_resume_never_refuses_an_existing_run(tmp_path: Path) -> None:
     train("digits.yaml", f"output_dir={tmp_path}", *FAST, "schedule.max_steps=3")
     before = (tmp_path / "metrics.jsonl").read_bytes()

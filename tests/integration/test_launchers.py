@@ -80,6 +80,8 @@ def test_accelerate_config_file_and_deepspeed_launcher_match_torchrun(tmp_path, 
     _assert_close(ds, ddp, range(1, STEPS + 1))
 
 
+# make test-all only; the fast tier covers its path: the accelerate config-file test below
+@pytest.mark.extended
 @pytest.mark.parametrize("device", TWO_RANK_DEVICES)
 def test_accelerate_multi_gpu_flags_give_a_real_world_of_two(tmp_path, device):
     """accelerate's --multi_gpu launcher is torchrun underneath and ffdist joins the process
