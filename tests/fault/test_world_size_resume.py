@@ -30,7 +30,9 @@ def cut_at(src: Path, dst: Path, step: int) -> None:
     (dst / "checkpoints" / "latest").write_text(f"step_{step:08d}.pt\n")
 
 
-@pytest.mark.parametrize("saved_by,resumed_by", [(2, 1), (1, 2)])
+@pytest.mark.parametrize("saved_by,resumed_by", [
+    pytest.param(2, 1, marks=pytest.mark.extended),  # make test-all; 1 -> 2 stays in the fast tier
+    (1, 2)])
 def test_resume_across_world_sizes(saved_by, resumed_by, ref1, ref2, tmp_path):
     ref = ref2 if saved_by == 2 else ref1
     out = tmp_path / "run"

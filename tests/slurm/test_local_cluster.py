@@ -36,6 +36,9 @@ def folder():
     shutil.rmtree(path, ignore_errors=True)
 
 
+# make test-all only; the fast tier covers its path: tests/slurm/test_sbatch.py (the same
+# slurm/local_cluster.sh, two nodes, /etc checked)
+@pytest.mark.extended
 def test_one_node_cluster_for_trying_it(host_before, folder, tmp_path):
     skip_unless_possible()
     private = _script("start", str(tmp_path / "x"))

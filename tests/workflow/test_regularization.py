@@ -129,6 +129,9 @@ def test_the_first_batch_picture_shows_the_mixed_images(tmp_path: Path) -> None:
     assert target.shape == (64, 10) and (target.max(1).values < 1).all()  # soft, smoothed
 
 
+# make test-all only; the fast tier covers its path: tests/unit/test_augment.py's eval sizes,
+# the README tour's train/eval/predict/export
+@pytest.mark.extended
 def test_eval_resolution_through_train_eval_predict_and_export(digits_pngs: Path,
                                                                tmp_path: Path) -> None:
     """Folder digits trained on 8-px random crops with TrivialAugment, evaluated (and
