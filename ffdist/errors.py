@@ -117,6 +117,12 @@ def report(e: FfdistError) -> None:
         # sentence again (and not torchrun's URL, which is what it shows for no file)
         report_to_launcher(f"ffdist: rank {rank} of {world} stopped on the same error as "
                            "rank 0 (its message above).")
+        # Let the printing rank fail first: torchrun names the first failure its root cause
+        # and stops the others, and a rank that exits before the printer has even started
+        # would leave a pointer to a message nobody printed.
+        import time
+
+        time.sleep(0.5)
         return
     report_to_launcher(line)  # torchrun's failure summary then shows it instead of a URL
     print(line, file=sys.stderr, flush=True)

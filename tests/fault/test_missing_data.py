@@ -100,9 +100,10 @@ def test_two_ranks_print_the_sentence_once_and_leave_no_run_dir(tmp_path):
     assert len(ffdist_lines) == 1 and ffdist_lines[0].startswith("ffdist: error: "), text
     sentence = ffdist_lines[0].removeprefix("ffdist: error: ")
     assert text.count(sentence) == 2, text  # the line, and rank 0's entry in the summary
-    codes = re.findall(r"rank\s+: (\d) \(local_rank: \d\)\n\s+exitcode\s+: (-?\d+)", text)
-    assert dict(codes)["0"] == "2" and dict(codes).get("1", "2") in ("2", "-15"), text
-    if dict(codes).get("1") == "2":
+    codes = dict(re.findall(r"rank\s+: (\d) \(local_rank: \d\)\n\s+exitcode\s+: (-?\d+)", text))
+    # whichever rank failed first exits 2, torchrun stops the other (SIGTERM) or it exits 2
+    assert "2" in codes.values() and set(codes.values()) <= {"2", "-15"}, text
+    if codes.get("1") == "2":
         assert "rank 1 of 2 stopped on the same error as rank 0" in text
     assert "Original Traceback" not in text and "ffdist/" not in text.replace(R50, "")
     assert not out.exists()
