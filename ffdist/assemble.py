@@ -13,18 +13,18 @@ freezing included). See docs/architecture.md.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ffdist.errors import LaunchError
 from ffdist.recipe import DataConfig, Recipe
+from ffdist.resolved import BatchPlan, Resolved, plan_batches
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
     from ffdist.checkpoint import CheckpointManager
-    from ffdist.data import BatchPlan, Loaders
+    from ffdist.data import Loaders
     from ffdist.dist import DistInfo
     from ffdist.engine import Trainer
     from ffdist.monitor import Monitor
@@ -49,39 +49,10 @@ def eval_image_size(data: DataConfig) -> int:
     return data.eval_image_size or image_size(data)
 
 
-@dataclass(frozen=True)
-class Resolved:
-    """Everything derived from (recipe, world size, device, launcher's precision)."""
-
-    plan: BatchPlan
-    """Global batch -> per rank -> micro-batch x accumulation (ffdist.data.loader)."""
-    precision: str
-    """fp32 | bf16 | fp16: `auto` and `accelerate launch --mixed_precision` resolved."""
-    strategy: str
-    """single | ddp | deepspeed: `auto` resolved for the world size."""
-    image_size: int
-    """Side of the training images (NATIVE_SIZE / data.image_size / DEFAULT_SIZE)."""
-    device: torch.device
-    """Where this process computes (decided by ffdist.dist; carried here for reports)."""
-    eval_image_size: int
-    """Side of the eval/predict/export images (data.eval_image_size, else image_size)."""
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain values, for `ffdist plan --json` and bench.json."""
-        p = self.plan
-        return {"global_batch": p.global_batch, "world_size": p.world_size,
-                "per_rank": p.per_rank, "micro": p.micro, "accum": p.accum,
-                "precision": self.precision, "strategy": self.strategy,
-                "image_size": self.image_size, "eval_image_size": self.eval_image_size,
-                "device": self.device.type}
-
-
 def batch_plan(recipe: Recipe, world_size: int) -> BatchPlan:
     """The recipe's batch plan over `world_size` processes (part of `resolve`; alone where
     the device is not known yet, e.g. checking a Slurm job at submission)."""
-    from ffdist import data
-
-    return data.plan_batches(recipe.data.batch_size, recipe.data.micro_batch_size, world_size)
+    return plan_batches(recipe.data.batch_size, recipe.data.micro_batch_size, world_size)
 
 
 def resolve(recipe: Recipe, world_size: int, device: torch.device,

@@ -44,10 +44,10 @@ import torch
 from ffdist.errors import EXIT_USER_ERROR, RecipeError
 
 if TYPE_CHECKING:
-    from ffdist.assemble import Resolved
     from ffdist.dist import DistInfo
     from ffdist.engine import Trainer
     from ffdist.recipe import Recipe
+    from ffdist.resolved import Resolved
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 USAGE = ("ffdist bench RECIPE [key=value ...] [--steps N] [--warmup N] [--reps N] "

@@ -28,7 +28,7 @@ from ffdist.errors import CheckpointError, shorten
 from ffdist.recipe import CheckpointConfig, Recipe
 
 if TYPE_CHECKING:
-    from ffdist.assemble import Resolved
+    from ffdist.resolved import Resolved
     from ffdist.strategies import Strategy
 
 log = logging.getLogger(__name__)

@@ -54,7 +54,7 @@ from ffdist.step_flags import Flags, StepFlags
 from ffdist.strategies import Strategy
 
 if TYPE_CHECKING:
-    from ffdist.assemble import Resolved
+    from ffdist.resolved import Resolved
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 

@@ -28,10 +28,10 @@ from ffdist.errors import EXIT_USER_ERROR
 from ffdist.metrics import per_class
 
 if TYPE_CHECKING:
-    from ffdist.assemble import Resolved
     from ffdist.data import Loaders
     from ffdist.dist import DistInfo
     from ffdist.recipe import Recipe
+    from ffdist.resolved import Resolved
 
 USAGE = "usage: ffdist eval RUN_DIR [key=value ...] [checkpoint=PATH] [weights=raw|ema]"
 

@@ -42,8 +42,8 @@ from torch import nn
 from ffdist.recipe import DataConfig
 
 if TYPE_CHECKING:
-    from ffdist.data import BatchPlan
     from ffdist.recipe import Recipe
+    from ffdist.resolved import BatchPlan
 
 STREAM = 0x6D6978  # "mix": this generator's own stream, apart from augmentation seeds
 

@@ -44,7 +44,7 @@ if TYPE_CHECKING:  # torch loads in facts() (ffdist.assemble), after the recipe 
     import torch
     from torch import nn
 
-    from ffdist.assemble import Resolved
+    from ffdist.resolved import Resolved
 
 GiB = 1 << 30
 USABLE = 0.9  # of a GPU's memory: the rest goes to the CUDA context, workspaces, fragmentation

@@ -24,9 +24,9 @@ from torch import nn
 from ffdist.precision import autocast
 
 if TYPE_CHECKING:
-    from ffdist.assemble import Resolved
     from ffdist.dist import DistInfo
     from ffdist.recipe import Recipe
+    from ffdist.resolved import Resolved
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ffdist.data.loader import BatchPlan, DevicePrefetcher, Loaders, build, plan_batches
+    from ffdist.data.loader import DevicePrefetcher, Loaders, build
 
-__all__ = ["BatchPlan", "DevicePrefetcher", "Loaders", "build", "plan_batches"]
+__all__ = ["DevicePrefetcher", "Loaders", "build"]
 
 
 def __getattr__(name: str) -> Any:

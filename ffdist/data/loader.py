@@ -1,9 +1,6 @@
 """Samplers, loaders and the device prefetcher.
 
-Batch arithmetic (recipes give the GLOBAL batch):
-    per_rank = batch_size / world_size          (must divide)
-    micro    = min(micro_batch_size, per_rank)  (what one device holds at once)
-    accum    = per_rank / micro                 (micro-steps per optimizer step)
+The batch arithmetic is ffdist.resolved's BatchPlan (recipes give the GLOBAL batch).
 Rank r takes perm[r::world] of each epoch's permutation, so global step k always covers
 perm[k*B:(k+1)*B] whatever the world size: 1, 2 or 8 ranks train the same schedule.
 """
@@ -19,29 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from ffdist.data.datasets import DataSpec, build_datasets, collate
 from ffdist.errors import RecipeError
 from ffdist.recipe import Recipe
-
-
-@dataclass(frozen=True)
-class BatchPlan:
-    global_batch: int
-    world_size: int
-    per_rank: int
-    micro: int
-    accum: int
-
-
-def plan_batches(global_batch: int, micro_batch: int | None, world_size: int) -> BatchPlan:
-    """The batch arithmetic above; a run calls it once, through ffdist.assemble.resolve."""
-    if global_batch % world_size:
-        raise RecipeError(f"data.batch_size={global_batch} is the global batch and does not "
-                          f"divide over {world_size} processes; use a multiple of {world_size}.")
-    per_rank = global_batch // world_size
-    micro = min(micro_batch or per_rank, per_rank)
-    if per_rank % micro:
-        raise RecipeError(f"data.micro_batch_size={micro_batch} does not divide the per-rank "
-                          f"batch {per_rank} (= {global_batch} / {world_size} processes); "
-                          "use a divisor of it.")
-    return BatchPlan(global_batch, world_size, per_rank, micro, per_rank // micro)
+from ffdist.resolved import BatchPlan
 
 
 class TrainSampler(Sampler[tuple]):

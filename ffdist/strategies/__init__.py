@@ -16,7 +16,7 @@ from ffdist.recipe import Recipe
 from ffdist.strategies.base import Strategy
 
 if TYPE_CHECKING:
-    from ffdist.assemble import Resolved
+    from ffdist.resolved import Resolved
 
 
 def resolve_name(recipe: Recipe, world_size: int, check: bool = True) -> str:

@@ -13,7 +13,7 @@ from ffdist.recipe import Recipe
 from ffdist.strategies.single import SingleDevice
 
 if TYPE_CHECKING:
-    from ffdist.assemble import Resolved
+    from ffdist.resolved import Resolved
 
 
 class DDP(SingleDevice):

@@ -33,7 +33,7 @@ from ffdist.recipe import Recipe
 from ffdist.strategies import ds_config
 
 if TYPE_CHECKING:
-    from ffdist.assemble import Resolved
+    from ffdist.resolved import Resolved
 
 LOW = {"bf16": torch.bfloat16, "fp16": torch.float16}
 

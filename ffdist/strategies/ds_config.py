@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
-from ffdist.data import BatchPlan
 from ffdist.errors import RecipeError
 from ffdist.recipe import Recipe, flatten
+from ffdist.resolved import BatchPlan
 
 # DeepSpeed key (dotted) -> the recipe key that decides it (for error messages).
 OWNED = {

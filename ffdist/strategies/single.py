@@ -19,7 +19,7 @@ from ffdist.recipe import Recipe
 from ffdist.strategies.base import NotSharded
 
 if TYPE_CHECKING:
-    from ffdist.assemble import Resolved
+    from ffdist.resolved import Resolved
 
 
 class SingleDevice(NotSharded):

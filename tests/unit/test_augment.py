@@ -11,11 +11,12 @@ import torch
 from torchvision.transforms import v2
 
 from ffdist import recipe
-from ffdist.data import build, plan_batches
+from ffdist.data import build
 from ffdist.data import transforms as T
 from ffdist.data.datasets import build_datasets, decode
 from ffdist.data.loader import TrainSampler
 from ffdist.errors import DataError
+from ffdist.resolved import plan_batches
 
 BILINEAR, BICUBIC = v2.InterpolationMode.BILINEAR, v2.InterpolationMode.BICUBIC
 

@@ -5,10 +5,11 @@ import pytest
 import torch
 
 from ffdist import recipe
-from ffdist.data import build, plan_batches
+from ffdist.data import build
 from ffdist.data.datasets import build_datasets
 from ffdist.data.loader import ShardSampler, TrainSampler
 from ffdist.errors import DataError, RecipeError
+from ffdist.resolved import plan_batches
 
 
 @pytest.mark.parametrize("n,world", [(360, 2), (361, 2), (7, 3), (5, 8), (1, 1)])

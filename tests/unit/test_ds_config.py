@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from ffdist import recipe
-from ffdist.data import plan_batches
 from ffdist.errors import RecipeError
+from ffdist.resolved import plan_batches
 from ffdist.strategies import ds_config
 from tests.helpers import RECIPES, REPO
 

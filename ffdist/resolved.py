@@ -1,0 +1,72 @@
+"""The values every layer reads and none recomputes: the batch plan and `Resolved`.
+
+`ffdist.assemble.resolve()` derives them once per run from (recipe, world size, device,
+launcher precision); the strategies, the data streams, the Trainer, the checkpoint manager
+and every command receive them. This module is at the bottom of the import graph (it
+imports only ffdist.errors), so that everyone can import it without forming a circle.
+
+Batch arithmetic (recipes give the GLOBAL batch):
+    per_rank = batch_size / world_size          (must divide)
+    micro    = min(micro_batch_size, per_rank)  (what one device holds at once)
+    accum    = per_rank / micro                 (micro-steps per optimizer step)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ffdist.errors import RecipeError
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    global_batch: int
+    world_size: int
+    per_rank: int
+    micro: int
+    accum: int
+
+
+def plan_batches(global_batch: int, micro_batch: int | None, world_size: int) -> BatchPlan:
+    """The batch arithmetic above; a run calls it once, through ffdist.assemble.resolve."""
+    if global_batch % world_size:
+        raise RecipeError(f"data.batch_size={global_batch} is the global batch and does not "
+                          f"divide over {world_size} processes; use a multiple of {world_size}.")
+    per_rank = global_batch // world_size
+    micro = min(micro_batch or per_rank, per_rank)
+    if per_rank % micro:
+        raise RecipeError(f"data.micro_batch_size={micro_batch} does not divide the per-rank "
+                          f"batch {per_rank} (= {global_batch} / {world_size} processes); "
+                          "use a divisor of it.")
+    return BatchPlan(global_batch, world_size, per_rank, micro, per_rank // micro)
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """Everything derived from (recipe, world size, device, launcher's precision)."""
+
+    plan: BatchPlan
+    """Global batch -> per rank -> micro-batch x accumulation (plan_batches)."""
+    precision: str
+    """fp32 | bf16 | fp16: `auto` and `accelerate launch --mixed_precision` resolved."""
+    strategy: str
+    """The registered strategy's name: `auto` resolved for the world size."""
+    image_size: int
+    """Side of the training images (the data source's native size, or data.image_size)."""
+    device: torch.device
+    """Where this process computes (decided by ffdist.dist; carried here for reports)."""
+    eval_image_size: int
+    """Side of the eval/predict/export images (data.eval_image_size, else image_size)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values, for `ffdist plan --json` and bench.json."""
+        p = self.plan
+        return {"global_batch": p.global_batch, "world_size": p.world_size,
+                "per_rank": p.per_rank, "micro": p.micro, "accum": p.accum,
+                "precision": self.precision, "strategy": self.strategy,
+                "image_size": self.image_size, "eval_image_size": self.eval_image_size,
+                "device": self.device.type}
