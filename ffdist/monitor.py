@@ -108,7 +108,6 @@ class Monitor:
         self._each("hparams", params, metrics)
 
     def close(self) -> None:
-        self.end_epoch()
         self._each("close")
 
     def info(self, msg: str, *args: Any) -> None:
