@@ -108,7 +108,9 @@ class Monitor:
         self._each("hparams", params, metrics)
 
     def close(self) -> None:
+        """Close every sink once; nothing reaches a sink after this."""
         self._each("close")
+        self.sinks.clear()
 
     def info(self, msg: str, *args: Any) -> None:
         """A console line (rank 0); log lines go around a progress bar (ffdist.sinks.progress)."""
