@@ -134,7 +134,7 @@ def build_trainer(recipe: Recipe, info: DistInfo, resolved: Resolved, *,
         model = build_model(recipe, load_weights=False)
     torch.manual_seed(recipe.seed + 1000 * info.rank)  # per-rank dropout/augmentation
     strategy = strategies.build(model, recipe, resolved, info)
-    monitor = open_monitor() if open_monitor else Monitor(recipe.run_dir, enabled=False)
+    monitor = open_monitor() if open_monitor else Monitor.off()
     if manager is None:
         manager = CheckpointManager(recipe.run_dir, recipe.checkpoint, is_writer=False)
     return Trainer(recipe, info, resolved, loaders, strategy, monitor, manager)

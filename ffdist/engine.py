@@ -3,7 +3,8 @@ eval loop (`evaluate_model`), shared with `ffdist eval`.
 
 The Trainer only trains: it is assembled by ffdist.assemble.build_trainer, its strategy
 owns the numerics (autocast, input casting, backward, step and skip, state), its Monitor
-draws the pictures, and ffdist.train writes model.pt and the end of the run.
+sends each record once to the run's log sinks and draws the pictures, and ffdist.train
+writes model.pt and the end of the run.
 
 Host-device sync points. The steady-state step has none of its own: NaN/Inf decides the
 skip on the device (ffdist.step_flags + ffdist.optim.step_unless), and the host reads a
@@ -360,10 +361,8 @@ class Trainer:
                   "step_ms": 1000 * window.step_time / window.steps}
         if p.skipped_steps:
             record["skipped_steps"] = p.skipped_steps
-        self.monitor.event(split="train", epoch=p.epoch, step=p.step,
-                           world_size=self.info.world_size, **record)
-        self.monitor.scalars("train", record, p.step)
-        self.monitor.advance({"loss": f"{loss:.4f}", "lr": f"{lr:.3g}"}, n=0)
+        self.monitor.record({"split": "train", "epoch": p.epoch, "step": p.step,
+                             "world_size": self.info.world_size, **record})
         if not math.isfinite(loss):
             self.monitor.info("step %d: training loss is %s", p.step, loss)
         window.reset()
@@ -397,7 +396,6 @@ class Trainer:
         p = self.progress
         self.monitor.confusion(confusion, p.step, split,
                                title=f"{self.recipe.name}, step {p.step}")
-        self.monitor.event(split=split, epoch=p.epoch, step=p.step,
-                           world_size=self.info.world_size, **result)
-        self.monitor.scalars(split, result, p.step)
+        self.monitor.record({"split": split, "epoch": p.epoch, "step": p.step,
+                             "world_size": self.info.world_size, **result})
         return result, confusion

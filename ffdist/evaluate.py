@@ -110,7 +110,7 @@ def setup(rcp: Recipe, info: DistInfo) -> EvalSetup:
 
 
 def run(run_dir: str | Path, overrides: list[str]) -> dict[str, Any]:
-    from ffdist import dist, loading
+    from ffdist import dist, loading, sinks
     from ffdist.data import DevicePrefetcher
     from ffdist.engine import evaluate_model
     from ffdist.precision import Autocast
@@ -136,7 +136,8 @@ def run(run_dir: str | Path, overrides: list[str]) -> dict[str, Any]:
         report = build_report(result, confusion, classes, world_size=info.world_size,
                               weights=str(weights), weights_kind=kind, precision=prec)
         if info.is_primary:
-            out = write_outputs(run_dir, report, confusion, classes, rcp.log.tensorboard)
+            out = write_outputs(run_dir, report, confusion, classes,
+                                "tensorboard" in sinks.selected(rcp.log))
             print(f"{weights} ({kind}): top1 {result['top1']:.4f}  top5 {result['top5']:.4f}  "
                   f"loss {result['loss']:.4f}  n={result['n']}  ({info.world_size} process(es))")
             _print_per_class(report)

@@ -468,10 +468,15 @@ class CheckpointConfig:
 class LogConfig:
     every_steps: int = 20
     """Training loss/lr/throughput every N optimizer steps (a host sync each time)."""
+    sinks: list[str] = field(default_factory=lambda: ["jsonl", "tensorboard", "progress"])
+    """Where the records go (rank 0), by name: jsonl (<output_dir>/metrics.jsonl),
+    tensorboard (<output_dir>/tb), progress (a tqdm bar when stdout is a terminal). The
+    registry in ffdist/sinks/__init__.py lists them; log.tensorboard / log.progress false
+    leave that sink out."""
     progress: bool = True
-    """tqdm progress bar (only when stdout is a terminal)."""
+    """false: no progress sink, whatever log.sinks says (true adds none it leaves out)."""
     tensorboard: bool = True
-    """TensorBoard event files under <output_dir>/tb."""
+    """false: no tensorboard sink, whatever log.sinks says (true adds none it leaves out)."""
     images: bool = True
     """Log a grid of training images once, and the confusion matrix each evaluation."""
     graph: bool = False
@@ -479,6 +484,8 @@ class LogConfig:
 
     def __post_init__(self) -> None:
         _check(self.every_steps >= 1, "log.every_steps", self.every_steps, "use 1 or more")
+        twice = sorted({n for n in self.sinks if self.sinks.count(n) > 1})
+        _check(not twice, "log.sinks", self.sinks, f"list {', '.join(twice)} once")
 
 
 MAX_SEED = 2**31 - 1

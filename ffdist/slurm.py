@@ -22,12 +22,15 @@ from ffdist.recipe import Recipe
 
 
 def check(rcp: Recipe, world: int | None = None) -> None:
-    """Refuse what would fail at the job's start: an unknown model, a global batch that does
-    not divide over `world` processes (when known), an output_dir that cannot be made."""
+    """Refuse what would fail at the job's start: an unknown model or log sink, a global
+    batch that does not divide over `world` processes (when known), an output_dir that
+    cannot be made."""
+    from ffdist import sinks
     from ffdist.assemble import batch_plan
     from ffdist.models import check_name
 
     check_name(rcp.model.name)
+    sinks.check(rcp.log)
     if world:
         batch_plan(rcp, world)
     existing = next(p for p in (rcp.run_dir, *rcp.run_dir.absolute().parents) if p.exists())

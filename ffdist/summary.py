@@ -8,6 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ffdist.sinks import selected
+
 if TYPE_CHECKING:
     from ffdist.recipe import Recipe
 
@@ -59,7 +61,7 @@ def next_commands(rcp: Recipe, recipe_path: str | None, world_size: int) -> list
     if rcp.data.name == "digits":
         rows.append(("ffdist samples --out samples", "a few digit PNGs to try predict on"))
     rows.append((f"ffdist predict {run} {images} --out preds.csv", "classify image files"))
-    if rcp.log.tensorboard:
+    if "tensorboard" in selected(rcp.log):
         rows.append((f"tensorboard --logdir {run}/tb", "loss and accuracy curves"))
     width = max(len(cmd) for cmd, _ in rows)
     lines = [f"  {cmd:<{width}}  # {what}" for cmd, what in rows]
@@ -85,6 +87,6 @@ def already_finished(message: str, rcp: Recipe, recipe_path: str | None) -> str:
     run = rcp.run_dir
     images = "samples" if rcp.data.name == "digits" else "IMAGES..."
     cmds = [f"ffdist eval {run}", f"ffdist predict {run} {images} --out preds.csv"]
-    if rcp.log.tensorboard and (run / "tb").exists():
+    if "tensorboard" in selected(rcp.log) and (run / "tb").exists():
         cmds.append(f"tensorboard --logdir {run}/tb")
     return f"{message}\n  next: {'  |  '.join(cmds)}"

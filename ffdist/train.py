@@ -57,12 +57,13 @@ def split_argv(argv: list[str]) -> tuple[str | None, list[str]]:
 
 
 def run(recipe_path: str | None, overrides: list[str]) -> dict:
-    from ffdist import recipe
+    from ffdist import recipe, sinks
     from ffdist.data.presence import check_present
 
     started = time.perf_counter()
     rcp = recipe.load(recipe_path, overrides)  # before importing torch: recipe errors are fast
     check_present(rcp.data, recipe_path)  # absent data: before any process group or run dir
+    sinks.check(rcp.log)  # unknown log.sinks: likewise
 
     from ffdist import dist, signals, startup
 
@@ -133,10 +134,9 @@ def build(rcp: Recipe, info: DistInfo) -> tuple[Trainer | None, run_dir.Start]:
     spec = loaders.spec
 
     def open_monitor() -> Monitor:  # after the strategy: it truncates metrics.jsonl
-        return Monitor(rcp.run_dir, info.is_primary, rcp.log.tensorboard, rcp.log.progress,
-                       resume_step=state.step if state else None,
-                       pictures=Pictures(rcp.log.images, rcp.log.graph, spec.mean, spec.std,
-                                         spec.classes))
+        return Monitor.open(rcp, info.is_primary, resume_step=state.step if state else None,
+                            pictures=Pictures(rcp.log.images, rcp.log.graph, spec.mean,
+                                              spec.std, spec.classes))
 
     trainer = assemble.build_trainer(rcp, info, resolved, loaders=loaders, model=model,
                                      open_monitor=open_monitor, manager=manager)
@@ -155,7 +155,7 @@ def build(rcp: Recipe, info: DistInfo) -> tuple[Trainer | None, run_dir.Start]:
 
 def finish(trainer: Trainer, end: dict) -> None:
     """The end of a finished run: model.pt (the weights checkpoint.final_weights names), the
-    "end" event and the TensorBoard hparams."""
+    "end" record and the hyper-parameters, to every log sink."""
     from ffdist.checkpoint import write_weights
     from ffdist.recipe import flatten
 
@@ -163,7 +163,7 @@ def finish(trainer: Trainer, end: dict) -> None:
     if trainer.info.is_primary:
         write_weights(trainer.recipe.run_dir / "model.pt", weights)
     last = trainer.progress.last_eval
-    trainer.monitor.event(event="end", **end)
+    trainer.monitor.record({"event": "end", **end})
     trainer.monitor.hparams(flatten(trainer.recipe.to_dict()),
                             {"hparam/best_top1": end["best_top1"],
                              "hparam/final_top1": end["final_top1"],

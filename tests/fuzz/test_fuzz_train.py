@@ -88,6 +88,8 @@ KNOBS = {
                           st.sampled_from(["/nonexistent/x.pt", "recipe.yaml", ""])),
     "log.every_steps": (st.integers(1, 3), st.integers(-1, 0)),
     "log.tensorboard": (st.sampled_from([False, False, False, True]), st.just("on")),
+    "log.sinks": (st.sampled_from([["jsonl"], ["progress", "jsonl"], []]),
+                  st.sampled_from([["jsonl", "jsonl"], ["tensorbord"], "jsonl", [3]])),
     "log.images": (st.booleans(), st.just(5)),
     "launch.gpus": (st.just("[]"), st.sampled_from(["[7]", "0", "[-1]"])),
     "name": (st.sampled_from(["a", "run_2", "é"]), S.weird_text),

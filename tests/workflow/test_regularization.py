@@ -119,7 +119,7 @@ def test_the_first_batch_picture_shows_the_mixed_images(tmp_path: Path) -> None:
                       ["precision=fp32", "data.mix_prob=1.0", f"output_dir={tmp_path}"])
     info = DistInfo(0, 0, 1, 1, torch.device("cpu"), "none")
     trainer = assemble.build_trainer(rcp, info, assemble.resolve_for(rcp, info),
-                                     open_monitor=lambda: Capture(tmp_path, enabled=False))
+                                     open_monitor=Capture.off)
     assert trainer.criterion is mixup.soft_target_cross_entropy
     trainer.loaders.train_sampler.set_epoch(0)
     x, y = next(iter(trainer.train_batches))  # the batch as it comes off the prefetcher
