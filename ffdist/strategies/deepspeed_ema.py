@@ -1,5 +1,6 @@
-"""The EMA of the weights under DeepSpeed: an EMA of the fp32 MASTER weights, each rank
-averaging the part of them it owns, gathered only to evaluate and to write.
+"""The EMA of the weights under DeepSpeed (DeepSpeed.make_ema builds it): an EMA of the
+fp32 MASTER weights, each rank averaging the part of them it owns, gathered only to
+evaluate and to write.
 
 Why the master and not the module: under bf16 the module holds bf16 copies of the
 weights; their EMA would average rounded values, and an update smaller than a bf16 step
@@ -39,6 +40,7 @@ import torch.distributed as tdist
 from torch import nn
 
 from ffdist.ema import EMA, _named_state, average, copy_masked
+from ffdist.state_dicts import clean_state_dict
 
 if TYPE_CHECKING:
     from ffdist.strategies.deepspeed import DeepSpeed
@@ -59,6 +61,8 @@ class Piece:
 class ZeroEMA(EMA):
     """ffdist.ema.EMA's interface (update, swapped, state_dict, load_state_dict, restore,
     weights) over the fp32 master partitions of a DeepSpeed engine."""
+
+    collective = True  # state_dict() and weights() gather the partitions: every rank calls
 
     def __init__(self, strategy: DeepSpeed, decay: float, every: int = 1,
                  warmup_steps: int = 0, buffers: str = "average"):
@@ -271,8 +275,6 @@ class ZeroEMA(EMA):
 
 
 def _named_params(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    from ffdist.checkpoint import clean_state_dict
-
     return list(clean_state_dict(dict(module.named_parameters())).items())
 
 
