@@ -7,18 +7,12 @@ parameter counts those of ffdist.assemble.build_model (model.freeze applied): th
 `ffdist train` and `ffdist bench` will use.
 
 Model states (parameters, gradients, optimizer states) follow the ZeRO paper's accounting
-(Rajbhandari et al. 2020, section 3), per device: one row per memory model a registered
-strategy declares (ffdist.strategies: `memory_rows`, `row_bytes`, `ema_bytes`), in
-registration order:
-    DDP / single      params 4P, grads 4T, optimizer kT        (fp32 storage: PyTorch
-                                                                 autocast keeps fp32 weights)
-    DeepSpeed         params wP, grads wT, optimizer (4+k)T    (w = 2 bytes in bf16/fp16,
-                                                                 4 in fp32; fp32 master copy
-                                                                 + states)
-    ZeRO-1 shards the optimizer over N ranks, ZeRO-2 also the gradients, ZeRO-3 also the
-    parameters.
-P = all parameters, T = trainable ones, k = 4 bytes per state (SGD momentum: 1 state,
-AdamW: 2, plain SGD: 0).
+(Rajbhandari et al. 2020, section 3), per device: one row per memory model that a
+registered strategy declares (ffdist.strategies: `memory_rows`, `row_bytes`, `ema_bytes`),
+in registration order, which is the order of less memory: DDP (single device and DDP:
+fp32 weights, replicated; ffdist/strategies/single.py), then ZeRO-1, ZeRO-2, ZeRO-3
+(optimizer states, then gradients, then parameters sharded over the ranks;
+ffdist/strategies/deepspeed.py). The recipe is judged on its own strategy's row.
 
 Activations are MEASURED, not guessed: forward/backward of real batches of 2 and 4 on the
 CPU (at the resolved image size, under autocast with the resolved precision), summing the

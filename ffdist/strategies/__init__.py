@@ -76,13 +76,16 @@ def _checked(cls: type[Strategy]) -> type[Strategy]:
 
 def resolve_name(recipe: Recipe, world_size: int, check: bool = True) -> str:
     """strategy.name with `auto` decided for the world size (called by ffdist.assemble
-    only); an unknown name is refused. `check`: refuse a one-process strategy (single)
-    when several processes were started."""
+    only). `check` (commands that train): refuse a name that is not registered, and a
+    one-process strategy (single) when several processes were started. Without it (eval,
+    predict: they run the plain model) the name is only carried along, so a run trained
+    with a strategy registered elsewhere still evaluates here."""
     name = recipe.strategy.name
     if name == "auto":
         return AUTO[1] if world_size > 1 else AUTO[0]
-    cls = get(name)
-    if check and cls.one_process and world_size > 1:
+    if not check:
+        return name
+    if get(name).one_process and world_size > 1:
         raise RecipeError(f"strategy.name={name} but {world_size} processes were started; "
                           "use strategy.name=ddp (or auto), or start one process.")
     return name

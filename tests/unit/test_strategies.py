@@ -46,9 +46,12 @@ def test_a_one_process_strategy_and_unknown_names_are_refused():
         resolve(rcp, 2, CPU)
     assert resolve(rcp, 2, CPU, trains=False).strategy == "single"  # eval runs the plain model
     for name, hint in (("fsdp", ""), ("deepspeeed", r" \(did you mean deepspeed\?\)")):
+        rcp = recipe.load(None, [f"strategy.name={name}"])
         with pytest.raises(RecipeError, match=f"strategy.name={name} is not a strategy{hint}; "
                                               "use auto, single, ddp, deepspeed"):
-            resolve(recipe.load(None, [f"strategy.name={name}"]), 1, CPU, trains=False)
+            resolve(rcp, 1, CPU)
+        # eval and predict run the plain model: a strategy registered elsewhere is no matter
+        assert resolve(rcp, 1, CPU, trains=False).strategy == name
 
 
 def test_precision_refusals_are_the_strategy_s():
