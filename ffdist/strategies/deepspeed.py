@@ -49,8 +49,8 @@ from ffdist.strategies import ds_config
 from ffdist.strategies.base import Strategy
 
 if TYPE_CHECKING:
+    from ffdist.ema import EMA
     from ffdist.resolved import Resolved
-    from ffdist.strategies.deepspeed_ema import ZeroEMA
 
 LOW = {"bf16": torch.bfloat16, "fp16": torch.float16}
 STAGES = (1, 2, 3)  # those with a row in `ffdist plan` (stage 0 is judged as DDP's row)
@@ -235,11 +235,11 @@ class DeepSpeed(Strategy):
                                   "checkpoint is incomplete, remove that folder to resume "
                                   "from the one before.")
 
-    def make_ema(self, decay: float, every: int, warmup_steps: int, buffers: str) -> ZeroEMA:
+    def make_ema(self, decay: float, every: int, warmup_steps: int, buffers: str) -> EMA:
         """The EMA of the fp32 master partitions (ffdist.strategies.deepspeed_ema)."""
         from ffdist.strategies.deepspeed_ema import ZeroEMA
 
-        return ZeroEMA(self, decay, every, warmup_steps, buffers)
+        return ZeroEMA(self.engine, decay, every, warmup_steps, buffers)
 
     def model_state_dict(self) -> dict[str, torch.Tensor] | None:
         """Consolidated fp32 weights (plain state dict, no prefixes) on rank 0, None on the

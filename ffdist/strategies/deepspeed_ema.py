@@ -33,7 +33,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as tdist
@@ -41,9 +41,6 @@ from torch import nn
 
 from ffdist.ema import EMA, _named_state, average, copy_masked
 from ffdist.state_dicts import clean_state_dict
-
-if TYPE_CHECKING:
-    from ffdist.strategies.deepspeed import DeepSpeed
 
 
 @dataclass
@@ -64,14 +61,14 @@ class ZeroEMA(EMA):
 
     collective = True  # state_dict() and weights() gather the partitions: every rank calls
 
-    def __init__(self, strategy: DeepSpeed, decay: float, every: int = 1,
+    def __init__(self, engine: Any, decay: float, every: int = 1,
                  warmup_steps: int = 0, buffers: str = "average"):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay {decay} is not in [0, 1)")
         self.decay, self.every, self.warmup_steps, self.buffers = decay, every, warmup_steps, buffers
         self.updates = 0
-        self.engine = strategy.engine
-        self.module = strategy.engine.module
+        self.engine = engine  # deepspeed's DeepSpeedEngine
+        self.module = engine.module
         self.rank = tdist.get_rank() if tdist.is_initialized() else 0
         self.world = tdist.get_world_size() if tdist.is_initialized() else 1
         self.pieces = [self._piece(n, p) for n, p in _named_params(self.module) if p.requires_grad]
