@@ -1,6 +1,7 @@
 """ZeRO memory across ranks, measured: per-rank bytes of parameters, gradients and optimizer
 states under DDP and DeepSpeed ZeRO-1/2/3 with N real processes (gloo on the CPU), printed
-next to ffdist.memory's formulas (the ZeRO paper's, adapted: see that module).
+next to the strategies' formulas (`model_state_bytes` of ffdist.strategies.single and
+.deepspeed: the ZeRO paper's, adapted; see those modules and ffdist.memory).
 
     python -m benchmarks.zero_memory                       # resnet152, bf16, AdamW, N=2,4
     python -m benchmarks.zero_memory --model vit_b_16 --image-size 32 --world-sizes 2
@@ -33,7 +34,9 @@ from typing import Any
 
 import torch
 
-from ffdist.memory import model_state_bytes, paper_bytes_per_param
+from ffdist.memory import paper_bytes_per_param
+from ffdist.strategies.deepspeed import DeepSpeed
+from ffdist.strategies.single import SingleDevice
 
 MB = 2**20
 
@@ -66,11 +69,12 @@ def measure(strategy: Any) -> dict[str, int]:
     client = strategy.optimizer.optimizer if hasattr(strategy.optimizer, "optimizer") \
         else strategy.optimizer
     opt = _storage_map(_tensors_in(client.state, 2))
-    if getattr(strategy, "sharded", False):  # the fp32 master partitions ZeRO steps
+    engine = getattr(strategy, "engine", None)  # DeepSpeed's
+    if engine is not None:  # the fp32 master partitions ZeRO steps
         opt.update(_storage_map(p for g in client.param_groups for p in g["params"]))
     grad_tensors = [p.grad for p in module.parameters()]
-    if getattr(strategy, "sharded", False):
-        zero = strategy.engine.optimizer
+    if engine is not None:
+        zero = engine.optimizer
         for name, value in vars(zero).items():
             if "grad" in name.lower():
                 grad_tensors += _tensors_in(value)
@@ -162,14 +166,15 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     cases = [("ddp", 0)] + [("deepspeed", s) for s in (1, 2, 3)]
     print(f"model {args.model}, {args.precision}, {args.optimizer}; MiB per rank, measured "
-          "(formula = ffdist.memory.model_state_bytes)")
+          "(formula = the strategy's model_state_bytes)")
     print(f"{'strategy':<9}{'N':>3}{'params':>16}{'grads':>16}{'optimizer':>16}"
           f"{'total':>16}{'ratio':>7}{'paper':>7}{'other':>8}")
     for world in (int(w) for w in args.world_sizes.split(",")):
         for strategy, stage in cases:
             m = run_case(args, strategy, stage, world)
-            f = model_state_bytes(m["params_n"], m["trainable_n"], args.optimizer,
-                                  args.precision, strategy, stage, world)
+            counts = (m["params_n"], m["trainable_n"], args.optimizer, args.precision, world)
+            f = DeepSpeed.model_state_bytes(*counts, zero_stage=stage) if stage else \
+                SingleDevice.model_state_bytes(*counts)
             total = m["params"] + m["grads"] + m["optimizer"]
             cells = "".join(f"{m[k] / MB:>8.0f}/{f[k] / MB:<7.0f}"
                             for k in ("params", "grads", "optimizer"))

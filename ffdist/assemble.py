@@ -15,7 +15,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ffdist.errors import LaunchError
 from ffdist.recipe import DataConfig, Recipe
 from ffdist.resolved import BatchPlan, Resolved, plan_batches
 
@@ -60,16 +59,15 @@ def resolve(recipe: Recipe, world_size: int, device: torch.device,
     """The derived facts of a run, or the one-sentence error that refuses it.
 
     `trains=False` (eval, predict): the refusals that concern only a training strategy
-    (strategy.name=single with N processes, DeepSpeed fp16 without a GPU) are skipped,
-    since those commands run the plain model."""
+    (strategy.name=single with N processes, a precision the strategy cannot train in, as
+    DeepSpeed's fp16 without a GPU) are skipped, since those commands run the plain model."""
     from ffdist import precision, strategies
 
     plan = batch_plan(recipe, world_size)
     strategy = strategies.resolve_name(recipe, world_size, check=trains)
     prec = precision.resolve(recipe.precision, device, launcher_precision)
-    if trains and strategy == "deepspeed" and prec == "fp16" and device.type != "cuda":
-        raise LaunchError("precision=fp16 with DeepSpeed needs a GPU (DeepSpeed has no fp16 "
-                          "on the CPU); use precision=bf16 or fp32.")
+    if trains:
+        strategies.get(strategy).check_precision(prec, device)
     return Resolved(plan, prec, strategy, image_size(recipe.data), device,
                     eval_image_size(recipe.data))
 

@@ -534,7 +534,8 @@ def describe(trainer: Trainer, args: argparse.Namespace) -> dict[str, Any]:
 
 def _impl(opt: Any) -> str:
     defaults = getattr(opt, "defaults", {})
-    return "fused" if defaults.get("fused") else "foreach" if defaults.get("foreach") else "deepspeed"
+    return "fused" if defaults.get("fused") else "foreach" if defaults.get("foreach") else \
+        type(opt).__name__  # a strategy's own optimizer (DeepSpeed's ZeRO optimizer)
 
 
 def _rows(r: dict[str, Any]) -> list[tuple[str, str]]:

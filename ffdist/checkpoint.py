@@ -1,11 +1,15 @@
 """Atomic checkpoints with auto-resume, keep-last-k and best.
 
-Layout: <run>/checkpoints/step_00000420.pt ..., `latest` (a one-line text file naming the
-newest complete checkpoint, itself replaced atomically) and best.pt. Under ZeRO a checkpoint
-is a folder, step_00000420/, in which every rank wrote its shard through the DeepSpeed
-engine; rank 0 then writes ffdist_state.pt (our progress, RNG of every rank, recipe) LAST,
-so a folder without it is incomplete and never counts. What each file holds is the schema
-in ffdist.ckpt_format (`Checkpoint`, encoded and decoded there only).
+Files: <run>/checkpoints/step_00000420.pt ..., `latest` (a one-line text file naming the
+newest complete checkpoint, itself replaced atomically) and best.pt. The manager decides
+WHEN and WHERE; the strategy decides WHO writes WHAT, through the layout it declares
+(ffdist.ckpt_format.Layout): one file, which the primary rank writes from the strategy's
+state_dict(); or per-rank shards, a folder step_00000420/ in which every rank writes its
+own through the strategy's save_shards(), after which (a barrier) the primary rank writes
+ffdist_state.pt (our progress, RNG of every rank, recipe) LAST, so a folder without it is
+incomplete and never counts. What each file holds is the schema in ffdist.ckpt_format
+(`Checkpoint`, encoded and decoded there only). Which checkpoints a run may resume is the
+strategies' declaration (ffdist.strategies.check_resume).
 """
 
 from __future__ import annotations
@@ -23,9 +27,18 @@ import numpy as np
 import torch
 
 from ffdist import faults
-from ffdist.ckpt_format import SHARDED_STATE, WEIGHTS, Checkpoint, decode, encode, is_resumable
+from ffdist.ckpt_format import (
+    SHARDED_STATE,
+    SHARDS,
+    WEIGHTS,
+    Checkpoint,
+    decode,
+    encode,
+    is_resumable,
+)
 from ffdist.errors import CheckpointError, shorten
 from ffdist.recipe import CheckpointConfig, Recipe
+from ffdist.state_dicts import clean_state_dict
 
 if TYPE_CHECKING:
     from ffdist.resolved import Resolved
@@ -75,8 +88,8 @@ def save_text(path: Path, text: str) -> None:
 def load_torch(path: str | Path) -> Any:
     """torch.load with weights_only=True (never unpickle code) onto the CPU."""
     if Path(path).is_dir():
-        raise CheckpointError(f"{path} is a folder; give the path of a .pt file (a ZeRO "
-                              "checkpoint folder is read with read_checkpoint).")
+        raise CheckpointError(f"{path} is a folder; give the path of a .pt file (a folder "
+                              "of shards is read with read_checkpoint).")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -90,15 +103,15 @@ def load_torch(path: str | Path) -> Any:
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
-    """A checkpoint file, or a ZeRO checkpoint folder (its ffdist_state.pt; the folder is
-    `Checkpoint.shards`)."""
+    """A checkpoint file, or a checkpoint folder of shards (its ffdist_state.pt; the folder
+    is `Checkpoint.shards`)."""
     obj, shards = _load_raw(path)
     return decode(obj, path, shards=shards)
 
 
 def _load_raw(path: str | Path) -> tuple[Any, Path | None]:
-    """What a checkpoint file holds (unread: ckpt_format.decode reads it), and the ZeRO
-    folder when `path` is one. CheckpointError when it cannot be loaded at all."""
+    """What a checkpoint file holds (unread: ckpt_format.decode reads it), and the folder of
+    shards when `path` is one. CheckpointError when it cannot be loaded at all."""
     path = Path(path)
     if path.is_dir():
         return load_torch(path / SHARDED_STATE), path
@@ -122,16 +135,6 @@ def cpu_state(state: dict[str, Any]) -> dict[str, Any]:
             # clone when still sharing a larger (or strided) storage: the file holds its own
             whole = v.is_contiguous() and v.untyped_storage().nbytes() == v.nbytes
             v = v if whole else v.contiguous().clone()
-        out[k] = v
-    return out
-
-
-def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Strip DDP's `module.` and torch.compile's `_orig_mod.` prefixes."""
-    out = {}
-    for k, v in state.items():
-        for prefix in ("_orig_mod.", "module."):
-            k = k.replace(prefix, "") if k.startswith(prefix) or f".{prefix}" in k else k
         out[k] = v
     return out
 
@@ -179,10 +182,10 @@ class CheckpointManager:
         return self.dir / f"step_{step:08d}.pt"
 
     def save(self, ckpt: Checkpoint, strategy: Strategy, is_best: bool = False) -> Path:
-        """Write `ckpt` (of step ckpt.step). A sharded strategy (ZeRO) writes its shards,
-        and then EVERY rank calls this; otherwise the writer (rank 0) writes one file."""
-        if strategy.sharded:
-            return self._save_sharded(ckpt, strategy, is_best)
+        """Write `ckpt` (of step ckpt.step) in its layout: per-rank shards (EVERY rank calls
+        this, each writes its own), or one file (the writer, rank 0, writes it)."""
+        if ckpt.layout.kind == SHARDS:
+            return self._save_shards(ckpt, strategy, is_best)
         path = self.path_for(ckpt.step)
         if self.is_writer:
             data = encode(ckpt)
@@ -198,14 +201,12 @@ class CheckpointManager:
             self._prune()
         return path
 
-    def _save_sharded(self, ckpt: Checkpoint, strategy: Strategy, is_best: bool) -> Path:
+    def _save_shards(self, ckpt: Checkpoint, strategy: Strategy, is_best: bool) -> Path:
         from ffdist.dist import barrier
 
         path = self.dir / f"step_{ckpt.step:08d}"
-        # DeepSpeed stores client_state beside its shards; the optional sections (the
-        # consolidated EMA) go into ffdist_state.pt only, not twice on disk.
-        strategy.save_shards(self.dir, path.name,
-                             encode(dataclasses.replace(ckpt, sections={})))
+        path.mkdir(parents=True, exist_ok=True)  # every rank: whoever comes first
+        strategy.save_shards(path)
         barrier()  # every shard is on disk before the folder is marked complete
         if self.is_writer:
             save_torch(path / SHARDED_STATE, encode(ckpt))
@@ -222,8 +223,9 @@ class CheckpointManager:
 
     @staticmethod
     def restore(ckpt: Checkpoint, strategy: Strategy) -> None:
-        """Load the strategy's state from `ckpt`: its shards, or the file's own state."""
-        if strategy.sharded:
+        """Load the strategy's state from `ckpt`, as its layout holds it: from its shards
+        (every rank reads its own), or from the file's own state."""
+        if ckpt.layout.kind == SHARDS:
             strategy.load_shards(ckpt.shards)
         else:
             strategy.load_state_dict(ckpt.strategy_state())
@@ -271,36 +273,19 @@ class CheckpointManager:
 def check_compatible(ckpt: Checkpoint, model: torch.nn.Module, source: str | Path,
                      recipe: Recipe, resolved: Resolved) -> None:
     """Refuse, before the run directory is touched, a checkpoint this run cannot resume:
-    weights only, another strategy, other ZeRO shards, or weights that do not fit `model`
+    weights only, a layout this run's strategy does not read (or not at this world size,
+    or with other parameters: as the strategy declares), or weights that do not fit `model`
     (naming the first key that differs, instead of load_state_dict's multi-line error)."""
+    from ffdist import strategies
+
     if not is_resumable(ckpt):
         raise CheckpointError(
-            f"checkpoint {source} holds weights only (no optimizer state or RNG; ZeRO's "
-            "best.pt is such a file); resume from a step checkpoint, or start a new run from "
-            f"these weights with model.pretrained={source}.")
-    _check_strategy(ckpt, source, recipe, resolved)
-    if ckpt.model is not None:  # ZeRO keeps the weights in its shards
+            f"checkpoint {source} holds weights only (no optimizer state or RNG; the best.pt "
+            "of a sharded run is such a file); resume from a step checkpoint, or start a new "
+            f"run from these weights with model.pretrained={source}.")
+    strategies.check_resume(ckpt.layout, ckpt.step, source, recipe, resolved)
+    if ckpt.model is not None:  # shards keep the weights in their own files
         _check_weights(ckpt, model, source, recipe.model.num_classes)
-
-
-def _check_strategy(ckpt: Checkpoint, source: str | Path, recipe: Recipe,
-                    resolved: Resolved) -> None:
-    sharded, mine = ckpt.strategy == "deepspeed", resolved.strategy == "deepspeed"
-    world, stage = resolved.plan.world_size, recipe.strategy.zero_stage
-    if sharded and not mine:
-        raise CheckpointError(f"the checkpoint at step {ckpt.step} holds DeepSpeed ZeRO "
-                              "shards; resume it with strategy.name=deepspeed, or start from "
-                              "its weights with model.pretrained=<run>/model.pt.")
-    if mine and not sharded:
-        raise CheckpointError(
-            f"the checkpoint at step {ckpt.step} was written by a {ckpt.strategy} run, not by "
-            "DeepSpeed; resume it with that strategy, or start from its weights with "
-            "model.pretrained=<run>/model.pt.")
-    if sharded and (ckpt.world_size != world or ckpt.zero_stage != stage):
-        raise CheckpointError(
-            f"{source} holds ZeRO-{ckpt.zero_stage} shards of {ckpt.world_size} ranks, this "
-            f"run is ZeRO-{stage} on {world}; resume with the same, or start from the weights "
-            "with model.pretrained=<run>/model.pt and a new output_dir.")
 
 
 def _check_weights(ckpt: Checkpoint, model: torch.nn.Module, source: str | Path,

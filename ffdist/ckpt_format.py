@@ -1,12 +1,15 @@
 """What ffdist's files hold: the checkpoint schema, written by `encode` and read by `decode`.
 
 Files (see docs/architecture.md):
-    checkpoints/step_XXXXXXXX.pt   a resumable Checkpoint (single device / DDP)
-    checkpoints/step_XXXXXXXX/     ZeRO: DeepSpeed's per-rank shards + ffdist_state.pt, a
-                                   Checkpoint without model/optimizer (they are in the
-                                   shards), written LAST: a folder without it is incomplete
-    checkpoints/best.pt            single/DDP: a copy of the best step file (resumable);
-                                   ZeRO: a Checkpoint with the consolidated fp32 `model`,
+    checkpoints/step_XXXXXXXX.pt   a resumable Checkpoint whose layout is ONE FILE: the
+                                   primary rank wrote the whole state (single device, DDP)
+    checkpoints/step_XXXXXXXX/     a layout of per-rank SHARDS: every rank wrote its shards
+                                   (the strategy decides which files: DeepSpeed ZeRO's
+                                   partitions, ...), then the primary rank wrote
+                                   ffdist_state.pt LAST, a Checkpoint without model/optimizer
+                                   (they are in the shards): a folder without it is incomplete
+    checkpoints/best.pt            one file: a copy of the best step file (resumable);
+                                   shards: a Checkpoint with the consolidated fp32 `model`,
                                    no optimizer and no RNG (weights only, not resumable)
     model.pt                       the final weights: a PLAIN state dict (no format, no
                                    prefixes), so a stock torchvision model loads it
@@ -17,8 +20,15 @@ model's weights under "model" without `module.`/`_orig_mod.` prefixes (a stock m
 `ckpt["model"]`). Optional sections (e.g. "ema" for an exponential moving average of the
 weights) are further top-level keys, kept in `Checkpoint.sections`.
 
+A checkpoint records its LAYOUT, not the name of the strategy that wrote it: whether it is
+one file or per-rank shards, the format id of what is inside (which strategies can read
+it: ffdist.strategies declares that), the world size that wrote it, and the layout's own
+parameters (e.g. the ZeRO stage). So a new strategy that writes an existing layout resumes
+its checkpoints, and one with a new layout declares its own format id.
+
 Format history: 1 (first release: no "strategy" for single/DDP runs, no "kind");
-2 (this one: "strategy", "zero_stage" and "kind" always written).
+2 ("strategy", "zero_stage", "world_size" and "kind" always written; still read: its
+strategy/zero_stage become a layout, see `_from_v2`); 3 (this one: "layout").
 """
 
 from __future__ import annotations
@@ -30,9 +40,39 @@ from typing import Any
 
 from ffdist.errors import CheckpointError
 
-FORMAT_VERSION = 2
-SHARDED_STATE = "ffdist_state.pt"  # inside a ZeRO checkpoint folder; written last
+FORMAT_VERSION = 3
+OLDEST_READ = 2  # format 2 files are read (their layout derived from what they name)
+SHARDED_STATE = "ffdist_state.pt"  # inside a folder of shards; written last
 RESUMABLE, WEIGHTS = "resumable", "weights"
+ONE_FILE, SHARDS = "file", "shards"  # Layout.kind
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a checkpoint's state lies on disk; the strategies say which ones they write and
+    read (ffdist.strategies.base.Strategy.layout / .reads)."""
+
+    kind: str                       # ONE_FILE (the primary rank writes the whole state into
+    #                                 the checkpoint file) | SHARDS (every rank writes its own
+    #                                 shards into the checkpoint's folder)
+    format: str                     # what the state is, e.g. "torch-file", "deepspeed-zero"
+    world_size: int                 # ranks that wrote it
+    params: dict[str, Any] = field(default_factory=dict)  # the format's own, e.g. zero_stage
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "format": self.format, "world_size": self.world_size,
+                "params": dict(self.params)}
+
+    @staticmethod
+    def from_dict(obj: Any, source: str | Path) -> Layout:
+        ok = isinstance(obj, dict) and obj.get("kind") in (ONE_FILE, SHARDS) and \
+            isinstance(obj.get("format"), str) and isinstance(obj.get("world_size"), int) \
+            and isinstance(obj.get("params", {}), dict)
+        if not ok:
+            raise CheckpointError(f"{source} has a malformed 'layout' ({str(obj)[:80]}); the "
+                                  "checkpoint is damaged, remove it to resume from the one "
+                                  "before.")
+        return Layout(obj["kind"], obj["format"], obj["world_size"], dict(obj.get("params", {})))
 
 
 @dataclass
@@ -42,24 +82,27 @@ class Checkpoint:
     step: int                       # optimizer steps done in total
     epoch: int                      # epoch in progress (or the next one, after an epoch ends)
     step_in_epoch: int              # optimizer steps done in `epoch`
-    world_size: int                 # ranks that wrote it
-    strategy: str                   # single | ddp | deepspeed
+    layout: Layout                  # how the strategy's state lies on disk, who wrote it
     recipe: dict[str, Any]          # the resolved recipe (Recipe.to_dict())
     classes: list[str]              # class names, in label order
-    kind: str = RESUMABLE           # resumable | weights (ZeRO's best.pt)
+    kind: str = RESUMABLE           # resumable | weights (the consolidated best.pt of shards)
     best_top1: float = -1.0
     skipped_steps: int = 0          # non-finite steps skipped (nan_policy=skip), in total
     bad_in_a_row: int = 0           # ... consecutively, up to `step`
-    zero_stage: int | None = None   # deepspeed only
     rng: list[dict[str, Any]] = field(default_factory=list)  # every rank's RNG states
-    model: dict[str, Any] | None = None      # plain state dict; None under ZeRO (shards)
-    optimizer: dict[str, Any] | None = None  # None under ZeRO (shards) and in WEIGHTS
+    model: dict[str, Any] | None = None      # plain state dict; None in shards' marker
+    optimizer: dict[str, Any] | None = None  # None with shards and in WEIGHTS
     scaler: dict[str, Any] | None = None     # fp16's GradScaler ({} when unused)
     sections: dict[str, Any] = field(default_factory=dict)  # optional: {"ema": ...}
-    shards: Path | None = None      # NOT stored: the ZeRO folder this was read from
+    shards: Path | None = None      # NOT stored: the folder of shards this was read from
+
+    @property
+    def world_size(self) -> int:
+        """Ranks that wrote it (the layout's)."""
+        return self.layout.world_size
 
     def strategy_state(self) -> dict[str, Any]:
-        """What Strategy.load_state_dict takes (single/DDP)."""
+        """What Strategy.load_state_dict takes (a one-file layout)."""
         return {"model": self.model, "optimizer": self.optimizer, "scaler": self.scaler}
 
 
@@ -75,6 +118,7 @@ def encode(ckpt: Checkpoint) -> dict[str, Any]:
     if clash:
         raise ValueError(f"checkpoint sections {sorted(clash)} clash with the schema's keys")
     out = {name: getattr(ckpt, name) for name in sorted(CORE)}
+    out["layout"] = ckpt.layout.to_dict()
     return {"format": FORMAT_VERSION, **out, **ckpt.sections}
 
 
@@ -87,25 +131,52 @@ def decode(obj: Any, source: str | Path, shards: Path | None = None) -> Checkpoi
             "e.g. a model.pt); it cannot be resumed, but its weights can start a run with "
             f"model.pretrained={source}.")
     version = obj["format"]
-    if version != FORMAT_VERSION:
-        when = "an older" if isinstance(version, int) and version < FORMAT_VERSION else \
-            "a newer (or unknown)"
+    known = isinstance(version, int) and not isinstance(version, bool)
+    if not known or not OLDEST_READ <= version <= FORMAT_VERSION:
+        when = "an older" if known and version < OLDEST_READ else "a newer (or unknown)"
         raise CheckpointError(
             f"{source} has checkpoint format {version!r}, written by {when} ffdist; this one "
-            f"reads format {FORMAT_VERSION}. Resume it with the ffdist that wrote it, or start "
-            f"a new run from its weights with model.pretrained={source} and a new output_dir.")
+            f"reads formats {OLDEST_READ} to {FORMAT_VERSION}. Resume it with the ffdist that "
+            f"wrote it, or start a new run from its weights with model.pretrained={source} and "
+            "a new output_dir.")
+    if version == 2:
+        obj = _from_v2(obj, source)
     missing = sorted(REQUIRED - set(obj))
     if missing:
         raise CheckpointError(f"{source} lacks {', '.join(missing)}; the checkpoint is "
                               "incomplete, remove it to resume from the one before.")
     fields = {k: v for k, v in obj.items() if k in CORE}
+    fields["layout"] = Layout.from_dict(fields["layout"], source)
     sections = {k: v for k, v in obj.items() if k not in CORE and k != "format"}
     return Checkpoint(**fields, sections=sections, shards=shards)
+
+
+V2_ONLY = ("strategy", "zero_stage", "world_size")
+
+
+def _from_v2(obj: dict[str, Any], source: str | Path) -> dict[str, Any]:
+    """A format-2 dict in format 3's terms. Format 2 named the strategy that wrote it
+    ("strategy", "zero_stage") where format 3 records the layout: per-rank shards when a
+    resumable file holds no model (the marker of a shard folder: the only such files
+    format 2 wrote), else one file; the format id "v2:<strategy>", which the strategies
+    that wrote format 2 declare they read; the ZeRO stage as the layout's parameter."""
+    missing = [k for k in ("strategy", "world_size") if k not in obj]
+    if missing:
+        raise CheckpointError(f"{source} lacks {', '.join(missing)}; the checkpoint is "
+                              "incomplete, remove it to resume from the one before.")
+    out = {k: v for k, v in obj.items() if k not in V2_ONLY}
+    in_shards = obj.get("kind", RESUMABLE) == RESUMABLE and obj.get("model") is None
+    params = {} if obj.get("zero_stage") is None else {"zero_stage": obj["zero_stage"]}
+    out["layout"] = {"kind": SHARDS if in_shards else ONE_FILE,
+                     "format": f"v2:{obj['strategy']}", "world_size": obj["world_size"],
+                     "params": params}
+    return out
 
 
 def is_resumable(ckpt: Checkpoint) -> bool:
     """Progress, RNG and the strategy's state (in the file, or in its shards) are there."""
     if ckpt.kind != RESUMABLE or not ckpt.rng:
         return False
-    return ckpt.shards is not None if ckpt.strategy == "deepspeed" else \
-        ckpt.model is not None and ckpt.optimizer is not None
+    if ckpt.layout.kind == SHARDS:
+        return ckpt.shards is not None
+    return ckpt.model is not None and ckpt.optimizer is not None

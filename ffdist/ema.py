@@ -31,40 +31,45 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
 
+from ffdist.state_dicts import clean_state_dict
+
 if TYPE_CHECKING:
     from ffdist.recipe import Recipe
-    from ffdist.strategies import Strategy
+
+
+class MakesEMA(Protocol):
+    """What for_run needs of a strategy (ffdist.strategies.base.Strategy.make_ema)."""
+
+    def make_ema(self, decay: float, every: int, warmup_steps: int, buffers: str) -> EMA: ...
 
 
 def _named_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Parameters and buffers by state-dict name (each tensor once), no wrapper prefixes."""
-    from ffdist.checkpoint import clean_state_dict
-
     return clean_state_dict(model.state_dict(keep_vars=True))
 
 
-def for_run(recipe: Recipe, strategy: Strategy, steps_per_epoch: int) -> EMA | None:
-    """The run's EMA of the weights (None when optim.ema_decay is 0), built from the weights
-    the strategy holds now: single device and DDP average the module (every DDP rank holds
-    the same weights, so the same shadow); DeepSpeed averages its fp32 master partitions
-    (ffdist.ema_zero)."""
+def for_run(recipe: Recipe, strategy: MakesEMA, steps_per_epoch: int) -> EMA | None:
+    """The run's EMA of the weights (None when optim.ema_decay is 0), built by the strategy
+    from the weights it holds now: single device and DDP average the module (every DDP
+    rank holds the same weights, so the same shadow); DeepSpeed averages its fp32 master
+    partitions (ffdist.strategies.deepspeed_ema)."""
     o = recipe.optim
     if o.ema_decay <= 0:
         return None
     warmup = round(o.ema_warmup_epochs * steps_per_epoch)
-    if strategy.sharded:
-        from ffdist.ema_zero import ZeroEMA
-
-        return ZeroEMA(strategy, o.ema_decay, o.ema_every_steps, warmup, o.ema_buffers)
-    return EMA(strategy.unwrap(), o.ema_decay, o.ema_every_steps, warmup, o.ema_buffers)
+    return strategy.make_ema(o.ema_decay, o.ema_every_steps, warmup, o.ema_buffers)
 
 
 class EMA:
+    collective = False
+    """True when state_dict() and weights() are collectives (every rank must call them; the
+    result is on rank 0 only): an EMA whose shadow is partitioned over the ranks."""
+
     def __init__(self, model: nn.Module, decay: float, every: int = 1, warmup_steps: int = 0,
                  buffers: str = "average", device: torch.device | None = None):
         if not 0.0 <= decay < 1.0:

@@ -173,13 +173,13 @@ class Trainer:
             # sync point: a collective, once per checkpoint (not per step)
             rng = [None] * self.info.world_size
             tdist.all_gather_object(rng, ckpt_io.rng_state())
-        p, deepspeed = self.progress, self.resolved.strategy == "deepspeed"
+        p = self.progress
         return Checkpoint(
             step=p.step, epoch=p.epoch, step_in_epoch=p.step_in_epoch,
-            world_size=self.info.world_size, strategy=self.resolved.strategy,
+            layout=self.strategy.layout(self.recipe, self.resolved),
             recipe=self.recipe.to_dict(), classes=list(self.loaders.spec.classes),
             best_top1=p.best_top1, skipped_steps=p.skipped_steps, bad_in_a_row=p.bad_in_a_row,
-            zero_stage=self.recipe.strategy.zero_stage if deepspeed else None, rng=rng,
+            rng=rng,
             sections={"ema": self.ema.state_dict()} if self.ema is not None else {},
             **self.strategy.state_dict())
 
@@ -241,7 +241,7 @@ class Trainer:
         """What model.pt holds (checkpoint.final_weights): the raw or the EMA weights, plain
         fp32 state dict on rank 0 (None elsewhere). A collective under ZeRO: every rank."""
         if self.ema is not None and self.recipe.checkpoint.final_weights == "ema":
-            return self.ema.weights() if self.info.is_primary or self.strategy.sharded else None
+            return self.ema.weights() if self.info.is_primary or self.ema.collective else None
         return self.strategy.model_state_dict()
 
     def train_epoch(self) -> None:

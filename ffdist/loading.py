@@ -12,9 +12,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ffdist.checkpoint import clean_state_dict, load_torch
+from ffdist.checkpoint import load_torch
 from ffdist.errors import CheckpointError, RecipeError
 from ffdist.recipe import Recipe
+from ffdist.state_dicts import clean_state_dict
 
 
 def split_checkpoint_arg(overrides: list[str]) -> tuple[str | None, list[str]]:
@@ -66,9 +67,10 @@ def state_dict_from(path: str | Path, weights: str = "raw",
     weights it holds (a run's model.pt: its checkpoint.final_weights), checked against
     `weights`."""
     if Path(path).is_dir():
-        raise CheckpointError(f"{path} is a ZeRO checkpoint folder, whose weights are split "
-                              "over DeepSpeed's shards; give the run's model.pt or "
-                              "checkpoints/best.pt (consolidated weights) instead.")
+        raise CheckpointError(f"{path} is a checkpoint folder of shards (e.g. DeepSpeed "
+                              "ZeRO's), whose weights are split over the ranks' files; give the "
+                              "run's model.pt or checkpoints/best.pt (consolidated weights) "
+                              "instead.")
     obj = load_torch(path)
     if isinstance(obj, dict) and ("format" in obj or isinstance(obj.get("model"), dict)):
         obj = _checkpoint_weights(obj, weights, path)

@@ -1,6 +1,6 @@
-"""Bytes of model states per rank (parameters, gradients, optimizer states), after the
-ZeRO paper (Rajbhandari et al., 2020, "ZeRO: Memory Optimizations Toward Training
-Trillion Parameter Models", section 3/5), adapted to what ffdist actually runs.
+"""Bytes of model states per rank (parameters, gradients, optimizer states): the pieces
+every strategy's memory model is built from, after the ZeRO paper (Rajbhandari et al.,
+2020, "ZeRO: Memory Optimizations Toward Training Trillion Parameter Models", section 3/5).
 
 The paper's case is mixed-precision Adam: fp16 params (2 bytes/param) + fp16 grads (2) +
 optimizer states K=12 (fp32 master copy 4, momentum 4, variance 4) = 16 bytes/param on
@@ -8,16 +8,10 @@ every rank for plain data parallelism, and with N ranks
     ZeRO-1 (optimizer states partitioned)      4 + 12/N
     ZeRO-2 (+ gradients partitioned)           2 + 14/N
     ZeRO-3 (+ parameters partitioned)          16/N
-Our cases, per parameter (T = trainable parameters, P = all parameters):
-- DDP / single: the module keeps fp32 weights also with bf16/fp16 (autocast casts
-  activations, not weights): params 4P, grads 4T, optimizer 4*S*T, where S = state
-  tensors per parameter: AdamW 2 (exp_avg, exp_avg_sq), SGD with momentum 1, without 0.
-  No master copy. (So "bf16" does not shrink DDP's model states; it shrinks activations.)
-- DeepSpeed: the module holds low-precision weights w = 2 bytes (bf16/fp16) or 4 (fp32);
-  the optimizer holds a fp32 master copy (4 bytes, made even in fp32) plus its states:
-  optimizer 4 + 4*S per trainable parameter. Stage 0 replicates everything, stage 1
-  partitions the optimizer, 2 also the gradients (w bytes), 3 also the parameters.
-  With bf16 + AdamW that is exactly the paper's 2 + 2 + 12.
+Each strategy states its own arithmetic (`row_bytes` of ffdist.strategies: single device
+and DDP in strategies/single.py, ZeRO in strategies/deepspeed.py), from these pieces:
+S = state tensors per trainable parameter (AdamW 2: exp_avg, exp_avg_sq; SGD with
+momentum 1, without 0), 4 bytes each in fp32, and the bytes of a weight in a precision.
 Activations, communication buckets and allocator slack are not model states and not
 counted here (benchmarks/zero_memory.py reports what it finds beside them).
 """
@@ -36,31 +30,16 @@ def optimizer_states_per_param(optimizer: str, momentum: bool = True) -> int:
     raise ValueError(f"unknown optimizer {optimizer!r}; use sgd or adamw")
 
 
-def model_state_bytes(num_params: int, trainable_params: int, optimizer: str, precision: str,
-                      strategy: str, zero_stage: int = 0, world_size: int = 1,
-                      momentum: bool = True) -> dict[str, int]:
-    """Bytes per rank of params / grads / optimizer states, and their total.
-
-    strategy: single | ddp | deepspeed (zero_stage 0-3 only matters for deepspeed).
-    precision: fp32 | bf16 | fp16 (the resolved precision, not "auto").
-    """
+def weight_bytes(precision: str) -> int:
+    """Bytes of one weight held in `precision` (the resolved one: fp32 | bf16 | fp16)."""
     if precision not in LOW_PRECISION_BYTES:
         raise ValueError(f"unknown precision {precision!r}; use fp32, bf16 or fp16")
-    n = max(1, world_size)
-    s = optimizer_states_per_param(optimizer, momentum)
-    p, t = num_params, trainable_params
-    if strategy != "deepspeed":  # single, ddp (auto resolves to one of them)
-        out = {"params": 4 * p, "grads": 4 * t, "optimizer": 4 * s * t}
-    else:
-        w = LOW_PRECISION_BYTES[precision]
-        opt = (4 + 4 * s) * t
-        out = {
-            "params": w * p // (n if zero_stage >= 3 else 1),
-            "grads": w * t // (n if zero_stage >= 2 else 1),
-            "optimizer": opt // (n if zero_stage >= 1 else 1),
-        }
-    out["total"] = out["params"] + out["grads"] + out["optimizer"]
-    return out
+    return LOW_PRECISION_BYTES[precision]
+
+
+def with_total(states: dict[str, int]) -> dict[str, int]:
+    """params / grads / optimizer, and their total."""
+    return {**states, "total": states["params"] + states["grads"] + states["optimizer"]}
 
 
 def paper_bytes_per_param(zero_stage: int, world_size: int, k: int = 12) -> float:

@@ -7,16 +7,12 @@ parameter counts those of ffdist.assemble.build_model (model.freeze applied): th
 `ffdist train` and `ffdist bench` will use.
 
 Model states (parameters, gradients, optimizer states) follow the ZeRO paper's accounting
-(Rajbhandari et al. 2020, section 3), per device:
-    DDP / single      params 4P, grads 4T, optimizer kT        (fp32 storage: PyTorch
-                                                                 autocast keeps fp32 weights)
-    DeepSpeed         params wP, grads wT, optimizer (4+k)T    (w = 2 bytes in bf16/fp16,
-                                                                 4 in fp32; fp32 master copy
-                                                                 + states)
-    ZeRO-1 shards the optimizer over N ranks, ZeRO-2 also the gradients, ZeRO-3 also the
-    parameters.
-P = all parameters, T = trainable ones, k = 4 bytes per state (SGD momentum: 1 state,
-AdamW: 2, plain SGD: 0).
+(Rajbhandari et al. 2020, section 3), per device: one row per memory model that a
+registered strategy declares (ffdist.strategies: `memory_rows`, `row_bytes`, `ema_bytes`),
+in registration order, which is the order of less memory: DDP (single device and DDP:
+fp32 weights, replicated; ffdist/strategies/single.py), then ZeRO-1, ZeRO-2, ZeRO-3
+(optimizer states, then gradients, then parameters sharded over the ranks;
+ffdist/strategies/deepspeed.py). The recipe is judged on its own strategy's row.
 
 Activations are MEASURED, not guessed: forward/backward of real batches of 2 and 4 on the
 CPU (at the resolved image size, under autocast with the resolved precision), summing the
@@ -37,7 +33,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ffdist.errors import RecipeError
-from ffdist.memory import model_state_bytes
 from ffdist.recipe import Recipe
 
 if TYPE_CHECKING:  # torch loads in facts() (ffdist.assemble), after the recipe is read
@@ -149,36 +144,22 @@ class Plan:
 
 
 def estimate(rcp: Recipe, model: nn.Module, resolved: Resolved) -> Plan:
-    """Model states of every strategy and measured activations, per device."""
+    """Model states of every strategy's rows and measured activations, per device."""
+    from ffdist import strategies
     from ffdist.assemble import param_counts
 
     n, t = param_counts(model)
     world, micro, precision = resolved.plan.world_size, resolved.plan.micro, resolved.precision
-    momentum = rcp.optim.momentum > 0
     per_sample = activation_bytes_per_sample(model, rcp.model.in_channels, resolved.image_size,
                                              precision)
     acts = per_sample * micro
-    opt = rcp.optim.name
-    rows = {"DDP": model_state_bytes(n, t, opt, precision, "ddp", 0, world, momentum=momentum)}
-    for stage in (1, 2, 3):
-        rows[f"ZeRO-{stage}"] = model_state_bytes(n, t, opt, precision, "deepspeed", stage, world,
-                                                  momentum=momentum)
-    for name, r in rows.items():
+    rows = {}
+    for name, strategy in strategies.memory_rows().items():
+        r = rows[name] = strategy.row_bytes(name, n, t, rcp, resolved)
         r["activations"] = acts
-        r["ema"] = ema_bytes(rcp, n, t, world, deepspeed=name != "DDP")
+        r["ema"] = strategy.ema_bytes(n, t, world) if rcp.optim.ema_decay > 0 else 0
         r["total"] += acts + r["ema"]
     return Plan(rows, acts, per_sample)
-
-
-def ema_bytes(rcp: Recipe, num_params: int, trainable: int, world: int,
-              deepspeed: bool) -> int:
-    """optim.ema_decay > 0 (ffdist.ema, ffdist.ema_zero; buffers are small): DDP/single, an
-    fp32 shadow of every parameter on each device; DeepSpeed (any ZeRO stage), an fp32
-    shadow of each rank's part of the fp32 master, 4 bytes x trainable / N (frozen weights
-    are their own EMA)."""
-    if rcp.optim.ema_decay <= 0:
-        return 0
-    return -(-4 * trainable // world) if deepspeed else 4 * num_params
 
 
 def regularization(rcp: Recipe) -> str:
@@ -211,8 +192,9 @@ def regularization(rcp: Recipe) -> str:
 def recommend(plan: Plan, gpu_mem: int | None, per_rank: int, micro: int,
               row: str = "DDP") -> str:
     """Judge the recipe's own strategy (`row` of plan.rows) and its own micro batch x
-    accumulation against the GPU: what to change if it does not fit, and whether a larger
-    micro batch (less accumulation) would also fit when it does."""
+    accumulation against the GPU: what to change if it does not fit (the first row after
+    `row` that fits: rows come in the order of less memory, never one before the recipe's),
+    and whether a larger micro batch (less accumulation) would also fit when it does."""
     need, accum = plan.rows[row]["total"], per_rank // micro
     recipe_batch = f"micro batch {micro} x {accum} accumulation"
     if gpu_mem is None:
@@ -231,27 +213,28 @@ def recommend(plan: Plan, gpu_mem: int | None, per_rank: int, micro: int,
                     f"gives {per_rank // m} accumulation step(s) instead of {accum} (the same "
                     "global batch and schedule, fewer and larger steps).")
         return f"{head}: it fits (under {USABLE:.0%} of the memory); no change needed."
-    fixes = []
-    stage = int(row.split("-")[1]) if row.startswith("ZeRO-") else 0
-    for s in range(stage + 1, 4):
-        if plan.rows[f"ZeRO-{s}"]["total"] <= budget:
-            fixes.append(f"strategy.name=deepspeed strategy.zero_stage={s}")
+    from ffdist.strategies import row_overrides
+
+    fixes, names, switch = [], list(plan.rows), row_overrides()
+    for name in names[names.index(row) + 1:]:
+        if plan.rows[name]["total"] <= budget:
+            fixes.append(switch.get(name, name))
             break
     smaller = [m for m in fits if m < micro]
     if smaller:
         fixes.append(f"data.micro_batch_size={smaller[0]} (gradient accumulation "
                      f"{per_rank // smaller[0]})")
     if not fixes:
-        return (f"{head}: even ZeRO-3 with micro batch 1 does not fit; use more GPUs, a smaller "
-                "model or smaller images.")
+        return (f"{head}: even {names[-1]} with micro batch 1 does not fit; use more GPUs, a "
+                "smaller model or smaller images.")
     return f"{head}: use {' or '.join(fixes)}."
 
 
 def recipe_row(rcp: Recipe, resolved: Resolved) -> str:
-    """The row of the strategy the recipe trains with."""
-    if resolved.strategy == "deepspeed" and rcp.strategy.zero_stage:
-        return f"ZeRO-{rcp.strategy.zero_stage}"
-    return "DDP"
+    """The row of the strategy the recipe trains with (the strategy says which)."""
+    from ffdist import strategies
+
+    return strategies.get(resolved.strategy).row_of(rcp)
 
 
 def facts(rcp: Recipe, args: argparse.Namespace) -> dict[str, Any]:

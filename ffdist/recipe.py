@@ -351,7 +351,9 @@ class ScheduleConfig:
 @dataclass
 class StrategyConfig:
     name: str = "auto"
-    """auto (ddp when several processes, else single) | single | ddp | deepspeed."""
+    """auto (ddp when several processes, else single) | single | ddp | deepspeed, or another
+    registered strategy (ffdist.strategies.names(); an unknown name is refused when the
+    run is resolved)."""
     sync_bn: bool = False
     """DDP: convert BatchNorm to SyncBatchNorm (statistics over the global batch)."""
     find_unused_parameters: bool = False
@@ -370,8 +372,9 @@ class StrategyConfig:
     recipe; contradicting the recipe is an error."""
 
     def __post_init__(self) -> None:
-        _check(self.name in ("auto", "single", "ddp", "deepspeed"), "strategy.name",
-               self.name, "use auto, single, ddp or deepspeed")
+        # the strategy registry (ffdist.strategies) decides which names exist
+        _check(bool(re.fullmatch(r"[a-z][a-z0-9_]*", self.name)), "strategy.name", self.name,
+               "use auto, single, ddp or deepspeed")
         _check(self.zero_stage in (0, 1, 2, 3), "strategy.zero_stage", self.zero_stage,
                "use 0, 1, 2 or 3")
         _check(not self.offload_params or self.zero_stage == 3, "strategy.offload_params",

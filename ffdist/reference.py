@@ -32,12 +32,16 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 def refuse(resolved: Resolved) -> None:
-    """A run the loop cannot mirror is one sentence, before bench builds anything."""
-    if resolved.strategy == "deepspeed":
+    """A run the loop cannot mirror (its strategy declares no hand-written loop to compare
+    with) is one sentence, before bench builds anything."""
+    from ffdist import strategies
+
+    cls = strategies.get(resolved.strategy)
+    if not cls.has_reference_loop:
         from ffdist.errors import RecipeError
 
         raise RecipeError("bench --reference times a hand-written single-device/DDP loop; "
-                          "DeepSpeed has none to compare with: drop --reference or use "
+                          f"{cls.title} has none to compare with: drop --reference or use "
                           "strategy.name=ddp.")
 
 

@@ -93,8 +93,9 @@ RULES: tuple[Rule, ...] = (
     Rule("data.*", False, True, "what is trained on"),
     Rule("optim.*", False, True, "the optimizer and its state in the checkpoint"),
     Rule("schedule.*", False, True, "the shape of the learning-rate schedule"),
-    Rule("strategy.name", False, False, "auto, single and ddp count as one value (they write "
-                                        "the same checkpoint); deepspeed's are sharded"),
+    Rule("strategy.name", False, False, "names that write the same checkpoint layout count as "
+                                        "one value (auto, single and ddp: one file); "
+                                        "deepspeed's are ZeRO shards"),
     Rule("strategy.sync_bn", False, True, "BatchNorm statistics"),
     Rule("strategy.*", False, True, "DeepSpeed's shard layout and settings"),
 )
@@ -112,8 +113,10 @@ def rule_for(key: str) -> Rule:
 
 
 def _canonical(key: str, value: Any) -> Any:
-    if key == "strategy.name":  # one process or DDP write the same checkpoint
-        return "deepspeed" if value == "deepspeed" else "replicated"
+    if key == "strategy.name":  # the checkpoint's layout is what must not change
+        from ffdist import strategies
+
+        return strategies.layout_format_of(str(value))
     if isinstance(value, bool) or value is None:
         return value
     if isinstance(value, (int, float)):

@@ -1,4 +1,7 @@
-"""DistributedDataParallel: gradients all-reduced in buckets during backward."""
+"""DistributedDataParallel: gradients all-reduced in buckets during backward.
+
+Alone (strategy.name=ddp with one process) there is nothing to synchronise: it trains as
+the single-device strategy does, with no wrapper."""
 
 from __future__ import annotations
 
@@ -17,7 +20,12 @@ if TYPE_CHECKING:
 
 
 class DDP(SingleDevice):
+    one_process = False
+
     def __init__(self, model: nn.Module, recipe: Recipe, resolved: Resolved, info: DistInfo):
+        if info.world_size == 1:  # one process: no group to all-reduce over
+            super().__init__(model, recipe, resolved, info)
+            return
         if recipe.strategy.sync_bn:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         super().__init__(model, recipe, resolved, info)
@@ -34,4 +42,6 @@ class DDP(SingleDevice):
 
     def no_sync(self, boundary: bool) -> AbstractContextManager:
         # Accumulation micro-steps skip the all-reduce; the boundary step syncs the sum.
-        return nullcontext() if boundary else self.model.no_sync()
+        if boundary or not isinstance(self.model, DistributedDataParallel):
+            return nullcontext()
+        return self.model.no_sync()

@@ -11,6 +11,19 @@ loss by the accumulation count itself, so `engine.backward(loss, scale_wrt_gas=F
 ends the accumulation (`no_sync(boundary)`): we pass that on with
 `engine.set_gradient_accumulation_boundary`, the documented way to call `engine.step()`
 once per optimizer step (`engine.no_sync()` itself refuses ZeRO-2/3).
+
+Checkpoints: per-rank shards of format "deepspeed-zero" (DeepSpeed's own files: every rank
+its optimizer partition, rank 0 the module states), with the ZeRO stage as the layout's
+parameter; they resume only at the same world size and stage (a universal-checkpoint
+conversion would lift that). Its EMA averages the fp32 master partitions
+(ffdist.strategies.deepspeed_ema).
+
+Memory model (`ffdist plan`'s ZeRO rows): the module holds low-precision weights w = 2
+bytes (bf16/fp16) or 4 (fp32); the optimizer holds a fp32 master copy (4 bytes, made even
+in fp32) plus its states: optimizer 4 + 4*S per trainable parameter (S: ffdist.memory).
+Stage 0 replicates everything, stage 1 partitions the optimizer, 2 also the gradients (w
+bytes), 3 also the parameters. With bf16 + AdamW that is exactly the ZeRO paper's 2 + 2 +
+12 bytes per parameter.
 """
 
 from __future__ import annotations
@@ -26,26 +39,96 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ffdist import memory
+from ffdist.ckpt_format import SHARDS, Layout
 from ffdist.dist import DistInfo, ensure_process_group
-from ffdist.errors import CheckpointError
+from ffdist.errors import CheckpointError, LaunchError
 from ffdist.optim import build_optimizer
 from ffdist.recipe import Recipe
 from ffdist.strategies import ds_config
+from ffdist.strategies.base import Strategy
 
 if TYPE_CHECKING:
+    from ffdist.ema import EMA
     from ffdist.resolved import Resolved
 
 LOW = {"bf16": torch.bfloat16, "fp16": torch.float16}
+STAGES = (1, 2, 3)  # those with a row in `ffdist plan` (stage 0 is judged as DDP's row)
 
 
-class DeepSpeed:
-    sharded = True
+class DeepSpeed(Strategy):
+    title = "DeepSpeed"
+    layout_kind = SHARDS
+    layout_format = "deepspeed-zero"
+    reads = ("deepspeed-zero", "v2:deepspeed")  # and what format 2 called it
+    reshards = False  # each shard holds this world size's partition
+    memory_rows = {f"ZeRO-{s}": f"strategy.name=deepspeed strategy.zero_stage={s}"
+                   for s in STAGES}
     # The engine decides fp16 overflow on the host (DeepSpeed's loss scaler reads it back
     # every step), so the Trainer also reads its NaN/stop flag before step(): a sync point.
     skips_on_device = False
 
+    # ---------------------------------------------------------------- declarations
+    @classmethod
+    def layout_params(cls, recipe: Recipe) -> dict[str, Any]:
+        return {"zero_stage": recipe.strategy.zero_stage}
+
+    @classmethod
+    def describe(cls, layout: Layout) -> str:
+        return (f"DeepSpeed ZeRO-{layout.params.get('zero_stage')} shards of "
+                f"{layout.world_size} ranks")
+
+    @classmethod
+    def check_resume(cls, saved: Layout, source: str | Path, recipe: Recipe,
+                     resolved: Resolved) -> None:
+        world, stage = resolved.plan.world_size, recipe.strategy.zero_stage
+        saved_stage = saved.params.get("zero_stage")
+        if saved.world_size != world or saved_stage != stage:
+            raise CheckpointError(
+                f"{source} holds ZeRO-{saved_stage} shards of {saved.world_size} ranks, this "
+                f"run is ZeRO-{stage} on {world}; resume with the same, or start from the "
+                "weights with model.pretrained=<run>/model.pt and a new output_dir.")
+
+    @classmethod
+    def check_precision(cls, precision: str, device: torch.device) -> None:
+        if precision == "fp16" and device.type != "cuda":
+            raise LaunchError("precision=fp16 with DeepSpeed needs a GPU (DeepSpeed has no "
+                              "fp16 on the CPU); use precision=bf16 or fp32.")
+
+    @classmethod
+    def model_state_bytes(cls, num_params: int, trainable: int, optimizer: str,
+                          precision: str, world_size: int = 1, momentum: bool = True,
+                          zero_stage: int = 0) -> dict[str, int]:
+        """Bytes per rank of params / grads / optimizer states and their total, under
+        ZeRO-`zero_stage` over `world_size` ranks (the module docstring's accounting)."""
+        n, w = max(1, world_size), memory.weight_bytes(precision)
+        opt = (4 + 4 * memory.optimizer_states_per_param(optimizer, momentum)) * trainable
+        return memory.with_total({
+            "params": w * num_params // (n if zero_stage >= 3 else 1),
+            "grads": w * trainable // (n if zero_stage >= 2 else 1),
+            "optimizer": opt // (n if zero_stage >= 1 else 1),
+        })
+
+    @classmethod
+    def row_bytes(cls, row: str, num_params: int, trainable: int, recipe: Recipe,
+                  resolved: Resolved) -> dict[str, int]:
+        return cls.model_state_bytes(num_params, trainable, recipe.optim.name,
+                                     resolved.precision, resolved.plan.world_size,
+                                     recipe.optim.momentum > 0, int(row.split("-")[1]))
+
+    @classmethod
+    def ema_bytes(cls, num_params: int, trainable: int, world_size: int) -> int:
+        """An fp32 shadow of each rank's part of the fp32 master (any stage): 4 bytes x
+        trainable / N (frozen weights are their own EMA; buffers are small)."""
+        return -(-4 * trainable // world_size)
+
+    @classmethod
+    def row_of(cls, recipe: Recipe) -> str:
+        stage = recipe.strategy.zero_stage
+        return f"ZeRO-{stage}" if stage in STAGES else "DDP"
+
     def __init__(self, model: nn.Module, recipe: Recipe, resolved: Resolved, info: DistInfo):
-        # (precision=fp16 without a GPU was refused by ffdist.assemble.resolve)
+        # (precision=fp16 without a GPU was refused by check_precision, before)
         self.info, self.zero_stage = info, recipe.strategy.zero_stage
         # Checked before importing deepspeed: a config error stays one clean line.
         self.config = ds_config.build(recipe, resolved.plan, resolved.precision, info.device)
@@ -135,15 +218,14 @@ class DeepSpeed:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         raise NotImplementedError("DeepSpeed's state is in its shards (load_shards)")
 
-    def save_shards(self, folder: Path, tag: str, client_state: dict[str, Any]) -> None:
-        """Every rank writes its own partition: <folder>/<tag>/*_optim_states.pt (+ model
-        states from rank 0). `latest` is ffdist's business, not DeepSpeed's."""
-        self.engine.save_checkpoint(str(folder), tag=tag, client_state=client_state,
-                                    save_latest=False)
+    def save_shards(self, path: Path) -> None:
+        """Every rank writes its own partition: <path>/*_optim_states.pt (+ model states
+        from rank 0). `latest` and the progress (ffdist_state.pt) are ffdist's business."""
+        self.engine.save_checkpoint(str(path.parent), tag=path.name, save_latest=False)
 
     def load_shards(self, path: Path) -> None:
-        """(World size and ZeRO stage were checked against the checkpoint by
-        ffdist.checkpoint.check_compatible before the run directory was touched.)"""
+        """(World size and ZeRO stage were checked against the checkpoint by check_resume
+        before the run directory was touched.)"""
         path = Path(path)
         loaded, _ = self.engine.load_checkpoint(str(path.parent), tag=path.name,
                                                 load_optimizer_states=True,
@@ -152,6 +234,12 @@ class DeepSpeed:
             raise CheckpointError(f"DeepSpeed could not load the shards in {path}; the "
                                   "checkpoint is incomplete, remove that folder to resume "
                                   "from the one before.")
+
+    def make_ema(self, decay: float, every: int, warmup_steps: int, buffers: str) -> EMA:
+        """The EMA of the fp32 master partitions (ffdist.strategies.deepspeed_ema)."""
+        from ffdist.strategies.deepspeed_ema import ZeroEMA
+
+        return ZeroEMA(self.engine, decay, every, warmup_steps, buffers)
 
     def model_state_dict(self) -> dict[str, torch.Tensor] | None:
         """Consolidated fp32 weights (plain state dict, no prefixes) on rank 0, None on the

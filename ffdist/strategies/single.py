@@ -1,30 +1,61 @@
-"""One device, no wrapper: the fallback when no launcher started us. DDP extends it."""
+"""One device, no wrapper: the fallback when no launcher started us. DDP extends it.
+
+Its memory model (`ffdist plan`'s "DDP" row, single device and DDP alike): the module
+keeps fp32 weights also with bf16/fp16 (autocast casts activations, not weights): params
+4P, grads 4T, optimizer 4*S*T (P all parameters, T trainable ones, S optimizer states per
+parameter: ffdist.memory); no master copy. So "bf16" does not shrink DDP's model states;
+it shrinks activations.
+"""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from ffdist import optim
-from ffdist.checkpoint import clean_state_dict
+from ffdist import memory, optim
 from ffdist.dist import DistInfo
 from ffdist.optim import build_optimizer, set_lr
 from ffdist.precision import Autocast
 from ffdist.recipe import Recipe
-from ffdist.strategies.base import NotSharded
+from ffdist.state_dicts import clean_state_dict
+from ffdist.strategies.base import TORCH_FILE, Strategy
 
 if TYPE_CHECKING:
     from ffdist.resolved import Resolved
 
 
-class SingleDevice(NotSharded):
+class SingleDevice(Strategy):
+    title = "single device / DDP"
+    one_process = True
+    # The one-file layout holds the whole state: any world size resumes it (DDP too).
+    reads = (TORCH_FILE, "v2:single", "v2:ddp")  # and what format 2 called them
+    reshards = True
+    has_reference_loop = True
+    memory_rows = {"DDP": "strategy.name=ddp"}
     # The optimizer update is applied or skipped on the device (ffdist.optim.step_unless).
     skips_on_device = True
+
+    @classmethod
+    def model_state_bytes(cls, num_params: int, trainable: int, optimizer: str,
+                          precision: str, world_size: int = 1,
+                          momentum: bool = True) -> dict[str, int]:
+        """Bytes per device of params / grads / optimizer states and their total: fp32
+        weights whatever the precision (checked all the same), replicated on every rank."""
+        memory.weight_bytes(precision)
+        s = memory.optimizer_states_per_param(optimizer, momentum)
+        return memory.with_total({"params": 4 * num_params, "grads": 4 * trainable,
+                                  "optimizer": 4 * s * trainable})
+
+    @classmethod
+    def row_bytes(cls, row: str, num_params: int, trainable: int, recipe: Recipe,
+                  resolved: Resolved) -> dict[str, int]:
+        return cls.model_state_bytes(num_params, trainable, recipe.optim.name,
+                                     resolved.precision, resolved.plan.world_size,
+                                     momentum=recipe.optim.momentum > 0)
 
     def __init__(self, model: nn.Module, recipe: Recipe, resolved: Resolved, info: DistInfo):
         device = info.device
@@ -86,11 +117,8 @@ class SingleDevice(NotSharded):
     def model_state_dict(self) -> dict[str, torch.Tensor] | None:
         return clean_state_dict(self.raw.state_dict())
 
-    def eval_batches(self, batches: Iterable) -> Iterator:
-        return iter(batches)
-
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        # ffdist.checkpoint.check_compatible has refused checkpoints of another strategy.
+        # ffdist.strategies.check_resume has refused the layouts this class does not read.
         self.raw.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         optim.init_momentum_buffers(self.optimizer)  # (a step-0 checkpoint may lack some)

@@ -1,4 +1,4 @@
-"""The EMA of the weights under DeepSpeed ZeRO (ffdist.ema_zero), 2 real CPU ranks: it is
+"""The EMA of the weights under DeepSpeed ZeRO (ffdist.strategies.deepspeed_ema), 2 real CPU ranks: it is
 the EMA of the full fp32 weights, the same as DDP's, whether ZeRO-2 fragments or ZeRO-3
 partitions hold the master (ZeRO-3 with persistent and partitioned parameters, offloaded);
 evaluating it leaves the raw weights as they were; checkpoints and model.pt hold it

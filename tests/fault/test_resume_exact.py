@@ -7,13 +7,16 @@ One scenario, three guarantees:
    the previous one (step 5) is used (corrupt checkpoint);
 3. the resumed run logs the same per-step losses and writes the same final weights, bit
    for bit, as a run never stopped; metrics.jsonl and TensorBoard hold every step once.
+And a run whose checkpoint was written by the previous format (2) resumes as exactly.
 """
 
 from __future__ import annotations
 
+import shutil
 import signal
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.fault import kit
@@ -57,3 +60,28 @@ def test_killed_in_save_then_corrupt_newest_resumes_bit_exact(ref1: Path, tmp_pa
     kit.same_weights(out / "model.pt", ref1 / "model.pt")
     assert tb_steps(out, "train/loss") == list(range(1, kit.STEPS + 1))
     assert len([e for e in kit.metrics(out) if e.get("event") == "end"]) == 1
+
+
+# make test-all: test_ckpt_format.py's format-2 test covers the reading in the fast tier
+@pytest.mark.extended
+def test_a_format_2_checkpoint_resumes_bit_exact(ref1: Path, tmp_path: Path):
+    """ffdist upgraded in the middle of a run: its newest checkpoint is a format-2 file."""
+    from ffdist.checkpoint import read_checkpoint, save_torch
+    from tests.unit.test_ckpt_format import encode_v2
+
+    out = tmp_path / "run"
+    shutil.copytree(ref1, out)
+    (out / "model.pt").unlink()
+    for ckpt in (out / "checkpoints").glob("step_*.pt"):
+        if int(ckpt.stem[5:]) > 10:
+            ckpt.unlink()
+    step10 = out / "checkpoints" / "step_00000010.pt"
+    save_torch(step10, encode_v2(read_checkpoint(step10), "single", None))
+    (out / "checkpoints" / "latest").write_text("step_00000010.pt\n")
+    assert torch.load(step10, weights_only=True)["format"] == 2
+
+    resumed = kit.run(kit.python_cmd(out))
+    assert resumed.returncode == 0, kit.explain(resumed)
+    assert "resumed from step 10" in resumed.stdout + resumed.stderr
+    assert kit.train_losses(out) == kit.train_losses(ref1)
+    kit.same_weights(out / "model.pt", ref1 / "model.pt")

@@ -8,7 +8,6 @@ from ffdist import recipe
 from ffdist.checkpoint import (
     CheckpointManager,
     atomic_write,
-    clean_state_dict,
     cpu_state,
     load_torch,
     rng_state,
@@ -16,9 +15,10 @@ from ffdist.checkpoint import (
     set_rng_state,
     write_weights,
 )
-from ffdist.ckpt_format import Checkpoint
+from ffdist.ckpt_format import ONE_FILE, Checkpoint, Layout
 from ffdist.errors import CheckpointError
-from ffdist.strategies.base import NotSharded
+from ffdist.state_dicts import clean_state_dict
+from ffdist.strategies.base import Strategy
 
 
 def test_round_trip_is_weights_only_loadable(tmp_path: Path) -> None:
@@ -73,17 +73,18 @@ def _manager(tmp_path: Path, keep: int = 2) -> CheckpointManager:
 
 
 def _ckpt(step: int) -> Checkpoint:
-    return Checkpoint(step=step, epoch=0, step_in_epoch=step, world_size=1, strategy="single",
-                      recipe={}, classes=["a", "b"], rng=[{}], model={}, optimizer={})
+    return Checkpoint(step=step, epoch=0, step_in_epoch=step,
+                      layout=Layout(ONE_FILE, "torch-file", 1), recipe={}, classes=["a", "b"],
+                      rng=[{}], model={}, optimizer={})
 
 
-ONE_FILE = NotSharded()  # a strategy whose state goes into the checkpoint file
+STRATEGY = Strategy()  # a one-file checkpoint's state is in the file: the manager asks it nothing
 
 
 def test_keep_last_latest_and_best(tmp_path: Path) -> None:
     m = _manager(tmp_path)
     for step in (10, 20, 30):
-        m.save(_ckpt(step), ONE_FILE, is_best=step == 20)
+        m.save(_ckpt(step), STRATEGY, is_best=step == 20)
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert names == ["best.pt", "latest", "step_00000020.pt", "step_00000030.pt"]
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_00000030.pt"
@@ -93,8 +94,8 @@ def test_keep_last_latest_and_best(tmp_path: Path) -> None:
 
 def test_corrupt_newest_checkpoint_falls_back(tmp_path: Path) -> None:
     m = _manager(tmp_path, keep=3)
-    m.save(_ckpt(1), ONE_FILE)
-    path = m.save(_ckpt(2), ONE_FILE)
+    m.save(_ckpt(1), STRATEGY)
+    path = m.save(_ckpt(2), STRATEGY)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])  # torn
     found = m.load_latest()
@@ -136,3 +137,49 @@ def test_cpu_state_moves_off_other_devices() -> None:
         cpu_state({"w": torch.empty(2, 2, device="meta")})
     cpu = torch.ones(2)
     assert cpu_state({"w": cpu})["w"].data_ptr() == cpu.data_ptr()  # whole on the CPU: no copy
+
+
+class _Shards(Strategy):
+    """A sharded strategy as the manager sees it: it writes its own file into the folder."""
+
+    def __init__(self) -> None:
+        self.saved: list[Path] = []
+        self.loaded: list[Path] = []
+
+    def save_shards(self, path: Path) -> None:
+        assert path.is_dir() and not (path / "ffdist_state.pt").exists()  # the marker comes last
+        (path / "rank_0.bin").write_bytes(path.name.encode())
+        self.saved.append(path)
+
+    def load_shards(self, path: Path) -> None:
+        self.loaded.append(path)
+
+    def model_state_dict(self) -> dict:
+        return {"w": torch.ones(2)}
+
+
+def test_a_layout_of_shards_is_a_folder_the_strategy_fills_and_the_manager_marks(tmp_path):
+    """The manager decides when and where (step folder, marker last, latest, keep-last,
+    best.pt as consolidated weights); the strategy writes what is inside."""
+    from ffdist.ckpt_format import SHARDS, WEIGHTS
+
+    m, strategy = _manager(tmp_path), _Shards()
+    for step in (10, 20, 30):
+        ckpt = _ckpt(step)
+        ckpt.layout, ckpt.model, ckpt.optimizer = Layout(SHARDS, "test-shards", 1), None, None
+        m.save(ckpt, strategy, is_best=step == 20)
+    ckpts = tmp_path / "checkpoints"
+    assert [p.name for p in strategy.saved] == ["step_00000010", "step_00000020",
+                                                "step_00000030"]
+    assert sorted(p.name for p in ckpts.iterdir()) == ["best.pt", "latest", "step_00000020",
+                                                        "step_00000030"]
+    assert sorted(p.name for p in (ckpts / "step_00000030").iterdir()) == [
+        "ffdist_state.pt", "rank_0.bin"]
+    best = load_torch(ckpts / "best.pt")
+    assert best["kind"] == WEIGHTS and best["step"] == 20 and torch.equal(best["model"]["w"],
+                                                                          torch.ones(2))
+    path, found = m.load_latest()
+    assert path == ckpts / "step_00000030" and found.shards == path
+    assert found.layout == Layout(SHARDS, "test-shards", 1)
+    m.restore(found, strategy)
+    assert strategy.loaded == [path]

@@ -1,5 +1,6 @@
-"""The checkpoint schema: one writer (encode), one reader (decode), format versions, optional
-sections, and what the run directory does with a checkpoint it cannot read."""
+"""The checkpoint schema: one writer (encode), one reader (decode), format versions (format
+2 files still read, their layout derived), optional sections, the layouts a run refuses to
+resume, and what the run directory does with a checkpoint it cannot read."""
 
 from __future__ import annotations
 
@@ -13,23 +14,44 @@ from ffdist import recipe
 from ffdist.checkpoint import CheckpointManager, load_torch, read_checkpoint, save_torch
 from ffdist.ckpt_format import (
     FORMAT_VERSION,
+    ONE_FILE,
     SHARDED_STATE,
+    SHARDS,
     WEIGHTS,
     Checkpoint,
+    Layout,
     decode,
     encode,
     is_resumable,
 )
 from ffdist.errors import CheckpointError
 
+DDP_FILE = Layout(ONE_FILE, "torch-file", 2)
+
+
+def zero(stage: int, world: int = 2) -> Layout:
+    return Layout(SHARDS, "deepspeed-zero", world, {"zero_stage": stage})
+
 
 def _ckpt(**extra) -> Checkpoint:
     model = torch.nn.Linear(3, 2)
-    fields = dict(step=7, epoch=1, step_in_epoch=2, world_size=2, strategy="ddp",
+    fields = dict(step=7, epoch=1, step_in_epoch=2, layout=DDP_FILE,
                   recipe=recipe.load(None).to_dict(), classes=["a", "b"], best_top1=0.5,
                   rng=[{"torch": torch.get_rng_state()}] * 2, model=model.state_dict(),
                   optimizer={"state": {}, "param_groups": []}, scaler={})
     return Checkpoint(**{**fields, **extra})
+
+
+def encode_v2(ckpt: Checkpoint, strategy: str, zero_stage: int | None) -> dict:
+    """A checkpoint as format 2 wrote it: ckpt_format.encode of that version, whose schema
+    named the strategy ("strategy", "zero_stage") and had a top-level "world_size" where
+    format 3 has "layout"."""
+    v2_fields = ("bad_in_a_row", "best_top1", "classes", "epoch", "kind", "model",
+                 "optimizer", "recipe", "rng", "scaler", "skipped_steps", "step",
+                 "step_in_epoch", "strategy", "world_size", "zero_stage")
+    values = {**vars(ckpt), "strategy": strategy, "zero_stage": zero_stage,
+              "world_size": ckpt.layout.world_size}
+    return {"format": 2, **{name: values[name] for name in sorted(v2_fields)}, **ckpt.sections}
 
 
 def test_round_trip_through_a_weights_only_file(tmp_path: Path) -> None:
@@ -40,7 +62,9 @@ def test_round_trip_through_a_weights_only_file(tmp_path: Path) -> None:
     assert raw["format"] == FORMAT_VERSION and set(raw["model"]) == {"weight", "bias"}
     assert torch.equal(raw["ema"]["weight"], torch.ones(2, 3))
     back = read_checkpoint(tmp_path / "c.pt")
-    assert back.step == 7 and back.strategy == "ddp" and back.classes == ["a", "b"]
+    assert raw["layout"] == {"kind": "file", "format": "torch-file", "world_size": 2,
+                             "params": {}}
+    assert back.step == 7 and back.layout == DDP_FILE and back.classes == ["a", "b"]
     assert torch.equal(back.model["weight"], ckpt.model["weight"])
     assert set(back.sections) == {"ema"} and back.shards is None
     assert is_resumable(back)
@@ -69,18 +93,18 @@ def test_what_is_resumable() -> None:
     assert is_resumable(_ckpt())
     assert not is_resumable(_ckpt(rng=[]))
     assert not is_resumable(_ckpt(optimizer=None))
-    zero = _ckpt(strategy="deepspeed", zero_stage=2, model=None, optimizer=None)
-    assert not is_resumable(zero)  # its state is in shards, and none were found
-    assert is_resumable(dataclasses.replace(zero, shards=Path("step_00000007")))
-    assert not is_resumable(_ckpt(kind=WEIGHTS, strategy="deepspeed", rng=[]))  # ZeRO best.pt
+    sharded = _ckpt(layout=zero(2), model=None, optimizer=None)
+    assert not is_resumable(sharded)  # its state is in shards, and none were found
+    assert is_resumable(dataclasses.replace(sharded, shards=Path("step_00000007")))
+    assert not is_resumable(_ckpt(kind=WEIGHTS, layout=zero(2), rng=[]))  # shards' best.pt
 
 
-def test_a_zero_folder_is_read_from_its_marker(tmp_path: Path) -> None:
+def test_a_folder_of_shards_is_read_from_its_marker(tmp_path: Path) -> None:
     folder = tmp_path / "step_00000007"
-    save_torch(folder / SHARDED_STATE, encode(_ckpt(strategy="deepspeed", zero_stage=2,
-                                                    model=None, optimizer=None)))
+    save_torch(folder / SHARDED_STATE, encode(_ckpt(layout=zero(2), model=None,
+                                                    optimizer=None)))
     back = read_checkpoint(folder)
-    assert back.shards == folder and back.zero_stage == 2 and is_resumable(back)
+    assert back.shards == folder and back.layout == zero(2) and is_resumable(back)
     with pytest.raises(CheckpointError, match="is a folder"):
         load_torch(folder)
 
@@ -105,12 +129,20 @@ def _resolved(*overrides: str, world: int = 1):
 
 
 @pytest.mark.parametrize("saved,run,match", [
-    (dict(strategy="deepspeed", zero_stage=2), (), "holds DeepSpeed ZeRO shards; resume it with "
-                                                    "strategy.name=deepspeed"),
-    (dict(strategy="ddp"), ("strategy.name=deepspeed",), "was written by a ddp run, not by "
-                                                          "DeepSpeed"),
-    (dict(strategy="deepspeed", zero_stage=3), ("strategy.name=deepspeed",),
+    (dict(layout=zero(2)), (), "holds DeepSpeed ZeRO-2 shards of 2 ranks, which "
+                               "strategy.name=single cannot resume; resume it with "
+                               "strategy.name=deepspeed"),
+    (dict(), ("strategy.name=deepspeed",), "holds one file with the whole state "
+                                           r"\(single device / DDP, 2 ranks\), which "
+                                           "strategy.name=deepspeed cannot resume; resume it "
+                                           "with strategy.name=single or ddp"),
+    (dict(layout=zero(3)), ("strategy.name=deepspeed",),
      "holds ZeRO-3 shards of 2 ranks, this run is ZeRO-2 on 1"),
+    (dict(layout=zero(2)), ("strategy.name=deepspeed",),
+     "holds ZeRO-2 shards of 2 ranks, this run is ZeRO-2 on 1"),
+    (dict(layout=Layout(SHARDS, "fsdp-dcp", 4)), (),
+     "holds a checkpoint of format 'fsdp-dcp' .4 ranks., which strategy.name=single cannot "
+     "resume; no strategy here reads it"),
     (dict(kind=WEIGHTS, rng=[]), (), "holds weights only"),
 ])
 def test_check_compatible_refuses_what_the_run_cannot_resume(saved, run, match) -> None:
@@ -119,7 +151,54 @@ def test_check_compatible_refuses_what_the_run_cannot_resume(saved, run, match) 
 
     rcp, resolved = _resolved(*run)
     ckpt = _ckpt(**saved)
-    if ckpt.strategy == "deepspeed" and ckpt.kind != WEIGHTS:
+    if ckpt.layout.kind == SHARDS and ckpt.kind != WEIGHTS:
         ckpt = dataclasses.replace(ckpt, model=None, optimizer=None, shards=Path("step_7"))
     with pytest.raises(CheckpointError, match=match):
         check_compatible(ckpt, torch.nn.Linear(3, 2), "ckpt", rcp, resolved)
+
+
+def test_one_file_resumes_at_any_world_size_and_zero_at_its_own() -> None:
+    from ffdist.checkpoint import check_compatible
+
+    model = torch.nn.Linear(3, 2)
+    for world in (1, 2, 4):  # single (1), DDP (2, 4): the whole state is in the file
+        rcp, resolved = _resolved("strategy.name=auto", world=world)
+        check_compatible(_ckpt(model=model.state_dict()), model, "ckpt", rcp, resolved)
+    rcp, resolved = _resolved("strategy.name=deepspeed", "strategy.zero_stage=3", world=2)
+    check_compatible(_ckpt(layout=zero(3), model=None, optimizer=None, shards=Path("s")),
+                     model, "ckpt", rcp, resolved)
+
+
+def test_format_2_files_are_read_and_their_layout_derived(tmp_path: Path) -> None:
+    """Files as format 2 wrote them (strategy names, no layout): a DDP step file and a ZeRO
+    folder's marker read as format 3's one-file and shard layouts, resume as they did, and
+    are refused where they were refused."""
+    from ffdist.checkpoint import check_compatible
+
+    model = torch.nn.Linear(3, 2)
+    ddp = _ckpt(model=model.state_dict(), sections={"ema": {"updates": 3}})
+    save_torch(tmp_path / "step_00000007.pt", encode_v2(ddp, "ddp", None))
+    back = read_checkpoint(tmp_path / "step_00000007.pt")
+    assert back.layout == Layout(ONE_FILE, "v2:ddp", 2) and is_resumable(back)
+    assert back.sections == {"ema": {"updates": 3}} and back.step == 7
+    assert torch.equal(back.model["weight"], model.weight)
+    for world in (1, 2):  # the 2 -> 1 resume of format 2 still works
+        check_compatible(back, model, "ckpt", *_resolved(world=world))
+    with pytest.raises(CheckpointError, match="strategy.name=deepspeed cannot resume; resume "
+                                              "it with strategy.name=single or ddp"):
+        check_compatible(back, model, "ckpt", *_resolved("strategy.name=deepspeed"))
+
+    folder = tmp_path / "step_00000009"
+    sharded = _ckpt(step=9, model=None, optimizer=None)
+    save_torch(folder / SHARDED_STATE, encode_v2(sharded, "deepspeed", 2))
+    back = read_checkpoint(folder)
+    assert back.layout == Layout(SHARDS, "v2:deepspeed", 2, {"zero_stage": 2})
+    assert back.shards == folder and is_resumable(back)
+    check_compatible(back, model, "ckpt", *_resolved("strategy.name=deepspeed", world=2))
+    with pytest.raises(CheckpointError, match="holds ZeRO-2 shards of 2 ranks, this run is "
+                                              "ZeRO-2 on 1"):
+        check_compatible(back, model, "ckpt", *_resolved("strategy.name=deepspeed"))
+    with pytest.raises(CheckpointError, match="holds DeepSpeed ZeRO-2 shards of 2 ranks"):
+        check_compatible(back, model, "ckpt", *_resolved(world=2))
+    with pytest.raises(CheckpointError, match="lacks strategy"):
+        decode({k: v for k, v in encode_v2(ddp, "ddp", None).items() if k != "strategy"}, "x")

@@ -1,4 +1,5 @@
-"""ffdist.memory's formulas against real tensors of a small model (one process)."""
+"""The strategies' memory models (single/DDP, DeepSpeed ZeRO; built from ffdist.memory's
+pieces) against real tensors of a small model and the ZeRO paper (one process)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from ffdist.memory import model_state_bytes, paper_bytes_per_param
+from ffdist.memory import paper_bytes_per_param
+from ffdist.strategies.deepspeed import DeepSpeed
+from ffdist.strategies.single import SingleDevice
 
 
 def _model() -> nn.Module:
@@ -39,7 +42,7 @@ def test_ddp_formula_equals_the_bytes_of_real_params_grads_and_optimizer_state(n
     n_all = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in trainable)
     for precision in ("fp32", "bf16"):  # DDP keeps fp32 weights under autocast
-        f = model_state_bytes(n_all, n_train, name, precision, "ddp", 0, 2)
+        f = SingleDevice.model_state_bytes(n_all, n_train, name, precision, 2)
         assert {k: f[k] for k in measured} == measured
         assert f["total"] == sum(measured.values())
 
@@ -52,7 +55,7 @@ def test_bf16_weights_and_fp32_master_copy_match_deepspeed_stage0():
     states = [torch.zeros_like(m) for m in master for _ in range(2)]
     n_all = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in trainable)
-    f = model_state_bytes(n_all, n_train, "adamw", "bf16", "deepspeed", 0, 1)
+    f = DeepSpeed.model_state_bytes(n_all, n_train, "adamw", "bf16", 1, zero_stage=0)
     assert f["params"] == _nbytes(model.parameters())
     assert f["grads"] == _nbytes(trainable)  # bf16 gradients have the params' size
     assert f["optimizer"] == _nbytes(master) + _nbytes(states)
@@ -60,22 +63,24 @@ def test_bf16_weights_and_fp32_master_copy_match_deepspeed_stage0():
 
 def test_zero_stages_partition_what_the_paper_says():
     psi, n = 1_000_000, 4
-    base = model_state_bytes(psi, psi, "adamw", "bf16", "deepspeed", 0, n)
+    base = DeepSpeed.model_state_bytes(psi, psi, "adamw", "bf16", n, zero_stage=0)
     assert base["total"] == 16 * psi  # the paper's 2 + 2 + 12
     for stage in (1, 2, 3):
-        f = model_state_bytes(psi, psi, "adamw", "bf16", "deepspeed", stage, n)
+        f = DeepSpeed.model_state_bytes(psi, psi, "adamw", "bf16", n, zero_stage=stage)
         assert f["total"] == pytest.approx(paper_bytes_per_param(stage, n) * psi, abs=4)
-    z1 = model_state_bytes(psi, psi, "adamw", "bf16", "deepspeed", 1, n)
-    z2 = model_state_bytes(psi, psi, "adamw", "bf16", "deepspeed", 2, n)
+    z1 = DeepSpeed.model_state_bytes(psi, psi, "adamw", "bf16", n, zero_stage=1)
+    z2 = DeepSpeed.model_state_bytes(psi, psi, "adamw", "bf16", n, zero_stage=2)
     assert z1["optimizer"] == base["optimizer"] // n and z1["grads"] == base["grads"]
     assert z2["grads"] == base["grads"] // n
-    fp32_sgd = model_state_bytes(psi, psi, "sgd", "fp32", "deepspeed", 3, 2)
+    fp32_sgd = DeepSpeed.model_state_bytes(psi, psi, "sgd", "fp32", 2, zero_stage=3)
     assert fp32_sgd == {"params": 2 * psi, "grads": 2 * psi, "optimizer": 4 * psi,
                         "total": 8 * psi}  # (4 + 4 + 4 master + 4 momentum) / 2
 
 
 def test_unknown_names_are_refused():
     with pytest.raises(ValueError):
-        model_state_bytes(10, 10, "lion", "fp32", "ddp", 0, 1)
+        SingleDevice.model_state_bytes(10, 10, "lion", "fp32", 1)
     with pytest.raises(ValueError):
-        model_state_bytes(10, 10, "sgd", "fp8", "ddp", 0, 1)
+        SingleDevice.model_state_bytes(10, 10, "sgd", "fp8", 1)
+    with pytest.raises(ValueError):
+        DeepSpeed.model_state_bytes(10, 10, "sgd", "fp8", 1)

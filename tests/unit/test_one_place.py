@@ -1,5 +1,7 @@
-"""One place decides each fact: the batch plan and the precision are derived by
-ffdist.assemble.resolve only (AST over the package, so comments and strings do not count)."""
+"""One place decides each fact: the batch plan, the precision and the strategy (its name,
+and what its class refuses) are derived by ffdist.assemble.resolve only; no code outside
+ffdist/strategies/ tests a strategy's name (AST over the package, so comments and strings
+do not count)."""
 
 from __future__ import annotations
 
@@ -29,5 +31,34 @@ def test_plan_batches_and_precision_resolve_have_one_caller_each():
 
 def test_strategy_names_and_native_sizes_are_decided_in_resolve_too():
     assert [c.split(":")[0] for c in callers("resolve_name")] == ["ffdist/assemble.py"]
+    assert [c.split(":")[0] for c in callers("check_precision")] == ["ffdist/assemble.py"]
     tables = [p for p in SOURCES if "NATIVE_SIZE = " in p.read_text()]
     assert [p.name for p in tables] == ["assemble.py"]
+
+
+def _constants(node: ast.AST) -> set[str]:
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return {node.value}
+    if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+        return {c for e in node.elts for c in _constants(e)}
+    return set()
+
+
+def test_no_code_outside_the_strategies_tests_a_strategy_name():
+    """A comparison of a strategy-ish value (`resolved.strategy`, `recipe.strategy.name`,
+    `ckpt.strategy`) with a registered name belongs in ffdist/strategies/: elsewhere the
+    code asks the strategy's declarations."""
+    from ffdist import strategies
+
+    names = set(strategies.names())
+    found = []
+    for path in SOURCES:
+        if "strategies" in path.relative_to(REPO).parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Compare):
+                operands = [node.left, *node.comparators]
+                named = set().union(*(_constants(o) for o in operands)) & names
+                if named and any("strategy" in ast.unparse(o) for o in operands):
+                    found.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert not found, f"strategy names tested outside ffdist/strategies/: {found}"

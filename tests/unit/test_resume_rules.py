@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ffdist import recipe, resume_rules
-from ffdist.ckpt_format import Checkpoint
+from ffdist.ckpt_format import ONE_FILE, Checkpoint, Layout
 from ffdist.errors import CheckpointError
 
 
@@ -35,7 +35,7 @@ def test_every_rule_is_reachable():
 
 def state_of(**overrides) -> Checkpoint:
     saved = recipe.load(None, [f"{k}={v}" for k, v in overrides.items()])
-    return Checkpoint(step=7, epoch=0, step_in_epoch=7, world_size=1, strategy="single",
+    return Checkpoint(step=7, epoch=0, step_in_epoch=7, layout=Layout(ONE_FILE, "torch-file", 1),
                       recipe=saved.to_dict(), classes=[])
 
 

@@ -11,6 +11,8 @@ from ffdist.cli import main as cli
 from ffdist.finetune import freeze
 from ffdist.models import build
 from ffdist.optim import build_optimizer
+from ffdist.strategies.deepspeed import DeepSpeed
+from ffdist.strategies.single import SingleDevice
 
 
 def _bytes(tensors) -> int:
@@ -34,7 +36,7 @@ def test_state_bytes_match_real_tensors_after_a_step(opt: str, frozen: bool):
     n = sum(p.numel() for p in params)
     t = sum(p.numel() for p in params if p.requires_grad)
     assert (t < n) == frozen
-    est = plan.model_state_bytes(n, t, opt, "fp32", "ddp", 0, 1)
+    est = SingleDevice.model_state_bytes(n, t, opt, "fp32", 1)
     assert est["params"] == _bytes(params)
     assert est["grads"] == _bytes(p.grad for p in params if p.grad is not None)
     assert est["optimizer"] == _bytes(states)
@@ -43,7 +45,7 @@ def test_state_bytes_match_real_tensors_after_a_step(opt: str, frozen: bool):
 
 def test_zero_stages_shard_in_order():
     n = t = 10_000_000
-    rows = [plan.model_state_bytes(n, t, "adamw", "bf16", "deepspeed", s, 4) for s in (1, 2, 3)]
+    rows = [DeepSpeed.model_state_bytes(n, t, "adamw", "bf16", 4, zero_stage=s) for s in (1, 2, 3)]
     z1, z2, z3 = rows
     # ZeRO paper, mixed-precision Adam: K = 12 bytes (fp32 master, m, v) per parameter
     assert z1["optimizer"] == 12 * t // 4 and z1["grads"] == 2 * t and z1["params"] == 2 * n

@@ -1,5 +1,6 @@
-"""The EMA of the weights under DeepSpeed: an EMA of the fp32 MASTER weights, each rank
-averaging the part of them it owns, gathered only to evaluate and to write.
+"""The EMA of the weights under DeepSpeed (DeepSpeed.make_ema builds it): an EMA of the
+fp32 MASTER weights, each rank averaging the part of them it owns, gathered only to
+evaluate and to write.
 
 Why the master and not the module: under bf16 the module holds bf16 copies of the
 weights; their EMA would average rounded values, and an update smaller than a bf16 step
@@ -32,16 +33,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as tdist
 from torch import nn
 
 from ffdist.ema import EMA, _named_state, average, copy_masked
-
-if TYPE_CHECKING:
-    from ffdist.strategies.deepspeed import DeepSpeed
+from ffdist.state_dicts import clean_state_dict
 
 
 @dataclass
@@ -60,14 +59,16 @@ class ZeroEMA(EMA):
     """ffdist.ema.EMA's interface (update, swapped, state_dict, load_state_dict, restore,
     weights) over the fp32 master partitions of a DeepSpeed engine."""
 
-    def __init__(self, strategy: DeepSpeed, decay: float, every: int = 1,
+    collective = True  # state_dict() and weights() gather the partitions: every rank calls
+
+    def __init__(self, engine: Any, decay: float, every: int = 1,
                  warmup_steps: int = 0, buffers: str = "average"):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay {decay} is not in [0, 1)")
         self.decay, self.every, self.warmup_steps, self.buffers = decay, every, warmup_steps, buffers
         self.updates = 0
-        self.engine = strategy.engine
-        self.module = strategy.engine.module
+        self.engine = engine  # deepspeed's DeepSpeedEngine
+        self.module = engine.module
         self.rank = tdist.get_rank() if tdist.is_initialized() else 0
         self.world = tdist.get_world_size() if tdist.is_initialized() else 1
         self.pieces = [self._piece(n, p) for n, p in _named_params(self.module) if p.requires_grad]
@@ -271,8 +272,6 @@ class ZeroEMA(EMA):
 
 
 def _named_params(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    from ffdist.checkpoint import clean_state_dict
-
     return list(clean_state_dict(dict(module.named_parameters())).items())
 
 
