@@ -1,5 +1,6 @@
-"""One place decides each fact: the batch plan and the precision are derived by
-ffdist.assemble.resolve only (AST over the package, so comments and strings do not count)."""
+"""One place decides each fact: the batch plan, the precision, the strategy name and the
+image size are derived by ffdist.assemble.resolve only, and image sizes are declared by the
+data sources only (AST over the package, so comments and strings do not count)."""
 
 from __future__ import annotations
 
@@ -29,5 +30,15 @@ def test_plan_batches_and_precision_resolve_have_one_caller_each():
 
 def test_strategy_names_and_native_sizes_are_decided_in_resolve_too():
     assert [c.split(":")[0] for c in callers("resolve_name")] == ["ffdist/assemble.py"]
-    tables = [p for p in SOURCES if "NATIVE_SIZE = " in p.read_text()]
-    assert [p.name for p in tables] == ["assemble.py"]
+    # sizes: asked of the data source by assemble only (image_size, eval_image_size) ...
+    for method in ("train_size", "eval_size"):
+        outside = [c for c in callers(method) if not c.startswith("ffdist/data/sources/")]
+        assert [c.split(":")[0] for c in outside] == ["ffdist/assemble.py"], (method, outside)
+    # ... and declared by the sources themselves, a class attribute each, no table elsewhere
+    declared = sorted({p.relative_to(REPO).as_posix() for p in SOURCES
+                       for node in ast.walk(ast.parse(p.read_text()))
+                       if isinstance(node, (ast.Assign, ast.AnnAssign)) and any(
+                           "native_size" in ast.unparse(t) or "NATIVE_SIZE" in ast.unparse(t)
+                           for t in (node.targets if isinstance(node, ast.Assign)
+                                     else [node.target]))})
+    assert declared and all(p.startswith("ffdist/data/sources/") for p in declared), declared
