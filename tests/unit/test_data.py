@@ -154,3 +154,45 @@ def test_missing_torchvision_files_without_download(tmp_path: Path) -> None:
     cfg = recipe.load(None, ["data.name=cifar10", f"data.root={tmp_path}"]).data
     with pytest.raises(DataError, match="data.download=true"):
         build_datasets(cfg, 0, 10, 3)
+
+
+def test_every_registered_source_is_asked_without_importing_torch() -> None:
+    """The presence check and the image size come from the source before torch is imported
+    (ffdist train reports absent data as fast as a recipe mistake; ffdist plan sizes data
+    that is not on this machine)."""
+    import subprocess
+    import sys
+
+    from tests import helpers
+
+    code = ("import sys; from ffdist import recipe; from ffdist.data import sources; "
+            "from ffdist.data.presence import check_present\n"
+            "for n in sources.names():\n"
+            "    cfg = recipe.load(None, [f'data.name={n}', 'data.download=true']).data\n"
+            "    s = sources.get(n); s.normalization(3)\n"
+            "    print(n, s.train_size(cfg), s.eval_size(cfg), s.folder_like)\n"
+            "check_present(recipe.load(None).data)\n"
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=helpers.REPO, env=helpers.env(),
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out[-1] == "False"
+    sizes = {line.split()[0]: line.split()[1:] for line in out[:-1]}
+    assert sizes["digits"] == ["8", "8", "False"] and sizes["cifar10"] == ["32", "32", "False"]
+    assert sizes["imagefolder"] == ["224", "224", "True"] and sizes["synthetic"][0] == "32"
+
+
+def test_an_unknown_source_is_one_sentence_with_the_closest_name() -> None:
+    from ffdist.data.presence import check_present
+
+    with pytest.raises(DataError, match=r"data.name='digit' is not a dataset; did you mean "
+                                        r"'digits'\?"):
+        check_present(recipe.load(None, ["data.name=digit"]).data)
+
+
+def test_map_stream_state_is_its_size_and_changed_data_is_said(caplog) -> None:
+    s = streams(recipe.load(None, ["model.in_channels=1"]))
+    assert s.train.state_dict() == {"samples": 1437}
+    s.train.load_state_dict({"samples": 1437})
+    assert not caplog.records
+    s.train.load_state_dict({"samples": 1500})
+    assert "trained on 1500 images, the training data now holds 1437" in caplog.text
