@@ -2,9 +2,9 @@
 made in memory, with its own train and eval streams (no sampler, no DataLoader: a plain
 iterator over global steps, as a streaming source would be).
 
-`python -m tests.workflow.dummy_source train|eval ARGS...` registers it, then runs ffdist's
-own entry point (ffdist.train.main, ffdist.evaluate.main) in this process: nothing in
-ffdist knows the source, which is the point of tests/workflow/test_data_source.py.
+`python -m tests.workflow.dummy_source RECIPE [key=value ...]` registers it, then runs
+ffdist's own entry point (ffdist.train.main) in this process: nothing in ffdist knows the
+source, which is the point of tests/workflow/test_data_source.py.
 """
 
 from __future__ import annotations
@@ -108,15 +108,10 @@ class Dummy(sources.Source):
 
 
 def main(argv: list[str]) -> int:
+    from ffdist.train import main as train
+
     sources.register("dummy", Dummy)
-    command, *rest = argv
-    if command == "train":
-        from ffdist.train import main as train
-
-        return train(rest)
-    from ffdist.evaluate import main as evaluate
-
-    return evaluate(rest)
+    return train(argv)
 
 
 if __name__ == "__main__":
