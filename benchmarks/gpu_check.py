@@ -246,16 +246,16 @@ def make_jpegs(root: Path, classes: int, per_class: int, size: tuple[int, int]) 
 
 LOADER = """
 import sys, time, torch
-from ffdist import data, recipe
-from ffdist.assemble import resolve
+from ffdist import recipe
+from ffdist.assemble import build_data, resolve
 from ffdist.data import DevicePrefetcher
 rcp = recipe.load("recipes/resnet50.yaml", sys.argv[2:])
 dev = torch.device(sys.argv[1])
-loaders = data.build(rcp, 0, resolve(rcp, 1, dev).plan, dev)
-batches = DevicePrefetcher(loaders.train, dev, loaders.spec.mean, loaders.spec.std, True)
+streams = build_data(rcp, resolve(rcp, 1, dev), 0)
+batches = DevicePrefetcher(streams.train, dev, streams.spec.mean, streams.spec.std, True)
 n, begin = 0, None
 for epoch in range(100):
-    loaders.train_sampler.set_epoch(epoch)
+    streams.train.set_epoch(epoch)
     for i, (x, _) in enumerate(batches):
         if begin is None and i == 2:  # workers up, first batches out
             torch.cuda.synchronize() if dev.type == "cuda" else None

@@ -48,8 +48,8 @@ def write_jpegs(root: Path) -> int:
 def ffdist_loader(root: Path):  # noqa: ANN201 - an iterable of batches
     import torch
 
-    from ffdist import data, recipe
-    from ffdist.assemble import resolve
+    from ffdist import recipe
+    from ffdist.assemble import build_data, resolve
     from ffdist.data import DevicePrefetcher
 
     rcp = recipe.load(str(REPO / "recipes" / "digits.yaml"), [
@@ -59,14 +59,14 @@ def ffdist_loader(root: Path):  # noqa: ANN201 - an iterable of batches
         # channels_last the layout change moves from the model's first conv to here).
         "model.channels_last=false"])
     cpu = torch.device("cpu")
-    loaders = data.build(rcp, 0, resolve(rcp, 1, cpu).plan, cpu)
-    spec = loaders.spec
-    batches = DevicePrefetcher(loaders.train, torch.device("cpu"), spec.mean, spec.std,
+    streams = build_data(rcp, resolve(rcp, 1, cpu), 0)
+    spec = streams.spec
+    batches = DevicePrefetcher(streams.train, torch.device("cpu"), spec.mean, spec.std,
                                rcp.model.channels_last)
     epoch = [0]
 
     def one_epoch() -> int:
-        loaders.train_sampler.set_epoch(epoch[0])
+        streams.train.set_epoch(epoch[0])
         epoch[0] += 1
         return sum(len(x) for x, _ in batches)
     return one_epoch

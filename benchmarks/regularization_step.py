@@ -47,7 +47,7 @@ def main(argv: list[str]) -> None:
                 for name, extra in VARIANTS.items()}
     first = next(iter(trainers.values()))
     device = first.info.device
-    first.loaders.train_sampler.set_epoch(0)
+    first.data.train.set_epoch(0)
     batches = list(itertools.islice(iter(first.train_batches), 4 * first.plan.accum))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 

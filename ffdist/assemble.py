@@ -23,29 +23,26 @@ if TYPE_CHECKING:
     from torch import nn
 
     from ffdist.checkpoint import CheckpointManager
-    from ffdist.data import Loaders
+    from ffdist.data import Streams
     from ffdist.dist import DistInfo
     from ffdist.engine import Trainer
     from ffdist.monitor import Monitor
 
-# The side of the images an in-memory dataset holds (data.image_size does not resize them).
-NATIVE_SIZE = {"digits": 8, "mnist": 28, "fashion_mnist": 28, "cifar10": 32, "cifar100": 32}
-# data.image_size when unset, for datasets made at any size.
-DEFAULT_SIZE = {"synthetic": 32, "imagefolder": 224, "filelist": 224}
-
-
 def image_size(data: DataConfig) -> int:
     """The side of the square images the model is fed, without opening the data (it may not
-    be on this machine): what ffdist.data.datasets produces for `data`."""
-    if data.name in NATIVE_SIZE:
-        return NATIVE_SIZE[data.name]
-    return data.image_size or DEFAULT_SIZE.get(data.name, 224)
+    be on this machine): the data source's native size, else data.image_size, else the
+    source's default (ffdist.data.sources)."""
+    from ffdist.data import sources
+
+    return sources.get(data.name).train_size(data)
 
 
 def eval_image_size(data: DataConfig) -> int:
-    """The side of the eval (and predict/export) images: data.eval_image_size for folder
-    datasets that evaluate larger than they train (FixRes), else the training size."""
-    return data.eval_image_size or image_size(data)
+    """The side of the eval (and predict/export) images: data.eval_image_size for sources
+    that evaluate larger than they train (FixRes), else the training size."""
+    from ffdist.data import sources
+
+    return sources.get(data.name).eval_size(data)
 
 
 def batch_plan(recipe: Recipe, world_size: int) -> BatchPlan:
@@ -107,27 +104,37 @@ def param_counts(model: nn.Module) -> tuple[int, int]:
     return sum(size(p) for p in params), sum(size(p) for p in params if p.requires_grad)
 
 
+def build_data(recipe: Recipe, resolved: Resolved, rank: int) -> Streams:
+    """This rank's train and eval streams (ffdist.data.build) for the resolved batch plan and
+    device. Whether mixing pairs must share a micro-batch is decided here, from the recipe's
+    mixup/cutmix (ffdist.mixup), so that the data layer never imports the regularization."""
+    from ffdist import data, mixup
+
+    return data.build(recipe, rank, resolved.plan, resolved.device,
+                      pairs=mixup.enabled(recipe.data))
+
+
 def build_trainer(recipe: Recipe, info: DistInfo, resolved: Resolved, *,
-                  loaders: Loaders | None = None, model: nn.Module | None = None,
+                  data: Streams | None = None, model: nn.Module | None = None,
                   open_monitor: Callable[[], Monitor] | None = None,
                   manager: CheckpointManager | None = None) -> Trainer:
     """The one assembly of a Trainer: data, model (build_model), strategy, Trainer.
 
-    What is not given is built here: the loaders; the model (with its pretrained weights
-    left out: ffdist train passes the model it built and vetted); a Monitor whose sinks are
-    off and a CheckpointManager that never writes (ffdist bench: nothing is left behind).
-    `open_monitor` is called once the strategy exists: building it is the last step that
-    can refuse the run (a DeepSpeed config error), and a Monitor starts writing the run
-    directory."""
+    What is not given is built here: the data streams (build_data); the model (with its
+    pretrained weights left out: ffdist train passes the model it built and vetted); a
+    Monitor whose sinks are off and a CheckpointManager that never writes (ffdist bench:
+    nothing is left behind). `open_monitor` is called once the strategy exists: building it
+    is the last step that can refuse the run (a DeepSpeed config error), and a Monitor
+    starts writing the run directory."""
     import torch
 
-    from ffdist import data, strategies
+    from ffdist import strategies
     from ffdist.checkpoint import CheckpointManager
     from ffdist.engine import Trainer
     from ffdist.monitor import Monitor
 
-    if loaders is None:
-        loaders = data.build(recipe, info.rank, resolved.plan, info.device)
+    if data is None:
+        data = build_data(recipe, resolved, info.rank)
     if model is None:
         model = build_model(recipe, load_weights=False)
     torch.manual_seed(recipe.seed + 1000 * info.rank)  # per-rank dropout/augmentation
@@ -135,4 +142,4 @@ def build_trainer(recipe: Recipe, info: DistInfo, resolved: Resolved, *,
     monitor = open_monitor() if open_monitor else Monitor.off()
     if manager is None:
         manager = CheckpointManager(recipe.run_dir, recipe.checkpoint, is_writer=False)
-    return Trainer(recipe, info, resolved, loaders, strategy, monitor, manager)
+    return Trainer(recipe, info, resolved, data, strategy, monitor, manager)

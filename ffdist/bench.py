@@ -2,14 +2,14 @@
 [--synthetic] [--reference] [--precision P[,P...]] [--out PATH]`
 
 Throughput of a recipe as it trains: the Trainer assembled by the same function as
-`ffdist train`'s (ffdist.assemble.build_trainer: same loaders, model with model.freeze
+`ffdist train`'s (ffdist.assemble.build_trainer: same data streams, model with model.freeze
 applied, strategy, resolved batch plan and precision) and timed through its own optimizer
 step (`Trainer.train_step`), on one device or under any launcher (`torchrun
 --nproc_per_node 2 -m ffdist.bench RECIPE ...`). Writes bench.json (rank 0; default in the
 run directory) with the global figures and each rank's.
 
 What feeds the step:
-- the recipe's data (default): its loaders and device prefetcher across epoch ends, as fit()
+- the recipe's data (default): its train stream and device prefetcher across epoch ends, as fit()
   feeds them; `data wait` is the share of the step the host spent waiting for batches;
 - `--synthetic`: a fixed set of batches made on the device and cycled (no DataLoader, no
   copy): the model step alone, at the recipe's image size, channels and classes.
@@ -99,7 +99,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def synthetic_overrides(recipe_path: str, overrides: list[str]) -> list[str]:
-    """data.name=synthetic (a small in-memory set: the loaders are built, as train builds
+    """data.name=synthetic (a small in-memory set: the streams are built, as train builds
     them, but --synthetic never iterates them), keeping the recipe's image size and classes."""
     from ffdist import recipe as recipe_mod
     from ffdist.assemble import image_size
@@ -167,7 +167,7 @@ def _epochs(trainer: Trainer) -> Iterator[Batch]:
     """Training batches across epoch ends, as fit() would feed them."""
     epoch = 0
     while True:
-        trainer.loaders.train_sampler.set_epoch(epoch)
+        trainer.data.train.set_epoch(epoch)
         yield from trainer.train_batches
         epoch += 1
 

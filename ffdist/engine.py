@@ -43,7 +43,7 @@ from ffdist import ema as ema_mod
 from ffdist import faults, mixup
 from ffdist.checkpoint import CheckpointManager
 from ffdist.ckpt_format import Checkpoint
-from ffdist.data import DevicePrefetcher, Loaders
+from ffdist.data import DevicePrefetcher, Streams
 from ffdist.dist import DistInfo, all_reduce_sum
 from ffdist.errors import NonFiniteLoss
 from ffdist.metrics import EvalCounts
@@ -136,22 +136,22 @@ class StatsWindow:
 
 
 class Trainer:
-    def __init__(self, recipe: Recipe, info: DistInfo, resolved: Resolved, loaders: Loaders,
+    def __init__(self, recipe: Recipe, info: DistInfo, resolved: Resolved, data: Streams,
                  strategy: Strategy, monitor: Monitor, manager: CheckpointManager):
-        self.recipe, self.info, self.resolved, self.loaders = recipe, info, resolved, loaders
+        self.recipe, self.info, self.resolved, self.data = recipe, info, resolved, data
         self.strategy, self.monitor, self.manager = strategy, monitor, manager
         self.plan = resolved.plan
-        self.steps_per_epoch = loaders.train_sampler.steps_per_epoch
+        self.steps_per_epoch = data.train.steps_per_epoch
         self.total_steps = total_steps(recipe.schedule, self.steps_per_epoch)
         # Regularization (docs/regularization.md): mixup/cutmix of each micro-batch with
         # its soft-target loss, and the EMA of the weights, updated after each step.
         self.criterion = mixup.criterion(recipe)
         self.mixer = mixup.for_run(recipe, self.plan, info.rank)
         self.ema = ema_mod.for_run(recipe, strategy, self.steps_per_epoch)
-        spec, channels_last = loaders.spec, recipe.model.channels_last
-        self.train_batches = DevicePrefetcher(loaders.train, info.device, spec.mean, spec.std,
+        spec, channels_last = data.spec, recipe.model.channels_last
+        self.train_batches = DevicePrefetcher(data.train, info.device, spec.mean, spec.std,
                                               channels_last)
-        self.val_batches = DevicePrefetcher(loaders.val, info.device, spec.mean, spec.std,
+        self.val_batches = DevicePrefetcher(data.eval, info.device, spec.mean, spec.std,
                                             channels_last)
         self.progress = Progress()
         self.window = StatsWindow(info.device)
@@ -177,11 +177,17 @@ class Trainer:
         return Checkpoint(
             step=p.step, epoch=p.epoch, step_in_epoch=p.step_in_epoch,
             layout=self.strategy.layout(self.recipe, self.resolved),
-            recipe=self.recipe.to_dict(), classes=list(self.loaders.spec.classes),
+            recipe=self.recipe.to_dict(), classes=list(self.data.spec.classes),
             best_top1=p.best_top1, skipped_steps=p.skipped_steps, bad_in_a_row=p.bad_in_a_row,
-            rng=rng,
-            sections={"ema": self.ema.state_dict()} if self.ema is not None else {},
-            **self.strategy.state_dict())
+            rng=rng, sections=self._sections(), **self.strategy.state_dict())
+
+    def _sections(self) -> dict[str, Any]:
+        """The checkpoint's optional sections: the data stream's state (its position is the
+        checkpoint's epoch/step_in_epoch), and the EMA of the weights."""
+        sections = {"data": self.data.train.state_dict()}
+        if self.ema is not None:
+            sections["ema"] = self.ema.state_dict()
+        return sections
 
     def save(self, is_best: bool = False) -> None:
         self.settle_flags()  # the checkpoint's skip counts include every step it holds
@@ -193,6 +199,8 @@ class Trainer:
         self.progress = Progress(ckpt.epoch, ckpt.step, ckpt.step_in_epoch, ckpt.best_top1,
                                  skipped_steps=ckpt.skipped_steps, bad_in_a_row=ckpt.bad_in_a_row)
         self._saved_step = ckpt.step
+        if "data" in ckpt.sections:  # the position comes back through set_epoch
+            self.data.train.load_state_dict(ckpt.sections["data"])
         if self.ema is not None and not self.ema.restore(ckpt.sections.get("ema"),
                                                          self.strategy.unwrap()):
             self.monitor.info("the checkpoint of step %d has no EMA of the weights; the EMA "
@@ -246,7 +254,7 @@ class Trainer:
 
     def train_epoch(self) -> None:
         p = self.progress
-        self.loaders.train_sampler.set_epoch(p.epoch, skip_steps=p.step_in_epoch)
+        self.data.train.set_epoch(p.epoch, skip_steps=p.step_in_epoch)
         self.strategy.model.train()
         self.monitor.start_epoch(p.epoch, self.steps_per_epoch, p.step_in_epoch)
         batches = iter(self.train_batches)

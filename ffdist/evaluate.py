@@ -7,7 +7,7 @@ checkpoint.final_weights, so that a checkpoint and model.pt evaluate the same ki
 
 Runs under any launcher, like training: `torchrun --nproc_per_node 2 -m ffdist.evaluate
 RUN_DIR` (or `-m ffdist.cli eval RUN_DIR`) gives every rank a disjoint shard of the val set
-(ffdist.data's ShardSampler, no padding) and sums the counts with one all-reduce, so `n` is
+(the source's eval stream: no padding) and sums the counts with one all-reduce, so `n` is
 exactly the val set size whatever the world size. The loop is the Trainer's own
 (ffdist.engine.evaluate_model), at the precision training resolved (ffdist.assemble).
 """
@@ -28,7 +28,7 @@ from ffdist.errors import EXIT_USER_ERROR
 from ffdist.metrics import per_class
 
 if TYPE_CHECKING:
-    from ffdist.data import Loaders
+    from ffdist.data import Streams
     from ffdist.dist import DistInfo
     from ffdist.recipe import Recipe
     from ffdist.resolved import Resolved
@@ -95,18 +95,18 @@ def write_outputs(run_dir: Path, report: dict[str, Any], confusion: torch.Tensor
 @dataclass
 class EvalSetup:
     resolved: Resolved
-    loaders: Loaders
+    data: Streams
     model: nn.Module          # the recipe's architecture (ffdist.assemble.build_model)
 
 
 def setup(rcp: Recipe, info: DistInfo) -> EvalSetup:
     """What ffdist eval runs: the run's resolved batch plan and precision (as training
-    resolved them, `accelerate launch --mixed_precision` included), its loaders, its model."""
-    from ffdist import assemble, data
+    resolved them, `accelerate launch --mixed_precision` included), its data, its model."""
+    from ffdist import assemble
 
     resolved = assemble.resolve_for(rcp, info, trains=False)
-    loaders = data.build(rcp, info.rank, resolved.plan, info.device)
-    return EvalSetup(resolved, loaders, assemble.build_model(rcp, load_weights=False))
+    data = assemble.build_data(rcp, resolved, info.rank)
+    return EvalSetup(resolved, data, assemble.build_model(rcp, load_weights=False))
 
 
 def run(run_dir: str | Path, overrides: list[str]) -> dict[str, Any]:
@@ -127,8 +127,8 @@ def run(run_dir: str | Path, overrides: list[str]) -> dict[str, Any]:
         loading.load_into(s.model, state, weights)
         fmt = torch.channels_last if rcp.model.channels_last else torch.contiguous_format
         model = s.model.to(device=info.device, memory_format=fmt)
-        spec, prec = s.loaders.spec, s.resolved.precision
-        batches = DevicePrefetcher(s.loaders.val, info.device, spec.mean, spec.std,
+        spec, prec = s.data.spec, s.resolved.precision
+        batches = DevicePrefetcher(s.data.eval, info.device, spec.mean, spec.std,
                                    rcp.model.channels_last)
         result, confusion = evaluate_model(model, batches, rcp.model.num_classes, info.device,
                                            Autocast(prec, info.device))

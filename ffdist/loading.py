@@ -138,7 +138,7 @@ class RunModel:
     mean: tuple[float, ...]   # 0..255 scale, as the uint8 pipeline uses
     std: tuple[float, ...]
     weights: Path
-    folder_data: bool         # imagefolder/filelist: resize + center crop like eval
+    folder_data: bool         # the source is folder-like: resize + center crop like eval
     eval_resize: int | None = None  # folders: short side before the crop (None: size/0.875)
     interpolation: str = "bilinear"
 
@@ -146,43 +146,22 @@ class RunModel:
 def load_run(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = (),
              checkpoint: str | None = None, weights: str | None = None) -> RunModel:
     """The run's model (eval mode, CPU) with its weights (`run_weights`: raw | ema | None,
-    the run's checkpoint.final_weights), and its data description."""
+    the run's checkpoint.final_weights), and its data description: what the run's data
+    source declares (ffdist.data.sources), without building the data (an ImageNet-size
+    folder is not scanned for a class list)."""
     from ffdist.assemble import build_model, eval_image_size
-    from ffdist.data.datasets import build_datasets
+    from ffdist.data import sources
 
     run_dir = Path(run_dir)
     rcp = load_recipe(run_dir, overrides)
-    folder_data = rcp.data.name in ("imagefolder", "filelist")
+    source = sources.get(rcp.data.name)
     size = eval_image_size(rcp.data)  # served at the EVAL size, as ffdist.assemble resolves it
-    if folder_data:
-        # Do not scan an ImageNet-size folder for a class list: the class folder names (or
-        # data.classes) are it; normalization as ffdist.data.datasets sets it.
-        from ffdist.data import transforms as T
-
-        classes = _folder_classes(rcp)
-        channels = rcp.model.in_channels
-        mean, std = T.normalization("imagenet", channels)
-    else:
-        spec = build_datasets(rcp.data, rcp.seed, rcp.model.num_classes, rcp.model.in_channels)
-        classes, channels, mean, std = list(spec.classes), spec.channels, spec.mean, spec.std
+    classes = source.classes(rcp.data, rcp.model.num_classes)
+    channels = rcp.model.in_channels  # training checked that the data has as many
+    mean, std = source.normalization(channels)
     model = build_model(rcp, load_weights=False)  # as training built it; weights below
     path = weights_path(run_dir, checkpoint)
     load_into(model, run_weights(rcp, path, check_weights_kind(weights, "--weights"))[0], path)
     model.eval()
     return RunModel(rcp, model, classes, channels, size, tuple(mean), tuple(std), path,
-                    folder_data, rcp.data.eval_resize_size, rcp.data.interpolation)
-
-
-def _folder_classes(rcp: Recipe) -> list[str]:
-    n = rcp.model.num_classes
-    if rcp.data.name == "filelist":
-        return list(rcp.data.classes) or [str(i) for i in range(n)]
-    train = Path(rcp.data.root or "") / "train"
-    classes = sorted(p.name for p in train.iterdir() if p.is_dir()) if train.is_dir() else []
-    if len(classes) != n:
-        from ffdist.errors import DataError
-
-        raise DataError(f"data.root={rcp.data.root}: {train} should hold the {n} class folders "
-                        "the run was trained with (their names are the class names); "
-                        "point data.root=... at the training data.")
-    return classes
+                    source.folder_like, rcp.data.eval_resize_size, rcp.data.interpolation)

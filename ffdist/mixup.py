@@ -12,8 +12,9 @@ images share one draw: batch (a group), pair (both images of a pair), elem (each
 What differs, and why. timm pairs image i with image N-1-i of each GPU's batch and draws
 from the process's global numpy RNG, so the mixed images depend on how the global batch is
 split over GPUs and on the RNG history of each process. Here:
-- Partners are fixed by the global batch: ffdist.data.loader.TrainSampler(pairs=True) puts
-  each pair next to each other in one micro-batch of one rank, whatever the world size.
+- Partners are fixed by the global batch: a train stream built with pairs=True
+  (ffdist.data.stream; ffdist.data.mapstyle.TrainSampler) puts each pair next to each other
+  in one micro-batch of one rank, whatever the world size.
 - Every draw of optimizer step s comes from one numpy generator seeded with (seed, s),
   drawn for every unit of the GLOBAL batch on every rank; a rank uses its own units. A draw
   is a function of (seed, step, position in the global batch) only: 1 or N ranks, any
@@ -171,7 +172,7 @@ class Mixer:
         return centred_box(lam, cy, cx, h, w)
 
     def positions(self, micro: int, size: int | None = None) -> np.ndarray:
-        """Global-batch positions of this rank's micro-batch `micro` (TrainSampler with
+        """Global-batch positions of this rank's micro-batch `micro` (a train stream with
         pairs=True: rank r holds pairs r, r + world, ...)."""
         q = micro * self.micro + np.arange(size or self.micro)
         return 2 * (self.rank + self.world * (q // 2)) + q % 2

@@ -53,13 +53,22 @@ def next_run_dir(run: Path) -> Path:
     return candidate
 
 
+def _examples(rcp: Recipe) -> tuple[str, str, str] | None:
+    """(folder, command that writes it, what it holds): images of the run's data source to
+    try `ffdist predict` on, if the source has a command for them."""
+    from ffdist.data import sources
+
+    return sources.get(rcp.data.name).example_images
+
+
 def next_commands(rcp: Recipe, recipe_path: str | None, world_size: int) -> list[str]:
     """(command, what it does) lines with the run's real path, aligned."""
     run = rcp.run_dir
-    images = "samples" if rcp.data.name == "digits" else "IMAGES..."
+    examples = _examples(rcp)
+    images = examples[0] if examples else "IMAGES..."
     rows = [(f"ffdist eval {run}", "top-1/top-5, confusion matrix of model.pt")]
-    if rcp.data.name == "digits":
-        rows.append(("ffdist samples --out samples", "a few digit PNGs to try predict on"))
+    if examples:
+        rows.append(examples[1:])
     rows.append((f"ffdist predict {run} {images} --out preds.csv", "classify image files"))
     if "tensorboard" in selected(rcp.log):
         rows.append((f"tensorboard --logdir {run}/tb", "loss and accuracy curves"))
@@ -85,7 +94,8 @@ def finished(rcp: Recipe, result: dict[str, Any], seconds: float, recipe_path: s
 def already_finished(message: str, rcp: Recipe, recipe_path: str | None) -> str:
     """The "nothing to do" message and, on a second line, the commands that use the run."""
     run = rcp.run_dir
-    images = "samples" if rcp.data.name == "digits" else "IMAGES..."
+    examples = _examples(rcp)
+    images = examples[0] if examples else "IMAGES..."
     cmds = [f"ffdist eval {run}", f"ffdist predict {run} {images} --out preds.csv"]
     if "tensorboard" in selected(rcp.log) and (run / "tb").exists():
         cmds.append(f"tensorboard --logdir {run}/tb")

@@ -111,7 +111,7 @@ def build(rcp: Recipe, info: DistInfo) -> tuple[Trainer | None, run_dir.Start]:
     """Resolve the run, decide fresh / resume / nothing to do (ffdist.run_dir), refuse what
     cannot run, then assemble the Trainer (restored). (None, start) when there is nothing
     to do: the run directory holds this recipe's finished run."""
-    from ffdist import assemble, checkpoint, data, run_dir
+    from ffdist import assemble, checkpoint, run_dir
     from ffdist.monitor import Monitor, Pictures
     from ffdist.optim import total_steps
     from ffdist.shared_fs import check_shared_dir
@@ -124,21 +124,20 @@ def build(rcp: Recipe, info: DistInfo) -> tuple[Trainer | None, run_dir.Start]:
         return None, start
     found = start.found
     state = found[1] if found else None
-    loaders = data.build(rcp, info.rank, resolved.plan, info.device)
+    data = assemble.build_data(rcp, resolved, info.rank)
     model = assemble.build_model(rcp, load_weights=state is None)
     # Everything that can refuse the run does so before the run directory is touched.
     if found:
         checkpoint.check_compatible(state, model, found[0], rcp, resolved)
-    run_dir.check_progress(rcp, state, total_steps(rcp.schedule,
-                                                   loaders.train_sampler.steps_per_epoch))
-    spec = loaders.spec
+    run_dir.check_progress(rcp, state, total_steps(rcp.schedule, data.train.steps_per_epoch))
+    spec = data.spec
 
     def open_monitor() -> Monitor:  # after the strategy: it truncates metrics.jsonl
         return Monitor.open(rcp, info.is_primary, resume_step=state.step if state else None,
                             pictures=Pictures(rcp.log.images, rcp.log.graph, spec.mean,
                                               spec.std, spec.classes))
 
-    trainer = assemble.build_trainer(rcp, info, resolved, loaders=loaders, model=model,
+    trainer = assemble.build_trainer(rcp, info, resolved, data=data, model=model,
                                      open_monitor=open_monitor, manager=manager)
     monitor = trainer.monitor
     if state:

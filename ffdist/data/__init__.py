@@ -1,22 +1,67 @@
-"""Datasets, transforms, samplers and loaders.
+"""Data: sources by name (ffdist.data.sources), the streams they build (ffdist.data.stream),
+and the device step (DevicePrefetcher).
 
-The names below load ffdist.data.loader (and torch) on first use, so that the torch-free
-ffdist.data.presence check runs before torch is imported (a missing dataset is reported
-as fast as a recipe mistake)."""
+`build` is the one entry: this rank's train and eval streams for a recipe and the batch plan
+the run resolved. It imports no torch itself (the source does, in its build), and
+DevicePrefetcher loads ffdist.data.prefetch (and torch) on first use, so that the torch-free
+ffdist.data.presence check runs before torch is imported (a missing dataset is reported as
+fast as a recipe mistake).
+"""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    from ffdist.data.loader import DevicePrefetcher, Loaders, build
+from ffdist.data import sources
+from ffdist.data.stream import DataSpec, EvalStream, StreamRequest, Streams, TrainStream
+from ffdist.errors import DataError
+from ffdist.resolved import BatchPlan
 
-__all__ = ["DevicePrefetcher", "Loaders", "build"]
+if TYPE_CHECKING:
+    import torch
+
+    from ffdist.data.prefetch import DevicePrefetcher
+    from ffdist.recipe import Recipe
+
+__all__ = ["DataSpec", "DevicePrefetcher", "EvalStream", "Streams", "TrainStream", "build"]
+
+
+def build(recipe: Recipe, rank: int, plan: BatchPlan, device: torch.device, *,
+          pairs: bool) -> Streams:
+    """This rank's streams of the source data.name names, for the batch plan the run
+    resolved (ffdist.assemble.resolve: the streams never recompute it). `pairs`: mixup/cutmix
+    is on and pairs must share a micro-batch (the caller decides: ffdist.assemble.build_data).
+    The source's spec is checked against the model's classes and channels."""
+    if not isinstance(plan, BatchPlan):
+        raise TypeError("ffdist.data.build takes the BatchPlan of ffdist.assemble.resolve() "
+                        f"(resolved.plan), not {type(plan).__name__}")
+    cfg = recipe.data
+    source = sources.get(cfg.name)
+    source.check_sizes(cfg)
+    eval_global = cfg.eval_batch_size or cfg.batch_size
+    req = StreamRequest(plan, rank, recipe.seed, recipe.model.num_classes,
+                        recipe.model.in_channels, pairs, eval_batch=max(1, eval_global //
+                                                                        plan.world_size),
+                        # pinned host memory only helps (and only works) with CUDA
+                        pin_memory=device.type == "cuda")
+    streams = source.build(cfg, req)
+    check_spec(streams.spec, cfg.name, recipe.model.num_classes, recipe.model.in_channels)
+    return streams
+
+
+def check_spec(spec: DataSpec, name: str, num_classes: int, channels: int) -> None:
+    """The data and the model must agree on classes and channels."""
+    if len(spec.classes) != num_classes:
+        raise DataError(f"model.num_classes={num_classes} but data.name={name} has "
+                        f"{len(spec.classes)} classes; set model.num_classes={len(spec.classes)}.")
+    if spec.channels != channels:
+        raise DataError(f"model.in_channels={channels} but data.name={name} images have "
+                        f"{spec.channels} channel(s); set model.in_channels={spec.channels}.")
 
 
 def __getattr__(name: str) -> Any:
-    if name in __all__:
-        from ffdist.data import loader
+    if name == "DevicePrefetcher":
+        from ffdist.data.prefetch import DevicePrefetcher
 
-        return getattr(loader, name)
+        return DevicePrefetcher
     raise AttributeError(f"module 'ffdist.data' has no attribute {name!r}")

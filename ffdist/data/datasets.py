@@ -1,9 +1,11 @@
-"""Datasets by name. Every dataset yields (uint8 CHW image, int label).
+"""The map-style datasets the sources build on. Every dataset yields (uint8 CHW image,
+int label).
 
-In-memory datasets (digits, MNIST, CIFAR, synthetic) are one uint8 tensor: a batch is one
-indexing operation (`__getitems__`), with batched augmentation, no per-sample Python.
-Folder datasets (imagefolder, filelist) decode JPEG/PNG straight to uint8 tensors with
-torchvision.io and augment with transforms v2.
+`TensorImages`: images in memory as one uint8 tensor (digits, MNIST, CIFAR, synthetic): a
+batch is one indexing operation (`__getitems__`), with batched augmentation, no per-sample
+Python. `FileImages`: (path, label) pairs (image folders, file lists) decoded from
+JPEG/PNG/WebP/GIF straight to uint8 tensors with torchvision.io, augmented with
+transforms v2.
 """
 
 from __future__ import annotations
@@ -11,35 +13,14 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
 
 from ffdist.data import transforms as T
 from ffdist.errors import DataError
-from ffdist.recipe import DataConfig
 
 log = logging.getLogger(__name__)
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG")
-
-
-@dataclass
-class DataSpec:
-    train: Dataset
-    val: Dataset
-    classes: list[str]
-    channels: int
-    image_size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    eval_image_size: int | None = None   # folders: the eval crop when it differs (FixRes)
-    eval_resize_size: int | None = None  # folders: the short side before that crop
-
-    @property
-    def eval_size(self) -> int:
-        return self.eval_image_size or self.image_size
 
 
 Key = "int | tuple[int, int] | tuple[int, int, int]"
@@ -205,204 +186,3 @@ def collate(batch: object) -> object:
         raise DataError(f"all {len(batch)} images of a batch are unreadable; check the dataset "
                         "files (data.bad_images=skip skipped them).")
     return default_collate(kept)
-
-
-# ------------------------------------------------------------------------------ builders
-
-def _digits(cfg: DataConfig, seed: int) -> DataSpec:
-    from ffdist.data import digits
-
-    pixels, target = digits.load()
-    images = torch.from_numpy(pixels)[:, None]
-    labels = torch.from_numpy(target)
-    # A fixed split (not the training seed): every run and every rank sees the same val set.
-    tr, va = (torch.tensor(ix) for ix in digits.split(target, cfg.val_fraction))
-    mean, std = T.normalization("digits", 1)
-    # Shifts of up to one pixel; never flips (a mirrored 2 is not a 2).
-    train = TensorImages(images[tr], labels[tr], pad=1 if cfg.augment else 0, seed=seed,
-                         sample_tf=T.sample_transforms(cfg, mean, std))
-    return DataSpec(train, TensorImages(images[va], labels[va]),
-                    [str(c) for c in range(10)], 1, 8, mean, std)
-
-
-def _torchvision(cfg: DataConfig, seed: int) -> DataSpec:
-    from torchvision import datasets
-
-    cls = {"mnist": datasets.MNIST, "fashion_mnist": datasets.FashionMNIST,
-           "cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}[cfg.name]
-    from ffdist.data.presence import torchvision_root
-
-    root = torchvision_root(cfg)
-    try:
-        train = cls(root, train=True, download=cfg.download)
-        val = cls(root, train=False, download=cfg.download)
-    except RuntimeError as e:
-        if cfg.download:
-            raise DataError(f"data.name={cfg.name}: download into {root} failed ({e}); check "
-                            "the network, or put the files there by hand.") from None
-        raise DataError(f"data.root={root}: no {cfg.name} files there; set data.download=true "
-                        f"(needs a network) or data.root to the folder that holds them.") from None
-
-    def as_tensor(ds: object) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.as_tensor(ds.data)  # type: ignore[attr-defined]
-        x = x[:, None] if x.dim() == 3 else x.permute(0, 3, 1, 2)  # NHWC (CIFAR) -> NCHW
-        return x.contiguous().to(torch.uint8), torch.as_tensor(ds.targets)  # type: ignore[attr-defined]
-
-    (xt, yt), (xv, yv) = as_tensor(train), as_tensor(val)
-    cifar = cfg.name.startswith("cifar")
-    aug = cfg.augment and cifar  # MNIST-like digits must not be flipped
-    mean, std = T.normalization(cfg.name, xt.shape[1])
-    return DataSpec(TensorImages(xt, yt, pad=4 if aug else 0, flip=aug, seed=seed,
-                                 sample_tf=T.sample_transforms(cfg, mean, std)),
-                    TensorImages(xv, yv),
-                    list(train.classes), xt.shape[1], xt.shape[-1], mean, std)
-
-
-def _synthetic(cfg: DataConfig, seed: int, num_classes: int, channels: int) -> DataSpec:
-    size = cfg.image_size or 32
-    g = torch.Generator().manual_seed(seed)
-    # 256 distinct images cycled: enough for throughput, little memory at 224x224.
-    distinct = torch.randint(0, 256, (min(256, cfg.synthetic_size), channels, size, size),
-                             dtype=torch.uint8, generator=g)
-    images = distinct.repeat(-(-cfg.synthetic_size // len(distinct)), 1, 1, 1)
-    images = images[: cfg.synthetic_size]
-    labels = torch.randint(0, num_classes, (cfg.synthetic_size,), generator=g)
-    n_val = max(1, int(cfg.synthetic_size * cfg.val_fraction))
-    mean, std = T.normalization("synthetic", channels)
-    val = images[:n_val]
-    if cfg.eval_image_size and cfg.eval_image_size != size:  # a recipe evaluating larger
-        val = torch.randint(0, 256, (n_val, channels, cfg.eval_image_size, cfg.eval_image_size),
-                            dtype=torch.uint8, generator=g)
-    return DataSpec(TensorImages(images[n_val:], labels[n_val:]), TensorImages(val, labels[:n_val]),
-                    [str(c) for c in range(num_classes)], channels, size, mean, std,
-                    eval_image_size=cfg.eval_image_size)
-
-
-def _scan_folder(root: Path) -> tuple[list[tuple[str, int]], list[str]]:
-    if not root.is_dir():
-        raise DataError(f"data.root: {root} is not a folder; an imagefolder root holds train/ "
-                        "and val/, each with one sub-folder per class.")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    if not classes:
-        raise DataError(f"data.root: {root} has no class folders; put each class's images in "
-                        f"{root}/<class name>/.")
-    samples: list[tuple[str, int]] = []
-    for label, name in enumerate(classes):
-        files = sorted(str(p) for p in (root / name).rglob("*") if p.suffix in IMAGE_SUFFIXES)
-        if not files:
-            raise DataError(f"data.root: class folder {root / name} holds no .jpg/.png images; "
-                            "add images or remove the folder.")
-        samples += [(f, label) for f in files]
-    return samples, classes
-
-
-def _imagefolder(cfg: DataConfig, channels: int, seed: int) -> DataSpec:
-    if not cfg.root:
-        raise DataError("data.root is not set; imagefolder needs a folder with train/ and val/.")
-    root = Path(cfg.root)
-    train, classes = _scan_folder(root / "train")
-    val, val_classes = _scan_folder(root / "val")
-    if val_classes != classes:
-        only_train = sorted(set(classes) - set(val_classes))
-        only_val = sorted(set(val_classes) - set(classes))
-        diff = "; ".join(f"only in {root / split}: {', '.join(names[:5])}"
-                         + (f" (+{len(names) - 5} more)" if len(names) > 5 else "")
-                         for split, names in (("train", only_train), ("val", only_val)) if names)
-        raise DataError(f"data.root: {root / 'train'} and {root / 'val'} must hold the same "
-                        f"class folders ({diff}); add or remove folders so that they match.")
-    return _files_spec(cfg, train, val, classes, channels, seed)
-
-
-def _read_list(path: Path, root: Path, sep: str) -> list[tuple[str, int]]:
-    if not path.is_file():
-        raise DataError(f"data.train_list/val_list: {path} does not exist; give a text file of "
-                        f"'relative/path{sep}label' lines.")
-    samples = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        rel, _, label = line.rpartition(sep)
-        if not rel or not label.strip().lstrip("-").isdigit():
-            raise DataError(f"{path}:{n}: {line!r} is not 'relative/path{sep}label' "
-                            f"(data.list_sep={sep!r}); fix the line or the separator.")
-        samples.append((str(root / rel.strip()), int(label)))
-    return samples
-
-
-def _filelist(cfg: DataConfig, channels: int, num_classes: int, seed: int) -> DataSpec:
-    if not (cfg.train_list and cfg.val_list):
-        raise DataError("data.train_list and data.val_list must both be set for "
-                        "data.name=filelist.")
-    root = Path(cfg.root or ".")
-    train = _read_list(Path(cfg.train_list), root, cfg.list_sep)
-    val = _read_list(Path(cfg.val_list), root, cfg.list_sep)
-    classes = list(cfg.classes) or [str(i) for i in range(num_classes)]
-    for name, samples in (("data.train_list", train), ("data.val_list", val)):
-        bad = [lab for _, lab in samples if not 0 <= lab < len(classes)]
-        if bad:
-            raise DataError(f"{name}: label {bad[0]} is out of range for {len(classes)} classes; "
-                            "labels run from 0 to num_classes-1 (model.num_classes, "
-                            "data.classes).")
-    return _files_spec(cfg, train, val, classes, channels, seed)
-
-
-def _files_spec(cfg: DataConfig, train: list, val: list, classes: list[str],
-                channels: int, seed: int) -> DataSpec:
-    size = cfg.image_size or 224
-    eval_size = cfg.eval_image_size or size
-    mean, std = T.normalization("imagenet", channels)
-    interp = cfg.interpolation
-    train_tf = T.folder_train(size, interp, T.sample_transforms(cfg, mean, std)) if cfg.augment \
-        else T.folder_eval(size, interp=interp)
-    val_tf = T.folder_eval(eval_size, cfg.eval_resize_size, interp)
-    bad = {"bad_images": cfg.bad_images, "max_bad_fraction": cfg.max_bad_fraction}
-    return DataSpec(FileImages(train, train_tf, channels, seed, split="train", **bad),
-                    FileImages(val, val_tf, channels, split="val", **bad),
-                    classes, channels, size, mean, std, cfg.eval_image_size, cfg.eval_resize_size)
-
-
-DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "imagefolder",
-            "filelist", "synthetic")
-
-
-IN_MEMORY = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100")
-
-
-def _check_sizes(cfg: DataConfig) -> None:
-    """In-memory datasets train and evaluate at their native size: an eval size would be a
-    silent no-op there."""
-    if cfg.name not in IN_MEMORY:
-        return
-    for key in ("eval_image_size", "eval_resize_size"):
-        if getattr(cfg, key) is not None:
-            raise DataError(f"data.{key}={getattr(cfg, key)} applies to folder datasets "
-                            f"(imagefolder, filelist); data.name={cfg.name} is evaluated at its "
-                            "native size. Remove the key.")
-
-
-def build_datasets(cfg: DataConfig, seed: int, num_classes: int, channels: int) -> DataSpec:
-    """The train/val datasets a recipe names, checked against the model's classes/channels."""
-    _check_sizes(cfg)
-    if cfg.name == "digits":
-        spec = _digits(cfg, seed)
-    elif cfg.name in ("mnist", "fashion_mnist", "cifar10", "cifar100"):
-        spec = _torchvision(cfg, seed)
-    elif cfg.name == "synthetic":
-        spec = _synthetic(cfg, seed, num_classes, channels)
-    elif cfg.name == "imagefolder":
-        spec = _imagefolder(cfg, channels, seed)
-    elif cfg.name == "filelist":
-        spec = _filelist(cfg, channels, num_classes, seed)
-    else:
-        import difflib
-
-        close = difflib.get_close_matches(cfg.name, DATASETS, n=1)
-        hint = f"did you mean '{close[0]}'?" if close else f"use one of {', '.join(DATASETS)}."
-        raise DataError(f"data.name={cfg.name!r} is not a dataset; {hint}")
-    if len(spec.classes) != num_classes:
-        raise DataError(f"model.num_classes={num_classes} but data.name={cfg.name} has "
-                        f"{len(spec.classes)} classes; set model.num_classes={len(spec.classes)}.")
-    if spec.channels != channels:
-        raise DataError(f"model.in_channels={channels} but data.name={cfg.name} images have "
-                        f"{spec.channels} channel(s); set model.in_channels={spec.channels}.")
-    return spec

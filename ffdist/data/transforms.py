@@ -1,6 +1,6 @@
 """Augmentation presets. Images stay uint8 until the device: the DataLoader moves 4x fewer
 bytes than float32 through shared memory and pinned buffers, and normalization happens once
-per batch on the device (ffdist.data.loader.DevicePrefetcher), as in timm's PrefetchLoader.
+per batch on the device (ffdist.data.prefetch.DevicePrefetcher), as in timm's PrefetchLoader.
 
 Every random draw is keyed by the sample (`sample_seeds`): policies (RandAugment,
 TrivialAugmentWide, AugMix, AutoAugment) and random erasing are torchvision's own v2
@@ -14,29 +14,6 @@ from collections.abc import Callable
 import torch
 
 from ffdist.recipe import DataConfig
-
-# Per-channel mean/std on the 0..255 scale of uint8 images.
-IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
-IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
-NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
-    "digits": ((0.3053 * 255,), (0.3760 * 255,)),
-    "mnist": ((0.1307 * 255,), (0.3081 * 255,)),
-    "fashion_mnist": ((0.2860 * 255,), (0.3530 * 255,)),
-    "cifar10": ((0.4914 * 255, 0.4822 * 255, 0.4465 * 255), (0.2470 * 255, 0.2435 * 255,
-                                                             0.2616 * 255)),
-    "cifar100": ((0.5071 * 255, 0.4865 * 255, 0.4409 * 255), (0.2673 * 255, 0.2564 * 255,
-                                                              0.2762 * 255)),
-    "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
-    "synthetic": ((127.5,), (73.9,)),
-}
-
-
-def normalization(name: str, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    mean, std = NORMALIZATION.get(name, NORMALIZATION["imagenet"])
-    if len(mean) != channels:  # e.g. grey folders: average the RGB statistics
-        mean = (sum(mean) / len(mean),) * channels
-        std = (sum(std) / len(std),) * channels
-    return mean, std
 
 
 def interpolation(name: str):

@@ -48,7 +48,7 @@ def test_gradients_are_equal_across_ranks_after_backward() -> None:
 
 
 def _eval_worker(rank: int, world: int, port: int, n: int, out: dict) -> None:
-    from ffdist.data.loader import ShardSampler
+    from ffdist.data.mapstyle import ShardSampler
     from ffdist.metrics import EvalCounts
 
     _init(rank, world, port)

@@ -28,23 +28,23 @@ RECIPE = "digits_zero2.yaml"
 
 def _evaluate_model_pt(run_dir, *overrides: str) -> float:
     """Top-1 of <run>/model.pt loaded into a FRESH model (weights_only=True), one process."""
-    from ffdist import data, models, recipe
-    from ffdist.assemble import resolve
+    from ffdist import models, recipe
+    from ffdist.assemble import build_data, resolve
     from ffdist.data import DevicePrefetcher
 
     rcp = recipe.load(RECIPES / RECIPE, list(overrides))
     cpu = torch.device("cpu")
-    loaders = data.build(rcp, 0, resolve(rcp, 1, cpu).plan, cpu)
+    streams = build_data(rcp, resolve(rcp, 1, cpu), 0)
     state = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in state)
     assert all(v.dtype == torch.float32 for v in state.values() if v.is_floating_point())
     model = models.build(rcp.model)
     model.load_state_dict(state)  # strict: every key of a stock model, nothing else
     model.eval()
-    spec = loaders.spec
+    spec = streams.spec
     hits = n = 0
     with torch.no_grad():
-        for x, y in DevicePrefetcher(loaders.val, cpu, spec.mean, spec.std):
+        for x, y in DevicePrefetcher(streams.eval, cpu, spec.mean, spec.std):
             hits += int((model(x).argmax(1) == y).sum())
             n += len(y)
     return hits / n

@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from ffdist import train
-from ffdist.data.presence import TORCHVISION_FILES, check_present
+from ffdist.data.presence import check_present
+from ffdist.data.sources.torchvision_sets import TORCHVISION_FILES
 from ffdist.errors import EXIT_USER_ERROR
 from ffdist.recipe import load
 from tests.helpers import CPU, RECIPES, run, torchrun

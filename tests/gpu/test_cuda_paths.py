@@ -44,14 +44,13 @@ def _cuda() -> torch.device:
 
 # ------------------------------------------------------------------ DevicePrefetcher
 
-def _loaders(device: torch.device):
-    from ffdist import assemble, data, recipe
+def _streams(device: torch.device):
+    from ffdist import assemble, recipe
 
     rcp = recipe.load(RECIPES / "digits.yaml", ["data.batch_size=64"])
-    plan = assemble.resolve(rcp, 1, device, None).plan
-    loaders = data.build(rcp, 0, plan, device)
-    loaders.train_sampler.set_epoch(3)  # augmentation depends on (epoch, index) only
-    return loaders
+    streams = assemble.build_data(rcp, assemble.resolve(rcp, 1, device, None), 0)
+    streams.train.set_epoch(3)  # augmentation depends on (epoch, index) only
+    return streams
 
 
 @pytest.mark.parametrize("channels_last", [True, False])
@@ -60,15 +59,15 @@ def test_prefetched_cuda_batches_equal_the_cpu_path(channels_last: bool) -> None
     stream delivers equals what the CPU path computes, in the asked memory format."""
     from ffdist.data import DevicePrefetcher
 
-    cpu_side, cuda_side = _loaders(torch.device("cpu")), _loaders(_cuda())
-    assert cuda_side.train.pin_memory and not cpu_side.train.pin_memory
+    cpu_side, cuda_side = _streams(torch.device("cpu")), _streams(_cuda())
+    assert cuda_side.train.loader.pin_memory and not cpu_side.train.loader.pin_memory
     spec = cpu_side.spec
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     want = list(DevicePrefetcher(cpu_side.train, torch.device("cpu"), spec.mean, spec.std,
                                  channels_last))
     got = list(DevicePrefetcher(cuda_side.train, _cuda(), spec.mean, spec.std, channels_last))
     torch.cuda.synchronize()
-    assert len(got) == len(want) == cpu_side.train_sampler.steps_per_epoch
+    assert len(got) == len(want) == cpu_side.train.steps_per_epoch
     for (x, y), (cx, cy) in zip(got, want):
         assert x.device == y.device == _cuda() and x.dtype == torch.float32
         assert x.is_contiguous(memory_format=fmt)

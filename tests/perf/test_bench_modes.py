@@ -27,12 +27,12 @@ def test_synthetic_never_iterates_a_loader(tmp_path: Path, monkeypatch: pytest.M
     """--synthetic times the model step alone: device-made batches, no DataLoader (train or
     eval) is ever iterated, and nothing but bench.json is written."""
     from ffdist import bench
-    from ffdist.data import loader
+    from ffdist.data import prefetch
 
     def no_loader(self):  # noqa: ANN001
         raise AssertionError("bench --synthetic iterated a DataLoader")
 
-    monkeypatch.setattr(loader.DevicePrefetcher, "__iter__", no_loader)
+    monkeypatch.setattr(prefetch.DevicePrefetcher, "__iter__", no_loader)
     monkeypatch.setattr(torch.utils.data.DataLoader, "__iter__", no_loader)
     out = tmp_path / "b.json"
     r = bench.run(bench.parse([str(RECIPES / "digits.yaml"), "--synthetic", *TINY,

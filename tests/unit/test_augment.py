@@ -11,14 +11,19 @@ import torch
 from torchvision.transforms import v2
 
 from ffdist import recipe
-from ffdist.data import build
+from ffdist.data import build, sources
 from ffdist.data import transforms as T
-from ffdist.data.datasets import build_datasets, decode
-from ffdist.data.loader import TrainSampler
+from ffdist.data.datasets import decode
+from ffdist.data.mapstyle import TrainSampler
 from ffdist.errors import DataError
 from ffdist.resolved import plan_batches
 
 BILINEAR, BICUBIC = v2.InterpolationMode.BILINEAR, v2.InterpolationMode.BICUBIC
+
+
+def build_datasets(cfg, seed: int, num_classes: int, channels: int):
+    """The train/val datasets and spec of a map-style source."""
+    return sources.get(cfg.name).datasets(cfg, seed, num_classes, channels)
 
 
 def _digits(*overrides: str):
@@ -117,28 +122,30 @@ def test_folder_pipeline_is_torchvisions_compose_and_eval_has_its_own_size(tmp_p
                            "data.eval_resize_size=26", "data.interpolation=bicubic",
                            "data.auto_augment=ta_wide", "data.random_erase=0.5",
                            "data.batch_size=4"])
-    spec = build_datasets(r.data, 5, 2, 3)
-    mean = [float(round(m)) for m in T.normalization("imagenet", 3)[0]]
+    data = build_datasets(r.data, 5, 2, 3)
+    mean = [float(round(m)) for m in sources.get("imagefolder").normalization(3)[0]]
     ref = v2.Compose([v2.RandomResizedCrop(16, interpolation=BICUBIC, antialias=True),
                       # torchvision's tensor rotations/shears have no bicubic: bilinear there
                       v2.RandomHorizontalFlip(), v2.TrivialAugmentWide(interpolation=BILINEAR),
                       v2.RandomErasing(p=0.5, value=mean)])
-    for i in range(len(spec.train)):
-        got, label = spec.train[(4, i)]
+    for i in range(len(data.train)):
+        got, label = data.train[(4, i)]
         torch.manual_seed(int(T.sample_seeds(5, 4, torch.tensor([i]))[0]))
-        assert torch.equal(got, ref(decode(spec.train.samples[i][0], 3))), f"sample {i}"
+        assert torch.equal(got, ref(decode(data.train.samples[i][0], 3))), f"sample {i}"
     val_ref = v2.Compose([v2.Resize(26, interpolation=BICUBIC, antialias=True), v2.CenterCrop(20)])
-    x, _ = spec.val[0]
-    assert torch.equal(x, val_ref(decode(spec.val.samples[0][0], 3)))
-    assert spec.eval_size == 20 and spec.image_size == 16
-    loaders = build(r, 0, plan_batches(r.data.batch_size, None, 1), torch.device("cpu"))
-    assert next(iter(loaders.train))[0].shape == (4, 3, 16, 16)
-    assert next(iter(loaders.val))[0].shape[-2:] == (20, 20)
+    x, _ = data.val[0]
+    assert torch.equal(x, val_ref(decode(data.val.samples[0][0], 3)))
+    assert data.spec.eval_size == 20 and data.spec.image_size == 16
+    streams = build(r, 0, plan_batches(r.data.batch_size, None, 1), torch.device("cpu"),
+                    pairs=False)
+    assert next(iter(streams.train))[0].shape == (4, 3, 16, 16)
+    assert next(iter(streams.eval))[0].shape[-2:] == (20, 20)
 
 
 def test_eval_size_is_refused_for_in_memory_data():
+    r = recipe.load(None, ["data.eval_image_size=16"])
     with pytest.raises(DataError, match="data.eval_image_size=16 applies to folder datasets"):
-        _digits("data.eval_image_size=16")
+        build(r, 0, plan_batches(r.data.batch_size, None, 1), torch.device("cpu"), pairs=False)
 
 
 def test_synthetic_evaluates_at_the_eval_size():

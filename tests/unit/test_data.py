@@ -5,11 +5,21 @@ import pytest
 import torch
 
 from ffdist import recipe
-from ffdist.data import build
-from ffdist.data.datasets import build_datasets
-from ffdist.data.loader import ShardSampler, TrainSampler
+from ffdist.data import build, sources
+from ffdist.data.mapstyle import ShardSampler, TrainSampler
 from ffdist.errors import DataError, RecipeError
 from ffdist.resolved import plan_batches
+
+
+def build_datasets(cfg, seed: int, num_classes: int, channels: int):
+    """The train/val datasets and spec of a map-style source."""
+    return sources.get(cfg.name).datasets(cfg, seed, num_classes, channels)
+
+
+def streams(r, batch: int | None = None):
+    """One process's streams of recipe r (no mixing pairs)."""
+    plan = plan_batches(batch or r.data.batch_size, None, 1)
+    return build(r, 0, plan, torch.device("cpu"), pairs=False)
 
 
 @pytest.mark.parametrize("n,world", [(360, 2), (361, 2), (7, 3), (5, 8), (1, 1)])
@@ -103,11 +113,11 @@ def test_imagefolder_decodes_to_uint8_at_the_recipe_size(tmp_path: Path) -> None
     _write_pngs(tmp_path, {"ants": 3, "bees": 2})
     r = recipe.load(None, ["data.name=imagefolder", f"data.root={tmp_path}",
                            "data.image_size=16", "model.num_classes=2", "data.batch_size=2"])
-    loaders = build(r, 0, plan_batches(2, None, 1), torch.device("cpu"))
-    assert loaders.spec.classes == ["ants", "bees"]
-    x, y = next(iter(loaders.train))
+    s = streams(r)
+    assert s.spec.classes == ["ants", "bees"]
+    x, y = next(iter(s.train))
     assert x.dtype == torch.uint8 and x.shape == (2, 3, 16, 16)
-    assert len(loaders.val.dataset) == 5
+    assert sum(len(y) for _, y in s.eval) == 5
 
 
 def test_empty_class_folder_is_a_clear_error(tmp_path: Path) -> None:
@@ -133,14 +143,56 @@ def test_filelist_with_separator_and_label_range(tmp_path: Path) -> None:
 
 def test_dataset_and_model_must_agree() -> None:
     with pytest.raises(DataError, match="model.num_classes=5.*10 classes"):
-        build_datasets(recipe.load(None).data, 0, 5, 1)
+        streams(recipe.load(None, ["model.num_classes=5"]))
     with pytest.raises(DataError, match="model.in_channels=3"):
-        build_datasets(recipe.load(None).data, 0, 10, 3)
+        streams(recipe.load(None, ["model.in_channels=3"]))
     with pytest.raises(DataError, match="did you mean 'digits'"):
-        build_datasets(recipe.load(None, ["data.name=digit"]).data, 0, 10, 1)
+        streams(recipe.load(None, ["data.name=digit"]))
 
 
 def test_missing_torchvision_files_without_download(tmp_path: Path) -> None:
     cfg = recipe.load(None, ["data.name=cifar10", f"data.root={tmp_path}"]).data
     with pytest.raises(DataError, match="data.download=true"):
         build_datasets(cfg, 0, 10, 3)
+
+
+def test_every_registered_source_is_asked_without_importing_torch() -> None:
+    """The presence check and the image size come from the source before torch is imported
+    (ffdist train reports absent data as fast as a recipe mistake; ffdist plan sizes data
+    that is not on this machine)."""
+    import subprocess
+    import sys
+
+    from tests import helpers
+
+    code = ("import sys; from ffdist import recipe; from ffdist.data import sources; "
+            "from ffdist.data.presence import check_present\n"
+            "for n in sources.names():\n"
+            "    cfg = recipe.load(None, [f'data.name={n}', 'data.download=true']).data\n"
+            "    s = sources.get(n); s.normalization(3)\n"
+            "    print(n, s.train_size(cfg), s.eval_size(cfg), s.folder_like)\n"
+            "check_present(recipe.load(None).data)\n"
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=helpers.REPO, env=helpers.env(),
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out[-1] == "False"
+    sizes = {line.split()[0]: line.split()[1:] for line in out[:-1]}
+    assert sizes["digits"] == ["8", "8", "False"] and sizes["cifar10"] == ["32", "32", "False"]
+    assert sizes["imagefolder"] == ["224", "224", "True"] and sizes["synthetic"][0] == "32"
+
+
+def test_an_unknown_source_is_one_sentence_with_the_closest_name() -> None:
+    from ffdist.data.presence import check_present
+
+    with pytest.raises(DataError, match=r"data.name='digit' is not a dataset; did you mean "
+                                        r"'digits'\?"):
+        check_present(recipe.load(None, ["data.name=digit"]).data)
+
+
+def test_map_stream_state_is_its_size_and_changed_data_is_said(caplog) -> None:
+    s = streams(recipe.load(None, ["model.in_channels=1"]))
+    assert s.train.state_dict() == {"samples": 1437}
+    s.train.load_state_dict({"samples": 1437})
+    assert not caplog.records
+    s.train.load_state_dict({"samples": 1500})
+    assert "trained on 1500 images, the training data now holds 1437" in caplog.text

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ffdist import mixup, recipe
-from ffdist.data.loader import TrainSampler
+from ffdist.data.mapstyle import TrainSampler
 from ffdist.resolved import plan_batches
 
 timm_mixup = pytest.importorskip("timm.data.mixup", reason="timm is the reference here")

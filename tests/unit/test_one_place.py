@@ -1,7 +1,7 @@
-"""One place decides each fact: the batch plan, the precision and the strategy (its name,
-and what its class refuses) are derived by ffdist.assemble.resolve only; no code outside
-ffdist/strategies/ tests a strategy's name (AST over the package, so comments and strings
-do not count)."""
+"""One place decides each fact: the batch plan, the precision, the strategy (its name, and
+what its class refuses) and the image size are derived by ffdist.assemble.resolve only;
+image sizes are declared by the data sources only, and no code outside ffdist/strategies/
+tests a strategy's name (AST over the package, so comments and strings do not count)."""
 
 from __future__ import annotations
 
@@ -32,8 +32,18 @@ def test_plan_batches_and_precision_resolve_have_one_caller_each():
 def test_strategy_names_and_native_sizes_are_decided_in_resolve_too():
     assert [c.split(":")[0] for c in callers("resolve_name")] == ["ffdist/assemble.py"]
     assert [c.split(":")[0] for c in callers("check_precision")] == ["ffdist/assemble.py"]
-    tables = [p for p in SOURCES if "NATIVE_SIZE = " in p.read_text()]
-    assert [p.name for p in tables] == ["assemble.py"]
+    # sizes: asked of the data source by assemble only (image_size, eval_image_size) ...
+    for method in ("train_size", "eval_size"):
+        outside = [c for c in callers(method) if not c.startswith("ffdist/data/sources/")]
+        assert [c.split(":")[0] for c in outside] == ["ffdist/assemble.py"], (method, outside)
+    # ... and declared by the sources themselves, a class attribute each, no table elsewhere
+    declared = sorted({p.relative_to(REPO).as_posix() for p in SOURCES
+                       for node in ast.walk(ast.parse(p.read_text()))
+                       if isinstance(node, (ast.Assign, ast.AnnAssign)) and any(
+                           "native_size" in ast.unparse(t) or "NATIVE_SIZE" in ast.unparse(t)
+                           for t in (node.targets if isinstance(node, ast.Assign)
+                                     else [node.target]))})
+    assert declared and all(p.startswith("ffdist/data/sources/") for p in declared), declared
 
 
 def _constants(node: ast.AST) -> set[str]:

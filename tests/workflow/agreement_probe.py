@@ -68,12 +68,12 @@ def numerics_device(numerics: Any) -> torch.device:
 
 
 def of_trainer(trainer: Any) -> dict[str, Any]:
-    """The Trainer's resolved facts, and what its loaders and strategy do with them."""
+    """The Trainer's resolved facts, and what its data streams and strategy do with them."""
     s = trainer.strategy
     out = {**of_resolved(trainer.resolved), **counts(s.unwrap()),
-           "loader_micro": trainer.loaders.train.batch_size,
-           "loader_plan": trainer.loaders.plan == trainer.resolved.plan,
-           "spec_image_size": trainer.loaders.spec.image_size, "forward_dtype": forward_dtype(s),
+           "loader_micro": len(next(iter(trainer.data.train))[1]),
+           "loader_plan": trainer.data.train.plan == trainer.resolved.plan,
+           "spec_image_size": trainer.data.spec.image_size, "forward_dtype": forward_dtype(s),
            "strategy_class": type(s).__name__}
     if hasattr(s, "config"):  # DeepSpeed: the config it was initialized with
         c = s.config
@@ -117,7 +117,7 @@ def probe(case: dict[str, Any], info: Any) -> dict[str, Any]:
     def eval_setup() -> dict[str, Any]:
         s = evaluate.setup(rcp, info)
         return {**of_resolved(s.resolved), **counts(s.model),
-                "loader_plan": s.loaders.plan == s.resolved.plan}
+                "loader_plan": s.data.train.plan == s.resolved.plan}
 
     def train_setup() -> dict[str, Any]:
         trainer, _ = train.build(rcp, info)  # train.run builds the run with it

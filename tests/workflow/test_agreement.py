@@ -7,7 +7,7 @@ refuses a combination, all refuse it with the same sentence.
 Each environment is a fresh process (tests/workflow/agreement_probe.py), as a launcher
 would start it. No forward pass of ResNet-50 beyond plan's activation measurement, which
 runs at 32x32 (data.image_size=32 on synthetic data, so that train/bench/eval can build
-their loaders without ImageNet).
+their data streams without ImageNet).
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def check_agreement(case: dict, r: dict) -> None:
 
 
 def check_built(got: dict, want: dict, where: str) -> None:
-    """What the loaders and the strategy really do with the resolved values."""
+    """What the data streams and the strategy really do with the resolved values."""
     assert got["loader_plan"] and got["loader_micro"] == want["micro"], where
     assert got["spec_image_size"] == want["image_size"], where
     assert got["forward_dtype"] == want["precision"], where

@@ -121,7 +121,7 @@ def test_the_first_batch_picture_shows_the_mixed_images(tmp_path: Path) -> None:
     trainer = assemble.build_trainer(rcp, info, assemble.resolve_for(rcp, info),
                                      open_monitor=Capture.off)
     assert trainer.criterion is mixup.soft_target_cross_entropy
-    trainer.loaders.train_sampler.set_epoch(0)
+    trainer.data.train.set_epoch(0)
     x, y = next(iter(trainer.train_batches))  # the batch as it comes off the prefetcher
     trainer.train_step(iter(trainer.train_batches), 0.01)
     mixed, target = trainer.mixer(x, y, step=0, micro=0)

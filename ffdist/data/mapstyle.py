@@ -1,4 +1,6 @@
-"""Samplers, loaders and the device prefetcher.
+"""The generic map-style streams: every source whose splits are indexable datasets
+(digits, MNIST, CIFAR, image folders, file lists, synthetic) trains and evaluates through
+them. A sampler orders the keys, a DataLoader (workers, pinned memory) fetches them.
 
 The batch arithmetic is ffdist.resolved's BatchPlan (recipes give the GLOBAL batch).
 Rank r takes perm[r::world] of each epoch's permutation, so global step k always covers
@@ -7,16 +9,21 @@ perm[k*B:(k+1)*B] whatever the world size: 1, 2 or 8 ranks train the same schedu
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ffdist.data.datasets import DataSpec, build_datasets, collate
+from ffdist.data.datasets import collate
+from ffdist.data.stream import DataSpec, StreamRequest, Streams, shard_bounds
 from ffdist.errors import RecipeError
-from ffdist.recipe import Recipe
+from ffdist.recipe import DataConfig
 from ffdist.resolved import BatchPlan
+
+log = logging.getLogger(__name__)
 
 
 class TrainSampler(Sampler[tuple]):
@@ -95,8 +102,7 @@ class ShardSampler(Sampler[int]):
     (no padding with duplicates, unlike DistributedSampler)."""
 
     def __init__(self, n: int, rank: int, world_size: int):
-        self.start = n * rank // world_size
-        self.stop = n * (rank + 1) // world_size
+        self.start, self.stop = shard_bounds(n, rank, world_size)
 
     def __iter__(self) -> Iterator[int]:
         return iter(range(self.start, self.stop))
@@ -105,98 +111,74 @@ class ShardSampler(Sampler[int]):
         return self.stop - self.start
 
 
-def _loader(ds: Dataset, sampler: Sampler, batch: int, recipe: Recipe, pin: bool,
-            drop_last: bool) -> DataLoader:
-    workers = recipe.data.num_workers
-    extra = {}
-    if workers > 0:
-        extra = {"persistent_workers": recipe.data.persistent_workers,
-                 "prefetch_factor": recipe.data.prefetch_factor}
-    return DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=workers,
-                      pin_memory=pin, drop_last=drop_last, collate_fn=collate, **extra)
-
-
 @dataclass
-class Loaders:
+class MapData:
+    """What a map-style source reads: its two splits and their spec."""
+
+    train: Dataset
+    val: Dataset
     spec: DataSpec
-    plan: BatchPlan
-    train: DataLoader
-    val: DataLoader
-    train_sampler: TrainSampler
 
 
-def build(recipe: Recipe, rank: int, plan: BatchPlan, device: torch.device) -> Loaders:
-    """Train/eval loaders of this rank, for the batch plan the run resolved
-    (ffdist.assemble.resolve: the loaders never recompute it)."""
-    if not isinstance(plan, BatchPlan):
-        raise TypeError("ffdist.data.build takes the BatchPlan of ffdist.assemble.resolve() "
-                        f"(resolved.plan), not {type(plan).__name__}")
-    from ffdist import mixup
-    world_size = plan.world_size
-    spec = build_datasets(recipe.data, recipe.seed, recipe.model.num_classes,
-                          recipe.model.in_channels)
-    sampler = TrainSampler(len(spec.train), plan, rank, recipe.seed,
-                           repeats=recipe.data.repeated_augmentation,
-                           pairs=mixup.enabled(recipe.data))
-    eval_global = recipe.data.eval_batch_size or recipe.data.batch_size
-    eval_batch = max(1, eval_global // world_size)
-    pin = device.type == "cuda"  # pinned host memory only helps (and only works) with CUDA
-    train = _loader(spec.train, sampler, plan.micro, recipe, pin, drop_last=True)
-    val = _loader(spec.val, ShardSampler(len(spec.val), rank, world_size), eval_batch, recipe,
-                  pin, drop_last=False)
-    return Loaders(spec, plan, train, val, sampler)
+class MapTrainStream:
+    """A train stream (ffdist.data.stream) over a map-style dataset: TrainSampler's order,
+    fetched by a DataLoader in micro-batches. Its order is a function of (seed, epoch,
+    dataset size): the checkpoint's (epoch, step_in_epoch) is all it needs to resume; its
+    state records the size, so that a resume over changed data says it cannot be exact."""
+
+    def __init__(self, dataset: Dataset, spec: DataSpec, sampler: TrainSampler,
+                 loader: DataLoader):
+        self.dataset, self.spec, self.sampler, self.loader = dataset, spec, sampler, loader
+        self.plan = sampler.plan
+        self.steps_per_epoch = sampler.steps_per_epoch
+
+    def set_epoch(self, epoch: int, skip_steps: int = 0) -> None:
+        self.sampler.set_epoch(epoch, skip_steps)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return iter(self.loader)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"samples": self.sampler.n}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state.get("samples")
+        if saved is not None and saved != self.sampler.n:
+            log.warning("the checkpoint's run trained on %d images, the training data now "
+                        "holds %d: the resumed epochs are ordered differently from the run's",
+                        saved, self.sampler.n)
 
 
-class DevicePrefetcher:
-    """Moves uint8 batches to the device, then converts, normalizes and lays them out there.
+class MapEvalStream:
+    """An eval stream over a map-style dataset: this rank's ShardSampler shard, batched."""
 
-    On CUDA the copy of batch k+1 runs on a side stream (pinned memory, non_blocking) while
-    batch k computes, as in timm's PrefetchLoader; `record_stream` tells the caching
-    allocator the tensors are used on the main stream. On the CPU it is a pass-through that
-    still does the normalization and memory format, so both paths feed the model alike.
-    """
+    def __init__(self, dataset: Dataset, loader: DataLoader):
+        self.dataset, self.loader = dataset, loader
 
-    def __init__(self, loader: DataLoader, device: torch.device, mean: tuple[float, ...],
-                 std: tuple[float, ...], channels_last: bool = False):
-        self.loader, self.device, self.channels_last = loader, device, channels_last
-        self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
-        self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
-        # (x - mean) / std as x * scale + shift: one fused addcmul pass over the batch
-        self.scale = 1.0 / self.std
-        self.shift = -self.mean * self.scale
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return iter(self.loader)
 
     def __len__(self) -> int:
         return len(self.loader)
 
-    def _prepare(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = x.to(self.device, non_blocking=True)
-        y = y.to(self.device, non_blocking=True)
-        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        # uint8 -> float32 and the layout change in one copy, then one normalizing pass
-        # (4 passes before: layout, float, sub, div; this path is per batch, every step).
-        x = torch.addcmul(self.shift, x.to(dtype=torch.float32, memory_format=fmt), self.scale)
-        if self.channels_last and not x.is_contiguous(memory_format=fmt):
-            x = x.contiguous(memory_format=fmt)  # addcmul's broadcast may pick NCHW
-        return x, y
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if self.device.type == "cuda":
-            yield from self._iter_cuda()
-        else:
-            for x, y in self.loader:
-                yield self._prepare(x, y)
+def _loader(ds: Dataset, sampler: Sampler, batch: int, cfg: DataConfig, pin: bool,
+            drop_last: bool) -> DataLoader:
+    extra = {}
+    if cfg.num_workers > 0:
+        extra = {"persistent_workers": cfg.persistent_workers,
+                 "prefetch_factor": cfg.prefetch_factor}
+    return DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=cfg.num_workers,
+                      pin_memory=pin, drop_last=drop_last, collate_fn=collate, **extra)
 
-    def _iter_cuda(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        stream = torch.cuda.Stream(device=self.device)
-        pending = None
-        for x, y in self.loader:
-            with torch.cuda.stream(stream):
-                nxt = self._prepare(x, y)
-            if pending is not None:
-                yield pending
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            for t in nxt:
-                t.record_stream(torch.cuda.current_stream(self.device))
-            pending = nxt
-        if pending is not None:
-            yield pending
+
+def map_streams(data: MapData, cfg: DataConfig, req: StreamRequest) -> Streams:
+    """This rank's streams over a map-style source's datasets."""
+    plan = req.plan
+    sampler = TrainSampler(len(data.train), plan, req.rank, req.seed,  # type: ignore[arg-type]
+                           repeats=cfg.repeated_augmentation, pairs=req.pairs)
+    train = _loader(data.train, sampler, plan.micro, cfg, req.pin_memory, drop_last=True)
+    shard = ShardSampler(len(data.val), req.rank, req.world)  # type: ignore[arg-type]
+    val = _loader(data.val, shard, req.eval_batch, cfg, req.pin_memory, drop_last=False)
+    return Streams(MapTrainStream(data.train, data.spec, sampler, train),
+                   MapEvalStream(data.val, val))

@@ -1,0 +1,164 @@
+"""data.name=imagefolder | filelist: image files of any size, decoded (torchvision.io) and
+augmented per sample. imagefolder: data.root/train/<class>/*.jpg and data.root/val/<class>/;
+filelist: text files of `relative/path<sep>label` lines (data.train_list, data.val_list),
+paths under data.root. Both evaluate on a resize + centre crop, ImageNet-style."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ffdist.data.sources.base import SMOKE, DataMissing, MapSource, where
+from ffdist.errors import DataError
+
+if TYPE_CHECKING:
+    from ffdist.data.mapstyle import MapData
+    from ffdist.recipe import DataConfig
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG")
+LAYOUT = ("an imagefolder root holds train/ and val/, each with one sub-folder of images per "
+          "class (the ImageNet layout: train/n01440764/*.JPEG, val/n01440764/*.JPEG)")
+
+Samples = list[tuple[str, int]]
+
+
+class FolderSource(MapSource):
+    """Files decoded per sample: random resized crops for training, resize + centre crop
+    for evaluation (data.eval_image_size, data.eval_resize_size)."""
+
+    folder_like = True
+
+    def splits(self, cfg: DataConfig, num_classes: int) -> tuple[Samples, Samples, list[str]]:
+        """(train samples, val samples, class names)."""
+        raise NotImplementedError
+
+    def datasets(self, cfg: DataConfig, seed: int, num_classes: int, channels: int) -> MapData:
+        from ffdist.data import transforms as T
+        from ffdist.data.datasets import FileImages
+        from ffdist.data.mapstyle import MapData
+        from ffdist.data.stream import DataSpec
+
+        train, val, classes = self.splits(cfg, num_classes)
+        size = self.train_size(cfg)
+        mean, std = self.normalization(channels)
+        interp = cfg.interpolation
+        train_tf = T.folder_train(size, interp, T.sample_transforms(cfg, mean, std)) \
+            if cfg.augment else T.folder_eval(size, interp=interp)
+        val_tf = T.folder_eval(self.eval_size(cfg), cfg.eval_resize_size, interp)
+        bad = {"bad_images": cfg.bad_images, "max_bad_fraction": cfg.max_bad_fraction}
+        spec = DataSpec(classes, channels, size, mean, std, cfg.eval_image_size,
+                        cfg.eval_resize_size)
+        return MapData(FileImages(train, train_tf, channels, seed, split="train", **bad),
+                       FileImages(val, val_tf, channels, split="val", **bad), spec)
+
+
+class ImageFolder(FolderSource):
+    name = "imagefolder"
+
+    def check_present(self, cfg: DataConfig, of: str) -> None:
+        if not cfg.root:
+            raise DataMissing(f"{of}data.name=imagefolder needs data.root, the folder of the "
+                              f"dataset: {LAYOUT}; set data.root=PATH, {SMOKE}.")
+        root = Path(cfg.root)
+        absent = [s for s in ("train", "val") if not (root / s).is_dir()]
+        if not absent:
+            return
+        what = "does not exist" if not root.is_dir() else f"has no {' or '.join(absent)}/ folder"
+        raise DataMissing(f"{of}data.root={where(cfg.root)} {what}; {LAYOUT}: put or link the "
+                          f"dataset there or set data.root=PATH, {SMOKE}.")
+
+    def classes(self, cfg: DataConfig, num_classes: int) -> list[str]:
+        """The class folder names of train/ (not a scan of the images in them)."""
+        train = Path(cfg.root or "") / "train"
+        classes = sorted(p.name for p in train.iterdir() if p.is_dir()) if train.is_dir() else []
+        if len(classes) != num_classes:
+            raise DataError(f"data.root={cfg.root}: {train} should hold the {num_classes} class "
+                            "folders the run was trained with (their names are the class "
+                            "names); point data.root=... at the training data.")
+        return classes
+
+    def splits(self, cfg: DataConfig, num_classes: int) -> tuple[Samples, Samples, list[str]]:
+        if not cfg.root:
+            raise DataError("data.root is not set; imagefolder needs a folder with train/ and "
+                            "val/.")
+        root = Path(cfg.root)
+        train, classes = scan_folder(root / "train")
+        val, val_classes = scan_folder(root / "val")
+        if val_classes != classes:
+            only_train = sorted(set(classes) - set(val_classes))
+            only_val = sorted(set(val_classes) - set(classes))
+            diff = "; ".join(f"only in {root / split}: {', '.join(names[:5])}"
+                             + (f" (+{len(names) - 5} more)" if len(names) > 5 else "")
+                             for split, names in (("train", only_train), ("val", only_val))
+                             if names)
+            raise DataError(f"data.root: {root / 'train'} and {root / 'val'} must hold the same "
+                            f"class folders ({diff}); add or remove folders so that they match.")
+        return train, val, classes
+
+
+class FileList(FolderSource):
+    name = "filelist"
+
+    def check_present(self, cfg: DataConfig, of: str) -> None:
+        for key in ("train_list", "val_list"):
+            value = getattr(cfg, key)
+            if value and not Path(value).is_file():
+                raise DataMissing(f"{of}data.{key}={where(value)} does not exist; give a text "
+                                  f"file of 'relative/path{cfg.list_sep}label' lines (images "
+                                  f"under data.root), {SMOKE}.")
+
+    def classes(self, cfg: DataConfig, num_classes: int) -> list[str]:
+        """data.classes, else the labels as strings."""
+        return list(cfg.classes) or [str(i) for i in range(num_classes)]
+
+    def splits(self, cfg: DataConfig, num_classes: int) -> tuple[Samples, Samples, list[str]]:
+        if not (cfg.train_list and cfg.val_list):
+            raise DataError("data.train_list and data.val_list must both be set for "
+                            "data.name=filelist.")
+        root = Path(cfg.root or ".")
+        train = read_list(Path(cfg.train_list), root, cfg.list_sep)
+        val = read_list(Path(cfg.val_list), root, cfg.list_sep)
+        classes = self.classes(cfg, num_classes)
+        for name, samples in (("data.train_list", train), ("data.val_list", val)):
+            bad = [lab for _, lab in samples if not 0 <= lab < len(classes)]
+            if bad:
+                raise DataError(f"{name}: label {bad[0]} is out of range for {len(classes)} "
+                                "classes; labels run from 0 to num_classes-1 (model.num_classes, "
+                                "data.classes).")
+        return train, val, classes
+
+
+def scan_folder(root: Path) -> tuple[Samples, list[str]]:
+    """(path, label) of every image under root/<class>/, and the class names (sorted)."""
+    if not root.is_dir():
+        raise DataError(f"data.root: {root} is not a folder; an imagefolder root holds train/ "
+                        "and val/, each with one sub-folder per class.")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not classes:
+        raise DataError(f"data.root: {root} has no class folders; put each class's images in "
+                        f"{root}/<class name>/.")
+    samples: Samples = []
+    for label, name in enumerate(classes):
+        files = sorted(str(p) for p in (root / name).rglob("*") if p.suffix in IMAGE_SUFFIXES)
+        if not files:
+            raise DataError(f"data.root: class folder {root / name} holds no .jpg/.png images; "
+                            "add images or remove the folder.")
+        samples += [(f, label) for f in files]
+    return samples, classes
+
+
+def read_list(path: Path, root: Path, sep: str) -> Samples:
+    """(root/path, label) of every `path<sep>label` line of a list file (# comments)."""
+    if not path.is_file():
+        raise DataError(f"data.train_list/val_list: {path} does not exist; give a text file of "
+                        f"'relative/path{sep}label' lines.")
+    samples = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        rel, _, label = line.rpartition(sep)
+        if not rel or not label.strip().lstrip("-").isdigit():
+            raise DataError(f"{path}:{n}: {line!r} is not 'relative/path{sep}label' "
+                            f"(data.list_sep={sep!r}); fix the line or the separator.")
+        samples.append((str(root / rel.strip()), int(label)))
+    return samples
