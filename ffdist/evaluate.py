@@ -102,11 +102,13 @@ class EvalSetup:
 def setup(rcp: Recipe, info: DistInfo) -> EvalSetup:
     """What ffdist eval runs: the run's resolved batch plan and precision (as training
     resolved them, `accelerate launch --mixed_precision` included), its loaders, its model."""
-    from ffdist import assemble, data
+    from ffdist import assemble, data, preflight
 
     resolved = assemble.resolve_for(rcp, info, trains=False)
     loaders = data.build(rcp, info.rank, resolved.plan, info.device)
-    return EvalSetup(resolved, loaders, assemble.build_model(rcp, load_weights=False))
+    model = assemble.build_model(rcp, load_weights=False)
+    preflight.check_sizes(model, rcp, resolved, training=False)  # data.image_size=... given
+    return EvalSetup(resolved, loaders, model)
 
 
 def run(run_dir: str | Path, overrides: list[str]) -> dict[str, Any]:

@@ -110,7 +110,7 @@ def build(rcp: Recipe, info: DistInfo) -> tuple[Trainer | None, run_dir.Start]:
     """Resolve the run, decide fresh / resume / nothing to do (ffdist.run_dir), refuse what
     cannot run, then assemble the Trainer (restored). (None, start) when there is nothing
     to do: the run directory holds this recipe's finished run."""
-    from ffdist import assemble, checkpoint, data, run_dir
+    from ffdist import assemble, checkpoint, data, preflight, run_dir
     from ffdist.monitor import Monitor, Pictures
     from ffdist.optim import total_steps
     from ffdist.shared_fs import check_shared_dir
@@ -126,6 +126,7 @@ def build(rcp: Recipe, info: DistInfo) -> tuple[Trainer | None, run_dir.Start]:
     loaders = data.build(rcp, info.rank, resolved.plan, info.device)
     model = assemble.build_model(rcp, load_weights=state is None)
     # Everything that can refuse the run does so before the run directory is touched.
+    preflight.check_sizes(model, rcp, resolved)  # train and eval sizes: not at step 1
     if found:
         checkpoint.check_compatible(state, model, found[0], rcp, resolved)
     run_dir.check_progress(rcp, state, total_steps(rcp.schedule,
