@@ -22,9 +22,9 @@ import pytest
 
 from ffdist import run_dir, train
 from ffdist.errors import EXIT_USER_ERROR
+from tests import helpers
 from tests.fault import kit
-from tests.fault.test_bad_input import only_error_line, snapshot
-from tests.helpers import RECIPES, env
+from tests.helpers import RECIPES, env, error_line, in_process, snapshot
 
 SLOW = "slow:step=1-30:ms=150"
 HOLD = "slow:step=1-30:ms=1000"  # a first run that is still going when the second starts;
@@ -41,13 +41,8 @@ def finished(ref1: Path, tmp_path: Path) -> Path:
 def refused_in_process(capfd, out: Path, *overrides: str) -> str:
     """The same refusal through ffdist.train.main, the function behind the CLI (a real
     process costs 5-10 s of imports here; the real-process tests above cover the CLI)."""
-    before = snapshot(out) if out.exists() else None
-    code = train.main([str(RECIPES / "digits.yaml"), *kit.ARGS, f"output_dir={out}", *overrides])
-    err = capfd.readouterr().err
-    assert code == EXIT_USER_ERROR, err
-    if before is not None:
-        assert snapshot(out) == before, "a refused run changed the run directory"
-    return only_error_line(err)
+    return helpers.refused(in_process(capfd, train.main, str(RECIPES / "digits.yaml"),
+                                      *kit.ARGS, f"output_dir={out}", *overrides), out)
 
 
 def ok_in_process(capfd, out: Path, *overrides: str) -> str:
@@ -58,12 +53,7 @@ def ok_in_process(capfd, out: Path, *overrides: str) -> str:
 
 
 def refused(out: Path, *overrides: str, cmd: list[str] | None = None) -> str:
-    before = snapshot(out) if out.exists() else None
-    proc = kit.run(cmd or kit.python_cmd(out, *overrides), timeout=120)
-    assert proc.returncode == EXIT_USER_ERROR, kit.explain(proc)
-    if before is not None:
-        assert snapshot(out) == before, "a refused run changed the run directory"
-    return only_error_line(proc.stderr)
+    return helpers.refused(cmd or kit.python_cmd(out, *overrides), out)
 
 
 # ------------------------------------------------------------------ the lock
@@ -76,7 +66,7 @@ def test_a_second_training_into_the_same_output_dir_is_refused_naming_the_first(
         proc = kit.run(kit.python_cmd(out), timeout=120)
         assert first.poll() is None, "the first run ended before the second started"
         assert proc.returncode == EXIT_USER_ERROR, kit.explain(proc)
-        line = only_error_line(proc.stderr)
+        line = error_line(proc.stderr)
         assert f"output_dir={out} is in use by another ffdist run (pid {first.pid} on " \
                f"{socket.gethostname()}, since " in line
         assert "choose another output_dir (or name)" in line
