@@ -147,7 +147,7 @@ def refused(action: list[str] | Action, *untouched: Path, progress: str = "",
 FAST = ("log.tensorboard=false", "log.progress=false")
 
 
-# -- devices (issue 11) ----------------------------------------------------------------------
+# -- devices ---------------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=1)
 def cuda_gpus() -> int:
@@ -170,7 +170,7 @@ TWO_RANK_DEVICES = [
 ]
 
 
-# -- launchers other than torchrun (issue 3) -----------------------------------------------
+# -- launchers other than torchrun ---------------------------------------------------------
 
 def accelerate(recipe: str, *overrides: str, launch_args: tuple[str, ...] = ("--multi_gpu",
                "--num_processes", "2"), timeout: float = 300) -> subprocess.CompletedProcess:

@@ -1,4 +1,5 @@
-"""Ownership of the run directory (issue 12 #1) and the resume table (#4, issue 13 #4).
+"""Ownership of the run directory (one run at a time: its lock) and the resume table (what
+a run directory holding a run does with a recipe asked again, changed or not).
 
 Real processes: two trainings into one output_dir, a lock left by a SIGKILLed run, a
 finished run whose checkpoints are gone or corrupt, resumes with changed keys. Every
@@ -164,7 +165,8 @@ def test_lock_is_exclusive_between_processes(tmp_path):
 # ------------------------------------------------------------------ finished runs
 
 def test_finished_run_same_recipe_is_nothing_to_do_and_a_changed_override_is_refused(finished):
-    """Issue 13 #4, as a user meets it: `make train`, then the README's override example."""
+    """A finished run asked again, as a user meets it: `make train`, then the README's
+    override example."""
     before = snapshot(finished)
     proc = kit.run(kit.python_cmd(finished, "log.every_steps=3", "data.num_workers=1"))
     assert proc.returncode == 0, kit.explain(proc)

@@ -1,9 +1,9 @@
-"""predict and export never write over what is not theirs (issue 12 #2).
+"""predict and export never write over what is not theirs.
 
 An existing file is replaced only when it is an earlier output of the same command, or
 with --force; the files a command reads (weights, recipe.yaml, input images) never; two
-outputs never share a path (`--out preds.png` used to leave no CSV: the picture replaced
-it); every path written is printed. The CLI cases run as real processes, the rest through
+outputs never share a path (`--out preds.png` is refused: the picture would replace the
+CSV); every path written is printed. The CLI cases run as real processes, the rest through
 `ffdist.cli.main` (the same function, minus 5 s of imports each).
 """
 
