@@ -29,6 +29,9 @@ def env(**extra: str) -> dict[str, str]:
     # train in-process (launch.device=cpu) must not hand that to every later child process.
     e.pop("DS_ACCELERATOR", None)
     e["PYTHONPATH"] = os.pathsep.join([str(REPO), e.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    # slurm/train.sh runs this interpreter, not the checkout's .venv (a worktree, or a clone
+    # tested with another environment, has none) nor a python3 found on PATH.
+    e.setdefault("FFDIST_PYTHON", sys.executable)
     e.setdefault("OMP_NUM_THREADS", "1")
     e["PYTHONUNBUFFERED"] = "1"
     e.update(extra)

@@ -106,22 +106,26 @@ MD_NAME = re.compile(r"(?<![\w.-])((?:[\w.-]+/)*[\w-]+\.md)\b")
 OUTPUTS = ("runs/",)  # folders commands write (gitignored): their files exist after a run
 
 
+def inside(path: Path) -> bool:
+    return path.resolve().is_relative_to(REPO.resolve())
+
+
 def outside_mentions(text: str, source: Path) -> list[str]:
     """The paths outside the repository that `text` (the contents of `source`) names."""
-    found = []
-    for m in CLIMB.finditer(text):
-        if not (source.parent / m.group(0)).resolve().is_relative_to(REPO.resolve()):
-            found.append(m.group(0))
+    found = [m.group(0) for m in CLIMB.finditer(text) if not inside(source.parent / m.group(0))]
     found += SHARED.findall(text)
     if source.suffix == ".md":  # pages: every .md they name is one of the repository's
         names = {p.name for p in REPO.rglob("*.md") if ".venv" not in p.parts}
         for m in MD_NAME.finditer(text):
             name = m.group(1)
-            known = ((REPO / name).is_file() or (source.parent / name).is_file()
-                     or name.startswith(OUTPUTS)) if "/" in name else name in names
+            if "/" in name:
+                known = name.startswith(OUTPUTS) or any(
+                    inside(p) and p.is_file() for p in (REPO / name, source.parent / name))
+            else:
+                known = name in names
             if not known:
                 found.append(name)
-    return found
+    return list(dict.fromkeys(found))  # each once, in order
 
 
 def test_the_outside_check_finds_what_it_must() -> None:
