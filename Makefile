@@ -48,7 +48,7 @@ test-all: setup
 	$(BIN)/ruff check ffdist tests benchmarks
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-# The fuzzer's long run (tests/fuzz, random cases; about an hour on 2 cores). The suite runs
+# The fuzzer's long run (tests/fuzz, random cases; ~15 min on 2 cores: benchmarks/RESULTS.md). The suite runs
 # the same tests in a fixed, ~1-minute profile. FUZZ_SCALE=0.1 for a quicker look.
 fuzz: setup
 	FFDIST_FUZZ=long FFDIST_FUZZ_SCALE=$(or $(FUZZ_SCALE),1) $(BIN)/python -m pytest tests/fuzz -q \

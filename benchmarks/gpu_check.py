@@ -13,7 +13,8 @@ Steps (each one's failure is recorded and the next still runs):
    cores), then `ffdist bench` on that folder (images/s and data-wait share). Without
    --data it writes a folder of 500x375 JPEGs cut from scikit-learn's sample photos;
 4. DeepSpeed ZeRO-2 and ZeRO-3 (recipes/digits_zero2.yaml) under torchrun on every GPU;
-5. the table, into benchmarks/RESULTS-gpu.md (a dry run writes runs/gpu-check/ instead:
+5. the table, as a dated section at the top of benchmarks/RESULTS-gpu.md (earlier sections
+   are kept; a dry run writes runs/gpu-check/ instead:
    its numbers are the CPU's at toy sizes, they only prove the script works).
 
 A GPU machine without network lacks omegaconf/deepspeed (docs/performance.md): `make
@@ -351,12 +352,31 @@ def _end(run_dir: Path) -> dict | None:
 
 # ------------------------------------------------------------------ 5. the write-up
 
+HEADER = """# Measured results (GPU)
+
+Dated sections, newest first, each with the machine, the versions and the code it
+measured. `make gpu-check` (benchmarks/gpu_check.py) adds its section at the top; how each
+figure is made: [docs/performance.md](../docs/performance.md). CPU results:
+[RESULTS.md](RESULTS.md).
+"""
+
+
+def earlier_sections(out: Path) -> str:
+    """The dated sections already in `out` (from its first `## ` heading on): kept below
+    the new one, so that a run never erases the record of another."""
+    lines = out.read_text().splitlines(keepends=True) if out.is_file() else []
+    for i, line in enumerate(lines):
+        if line.startswith("## "):
+            return "".join(lines[i:])
+    return ""
+
+
 def write(out: Path, info: dict, rows: list[dict], tables: list[str], dry: bool,
           deps: str, argv: list[str]) -> None:
     gpus = ", ".join(info["nvidia_smi"]) or ", ".join(info["gpus"]) or "none"
-    title = ("# ffdist gpu-check: CPU DRY RUN (toy sizes; these are NOT GPU numbers)" if dry
-             else "# ffdist gpu-check results")
-    lines = [title, "",
+    head = (["# ffdist gpu-check: CPU DRY RUN (toy sizes; these are NOT GPU numbers)", ""]
+            if dry else [HEADER])
+    lines = [*head, f"## {info['date'][:10]}, gpu-check on {gpus}", "",
              f"- date: {info['date']}, host {info['host']}, {info['load']}",
              f"- GPUs (name, driver, memory, max SM clock, power limit): {gpus}",
              f"- CPU cores: {info['cpu_cores']}; Python {info['python']}; torch "
@@ -369,16 +389,18 @@ def write(out: Path, info: dict, rows: list[dict], tables: list[str], dry: bool,
     for r in rows:
         mark = {True: "yes", False: "**NO**", None: ""}[r["ok"]]
         lines.append(f"| {r['check']} | {r['result']} | {r['target']} | {mark} | {r['seconds']} |")
-    lines += ["", "Targets: issue 11 (Trainer step / hand-written loop >= 0.98 eager, >= 0.97 "
+    lines += ["", "Targets: Trainer step / hand-written loop >= 0.98 eager, >= 0.97 "
               "compiled; bench's reported images/s within 3% of its median step, no stall "
-              "spikes). How each figure is made: docs/performance.md.", "", *tables]
+              "spikes. How each figure is made: docs/performance.md.", "",
+              *[f"#{t}" for t in tables]]
     failed = [r for r in rows if r["ok"] is False and r["detail"]]
     if failed:
-        lines += ["", "## Failures (output tails)"]
+        lines += ["", "### Failures (output tails)"]
         for r in failed:
-            lines += ["", f"### {r['check']}", "", "```", r["detail"][-3000:].strip(), "```"]
+            lines += ["", f"#### {r['check']}", "", "```", r["detail"][-3000:].strip(), "```"]
+    earlier = "" if dry else earlier_sections(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
+    out.write_text("\n".join(lines) + "\n" + (f"\n{earlier}" if earlier else ""))
     print(f"wrote {out}")
 
 

@@ -370,9 +370,12 @@ def flop_figures(flops_per_rank_step: int, step_ms: float, device: torch.device,
 def setup(rcp: Recipe, info: DistInfo) -> Trainer:
     """The Trainer bench times: ffdist train's assembly, with its sinks off and a checkpoint
     manager that never writes (bench leaves nothing behind but bench.json)."""
-    from ffdist import assemble
+    from ffdist import assemble, preflight
 
-    return assemble.build_trainer(rcp, info, assemble.resolve_for(rcp, info))
+    resolved = assemble.resolve_for(rcp, info)
+    model = assemble.build_model(rcp, load_weights=False)
+    preflight.check_sizes(model, rcp, resolved)  # one sentence, not a traceback mid-timing
+    return assemble.build_trainer(rcp, info, resolved, model=model)
 
 
 class Run:

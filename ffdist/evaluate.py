@@ -102,11 +102,13 @@ class EvalSetup:
 def setup(rcp: Recipe, info: DistInfo) -> EvalSetup:
     """What ffdist eval runs: the run's resolved batch plan and precision (as training
     resolved them, `accelerate launch --mixed_precision` included), its data, its model."""
-    from ffdist import assemble
+    from ffdist import assemble, preflight
 
     resolved = assemble.resolve_for(rcp, info, trains=False)
     data = assemble.build_data(rcp, resolved, info.rank)
-    return EvalSetup(resolved, data, assemble.build_model(rcp, load_weights=False))
+    model = assemble.build_model(rcp, load_weights=False)
+    preflight.check_sizes(model, rcp, resolved, training=False)  # data.image_size=... given
+    return EvalSetup(resolved, data, model)
 
 
 def run(run_dir: str | Path, overrides: list[str]) -> dict[str, Any]:

@@ -241,7 +241,7 @@ def facts(rcp: Recipe, args: argparse.Namespace) -> dict[str, Any]:
     """Everything `ffdist plan` reports, as plain values (`--json` prints them). The batch
     plan and precision come from ffdist.assemble.resolve on the device `ffdist train` would
     use here, so they are what training will use on this machine."""
-    from ffdist import assemble, dist
+    from ffdist import assemble, dist, preflight
 
     sizes = nvml_memory(list(rcp.launch.gpus))
     world, why = world_size(rcp, args.world_size)
@@ -251,6 +251,7 @@ def facts(rcp: Recipe, args: argparse.Namespace) -> dict[str, Any]:
     # after resolve: a refused recipe prints its one sentence and nothing else
     progress(f"{rcp.name}: building {rcp.model.name} for {world} device(s) ...")
     model = assemble.build_model(rcp, load_weights=False)  # model.freeze applied
+    preflight.check_sizes(model, rcp, resolved)  # before measuring activations at that size
     n, t = assemble.param_counts(model)
     size = resolved.image_size
     progress(f"measuring {rcp.model.name} activations at {size}x{size} ({resolved.precision}, "

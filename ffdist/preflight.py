@@ -1,12 +1,22 @@
-"""Checks that refuse a run before it starts, for what would otherwise fail at step 1
-with a traceback from inside the model."""
+"""Checks that refuse a run before it starts, for what would otherwise fail at step 1 (or at
+the first eval, epochs later) with a traceback from inside the model.
+
+`check_sizes` is what the commands call (train, eval, plan, bench): every size the command
+feeds the model, each with the recipe key that sets it."""
 
 from __future__ import annotations
+
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ffdist.errors import DataError, shorten
+
+if TYPE_CHECKING:
+    from ffdist.recipe import DataConfig, ModelConfig, Recipe
+    from ffdist.resolved import Resolved
 
 PROBE_BELOW = 64
 """Image sides below which a CNN's strided convolutions and pooling may shrink the feature
@@ -15,25 +25,64 @@ to adaptive pooling, which takes any size."""
 SMALL = ("small_cnn", "lenet")
 
 
-def check_input_size(model: nn.Module, name: str, channels: int, size: int) -> None:
+def check_sizes(model: nn.Module, rcp: Recipe, resolved: Resolved, *,
+                training: bool = True) -> None:
+    """Refuse the sizes `model` cannot take: the training size (when the command trains or
+    times training) and the eval size, which data.eval_image_size may make different."""
+    sizes = [("data.image_size", resolved.image_size)] if training else []
+    eval_key = "data.eval_image_size" if rcp.data.eval_image_size else "data.image_size"
+    if (eval_key, resolved.eval_image_size) not in sizes:
+        sizes.append((eval_key, resolved.eval_image_size))
+    resizable = _resizable(rcp.data)
+    for key, size in sizes:
+        check_input_size(model, rcp.model, size, key if resizable else None,
+                         data_name=rcp.data.name)
+
+
+def _resizable(data: DataConfig) -> bool:
+    """Whether data.image_size sets the image size (folders, synthetic data) rather than the
+    dataset having its own (digits, MNIST, CIFAR): asked of ffdist.assemble.image_size, the
+    one place that decides it, so the advice names a key that works."""
+    from ffdist.assemble import image_size
+
+    other = image_size(data) + 1
+    return image_size(replace(data, image_size=other)) == other
+
+
+def check_input_size(model: nn.Module, cfg: ModelConfig, size: int, key: str | None,
+                     data_name: str = "") -> None:
     """Refuse an image size the model cannot take: a fixed-size model (torchvision's
-    VisionTransformer) given another, or a tiny image that a CNN pools away."""
+    VisionTransformer) given another, or a tiny image that a CNN pools away. `key` is the
+    recipe key that sets `size`; None when the dataset's own size (`data_name`) decides,
+    and no key can change it (the advice is then another model)."""
+    name = cfg.name
+    given = f"{size}x{size} images ({key}={size})" if key else \
+        f"the {size}x{size} images of data.name={data_name} (its own size)"
     fixed = getattr(model, "image_size", None)
     if isinstance(fixed, int) and fixed != size:
-        raise DataError(f"model.name={name} takes {fixed}x{fixed} images, but the data gives "
-                        f"{size}x{size}; set data.image_size={fixed}.")
+        fix = f"set {key}={fixed}" if key else "use a CNN, e.g. model.name=small_cnn"
+        raise DataError(f"model.name={name} takes {fixed}x{fixed} images, not {given}; {fix}.")
     if size >= PROBE_BELOW:
         return
     was_training = model.training
     model.eval()  # BatchNorm statistics untouched; one image is enough
     try:
         with torch.no_grad():
-            model(torch.zeros(1, channels, size, size))
+            model(torch.zeros(1, cfg.in_channels, size, size))
     except (RuntimeError, ValueError, AssertionError) as e:
-        other = "" if name in SMALL else (", or a model made for small images (small_cnn, "
-                                          "lenet; ResNets with model.cifar_stem=true)")
-        raise DataError(f"model.name={name} cannot take {size}x{size} images "
-                        f"({shorten(str(e) or type(e).__name__, 140)}); use a larger "
-                        f"data.image_size{other}.") from None
+        why = shorten(str(e) or type(e).__name__, 140)
+        raise DataError(f"model.name={name} cannot take {given} ({why}); "
+                        f"{_small_fix(name, key)}.") from None
     finally:
         model.train(was_training)
+
+
+def _small_fix(name: str, key: str | None) -> str:
+    """The advice for images too small for the model: a larger size where a key sets it,
+    else (or also) a model made for small images other than this one."""
+    others = [m for m in SMALL if m != name]
+    models = f"a model made for small images ({', '.join(others)}; ResNets with " \
+             "model.cifar_stem=true)"
+    if key is None:
+        return f"use {models}"
+    return f"use a larger {key}" + ("" if name in SMALL else f", or {models}")

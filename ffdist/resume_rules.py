@@ -187,7 +187,8 @@ def new_place(recipe: Recipe) -> str:
 
 def finished_refusal(run_dir: Path, recipe: Recipe, diffs: list[tuple[str, Any, Any]],
                      can_extend: bool) -> str:
-    """Issue 13 #4: a finished run asked again with changes that make another result."""
+    """The refusal of a finished run asked again with changes that would make another
+    result: train it as a new run, or (more epochs or steps only) extend it in place."""
     extend = ""
     if can_extend and all(rule_for(k).on_resume for k, _, _ in diffs) and any(
             k in ("schedule.epochs", "schedule.max_steps") for k, _, _ in diffs):

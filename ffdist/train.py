@@ -111,7 +111,7 @@ def build(rcp: Recipe, info: DistInfo) -> tuple[Trainer | None, run_dir.Start]:
     """Resolve the run, decide fresh / resume / nothing to do (ffdist.run_dir), refuse what
     cannot run, then assemble the Trainer (restored). (None, start) when there is nothing
     to do: the run directory holds this recipe's finished run."""
-    from ffdist import assemble, checkpoint, run_dir
+    from ffdist import assemble, checkpoint, preflight, run_dir
     from ffdist.monitor import Monitor, Pictures
     from ffdist.optim import total_steps
     from ffdist.shared_fs import check_shared_dir
@@ -127,6 +127,7 @@ def build(rcp: Recipe, info: DistInfo) -> tuple[Trainer | None, run_dir.Start]:
     data = assemble.build_data(rcp, resolved, info.rank)
     model = assemble.build_model(rcp, load_weights=state is None)
     # Everything that can refuse the run does so before the run directory is touched.
+    preflight.check_sizes(model, rcp, resolved)  # train and eval sizes: not at step 1
     if found:
         checkpoint.check_compatible(state, model, found[0], rcp, resolved)
     run_dir.check_progress(rcp, state, total_steps(rcp.schedule, data.train.steps_per_epoch))

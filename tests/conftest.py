@@ -1,3 +1,6 @@
+"""Suite-wide settings: one thread per process, and `gpu` / `multigpu` tests skipped with a
+reason where this machine lacks the GPUs."""
+
 import os
 
 import pytest

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
+from ffdist.errors import EXIT_USER_ERROR
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
@@ -25,6 +29,9 @@ def env(**extra: str) -> dict[str, str]:
     # train in-process (launch.device=cpu) must not hand that to every later child process.
     e.pop("DS_ACCELERATOR", None)
     e["PYTHONPATH"] = os.pathsep.join([str(REPO), e.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    # slurm/train.sh runs this interpreter, not the checkout's .venv (a worktree, or a clone
+    # tested with another environment, has none) nor a python3 found on PATH.
+    e.setdefault("FFDIST_PYTHON", sys.executable)
     e.setdefault("OMP_NUM_THREADS", "1")
     e["PYTHONUNBUFFERED"] = "1"
     e.update(extra)
@@ -75,11 +82,75 @@ def end_event(run_dir: Path) -> dict:
     return ends[0]
 
 
+# -- the user-error contract -----------------------------------------------------------------
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file's hash and every sub-folder under `folder`, except the run lock, which each
+    start rewrites with its pid."""
+    return {str(p.relative_to(folder)): hashlib.sha1(p.read_bytes()).hexdigest()
+            if p.is_file() else "folder"
+            for p in sorted(Path(folder).rglob("*")) if p.name != ".ffdist.lock"}
+
+
+def state(path: Path) -> object:
+    """What `path` holds, to compare before and after: None when absent, else its snapshot
+    (a folder) or its hash (a file)."""
+    path = Path(path)
+    if path.is_dir():
+        return snapshot(path)
+    return hashlib.sha1(path.read_bytes()).hexdigest() if path.exists() else None
+
+
+def error_line(text: str, progress: str = "") -> str:
+    """The line of a user error, asserting that it is the only line of `text` (apart from
+    lines starting with `progress`, a command's report of what it is doing) and that no
+    traceback came with it."""
+    lines = [ln for ln in text.splitlines()
+             if ln.strip() and not (progress and ln.startswith(progress))]
+    assert len(lines) == 1 and lines[0].startswith("ffdist: error: "), text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
+    return lines[0]
+
+
+Action = Callable[[], tuple[int, str, str]]
+
+
+def in_process(capfd: pytest.CaptureFixture, main: Callable[[list[str]], int],
+               *argv: str) -> Action:
+    """A command's main(argv) called in this process (the code path of the CLI without
+    seconds of imports), as an action for `refused`."""
+    return lambda: (main(list(argv)), *capfd.readouterr())
+
+
+def refused(action: list[str] | Action, *untouched: Path, progress: str = "",
+            cwd: Path | None = None, timeout: float = 120) -> str:
+    """The contract of a mistake a user can make: exit 2, one sentence ("ffdist: error: ...")
+    and nothing else on stderr, no traceback, and nothing written: every path of `untouched`
+    is as it was (a folder byte for byte, an absent path still absent).
+
+    `action` is a command line, run as a real process (this checkout's ffdist, in `cwd`, by
+    default the checkout), or a callable returning (exit status, stdout, stderr), e.g.
+    `in_process`. Returns the sentence's line."""
+    before = {p: state(p) for p in untouched}
+    if callable(action):
+        code, out, err = action()
+    else:
+        proc = subprocess.run(action, cwd=cwd or REPO, env=env(), capture_output=True,
+                              text=True, timeout=timeout)
+        code, out, err = proc.returncode, proc.stdout, proc.stderr
+    assert code == EXIT_USER_ERROR, f"exit {code}\n{out[-2000:]}\n{err[-3000:]}"
+    line = error_line(err, progress)
+    assert "Traceback" not in out, out[-3000:]
+    for path, was in before.items():
+        assert state(path) == was, f"a refused command changed {path}"
+    return line
+
+
 # Overrides that make a digits run tiny and quiet for tests.
 FAST = ("log.tensorboard=false", "log.progress=false")
 
 
-# -- devices (issue 11) ----------------------------------------------------------------------
+# -- devices ---------------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=1)
 def cuda_gpus() -> int:
@@ -102,7 +173,7 @@ TWO_RANK_DEVICES = [
 ]
 
 
-# -- launchers other than torchrun (issue 3) -----------------------------------------------
+# -- launchers other than torchrun ---------------------------------------------------------
 
 def accelerate(recipe: str, *overrides: str, launch_args: tuple[str, ...] = ("--multi_gpu",
                "--num_processes", "2"), timeout: float = 300) -> subprocess.CompletedProcess:

@@ -36,7 +36,7 @@ class DevicePrefetcher:
         y = y.to(self.device, non_blocking=True)
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         # uint8 -> float32 and the layout change in one copy, then one normalizing pass
-        # (4 passes before: layout, float, sub, div; this path is per batch, every step).
+        # (two passes over the batch, not four: layout, float, sub, div; every step).
         x = torch.addcmul(self.shift, x.to(dtype=torch.float32, memory_format=fmt), self.scale)
         if self.channels_last and not x.is_contiguous(memory_format=fmt):
             x = x.contiguous(memory_format=fmt)  # addcmul's broadcast may pick NCHW

@@ -1,4 +1,6 @@
-"""Real 2-process gloo groups: torch.multiprocessing for the mechanics, torchrun for runs."""
+"""DDP with 2 real gloo ranks: gradients equal across ranks after backward, evaluation of
+an odd-sized set counts exactly n, 1 and 2 processes train the same steps, and digits under
+torchrun reaches 98% (torch.multiprocessing for the mechanics, torchrun for runs)."""
 
 import os
 from pathlib import Path

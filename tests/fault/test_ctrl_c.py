@@ -1,4 +1,4 @@
-"""Ctrl-C (issue 12 #5): the first press is a stop request like SIGTERM (finish the step,
+"""Ctrl-C: the first press is a stop request like SIGTERM (finish the step,
 checkpoint, exit 75, no traceback); a second one aborts (exit 130, one line).
 
 Real processes, with SIGINT sent to the whole process group, as a terminal does: the

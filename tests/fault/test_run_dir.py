@@ -1,4 +1,5 @@
-"""Ownership of the run directory (issue 12 #1) and the resume table (#4, issue 13 #4).
+"""Ownership of the run directory (one run at a time: its lock) and the resume table (what
+a run directory holding a run does with a recipe asked again, changed or not).
 
 Real processes: two trainings into one output_dir, a lock left by a SIGKILLed run, a
 finished run whose checkpoints are gone or corrupt, resumes with changed keys. Every
@@ -22,9 +23,9 @@ import pytest
 
 from ffdist import run_dir, train
 from ffdist.errors import EXIT_USER_ERROR
+from tests import helpers
 from tests.fault import kit
-from tests.fault.test_bad_input import only_error_line, snapshot
-from tests.helpers import RECIPES, env
+from tests.helpers import RECIPES, env, error_line, in_process, snapshot
 
 SLOW = "slow:step=1-30:ms=150"
 HOLD = "slow:step=1-30:ms=1000"  # a first run that is still going when the second starts;
@@ -41,13 +42,8 @@ def finished(ref1: Path, tmp_path: Path) -> Path:
 def refused_in_process(capfd, out: Path, *overrides: str) -> str:
     """The same refusal through ffdist.train.main, the function behind the CLI (a real
     process costs 5-10 s of imports here; the real-process tests above cover the CLI)."""
-    before = snapshot(out) if out.exists() else None
-    code = train.main([str(RECIPES / "digits.yaml"), *kit.ARGS, f"output_dir={out}", *overrides])
-    err = capfd.readouterr().err
-    assert code == EXIT_USER_ERROR, err
-    if before is not None:
-        assert snapshot(out) == before, "a refused run changed the run directory"
-    return only_error_line(err)
+    return helpers.refused(in_process(capfd, train.main, str(RECIPES / "digits.yaml"),
+                                      *kit.ARGS, f"output_dir={out}", *overrides), out)
 
 
 def ok_in_process(capfd, out: Path, *overrides: str) -> str:
@@ -58,12 +54,7 @@ def ok_in_process(capfd, out: Path, *overrides: str) -> str:
 
 
 def refused(out: Path, *overrides: str, cmd: list[str] | None = None) -> str:
-    before = snapshot(out) if out.exists() else None
-    proc = kit.run(cmd or kit.python_cmd(out, *overrides), timeout=120)
-    assert proc.returncode == EXIT_USER_ERROR, kit.explain(proc)
-    if before is not None:
-        assert snapshot(out) == before, "a refused run changed the run directory"
-    return only_error_line(proc.stderr)
+    return helpers.refused(cmd or kit.python_cmd(out, *overrides), out)
 
 
 # ------------------------------------------------------------------ the lock
@@ -76,7 +67,7 @@ def test_a_second_training_into_the_same_output_dir_is_refused_naming_the_first(
         proc = kit.run(kit.python_cmd(out), timeout=120)
         assert first.poll() is None, "the first run ended before the second started"
         assert proc.returncode == EXIT_USER_ERROR, kit.explain(proc)
-        line = only_error_line(proc.stderr)
+        line = error_line(proc.stderr)
         assert f"output_dir={out} is in use by another ffdist run (pid {first.pid} on " \
                f"{socket.gethostname()}, since " in line
         assert "choose another output_dir (or name)" in line
@@ -174,7 +165,8 @@ def test_lock_is_exclusive_between_processes(tmp_path):
 # ------------------------------------------------------------------ finished runs
 
 def test_finished_run_same_recipe_is_nothing_to_do_and_a_changed_override_is_refused(finished):
-    """Issue 13 #4, as a user meets it: `make train`, then the README's override example."""
+    """A finished run asked again, as a user meets it: `make train`, then the README's
+    override example."""
     before = snapshot(finished)
     proc = kit.run(kit.python_cmd(finished, "log.every_steps=3", "data.num_workers=1"))
     assert proc.returncode == 0, kit.explain(proc)

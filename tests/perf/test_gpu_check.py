@@ -54,3 +54,22 @@ def test_junit_counts_and_the_bench_table(tmp_path: Path) -> None:
     assert gpu_check._junit(tmp_path / "none.xml") is None
     printed = "noise\nmodel  a\nrow    b\nmodel  c\nrow    d\nwrote x.json\nstderr line\n"
     assert gpu_check._table(printed) == "model  c\nrow    d"
+
+
+def test_write_adds_a_dated_section_above_the_earlier_ones(tmp_path: Path) -> None:
+    """RESULTS-gpu.md is a record: a new run's section goes on top, none is erased."""
+    out = tmp_path / "RESULTS-gpu.md"
+    out.write_text(gpu_check.HEADER + "\n## 2026-11-22, one H100\n\nmeasured by hand\n")
+    info = {"date": "2026-12-05T10:00:00+00:00", "host": "h", "load": "load 1.0",
+            "nvidia_smi": ["H100"], "gpus": [], "cpu_cores": 16, "python": "3.12",
+            "torch": "2.11", "cuda": "13.0", "cudnn": "9", "torchvision": "0.26",
+            "deepspeed": "0.19", "accelerate": "1.15", "commit": "abc1234"}
+    row = {"check": "c", "result": "r", "target": "t", "ok": True, "seconds": 1, "detail": ""}
+    gpu_check.write(out, info, [row], ["### m, n\n\n```\nx\n```"], False, "wheels", [])
+    text = out.read_text()
+    assert text.startswith(gpu_check.HEADER) and text.count("# Measured results (GPU)") == 1
+    sections = [ln for ln in text.splitlines() if ln.startswith("## ")]
+    assert sections == ["## 2026-12-05, gpu-check on H100", "## 2026-11-22, one H100"]
+    assert "#### m, n" in text and text.endswith("measured by hand\n")
+    # the repository's file has the header write() keeps
+    assert (REPO / "benchmarks" / "RESULTS-gpu.md").read_text().startswith(gpu_check.HEADER)

@@ -1,3 +1,8 @@
+"""ffdist.checkpoint in one process: checkpoints load with weights_only=True and restore
+every RNG, a failed write keeps the old file, wrapper prefixes are stripped, keep-last /
+latest / best, a corrupt newest checkpoint falls back to the one before, an unreadable file
+is a CheckpointError, and model.pt holds compact CPU tensors."""
+
 import os
 from pathlib import Path
 

@@ -1,6 +1,5 @@
-"""`--help` on every command (issue 13): `ffdist X --help` and `python -m <module> --help`
-print a usage and exit 0, doing nothing else (`ffdist models --help` once printed the
-model list)."""
+"""`--help` on every command: `ffdist X --help` and `python -m <module> --help` print a
+usage and exit 0, doing nothing else (`ffdist models --help` prints no model list)."""
 
 from __future__ import annotations
 

@@ -1,3 +1,8 @@
+"""ffdist.data in one process: eval shards disjoint and complete for any world size, the
+same global batches for any world size and micro-batch, resume by whole steps, the batch
+arithmetic and its errors, the digits split, augmentation seeded by sample and epoch only,
+folder and file-list datasets and their errors, and a dataset and model that must agree."""
+
 from pathlib import Path
 
 import numpy as np

@@ -41,7 +41,7 @@ def opt(argv: list[str], flag: str) -> str:
     return argv[argv.index(flag) + 1]
 
 
-def test_issue_example_gpus_0_2_dry_run(capsys):
+def test_gpus_0_2_dry_run_sets_the_visible_devices(capsys):
     assert cli_main(["launch", RESNET, "launch.gpus=[0,2]", "--dry-run"]) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
     words = shlex.split(line)

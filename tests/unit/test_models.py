@@ -1,3 +1,7 @@
+"""The model registry (ffdist.models): torchvision's and our models build and give class
+logits for their channels and sizes, the CIFAR stem keeps 32x32, GeM replaces average
+pooling, an unknown name gets a suggestion, the classifier head is found by name."""
+
 import pytest
 import torch
 

@@ -1,3 +1,7 @@
+"""ffdist.optim: the learning-rate schedules (warm-up then cosine, step, multistep) step by
+step, and the parameter groups (no weight decay on biases and norms; frozen parameters
+left out of the optimizer)."""
+
 import math
 
 import pytest

@@ -1,5 +1,5 @@
 """ffdist.safe_yaml: the limits of the recipe reader, in-process (the real-process checks
-of the same inputs are in tests/fault/test_hostile_recipes.py)."""
+of the same inputs are in tests/fault/user_errors/test_recipes.py)."""
 
 from __future__ import annotations
 

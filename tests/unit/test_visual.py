@@ -1,4 +1,4 @@
-"""Pictures people read (issue 13): facts about the pixels of the confusion matrix and the
+"""Pictures people read: facts about the pixels of the confusion matrix and the
 prediction grid, not their bytes: a title above, hues that tell errors from right answers,
 many classes cut down with a note, file names and unreadable files in the grid."""
 

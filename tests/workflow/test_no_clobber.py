@@ -1,9 +1,9 @@
-"""predict and export never write over what is not theirs (issue 12 #2).
+"""predict and export never write over what is not theirs.
 
 An existing file is replaced only when it is an earlier output of the same command, or
 with --force; the files a command reads (weights, recipe.yaml, input images) never; two
-outputs never share a path (`--out preds.png` used to leave no CSV: the picture replaced
-it); every path written is printed. The CLI cases run as real processes, the rest through
+outputs never share a path (`--out preds.png` is refused: the picture would replace the
+CSV); every path written is printed. The CLI cases run as real processes, the rest through
 `ffdist.cli.main` (the same function, minus 5 s of imports each).
 """
 
@@ -20,6 +20,7 @@ from PIL import Image
 from ffdist.cli import main as cli
 from ffdist.errors import EXIT_USER_ERROR
 from tests import helpers
+from tests.helpers import error_line
 
 
 def digest(path: Path) -> str:
@@ -40,19 +41,12 @@ def ffdist(*args: str) -> tuple[int, str, str]:
     return proc.returncode, proc.stdout, proc.stderr
 
 
-def one_error(err: str) -> str:
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("ffdist: error: "), err
-    assert "Traceback" not in err
-    return lines[0]
-
-
 def test_predict_out_png_is_refused_before_any_work(digits_run, images, tmp_path):
     out = tmp_path / "preds.png"
     code, _, err = ffdist("predict", str(digits_run), str(images), "--out", str(out))
     assert code == EXIT_USER_ERROR
     assert (f"--out {out}: --out names the CSV file, and the picture is written next to it; "
-            f"use e.g. --out {tmp_path / 'preds.csv'}") in one_error(err)
+            f"use e.g. --out {tmp_path / 'preds.csv'}") in error_line(err)
     assert not out.exists()
 
 
@@ -101,7 +95,7 @@ def test_export_refuses_the_runs_own_weights_and_users_files(digits_run, tmp_pat
     code, _, err = ffdist("export", str(digits_run), "--format", "torchscript", "--out",
                           str(weights), "--force")
     assert code == EXIT_USER_ERROR
-    assert f"--out {weights}: that is {weights}, which ffdist export reads" in one_error(err)
+    assert f"--out {weights}: that is {weights}, which ffdist export reads" in error_line(err)
     assert digest(weights) == before
 
     mine = tmp_path / "model.torchscript.pt"

@@ -163,7 +163,8 @@ def check_for(command: str) -> Callable[[Path, str], None]:
 
 def test_tour_block_is_found() -> None:
     """The extraction itself: the README's tour starts with make train, has the commands
-    the issue asks for, and every line has a check."""
+    a first user needs (eval, predict, export, torchrun, bench, ...), and every line has a
+    check."""
     commands = tour_commands((REPO / "README.md").read_text())
     assert commands[:2] == ["make train", ". .venv/bin/activate"], commands
     joined = "\n".join(commands)

@@ -1,8 +1,8 @@
-"""Issue 14 end to end: the recipes that quote their source (load, plan, a few bench steps
-with EMA and mixup/cutmix timed in the step), digits with EMA + mixup/cutmix +
-TrivialAugment through train / eval, the first-batch picture of mixed images, eval
-resolution through train / eval / predict / export, and a timm model with stochastic depth
-through train, fine-tune, compile and export."""
+"""Regularization and eval resolution end to end: the recipes that quote their source
+(load, plan, a few bench steps with EMA and mixup/cutmix timed in the step), digits with
+EMA + mixup/cutmix + TrivialAugment through train / eval, the first-batch picture of mixed
+images, eval resolution through train / eval / predict / export, and a timm model with
+stochastic depth through train, fine-tune, compile and export."""
 
 from __future__ import annotations
 
