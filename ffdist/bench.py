@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ffdist.errors import EXIT_USER_ERROR, RecipeError
+from ffdist.errors import EXIT_USER_ERROR, RecipeError, guard
 
 if TYPE_CHECKING:
     from ffdist.dist import DistInfo
@@ -510,7 +510,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def describe(trainer: Trainer, args: argparse.Namespace) -> dict[str, Any]:
     """What was timed: the resolved run and the model (bench.json's non-figures)."""
     from ffdist.assemble import param_counts
-    from ffdist.plan import regularization
+    from ffdist.summary import regularization
 
     rcp, res, p = trainer.recipe, trainer.resolved, trainer.plan
     params, trainable = param_counts(trainer.strategy.unwrap())
@@ -528,7 +528,7 @@ def describe(trainer: Trainer, args: argparse.Namespace) -> dict[str, Any]:
             # timed inside the step: the mixing of every micro-batch, the EMA update
             "mixup": trainer.mixer is not None, "ema": trainer.ema is not None,
             "ema_every_steps": rcp.optim.ema_every_steps if trainer.ema is not None else None,
-            "regularization": regularization(rcp),
+            "regularization": regularization(rcp, res.image_size),
             "torch": torch.__version__, "threads": torch.get_num_threads()}
 
 
@@ -608,6 +608,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from ffdist.cli import main as cli_main  # errors: ffdist.errors.guard
-
-    sys.exit(cli_main(["bench", *sys.argv[1:]]))
+    sys.exit(guard(main))  # the one error printer, as under `ffdist bench`

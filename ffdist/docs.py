@@ -53,4 +53,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    from ffdist.errors import guard
+
+    sys.exit(guard(main, sys.argv[1:]))  # the one error printer

@@ -36,9 +36,11 @@ import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ffdist.errors import RecipeError
+from ffdist.errors import RecipeError, guard
+from ffdist.launchers import local_processes
 from ffdist.memory import model_state_bytes
 from ffdist.recipe import Recipe
+from ffdist.summary import regularization
 
 if TYPE_CHECKING:  # torch loads in facts() (ffdist.assemble), after the recipe is read
     import torch
@@ -92,9 +94,7 @@ def world_size(rcp: Recipe, override: int | None) -> tuple[int, str]:
     of docs/launchers.md) times launch.nnodes."""
     if override:
         return override, f"--gpus {override}"
-    from ffdist.launch import plan_local
-
-    node, notes = plan_local(rcp, dry_run=True)
+    node, notes = local_processes(rcp, dry_run=True)
     nodes = rcp.launch.nnodes
     why = notes[0] if nodes == 1 else f"{node.nproc} per node x launch.nnodes={nodes}; {notes[0]}"
     if node.device == "cpu":
@@ -181,33 +181,6 @@ def ema_bytes(rcp: Recipe, num_params: int, trainable: int, world: int,
     return -(-4 * trainable // world) if deepspeed else 4 * num_params
 
 
-def regularization(rcp: Recipe) -> str:
-    """One line naming the regularization a recipe turns on ('none' when it has none)."""
-    from ffdist import assemble, mixup
-
-    d, o, m = rcp.data, rcp.optim, rcp.model
-    parts = []
-    if o.ema_decay > 0:
-        parts.append(f"EMA {o.ema_decay:g} every {o.ema_every_steps} step(s)")
-    if mixup.enabled(d):
-        group = "" if d.mix_mode != "batch" else f", group {d.mix_group or d.batch_size}"
-        parts.append(f"mixup {d.mixup_alpha:g} / cutmix {d.cutmix_alpha:g} ({d.mix_mode}"
-                     f"{group}; soft targets)")
-    if o.label_smoothing:
-        parts.append(f"label smoothing {o.label_smoothing:g}")
-    if d.auto_augment:
-        parts.append(f"auto_augment {d.auto_augment}")
-    if d.random_erase:
-        parts.append(f"random erase {d.random_erase:g} ({d.random_erase_mode})")
-    if d.repeated_augmentation > 1:
-        parts.append(f"repeated augmentation x{d.repeated_augmentation}")
-    if m.drop_path_rate:
-        parts.append(f"drop path {m.drop_path_rate:g}")
-    if d.eval_image_size and d.eval_image_size != assemble.image_size(d):
-        parts.append(f"eval at {d.eval_image_size}px")
-    return ", ".join(parts) or "none"
-
-
 def recommend(plan: Plan, gpu_mem: int | None, per_rank: int, micro: int,
               row: str = "DDP") -> str:
     """Judge the recipe's own strategy (`row` of plan.rows) and its own micro batch x
@@ -284,7 +257,7 @@ def facts(rcp: Recipe, args: argparse.Namespace) -> dict[str, Any]:
         "world_source": why, **resolved.to_dict(), "params": n, "trainable_params": t,
         "activations_per_sample": plan.per_sample, "activations": plan.activations,
         "gpu_mem": gpu_mem, "gpu_mem_source": source if gpu_mem else None,
-        "regularization": regularization(rcp), "ema": rcp.optim.ema_decay > 0,
+        "regularization": regularization(rcp, resolved.image_size), "ema": rcp.optim.ema_decay > 0,
         "rows": plan.rows, "judged_row": recipe_row(rcp, resolved),
         "recommendation": recommend(plan, gpu_mem, p.per_rank, p.micro,
                                     recipe_row(rcp, resolved))}
@@ -362,6 +335,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from ffdist.cli import main as cli_main  # errors: ffdist.errors.guard
-
-    sys.exit(cli_main(["plan", *sys.argv[1:]]))
+    sys.exit(guard(main))  # the one error printer, as under `ffdist plan`

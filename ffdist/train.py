@@ -37,25 +37,6 @@ Exit status: 0 done, 2 bad input (one sentence says what to fix), 75 preempted (
 checkpoint was written: run the same command again to resume)."""
 
 
-def split_argv(argv: list[str]) -> tuple[str | None, list[str]]:
-    """Recipe path and overrides; drops the `--local_rank=N` the deepspeed launcher adds."""
-    args, skip = [], False
-    for i, a in enumerate(argv):
-        if skip:
-            skip = False
-            continue
-        if a.startswith(("--local_rank", "--local-rank")):
-            skip = "=" not in a and i + 1 < len(argv)
-            continue
-        args.append(a)
-    if args and args[0] in ("-h", "--help"):
-        print(HELP)
-        sys.exit(0)
-    if not args or "=" in args[0]:
-        return None, args
-    return args[0], args[1:]
-
-
 def run(recipe_path: str | None, overrides: list[str]) -> dict:
     from ffdist import recipe
     from ffdist.data.presence import check_present
@@ -171,7 +152,12 @@ def finish(trainer: Trainer, end: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ffdist.argv import split_argv
+
     recipe_path, overrides = split_argv(sys.argv[1:] if argv is None else argv)
+    if recipe_path in ("-h", "--help"):
+        print(HELP)
+        return 0
     if recipe_path is None:
         print(USAGE, file=sys.stderr)
         return EXIT_USER_ERROR
@@ -189,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
 def _train(recipe_path: str, overrides: list[str]) -> int:
     result = run(recipe_path, overrides)
     if result.get("stopped"):
-        from ffdist.dist import report_to_launcher
+        from ffdist.world import report_to_launcher
 
         report_to_launcher(f"ffdist: preempted at step {result['step']}: a checkpoint was "
                            f"written; exit {EXIT_PREEMPTED} means start again to resume.")

@@ -88,18 +88,17 @@ def test_digits_with_ema_mixup_cutmix_and_trivialaugment_end_to_end(tmp_path: Pa
     assert all(torch.equal(model_pt[k], last["ema"]["shadow"][k]) for k in model_pt)
     assert not torch.equal(model_pt["head.weight"], last["model"]["head.weight"])
     # ffdist eval: model.pt (the EMA), a checkpoint's EMA by default, its raw weights asked
-    for args, want in (([], ema[-1]), ([f"checkpoint={out / 'checkpoints' / 'step_00000110.pt'}"],
-                                       ema[-1]),
-                       ([f"checkpoint={out / 'checkpoints' / 'step_00000110.pt'}", "weights=raw"],
-                        raw[-1])):
+    step_file = str(out / "checkpoints" / "step_00000110.pt")
+    for args, want in (([], ema[-1]), (["--checkpoint", step_file], ema[-1]),
+                       (["--checkpoint", step_file, "--weights", "raw"], raw[-1])):
         assert cli(["eval", str(out), *args]) == 0
         report = json.loads((out / "eval" / "report.json").read_text())
         assert abs(report["top1"] - want["top1"]) < 1e-9, args
     assert report["weights_kind"] == "raw"
     capsys.readouterr()
-    assert cli(["eval", str(out), "weights=raw"]) == 2  # model.pt holds the EMA only
+    assert cli(["eval", str(out), "--weights", "raw"]) == 2  # model.pt holds the EMA only
     err = capsys.readouterr().err.strip()
-    assert "holds the ema weights only" in err and "checkpoint=" in err and "\n" not in err
+    assert "holds the ema weights only" in err and "--checkpoint " in err and "\n" not in err
 
 
 def test_the_first_batch_picture_shows_the_mixed_images(tmp_path: Path) -> None:
