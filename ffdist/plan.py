@@ -142,13 +142,16 @@ def activation_bytes_per_sample(model: nn.Module, channels: int, size: int, prec
 
 
 @dataclass
-class Plan:
+class MemoryEstimate:
+    """Bytes per device: a row of model states (+ activations, EMA, total) per strategy,
+    and the measured activations."""
+
     rows: dict[str, dict[str, int]]
     activations: int
     per_sample: int
 
 
-def estimate(rcp: Recipe, model: nn.Module, resolved: Resolved) -> Plan:
+def estimate(rcp: Recipe, model: nn.Module, resolved: Resolved) -> MemoryEstimate:
     """Model states of every strategy and measured activations, per device."""
     from ffdist.assemble import param_counts
 
@@ -167,7 +170,7 @@ def estimate(rcp: Recipe, model: nn.Module, resolved: Resolved) -> Plan:
         r["activations"] = acts
         r["ema"] = ema_bytes(rcp, n, t, world, deepspeed=name != "DDP")
         r["total"] += acts + r["ema"]
-    return Plan(rows, acts, per_sample)
+    return MemoryEstimate(rows, acts, per_sample)
 
 
 def ema_bytes(rcp: Recipe, num_params: int, trainable: int, world: int,
@@ -181,12 +184,12 @@ def ema_bytes(rcp: Recipe, num_params: int, trainable: int, world: int,
     return -(-4 * trainable // world) if deepspeed else 4 * num_params
 
 
-def recommend(plan: Plan, gpu_mem: int | None, per_rank: int, micro: int,
+def recommend(est: MemoryEstimate, gpu_mem: int | None, per_rank: int, micro: int,
               row: str = "DDP") -> str:
-    """Judge the recipe's own strategy (`row` of plan.rows) and its own micro batch x
+    """Judge the recipe's own strategy (`row` of est.rows) and its own micro batch x
     accumulation against the GPU: what to change if it does not fit, and whether a larger
     micro batch (less accumulation) would also fit when it does."""
-    need, accum = plan.rows[row]["total"], per_rank // micro
+    need, accum = est.rows[row]["total"], per_rank // micro
     recipe_batch = f"micro batch {micro} x {accum} accumulation"
     if gpu_mem is None:
         return (f"{row} needs {gib(need)} per device at the recipe's {recipe_batch}; pass "
@@ -194,9 +197,9 @@ def recommend(plan: Plan, gpu_mem: int | None, per_rank: int, micro: int,
     budget = USABLE * gpu_mem
     head = (f"{row} needs {gib(need)} per GPU, the smallest GPU has {gib(gpu_mem)} "
             f"(recipe: {recipe_batch})")
-    states = need - plan.activations
+    states = need - est.activations
     fits = [m for m in range(per_rank, 0, -1)
-            if per_rank % m == 0 and states + plan.per_sample * m <= budget]
+            if per_rank % m == 0 and states + est.per_sample * m <= budget]
     if need <= budget:
         if fits and fits[0] > micro:
             m = fits[0]
@@ -207,7 +210,7 @@ def recommend(plan: Plan, gpu_mem: int | None, per_rank: int, micro: int,
     fixes = []
     stage = int(row.split("-")[1]) if row.startswith("ZeRO-") else 0
     for s in range(stage + 1, 4):
-        if plan.rows[f"ZeRO-{s}"]["total"] <= budget:
+        if est.rows[f"ZeRO-{s}"]["total"] <= budget:
             fixes.append(f"strategy.name=deepspeed strategy.zero_stage={s}")
             break
     smaller = [m for m in fits if m < micro]
@@ -245,7 +248,7 @@ def facts(rcp: Recipe, args: argparse.Namespace) -> dict[str, Any]:
     size = resolved.image_size
     progress(f"measuring {rcp.model.name} activations at {size}x{size} ({resolved.precision}, "
              "forward+backward of batches of 2 and 4 on the CPU) ...")
-    plan = estimate(rcp, model, resolved)
+    est = estimate(rcp, model, resolved)
     gpu_mem = parse_size(args.gpu_mem) if args.gpu_mem else (min(sizes) if sizes else None)
     source = "--gpu-mem" if args.gpu_mem else f"NVML, smallest of {len(sizes or [])} GPU(s)"
     p = resolved.plan
@@ -255,11 +258,11 @@ def facts(rcp: Recipe, args: argparse.Namespace) -> dict[str, Any]:
         "lr": rcp.optim.lr, "epochs": rcp.schedule.epochs, "scheduler": rcp.schedule.scheduler,
         "recipe_precision": rcp.precision, "launcher_precision": launcher,
         "world_source": why, **resolved.to_dict(), "params": n, "trainable_params": t,
-        "activations_per_sample": plan.per_sample, "activations": plan.activations,
+        "activations_per_sample": est.per_sample, "activations": est.activations,
         "gpu_mem": gpu_mem, "gpu_mem_source": source if gpu_mem else None,
         "regularization": regularization(rcp, resolved.image_size), "ema": rcp.optim.ema_decay > 0,
-        "rows": plan.rows, "judged_row": recipe_row(rcp, resolved),
-        "recommendation": recommend(plan, gpu_mem, p.per_rank, p.micro,
+        "rows": est.rows, "judged_row": recipe_row(rcp, resolved),
+        "recommendation": recommend(est, gpu_mem, p.per_rank, p.micro,
                                     recipe_row(rcp, resolved))}
 
 

@@ -99,7 +99,7 @@ def build(rcp: Recipe, info: DistInfo) -> tuple[Trainer | None, run_dir.Start]:
     resolved = assemble.resolve_for(rcp, info)  # every rank alike: batch plan, precision
     check_shared_dir(rcp.run_dir, info.rank, info.world_size)  # multi-node: one output_dir
     manager = checkpoint.CheckpointManager(rcp.run_dir, rcp.checkpoint, info.is_primary)
-    start = run_dir.plan_start(rcp, manager)  # fresh / resume / nothing to do, or refuse
+    start = run_dir.decide_start(rcp, manager)  # fresh / resume / nothing to do, or refuse
     if start.done:
         return None, start
     found = start.found

@@ -65,7 +65,7 @@ def test_recommendation():
         return {"DDP": {"total": ddp}, **{f"ZeRO-{i + 1}": {"total": v} for i, v in enumerate(z)}}
 
     gib = plan.GiB
-    p = plan.Plan(rows(31 * gib, [28 * gib, 21 * gib, 18 * gib]), activations=16 * gib,
+    p = plan.MemoryEstimate(rows(31 * gib, [28 * gib, 21 * gib, 18 * gib]), activations=16 * gib,
                   per_sample=gib // 8)
     text = plan.recommend(p, 24 * gib, per_rank=128, micro=128)
     assert "DDP needs 31 GiB per GPU, the smallest GPU has 24 GiB" in text
@@ -89,11 +89,11 @@ def test_plan_command(capsys):
     assert "ZeRO-3" in out and "the smallest GPU has 4 MiB" in out
 
 
-def _plan(rows_total: int, per_sample: int) -> plan.Plan:
+def _plan(rows_total: int, per_sample: int) -> plan.MemoryEstimate:
     """A plan whose model states are `rows_total` minus the activations of micro batch 128."""
     acts = per_sample * 128
     rows = {name: {"total": rows_total} for name in ("DDP", "ZeRO-1", "ZeRO-2", "ZeRO-3")}
-    return plan.Plan(rows, activations=acts, per_sample=per_sample)
+    return plan.MemoryEstimate(rows, activations=acts, per_sample=per_sample)
 
 
 def test_an_accumulating_recipe_is_told_when_a_larger_micro_batch_fits():
@@ -124,7 +124,7 @@ def test_a_zero_recipe_is_judged_on_its_own_row():
     gib = plan.GiB
     rows = {"DDP": {"total": 30 * gib}, "ZeRO-1": {"total": 25 * gib},
             "ZeRO-2": {"total": 20 * gib}, "ZeRO-3": {"total": 12 * gib}}
-    p = plan.Plan(rows, activations=4 * gib, per_sample=gib // 32)
+    p = plan.MemoryEstimate(rows, activations=4 * gib, per_sample=gib // 32)
     text = plan.recommend(p, 16 * gib, per_rank=128, micro=128, row="ZeRO-2")
     assert text.startswith("ZeRO-2 needs 20 GiB per GPU") and "zero_stage=3" in text
     assert "zero_stage=1" not in text  # never a stage below the recipe's
