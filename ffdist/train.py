@@ -7,6 +7,7 @@ works out which one this is. With no launcher it trains on one device.
 from __future__ import annotations
 
 import gc
+import os
 import sys
 import time
 from typing import TYPE_CHECKING
@@ -121,6 +122,10 @@ def build(rcp: Recipe, info: DistInfo) -> tuple[Trainer | None, run_dir.Start]:
 
     trainer = assemble.build_trainer(rcp, info, resolved, loaders=loaders, model=model,
                                      open_monitor=open_monitor, manager=manager)
+    if os.environ.get("FFDIST_FAULT"):  # tests/fault only: the one place faults are armed
+        from ffdist import faults
+
+        faults.install(trainer)
     monitor = trainer.monitor
     if state:
         trainer.restore(state)

@@ -57,15 +57,21 @@ def test_steady_state_steps_never_sync_the_host(tmp_path: Path, overrides: tuple
 
 
 def test_a_nan_step_is_skipped_on_the_device_and_counted_a_step_later(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path) -> None:
     """A NaN loss at step 5: the weights do not move on that step (the fused kernel skipped
     it, no host read), applied is 0.0 on the device, and the skip is counted when step 6
     is queued."""
-    from ffdist import faults
+    class NanAtStep5:  # an engine.StepHooks, as ffdist.faults installs under FFDIST_FAULT
+        @staticmethod
+        def loss(loss: torch.Tensor, step: int, rank: int) -> torch.Tensor:
+            return loss * float("nan") if step == 5 else loss
+
+        @staticmethod
+        def after_step(step: int, rank: int) -> None:
+            pass
 
     trainer = _trainer(tmp_path, "precision=bf16", "schedule.nan_policy=skip")
-    monkeypatch.setattr(faults, "poison_loss",
-                        lambda loss, step, rank: loss * float("nan") if step == 5 else loss)
+    trainer.hooks = NanAtStep5()
     batches = iter(trainer.train_batches)
     model = trainer.strategy.unwrap()
     for i in range(4):
