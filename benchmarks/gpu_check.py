@@ -246,10 +246,10 @@ def make_jpegs(root: Path, classes: int, per_class: int, size: tuple[int, int]) 
 
 LOADER = """
 import sys, time, torch
-from ffdist import data, recipe
+from ffdist import data, recipe_load
 from ffdist.assemble import resolve
 from ffdist.data import DevicePrefetcher
-rcp = recipe.load("recipes/resnet50.yaml", sys.argv[2:])
+rcp = recipe_load.load("recipes/resnet50.yaml", sys.argv[2:])
 dev = torch.device(sys.argv[1])
 loaders = data.build(rcp, 0, resolve(rcp, 1, dev).plan, dev)
 batches = DevicePrefetcher(loaders.train, dev, loaders.spec.mean, loaders.spec.std, True)

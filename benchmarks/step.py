@@ -46,10 +46,10 @@ def one_thread() -> None:
 
 def _setup(out: Path) -> tuple[Any, Any, list]:
     """ffdist's Trainer (train's assembly, sinks off), the reference loop, device batches."""
-    from ffdist import assemble, bench, dist, recipe
+    from ffdist import assemble, bench, dist, recipe_load
     from ffdist.reference import ReferenceLoop
 
-    rcp = recipe.load(RECIPE, [*OVERRIDES, f"output_dir={out}"])
+    rcp = recipe_load.load(RECIPE, [*OVERRIDES, f"output_dir={out}"])
     info = dist.init()
     trainer = bench.setup(rcp, info)
     loop = ReferenceLoop(rcp, assemble.resolve_for(rcp, info), info)

@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    from ffdist.train import split_argv
+    from ffdist.argv import split_argv
 
     p = build_parser()
     recipe, rest = split_argv(argv)  # also drops the deepspeed launcher's --local_rank
@@ -101,10 +101,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def synthetic_overrides(recipe_path: str, overrides: list[str]) -> list[str]:
     """data.name=synthetic (a small in-memory set: the loaders are built, as train builds
     them, but --synthetic never iterates them), keeping the recipe's image size and classes."""
-    from ffdist import recipe as recipe_mod
+    from ffdist import recipe_load
     from ffdist.assemble import image_size
 
-    rcp = recipe_mod.load(recipe_path, overrides)
+    rcp = recipe_load.load(recipe_path, overrides)
     # the size the recipe's own data would have (folders: the default crop)
     extra = ["data.name=synthetic", f"data.image_size={image_size(rcp.data)}"]
     need = int(rcp.data.batch_size / max(1e-6, 1 - rcp.data.val_fraction)) + 1
@@ -423,11 +423,10 @@ def _flops(rcp: Recipe, resolved: Resolved) -> int | str:
 def measure(args: argparse.Namespace, rcp: Recipe, overrides: list[str],
             info: DistInfo) -> dict[str, Any]:
     """Build, alternate, evaluate and combine every side; the bench.json dict (all ranks)."""
-    from ffdist import assemble
-    from ffdist import recipe as recipe_mod
+    from ffdist import assemble, recipe_load
 
     recipes = [rcp] if not args.precision else [
-        recipe_mod.load(args.recipe, [*overrides, f"precision={p}"]) for p in args.precision]
+        recipe_load.load(args.recipe, [*overrides, f"precision={p}"]) for p in args.precision]
     res0 = assemble.resolve_for(recipes[0], info)  # batch and image size: alike for all
     made = None  # device batches: --synthetic feeds them to every side, --reference to its loop
     if args.synthetic or args.reference:
@@ -486,13 +485,13 @@ def assemble_result(args: argparse.Namespace, runs: list[Run], ranks: list,
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from ffdist import checkpoint, dist, recipe
+    from ffdist import checkpoint, dist, recipe_load
     from ffdist.monitor import setup_logging
 
     overrides = list(args.overrides)
     if args.synthetic:
         overrides = synthetic_overrides(args.recipe, overrides)
-    rcp = recipe.load(args.recipe, overrides)
+    rcp = recipe_load.load(args.recipe, overrides)
     info = dist.init(rcp.launch)
     try:
         setup_logging(info.is_primary)

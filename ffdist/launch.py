@@ -18,8 +18,7 @@ import os
 import subprocess
 import sys
 
-from ffdist import launchers
-from ffdist import recipe as recipe_mod
+from ffdist import launchers, recipe_load
 from ffdist import slurm as slurm_job
 from ffdist.errors import LaunchError, guard
 
@@ -32,7 +31,7 @@ SHUTDOWN_TIMEOUT_S = 60
 def build(recipe_path: str, overrides: list[str], launcher: str | None = None,
           dry_run: bool = False) -> launchers.Command:
     """The command `ffdist launch` runs on this node."""
-    rcp = recipe_mod.load(recipe_path, overrides)
+    rcp = recipe_load.load(recipe_path, overrides)
     launcher = launcher or rcp.launch.launcher
     if launcher == "slurm":
         return launchers.slurm(rcp, recipe_path, overrides, launchers.slurm_request(rcp))
@@ -55,8 +54,8 @@ def build_slurm_node(recipe_path: str, overrides: list[str],
     node_rank = int(environ.get("SLURM_NODEID") or 0)
     job = environ.get("SLURM_JOB_ID", "0")
     # The allocation, not the recipe, says how many nodes there are and which one this is.
-    rcp = recipe_mod.load(recipe_path, [*overrides, f"launch.nnodes={nnodes}",
-                                        f"launch.node_rank={node_rank}"])
+    rcp = recipe_load.load(recipe_path, [*overrides, f"launch.nnodes={nnodes}",
+                                         f"launch.node_rank={node_rank}"])
     procs, notes = launchers.slurm_node_processes(rcp, environ)
     # Workers get SIGUSR1 (preemption warning) forwarded instead of torchrun dying of it,
     # and SHUTDOWN_TIMEOUT_S to write their checkpoint before SIGKILL.
@@ -102,13 +101,13 @@ def main(argv: list[str] | None = None) -> int:
     else:
         cmd = build(args.recipe, overrides, args.launcher, args.dry_run)
     if cmd.argv[0] == "sbatch":  # a queued job may wait hours: refuse mistakes now
-        rcp = recipe_mod.load(args.recipe, overrides)
+        rcp = recipe_load.load(args.recipe, overrides)
         slurm_job.check(rcp, rcp.launch.nnodes * len(rcp.launch.gpus) or None)
     if not args.dry_run and cmd.argv[0] != "sbatch":  # (a job's data is on its nodes)
         from ffdist.data.presence import check_present
 
         # absent data: one sentence here, before a launcher and its N ranks start
-        check_present(recipe_mod.load(args.recipe, overrides).data, args.recipe)
+        check_present(recipe_load.load(args.recipe, overrides).data, args.recipe)
     for note in cmd.notes:
         print(f"# {note}", file=sys.stderr)
     print(cmd.render(), flush=True)

@@ -12,20 +12,20 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ffdist import recipe_load
+from ffdist.assemble import build_model, eval_image_size
 from ffdist.errors import CheckpointError
 from ffdist.recipe import Recipe
 from ffdist.weights import state_dict_from
 
 
 def load_recipe(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    from ffdist import recipe
-
     path = Path(run_dir) / "recipe.yaml"
     if not path.is_file():
         raise CheckpointError(f"{run_dir}: no recipe.yaml there; give the directory of a "
                               "training run (runs/<name>).")
     # output_dir is the run's own folder, wherever it was moved to.
-    return recipe.load(path, [*overrides, f"output_dir={Path(run_dir)}"])
+    return recipe_load.load(path, [*overrides, f"output_dir={Path(run_dir)}"])
 
 
 def run_weights(rcp: Recipe, path: str | Path, weights: str | None = None
@@ -79,8 +79,7 @@ def load_run(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = (),
              checkpoint: str | None = None, weights: str | None = None) -> RunModel:
     """The run's model (eval mode, CPU) with its weights (`run_weights`: raw | ema | None,
     the run's checkpoint.final_weights), and its data description."""
-    from ffdist.assemble import build_model, eval_image_size
-    from ffdist.data.datasets import build_datasets
+    from ffdist.data.datasets import build_datasets  # torchvision: ~2.6 s
 
     run_dir = Path(run_dir)
     rcp = load_recipe(run_dir, overrides)

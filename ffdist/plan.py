@@ -322,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ffdist import recipe
+    from ffdist import recipe_load
 
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     if args.world_size is not None and args.world_size < 1:
@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     import time
 
     started = time.perf_counter()
-    rcp = recipe.load(args.recipe, args.overrides)
+    rcp = recipe_load.load(args.recipe, args.overrides)
     found = facts(rcp, args)
     progress(f"done in {time.perf_counter() - started:.1f} s")
     print(json.dumps(found, indent=1) if args.json else report(found))

@@ -41,9 +41,9 @@ def check(rcp: Recipe, world: int | None = None) -> None:
 def check_for_script(recipe_path: str, overrides: list[str], environ: dict[str, str]) -> int:
     """slurm/train.sh's check (`python -m ffdist.launch --slurm-check`): the recipe, inside
     a job against its allocation; prints the run directory for the script to use."""
-    from ffdist import recipe
+    from ffdist import recipe_load
 
-    rcp = recipe.load(recipe_path, overrides)
+    rcp = recipe_load.load(recipe_path, overrides)
     in_job = bool(environ.get("SLURM_JOB_ID"))
     check(rcp, allocation_world(rcp, environ) if in_job else None)
     print(rcp.run_dir)

@@ -39,11 +39,11 @@ checkpoint was written: run the same command again to resume)."""
 
 
 def run(recipe_path: str | None, overrides: list[str]) -> dict:
-    from ffdist import recipe
+    from ffdist import recipe_load
     from ffdist.data.presence import check_present
 
     started = time.perf_counter()
-    rcp = recipe.load(recipe_path, overrides)  # before importing torch: recipe errors are fast
+    rcp = recipe_load.load(recipe_path, overrides)  # before importing torch: recipe errors are fast
     check_present(rcp.data, recipe_path)  # absent data: before any process group or run dir
 
     from ffdist import dist, signals, startup

@@ -108,11 +108,11 @@ def test_hostile_override_is_one_sentence_blaming_the_command_line(tmp_path, ove
 
 def test_a_plain_reference_between_keys_still_interpolates(tmp_path):
     """`${other.key}` reads the recipe itself, not the environment: still allowed."""
-    from ffdist import recipe
+    from ffdist import recipe_load
 
     path = tmp_path / "r.yaml"
     path.write_text("name: lr_${optim.lr}\noptim:\n  lr: 0.05\n")
-    assert recipe.load(path).name == "lr_0.05"
+    assert recipe_load.load(path).name == "lr_0.05"
     started = time.perf_counter()
-    assert recipe.load(path, ["optim.lr=0.2"]).name == "lr_0.2"
+    assert recipe_load.load(path, ["optim.lr=0.2"]).name == "lr_0.2"
     assert time.perf_counter() - started < 1.0

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ffdist import recipe, train
+from ffdist import recipe_load, train
 from ffdist.errors import EXIT_USER_ERROR
 from tests.fault import kit
 from tests.fault.test_bad_input import FOLDER, imagefolder, only_error_line
@@ -64,18 +64,18 @@ def test_a_bad_value_in_the_file_is_blamed_on_the_file(tmp_path):
 
 
 def test_a_list_key_takes_one_value_as_a_one_element_list(tmp_path):
-    r = recipe.load(None, ["model.freeze=backbone", "launch.gpus=0", "schedule.milestones=30",
+    r = recipe_load.load(None, ["model.freeze=backbone", "launch.gpus=0", "schedule.milestones=30",
                            "data.classes=cat"])
     assert r.model.freeze == ["backbone"] and r.launch.gpus == [0]
     assert r.schedule.milestones == [30] and r.data.classes == ["cat"]
     path = tmp_path / "r.yaml"
     path.write_text("model:\n  freeze: backbone\n")
-    assert recipe.load(path).model.freeze == ["backbone"]
+    assert recipe_load.load(path).model.freeze == ["backbone"]
 
 
 def test_blank_list_sep_is_kept(tmp_path):
-    assert recipe.load(None, ["data.list_sep= "]).data.list_sep == " "
-    assert recipe.load(None, ["data.list_sep=\t"]).data.list_sep == "\t"
+    assert recipe_load.load(None, ["data.list_sep= "]).data.list_sep == " "
+    assert recipe_load.load(None, ["data.list_sep=\t"]).data.list_sep == "\t"
 
 
 # ------------------------------------------------------------------ data
@@ -174,7 +174,7 @@ def test_export_without_weights_names_its_own_flag(capfd, tmp_path):
 
     run = tmp_path / "run"
     run.mkdir()
-    (run / "recipe.yaml").write_text(recipe.load(RECIPES / "digits.yaml").to_yaml())
+    (run / "recipe.yaml").write_text(recipe_load.load(RECIPES / "digits.yaml").to_yaml())
     assert cli(["export", str(run), "--format", "onnx"]) == EXIT_USER_ERROR
     err = capfd.readouterr().err
     assert "ffdist predict and export: --checkpoint PATH" in err

@@ -45,9 +45,9 @@ def _cuda() -> torch.device:
 # ------------------------------------------------------------------ DevicePrefetcher
 
 def _loaders(device: torch.device):
-    from ffdist import assemble, data, recipe
+    from ffdist import assemble, data, recipe_load
 
-    rcp = recipe.load(RECIPES / "digits.yaml", ["data.batch_size=64"])
+    rcp = recipe_load.load(RECIPES / "digits.yaml", ["data.batch_size=64"])
     plan = assemble.resolve(rcp, 1, device, None).plan
     loaders = data.build(rcp, 0, plan, device)
     loaders.train_sampler.set_epoch(3)  # augmentation depends on (epoch, index) only

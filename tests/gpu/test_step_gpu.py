@@ -21,9 +21,9 @@ CUDA = "launch.device=cuda"
 
 
 def _trainer(tmp_path: Path, *overrides: str):
-    from ffdist import bench, dist, recipe
+    from ffdist import bench, dist, recipe_load
 
-    rcp = recipe.load(RECIPES / "digits.yaml", [CUDA, *FAST, f"output_dir={tmp_path}",
+    rcp = recipe_load.load(RECIPES / "digits.yaml", [CUDA, *FAST, f"output_dir={tmp_path}",
                                                 "log.every_steps=1000", *overrides])
     return bench.setup(rcp, dist.init(rcp.launch))
 
@@ -108,9 +108,9 @@ def test_bench_reports_tflops_mfu_and_the_reference_ratio_on_cuda(tmp_path: Path
 def test_fused_sgd_fp16_resnet_stays_finite(tmp_path: Path) -> None:
     """The failure seen on an H100 (ResNet-50 fp16 + fused SGD: NaN from step 4 on), at a
     small size: ResNet-18, 64 px, 12 steps on device batches from a fresh process."""
-    from ffdist import bench, dist, recipe
+    from ffdist import bench, dist, recipe_load
 
-    rcp = recipe.load(RECIPES / "resnet50.yaml", [CUDA, "model.name=resnet18", "precision=fp16",
+    rcp = recipe_load.load(RECIPES / "resnet50.yaml", [CUDA, "model.name=resnet18", "precision=fp16",
                                                   "data.name=synthetic", "data.image_size=64",
                                                   "data.synthetic_size=200", "data.batch_size=32",
                                                   "data.num_workers=0", f"output_dir={tmp_path}"])

@@ -15,9 +15,9 @@ FROZEN = ("model.freeze=[backbone]", "data.batch_size=32")
 
 
 def _counts() -> tuple[int, int]:
-    from ffdist import models, recipe
+    from ffdist import models, recipe_load
 
-    model = models.build(recipe.load(RECIPES / "digits.yaml").model)
+    model = models.build(recipe_load.load(RECIPES / "digits.yaml").model)
     return (sum(p.numel() for p in model.parameters()),
             sum(p.numel() for p in model.head.parameters()))
 
@@ -35,9 +35,9 @@ def test_bench_reports_the_frozen_trainable_count(tmp_path: Path) -> None:
 
 def test_bench_times_the_frozen_model(tmp_path: Path) -> None:
     """The steps bench times update the head only: the backbone is frozen in what it runs."""
-    from ffdist import bench, dist, recipe
+    from ffdist import bench, dist, recipe_load
 
-    rcp = recipe.load(RECIPES / "digits.yaml", [*FAST, *FROZEN, f"output_dir={tmp_path}",
+    rcp = recipe_load.load(RECIPES / "digits.yaml", [*FAST, *FROZEN, f"output_dir={tmp_path}",
                                                 "precision=fp32"])
     info = dist.init()
     trainer = bench.setup(rcp, info)

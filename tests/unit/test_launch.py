@@ -9,7 +9,7 @@ import shlex
 
 import pytest
 
-from ffdist import dist, launch, launchers
+from ffdist import dist, launch, launchers, recipe_load
 from ffdist.cli import main as cli_main
 from ffdist.errors import LaunchError
 from tests.helpers import RECIPES
@@ -90,7 +90,7 @@ def test_cpu_ranks_from_nproc_on_any_node(gpus, visible):
 ])
 def test_nproc_has_one_meaning_on_gpu_and_cpu_nodes(gpus, device, nproc, visible, expect):
     gpus(visible)
-    rcp = launch.recipe_mod.load(DIGITS, [f"launch.device={device}", f"launch.nproc={nproc}"])
+    rcp = recipe_load.load(DIGITS, [f"launch.device={device}", f"launch.nproc={nproc}"])
     if isinstance(expect, str):
         with pytest.raises(LaunchError, match=expect.replace("(", r"\(").replace(")", r"\)")):
             launchers.local_processes(rcp, dry_run=True)
@@ -221,7 +221,7 @@ def test_render_quotes_paths_with_spaces():
     ({"SLURM_CPUS_ON_NODE": "8"}, ["launch.nproc=null"], 1, 8, None),  # null: one
 ])
 def test_slurm_node_processes(environ, extra, nproc, threads, note):
-    rcp = launch.recipe_mod.load(DIGITS, ["launch.nproc=2", *extra])
+    rcp = recipe_load.load(DIGITS, ["launch.nproc=2", *extra])
     procs, notes = launchers.slurm_node_processes(rcp, environ)
     assert (procs.nproc, procs.threads) == (nproc, threads)
     assert (note is None) or any(note in n for n in notes)

@@ -1,12 +1,12 @@
 import pytest
 import torch
 
-from ffdist import models, recipe
+from ffdist import models, recipe_load
 from ffdist.errors import RecipeError
 
 
 def _cfg(*overrides: str):
-    return recipe.load(None, list(overrides)).model
+    return recipe_load.load(None, list(overrides)).model
 
 
 @pytest.mark.parametrize("name,channels,size", [

@@ -99,9 +99,9 @@ def plan_json(recipe: str, overrides: list[str], world: int) -> dict[str, Any]:
 
 
 def probe(case: dict[str, Any], info: Any) -> dict[str, Any]:
-    from ffdist import assemble, bench, evaluate, recipe, train
+    from ffdist import assemble, bench, evaluate, recipe_load, train
 
-    rcp = recipe.load(case["recipe"], case["overrides"])
+    rcp = recipe_load.load(case["recipe"], case["overrides"])
     bench_args = argparse.Namespace(steps=1, warmup=0)
 
     def bench_setup() -> dict[str, Any]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ffdist import plan, recipe
+from ffdist import plan, recipe_load
 from ffdist.cli import main as cli
 from ffdist.finetune import freeze
 from ffdist.models import build
@@ -19,7 +19,7 @@ def _bytes(tensors) -> int:
 
 @pytest.mark.parametrize("opt,frozen", [("sgd", False), ("adamw", True)])
 def test_state_bytes_match_real_tensors_after_a_step(opt: str, frozen: bool):
-    rcp = recipe.load(None, [f"optim.name={opt}", "model.in_channels=1"])
+    rcp = recipe_load.load(None, [f"optim.name={opt}", "model.in_channels=1"])
     torch.manual_seed(0)
     model = build(rcp.model)
     if frozen:
@@ -54,7 +54,7 @@ def test_zero_stages_shard_in_order():
 
 def test_activations_are_measured_and_scale_with_pixels():
     torch.manual_seed(0)
-    model = build(recipe.load(None, ["model.in_channels=1"]).model)
+    model = build(recipe_load.load(None, ["model.in_channels=1"]).model)
     small = plan.activation_bytes_per_sample(model, 1, 8, "fp32")
     large = plan.activation_bytes_per_sample(model, 1, 16, "fp32")
     assert small > 0 and 3.5 < large / small < 4.5  # conv activations grow with H*W
@@ -81,7 +81,7 @@ def test_plan_command(capsys):
     assert cli(["plan", "recipes/digits.yaml", "model.freeze=[backbone]", "--world-size", "4",
                 "--gpu-mem", "4MiB"]) == 0
     out = capsys.readouterr().out
-    model = build(recipe.load("recipes/digits.yaml").model)
+    model = build(recipe_load.load("recipes/digits.yaml").model)
     total = sum(p.numel() for p in model.parameters())
     head = sum(p.numel() for p in model.head.parameters())
     assert f"{total:,} total, {head:,} trainable" in out
@@ -128,11 +128,11 @@ def test_a_zero_recipe_is_judged_on_its_own_row():
     text = plan.recommend(p, 16 * gib, per_rank=128, micro=128, row="ZeRO-2")
     assert text.startswith("ZeRO-2 needs 20 GiB per GPU") and "zero_stage=3" in text
     assert "zero_stage=1" not in text  # never a stage below the recipe's
-    rcp = recipe.load("recipes/digits_zero2.yaml")
+    rcp = recipe_load.load("recipes/digits_zero2.yaml")
     from ffdist.assemble import resolve
 
     assert plan.recipe_row(rcp, resolve(rcp, 2, torch.device("cpu"))) == "ZeRO-2"
-    rcp = recipe.load("recipes/digits.yaml")
+    rcp = recipe_load.load("recipes/digits.yaml")
     assert plan.recipe_row(rcp, resolve(rcp, 2, torch.device("cpu"))) == "DDP"
 
 
