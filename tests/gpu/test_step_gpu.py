@@ -108,7 +108,7 @@ def test_bench_reports_tflops_mfu_and_the_reference_ratio_on_cuda(tmp_path: Path
 def test_fused_sgd_fp16_resnet_stays_finite(tmp_path: Path) -> None:
     """The failure seen on an H100 (ResNet-50 fp16 + fused SGD: NaN from step 4 on), at a
     small size: ResNet-18, 64 px, 12 steps on device batches from a fresh process."""
-    from ffdist import bench, dist, recipe_load
+    from ffdist import bench, bench_timing, dist, recipe_load
 
     rcp = recipe_load.load(RECIPES / "resnet50.yaml", [CUDA, "model.name=resnet18", "precision=fp16",
                                                   "data.name=synthetic", "data.image_size=64",
@@ -116,7 +116,7 @@ def test_fused_sgd_fp16_resnet_stays_finite(tmp_path: Path) -> None:
                                                   "data.num_workers=0", f"output_dir={tmp_path}"])
     info = dist.init(rcp.launch)
     trainer = bench.setup(rcp, info)
-    batches = itertools.cycle(bench.device_batches(rcp, info, 32, 64))
+    batches = itertools.cycle(bench_timing.device_batches(rcp, info, 32, 64))
     losses = [trainer.train_step(batches, trainer.lr_at(i)).loss for i in range(12)]
     trainer.settle_flags()
     assert all(torch.isfinite(v).item() for v in losses), [float(v) for v in losses]

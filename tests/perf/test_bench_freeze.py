@@ -35,7 +35,7 @@ def test_bench_reports_the_frozen_trainable_count(tmp_path: Path) -> None:
 
 def test_bench_times_the_frozen_model(tmp_path: Path) -> None:
     """The steps bench times update the head only: the backbone is frozen in what it runs."""
-    from ffdist import bench, dist, recipe_load
+    from ffdist import bench, bench_timing, dist, recipe_load
 
     rcp = recipe_load.load(RECIPES / "digits.yaml", [*FAST, *FROZEN, f"output_dir={tmp_path}",
                                                 "precision=fp32"])
@@ -43,7 +43,7 @@ def test_bench_times_the_frozen_model(tmp_path: Path) -> None:
     trainer = bench.setup(rcp, info)
     model = trainer.strategy.unwrap()
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
-    timed = bench.time_train(trainer, steps=2, warmup=1)
+    timed = bench_timing.time_train(trainer, steps=2, warmup=1)
     assert len(timed["step_s"]) == 2
     changed = {k for k, v in model.named_parameters() if not torch.equal(v, before[k])}
     assert changed and all(k.startswith("head.") for k in changed), changed

@@ -69,7 +69,7 @@ def test_reference_and_precisions_side_by_side(tmp_path: Path) -> None:
 def test_reference_loop_trains_the_same_model_with_the_same_optimizer() -> None:
     """The loop is a hand-written copy of the run: same architecture and parameter count,
     ffdist's optimizer (fused, two groups), GradScaler for fp16; it learns on fixed data."""
-    from ffdist import assemble, bench, dist, recipe_load
+    from ffdist import assemble, bench_timing, dist, recipe_load
     from ffdist.reference import ReferenceLoop
 
     rcp = recipe_load.load(RECIPES / "digits.yaml", ["precision=fp32", "data.batch_size=32"])
@@ -78,7 +78,7 @@ def test_reference_loop_trains_the_same_model_with_the_same_optimizer() -> None:
     loop = ReferenceLoop(rcp, resolved, info)
     assert assemble.param_counts(loop.raw) == assemble.param_counts(assemble.build_model(rcp))
     assert loop.optimizer.defaults["fused"] and len(loop.optimizer.param_groups) == 2
-    batches = bench.device_batches(rcp, info, 32, resolved.image_size, n=1)
+    batches = bench_timing.device_batches(rcp, info, 32, resolved.image_size, n=1)
     crit = torch.nn.CrossEntropyLoss()
     x, y = batches[0]
     before = crit(loop.model(x), y).item()
