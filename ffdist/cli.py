@@ -2,7 +2,7 @@
 
 Every command's `main(argv) -> int` may raise FfdistError: printed by ffdist.errors.guard
 as one sentence on stderr, exit code the error's own (2 for bad input), no traceback (bugs
-keep theirs). `python -m ffdist.X` comes through here too (or through the same guard).
+keep theirs). `python -m ffdist.X` prints through the same guard.
 """
 
 from __future__ import annotations
