@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from ffdist.recipe import Recipe
     from ffdist.resolved import Resolved
 
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ffdist eval", parents=[run_options()],
