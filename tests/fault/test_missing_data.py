@@ -11,7 +11,7 @@ import pytest
 from ffdist import train
 from ffdist.data.presence import TORCHVISION_FILES, check_present
 from ffdist.errors import EXIT_USER_ERROR
-from ffdist.recipe import load
+from ffdist.recipe_load import load
 from tests.helpers import CPU, RECIPES, run, torchrun
 
 R50 = str(RECIPES / "resnet50.yaml")
