@@ -42,10 +42,12 @@ train: setup
 # tests marked `extended`, second configurations of covered paths (about 20 minutes).
 test: setup
 	$(BIN)/ruff check ffdist tests benchmarks
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q -m "not extended" $(PYTEST_ARGS)
 
 test-all: setup
 	$(BIN)/ruff check ffdist tests benchmarks
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # The fuzzer's long run (tests/fuzz, random cases; ~15 min on 2 cores: benchmarks/RESULTS.md). The suite runs
@@ -56,6 +58,7 @@ fuzz: setup
 
 lint: setup
 	$(BIN)/ruff check ffdist tests benchmarks
+	$(BIN)/lint-imports --no-cache
 
 bench: setup
 	$(BIN)/python -m benchmarks.run_all

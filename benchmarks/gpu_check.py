@@ -247,10 +247,10 @@ def make_jpegs(root: Path, classes: int, per_class: int, size: tuple[int, int]) 
 
 LOADER = """
 import sys, time, torch
-from ffdist import recipe
+from ffdist import recipe_load
 from ffdist.assemble import build_data, resolve
 from ffdist.data import DevicePrefetcher
-rcp = recipe.load("recipes/resnet50.yaml", sys.argv[2:])
+rcp = recipe_load.load("recipes/resnet50.yaml", sys.argv[2:])
 dev = torch.device(sys.argv[1])
 streams = build_data(rcp, resolve(rcp, 1, dev), 0)
 batches = DevicePrefetcher(streams.train, dev, streams.spec.mean, streams.spec.std, True)

@@ -48,11 +48,11 @@ def write_jpegs(root: Path) -> int:
 def ffdist_loader(root: Path):  # noqa: ANN201 - an iterable of batches
     import torch
 
-    from ffdist import recipe
+    from ffdist import recipe_load
     from ffdist.assemble import build_data, resolve
     from ffdist.data import DevicePrefetcher
 
-    rcp = recipe.load(str(REPO / "recipes" / "digits.yaml"), [
+    rcp = recipe_load.load(str(REPO / "recipes" / "digits.yaml"), [
         "data.name=imagefolder", f"data.root={root}", f"data.image_size={SIZE}",
         f"data.batch_size={BATCH}", f"data.num_workers={WORKERS}", "model.in_channels=3",
         # NCHW like the tutorial's batches: both sides deliver the same tensor (with

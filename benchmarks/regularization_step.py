@@ -32,9 +32,9 @@ STEPS, BLOCKS, WARMUP = 10, 8, 3
 
 
 def trainer_for(recipe_path: str, overrides: list[str]):
-    from ffdist import assemble, dist, recipe
+    from ffdist import assemble, dist, recipe_load
 
-    rcp = recipe.load(recipe_path, [*overrides, "log.tensorboard=false", "log.progress=false",
+    rcp = recipe_load.load(recipe_path, [*overrides, "log.tensorboard=false", "log.progress=false",
                                     "output_dir=/tmp/ffdist_bench_regularization"])
     info = dist.init(rcp.launch)
     return assemble.build_trainer(rcp, info, assemble.resolve_for(rcp, info))

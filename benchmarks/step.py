@@ -46,14 +46,14 @@ def one_thread() -> None:
 
 def _setup(out: Path) -> tuple[Any, Any, list]:
     """ffdist's Trainer (train's assembly, sinks off), the reference loop, device batches."""
-    from ffdist import assemble, bench, dist, recipe
+    from ffdist import assemble, bench, bench_timing, dist, recipe_load
     from ffdist.reference import ReferenceLoop
 
-    rcp = recipe.load(RECIPE, [*OVERRIDES, f"output_dir={out}"])
+    rcp = recipe_load.load(RECIPE, [*OVERRIDES, f"output_dir={out}"])
     info = dist.init()
     trainer = bench.setup(rcp, info)
     loop = ReferenceLoop(rcp, assemble.resolve_for(rcp, info), info)
-    return trainer, loop, bench.device_batches(rcp, info, BATCH, 32)
+    return trainer, loop, bench_timing.device_batches(rcp, info, BATCH, 32)
 
 
 class EpochTimer:
@@ -92,7 +92,7 @@ def _loop_images_per_s(loop: Any, batches: list, steps: list[float]) -> float:
 
 
 def _p90_p50(steps: list[float]) -> float:
-    from ffdist.bench import percentile
+    from ffdist.bench_timing import percentile
 
     return percentile(steps, 90) / percentile(steps, 50)
 

@@ -97,9 +97,9 @@ def measure(strategy: Any) -> dict[str, int]:
 
 
 def _recipe(args: argparse.Namespace, strategy: str, stage: int, world: int) -> Any:
-    from ffdist import recipe
+    from ffdist import recipe_load
 
-    return recipe.from_dict({
+    return recipe_load.from_dict({
         "precision": args.precision, "model": {"name": args.model, "num_classes": 1000,
                                                "channels_last": False},
         "data": {"name": "synthetic", "batch_size": args.batch_per_rank * world},

@@ -15,18 +15,17 @@ strategies' declaration (ffdist.strategies.check_resume).
 from __future__ import annotations
 
 import dataclasses
-import io
 import logging
 import os
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from ffdist import faults
 from ffdist.ckpt_format import (
     SHARDED_STATE,
     SHARDS,
@@ -174,6 +173,9 @@ class CheckpointManager:
     def __init__(self, run_dir: Path, cfg: CheckpointConfig, is_writer: bool):
         self.dir = Path(run_dir) / "checkpoints"
         self.cfg, self.is_writer = cfg, is_writer
+        # (path, encoded checkpoint, step) before a step file is written: tests' fault
+        # injection (ffdist.faults, under FFDIST_FAULT); None otherwise
+        self.before_write: Callable[[Path, dict[str, Any], int], None] | None = None
         if is_writer:  # temp files of a save that was killed: never complete, never read
             for stale in self.dir.glob(".*.tmp.*"):
                 stale.unlink(missing_ok=True)
@@ -189,10 +191,8 @@ class CheckpointManager:
         path = self.path_for(ckpt.step)
         if self.is_writer:
             data = encode(ckpt)
-            if faults.armed("kill_in_save", ckpt.step):  # tests: die halfway through the write
-                buf = io.BytesIO()
-                torch.save(data, buf)
-                atomic_write(path, lambda f: faults.torn_write(f, buf.getvalue()))
+            if self.before_write is not None:
+                self.before_write(path, data, ckpt.step)
             save_torch(path, data)
             save_text(self.dir / "latest", path.name + "\n")
             if is_best and self.cfg.keep_best:

@@ -2,7 +2,7 @@
 
 Every command's `main(argv) -> int` may raise FfdistError: printed by ffdist.errors.guard
 as one sentence on stderr, exit code the error's own (2 for bad input), no traceback (bugs
-keep theirs). `python -m ffdist.X` comes through here too (or through the same guard).
+keep theirs). `python -m ffdist.X` prints through the same guard.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from ffdist.errors import EXIT_USER_ERROR, guard
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("ffdist.train", "train a recipe: ffdist train RECIPE [key=value ...]"),
     "models": ("ffdist.models.cli", "list the model names a recipe can use"),
-    "eval": ("ffdist.evaluate", "evaluate a run: ffdist eval RUN_DIR [key=value ...] [checkpoint=PATH]"),
+    "eval": ("ffdist.evaluate", "evaluate a run: ffdist eval RUN_DIR [--checkpoint PATH] [--set K=V]"),
     "predict": ("ffdist.predict", "classify images: ffdist predict RUN_DIR IMAGES... --out preds.csv"),
     "export": ("ffdist.export", "export a run: ffdist export RUN_DIR --format torchscript|onnx"),
     "plan": ("ffdist.plan", "memory/batch plan: ffdist plan RECIPE [key=value ...] [--gpu-mem 24GiB]"),

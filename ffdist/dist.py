@@ -1,4 +1,5 @@
-"""Where we run: the ONLY module that reads the launcher's environment.
+"""Where we run: the device and the process group. With ffdist.world (which process this
+is: rank, world size, launcher), the only modules that read the launcher's environment.
 
 torchrun, `accelerate launch` and the `deepspeed` launcher all export RANK / LOCAL_RANK /
 WORLD_SIZE / MASTER_ADDR / MASTER_PORT (deepspeed also passes `--local_rank=N`, which the
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ffdist.errors import LaunchError
+from ffdist.world import int_env, world_from_env
 
 if TYPE_CHECKING:
     import torch
@@ -48,46 +50,6 @@ class DistInfo:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
-
-
-def _int_env(*names: str) -> int | None:
-    for n in names:
-        v = os.environ.get(n)
-        if v not in (None, ""):
-            return int(v)
-    return None
-
-
-def world_from_env() -> tuple[int, int, int, int, str]:
-    """(rank, local_rank, world_size, local_world_size, launcher) from the environment."""
-    env = os.environ
-    if "RANK" in env and "WORLD_SIZE" in env:  # torchrun, accelerate, deepspeed launcher
-        world = int(env["WORLD_SIZE"])
-        # torchrun: LOCAL_WORLD_SIZE; the deepspeed launcher: LOCAL_SIZE (and CROSS_RANK).
-        local_world = _int_env("LOCAL_WORLD_SIZE", "LOCAL_SIZE") or world
-        return int(env["RANK"]), _int_env("LOCAL_RANK") or 0, world, local_world, _rank_launcher()
-    slurm_world = _int_env("SLURM_NTASKS")
-    if slurm_world and slurm_world > 1 and "SLURM_PROCID" in env and "SLURM_STEP_ID" in env:
-        local_world = _int_env("SLURM_NTASKS_PER_NODE") or max(1, slurm_world // (
-            _int_env("SLURM_NNODES") or 1))
-        return (int(env["SLURM_PROCID"]), _int_env("SLURM_LOCALID") or 0, slurm_world,
-                local_world, "slurm")
-    mpi_world = _int_env("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE")
-    if mpi_world and mpi_world > 1:
-        rank = _int_env("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK") or 0
-        local = _int_env("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID") or 0
-        local_world = _int_env("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS") or mpi_world
-        return rank, local, mpi_world, local_world, "mpi"
-    return 0, 0, 1, 1, "none"
-
-
-def _rank_launcher() -> str:
-    """Which launcher exported RANK/WORLD_SIZE (for logs; all three rendezvous alike)."""
-    if "ACCELERATE_MIXED_PRECISION" in os.environ or "ACCELERATE_DYNAMO_BACKEND" in os.environ:
-        return "accelerate"
-    if "CROSS_RANK" in os.environ and "LOCAL_SIZE" in os.environ:
-        return "deepspeed"
-    return "torchrun"
 
 
 def _truthy(name: str) -> bool:
@@ -264,7 +226,7 @@ def _restart_store(world: int, local_world: int, timeout: datetime.timedelta) ->
     connectFullMesh failed ... Connection refused" (seen here about one restart in three).
     Prefixing the keys with the restart count fixes that. Only on one node, where every
     worker has the same count; across nodes the agents' default behaviour is kept."""
-    restart = _int_env("TORCHELASTIC_RESTART_COUNT") or 0
+    restart = int_env("TORCHELASTIC_RESTART_COUNT") or 0
     if (restart == 0 or world != local_world
             or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"):
         return None
@@ -329,22 +291,6 @@ def ensure_process_group(device: torch.device) -> None:
             os.environ.setdefault(name, value)  # DeepSpeed asserts LOCAL_RANK is set
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 store=dist.HashStore(), rank=0, world_size=1)
-
-
-def report_to_launcher(message: str) -> None:
-    """Leave `message` where torchrun's agent looks for a worker's failure reason (the
-    file named by TORCHELASTIC_ERROR_FILE): its summary then prints our one sentence."""
-    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if not path:
-        return
-    import json
-    import time
-
-    try:
-        with open(path, "w") as f:
-            json.dump({"message": message, "timestamp": int(time.time())}, f)
-    except OSError:
-        pass  # a nicer summary is not worth failing over
 
 
 def shutdown() -> None:

@@ -1,19 +1,52 @@
 """`python -m ffdist.docs [PATH]`: regenerate the recipe reference from ffdist/recipe.py.
 
-The schema's docstrings are the single source; this writes them as a table between the
-`<!-- recipe reference -->` markers of docs/recipe-reference.md (or PATH), so the two
-cannot drift apart (tests/unit/test_recipe.py checks the file holds exactly `table()`)."""
+The schema's docstrings are the single source (`field_docs` reads them); this writes them
+as a table between the `<!-- recipe reference -->` markers of docs/recipe-reference.md
+(or PATH), so the two cannot drift apart (tests/unit/test_recipe.py checks the file holds
+exactly `table()`)."""
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+import inspect
 import sys
 from pathlib import Path
+from typing import Any
 
-from ffdist.recipe import field_docs
+from ffdist.recipe import Recipe
 
 TARGET = Path("docs") / "recipe-reference.md"
 BEGIN = "<!-- recipe reference: generated from ffdist/recipe.py -->"
 END = "<!-- end of recipe reference -->"
+
+
+def field_docs() -> list[tuple[str, str, Any, str]]:
+    """(dotted key, type, default, doc) for every recipe key: docs/recipe-reference.md."""
+    rows: list[tuple[str, str, Any, str]] = []
+
+    def docs_of(cls: type) -> dict[str, str]:
+        tree = ast.parse(inspect.getsource(cls))
+        body = tree.body[0].body  # type: ignore[attr-defined]
+        out: dict[str, str] = {}
+        for a, b in zip(body, body[1:]):
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(
+                    b.value, ast.Constant):
+                out[a.target.id] = " ".join(str(b.value.value).split())  # type: ignore[attr-defined]
+        return out
+
+    def walk(cls: type, prefix: str) -> None:
+        docs = docs_of(cls)
+        inst = cls()
+        for f in dataclasses.fields(cls):
+            value = getattr(inst, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(type(value), f"{prefix}{f.name}.")
+            else:
+                rows.append((prefix + f.name, str(f.type), value, docs.get(f.name, "")))
+
+    walk(Recipe, "")
+    return rows
 
 
 def table() -> str:
@@ -53,4 +86,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    from ffdist.errors import guard
+
+    sys.exit(guard(main, sys.argv[1:]))  # the one error printer

@@ -32,7 +32,7 @@ import math
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.distributed as tdist
@@ -40,7 +40,7 @@ from torch import nn
 
 from ffdist import checkpoint as ckpt_io
 from ffdist import ema as ema_mod
-from ffdist import faults, mixup
+from ffdist import mixup
 from ffdist.checkpoint import CheckpointManager
 from ffdist.ckpt_format import Checkpoint
 from ffdist.data import DevicePrefetcher, Streams
@@ -111,6 +111,15 @@ class StepStats:
     data_wait: float          # of which, waiting for batches
 
 
+class StepHooks(Protocol):
+    """What a test may install as `Trainer.hooks` (ffdist.faults does, when FFDIST_FAULT is
+    set); with none installed the step calls nothing."""
+
+    def loss(self, loss: torch.Tensor, step: int, rank: int) -> torch.Tensor: ...
+
+    def after_step(self, step: int, rank: int) -> None: ...
+
+
 class StatsWindow:
     """Training statistics between two log lines, kept on the device where possible."""
 
@@ -164,6 +173,7 @@ class Trainer:
         self.stop_requested = False
         self._stop = False
         self._saved_step = -1
+        self.hooks: StepHooks | None = None
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint(self) -> Checkpoint:
@@ -269,7 +279,8 @@ class Trainer:
                 self._log_train(lr)
             if self.recipe.checkpoint.every_steps and p.step % self.recipe.checkpoint.every_steps == 0:
                 self.save()
-            faults.after_step(p.step, self.info.rank)
+            if self.hooks is not None:
+                self.hooks.after_step(p.step, self.info.rank)
             if self._stop:
                 break
         if self.window.steps:
@@ -299,7 +310,8 @@ class Trainer:
             with self.strategy.no_sync(boundary=last):
                 logits = forward(self.strategy.model, x, self.strategy)
                 loss = self.criterion(logits.float(), y) / accum  # the loss in fp32
-                loss = faults.poison_loss(loss, step, self.info.rank)
+                if self.hooks is not None:
+                    loss = self.hooks.loss(loss, step, self.info.rank)
                 step_loss += loss.detach()
                 if last:  # the flags travel while backward computes (and DDP all-reduces)
                     flags = self.flags.start(step_loss, self.stop_requested)

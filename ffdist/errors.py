@@ -18,6 +18,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from ffdist.world import report_to_launcher, world_from_env
+
 EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 3
 EXIT_PREEMPTED = 75
@@ -93,8 +95,6 @@ def guard(main: Callable[..., Any], *args: Any) -> int:
     except Exception as e:
         if not peer_lost(e):
             raise  # a bug: keep the traceback
-        from ffdist.dist import world_from_env
-
         rank, _, world, _, _ = world_from_env()
         why = next((s for s in PEER_LOST if s in str(e)), type(e).__name__)
         print(f"ffdist: rank {rank} of {world} stopped: it lost contact with another rank "
@@ -106,8 +106,6 @@ def guard(main: Callable[..., Any], *args: Any) -> int:
 def report(e: FfdistError) -> None:
     """One line on stderr. An error every rank raises alike is printed by rank 0 only, so
     that torchrun with N ranks shows it once; others are printed by each rank that hit it."""
-    from ffdist.dist import report_to_launcher, world_from_env
-
     rank, local_rank, world, _, _ = world_from_env()
     where = f" (rank {rank} of {world})" if rank != 0 else ""
     line = f"ffdist: error{where}: {one_line(e)}"
@@ -131,8 +129,6 @@ def report(e: FfdistError) -> None:
 def peer_lost(e: Exception) -> bool:
     """A collective failed because a peer process died: the fallout of another rank's
     error or crash (which reports itself), not a second bug; one line instead of N tracebacks."""
-    from ffdist.dist import world_from_env
-
     if world_from_env()[2] < 2:
         return False
     comm_error = type(e).__name__ in ("DistBackendError", "DistNetworkError")

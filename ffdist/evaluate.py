@@ -1,9 +1,11 @@
-"""`ffdist eval RUN_DIR [key=value ...] [checkpoint=PATH] [weights=raw|ema]`: evaluate a run's
-weights on its val split and write RUN_DIR/eval/{report.json, confusion.csv, confusion.png}.
+"""`ffdist eval RUN_DIR [--checkpoint PATH] [--weights raw|ema] [--set KEY=VALUE ...]`:
+evaluate a run's weights on its val split and write RUN_DIR/eval/{report.json,
+confusion.csv, confusion.png}.
 
-The weights: model.pt (what checkpoint.final_weights named), or checkpoint=PATH; of a
-checkpoint, its raw weights or their EMA (weights=raw|ema, default the run's
-checkpoint.final_weights, so that a checkpoint and model.pt evaluate the same kind).
+The weights: model.pt (what checkpoint.final_weights named), or --checkpoint PATH; of a
+checkpoint, its raw weights or their EMA (--weights raw|ema, default the run's
+checkpoint.final_weights, so that a checkpoint and model.pt evaluate the same kind). The
+options are ffdist predict's and export's (ffdist.argv.run_options).
 
 Runs under any launcher, like training: `torchrun --nproc_per_node 2 -m ffdist.evaluate
 RUN_DIR` (or `-m ffdist.cli eval RUN_DIR`) gives every rank a disjoint shard of the val set
@@ -14,6 +16,7 @@ exactly the val set size whatever the world size. The loop is the Trainer's own
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import sys
@@ -24,7 +27,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ffdist.errors import EXIT_USER_ERROR
+from ffdist.argv import drop_local_rank, refuse_positional, run_options
+from ffdist.errors import guard
 from ffdist.metrics import per_class
 
 if TYPE_CHECKING:
@@ -33,7 +37,24 @@ if TYPE_CHECKING:
     from ffdist.recipe import Recipe
     from ffdist.resolved import Resolved
 
-USAGE = "usage: ffdist eval RUN_DIR [key=value ...] [checkpoint=PATH] [weights=raw|ema]"
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ffdist eval", parents=[run_options()],
+        description="Evaluate a run's weights on its val split and write RUN_DIR/eval/ "
+                    "(report.json, confusion.csv, confusion.png); under torchrun every rank "
+                    "evaluates its own shard.")
+    p.add_argument("run_dir", help="a training run directory (holds recipe.yaml, model.pt)")
+    p.add_argument("extra", nargs="*", help=argparse.SUPPRESS)  # refused: refuse_positional
+    return p
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    """The arguments, the deepspeed launcher's --local_rank dropped; a key=value word is
+    refused with the option it should have been (--checkpoint, --weights, --set)."""
+    args = build_parser().parse_intermixed_args(drop_local_rank(argv))
+    refuse_positional("ffdist eval", args.extra)
+    return args
 
 
 def build_report(result: dict[str, Any], confusion: torch.Tensor, classes: list[str],
@@ -111,18 +132,16 @@ def setup(rcp: Recipe, info: DistInfo) -> EvalSetup:
     return EvalSetup(resolved, data, model)
 
 
-def run(run_dir: str | Path, overrides: list[str]) -> dict[str, Any]:
+def run(args: argparse.Namespace) -> dict[str, Any]:
     from ffdist import dist, loading, sinks
     from ffdist.data import DevicePrefetcher
     from ffdist.engine import evaluate_model
     from ffdist.precision import Autocast
 
-    run_dir = Path(run_dir)
-    checkpoint, overrides = loading.split_checkpoint_arg(overrides)
-    kind, overrides = loading.split_weights_arg(overrides)
-    rcp = loading.load_recipe(run_dir, overrides)
-    weights = loading.weights_path(run_dir, checkpoint)
-    state, kind = loading.run_weights(rcp, weights, kind)
+    run_dir = Path(args.run_dir)
+    rcp = loading.load_recipe(run_dir, args.overrides)
+    weights = loading.weights_path(run_dir, args.checkpoint)
+    state, kind = loading.run_weights(rcp, weights, args.weights)
     info = dist.init(rcp.launch)
     try:
         s = setup(rcp, info)
@@ -161,18 +180,9 @@ def _print_per_class(report: dict[str, Any], limit: int = 20) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ffdist.errors import guard
-    from ffdist.train import split_argv
-
+    """`ffdist eval` and `python -m ffdist.evaluate` (each rank under a launcher)."""
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] in (["-h"], ["--help"]):
-        print(USAGE + "\n\n" + __doc__.split("\n\n")[0])
-        return 0
-    run_dir, overrides = split_argv(argv)
-    if run_dir is None:
-        print(USAGE, file=sys.stderr)
-        return EXIT_USER_ERROR
-    return guard(lambda: run(run_dir, overrides) and 0)
+    return guard(lambda: run(parse(argv)) and 0)
 
 
 if __name__ == "__main__":

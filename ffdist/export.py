@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from ffdist import outputs
-from ffdist.errors import FfdistError, RecipeError
+from ffdist.argv import refuse_positional, run_options
+from ffdist.errors import FfdistError, RecipeError, guard
 
 OPSET = 17
 SUFFIX = {"torchscript": ".torchscript.pt", "onnx": ".onnx"}
@@ -40,20 +41,16 @@ class ExportMismatch(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ffdist export", description=__doc__.split("\n\n")[0])
-    p.add_argument("run_dir")
+    p = argparse.ArgumentParser(prog="ffdist export", parents=[run_options()],
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("run_dir", help="a training run directory (holds recipe.yaml, model.pt)")
+    p.add_argument("extra", nargs="*", help=argparse.SUPPRESS)  # refused: refuse_positional
     p.add_argument("--format", required=True, choices=["torchscript", "onnx"])
     p.add_argument("--out", default=None,
                    help="output file (default RUN_DIR/export/model.onnx or model.torchscript.pt)")
     p.add_argument("--force", action="store_true",
                    help="replace files at --out (and its .json sidecar) that ffdist export did "
                         "not write")
-    p.add_argument("--checkpoint", default=None, help="weights other than RUN_DIR/model.pt")
-    p.add_argument("--weights", default=None, choices=["raw", "ema"],
-                   help="of a checkpoint: raw or EMA weights (default: the run's "
-                        "checkpoint.final_weights, what model.pt holds)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="recipe override, e.g. --set data.root=/new/place (repeatable)")
     p.add_argument("--batch-size", type=int, default=8, help="verification batch (default 8)")
     p.add_argument("--tolerance", type=float, default=1e-4,
                    help="relative to max(1, max |logit|) (default 1e-4)")
@@ -141,7 +138,7 @@ def run(args: argparse.Namespace) -> dict:
 
     if args.batch_size < 2:
         raise RecipeError("--batch-size must be at least 2 (ONNX is checked at two sizes).")
-    loaded = load_run(args.run_dir, args.set, args.checkpoint, args.weights)
+    loaded = load_run(args.run_dir, args.overrides, args.checkpoint, args.weights)
     model = loaded.model.float().to(memory_format=torch.contiguous_format).eval()
     out = Path(args.out) if args.out else \
         Path(args.run_dir) / "export" / f"model{SUFFIX[args.format]}"
@@ -165,7 +162,8 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_intermixed_args(sys.argv[1:] if argv is None else argv)
+    refuse_positional("ffdist export", args.extra)
     try:
         run(args)
     except ExportMismatch as e:
@@ -175,6 +173,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from ffdist.cli import main as cli_main  # errors: ffdist.errors.guard
-
-    sys.exit(cli_main(["export", *sys.argv[1:]]))
+    sys.exit(guard(main))  # the one error printer, as under `ffdist export`

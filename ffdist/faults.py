@@ -1,4 +1,6 @@
-"""Deterministic fault injection for tests/fault/; inert unless FFDIST_FAULT is set.
+"""Deterministic fault injection for tests/fault/: installed on a run's Trainer and its
+checkpoint manager by ffdist.train only when FFDIST_FAULT is set (`install`); otherwise
+nothing of this module is imported and the training step calls no hook at all.
 
     FFDIST_FAULT="nan_loss:step=5:rank=1"     that rank's loss becomes NaN at step 5
     FFDIST_FAULT="nan_loss:step=5-9"          ... at steps 5..9, on every rank
@@ -15,11 +17,21 @@ signals; only the moment is chosen, so that the tests are not races.
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import time
 from functools import cache
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ffdist.checkpoint import atomic_write
+from ffdist.errors import DataError
+
+if TYPE_CHECKING:
+    from ffdist.engine import Trainer
 
 
 @cache
@@ -42,25 +54,45 @@ def armed(kind: str, step: int, rank: int = 0) -> bool:
     return lo <= step <= hi and want_rank in (None, rank)
 
 
-def poison_loss(loss: Any, step: int, rank: int) -> Any:
-    return loss * float("nan") if armed("nan_loss", step, rank) else loss
+class Faults:
+    """The Trainer's hooks (ffdist.engine.StepHooks) for the fault FFDIST_FAULT names."""
+
+    @staticmethod
+    def loss(loss: torch.Tensor, step: int, rank: int) -> torch.Tensor:
+        return loss * float("nan") if armed("nan_loss", step, rank) else loss
+
+    @staticmethod
+    def after_step(step: int, rank: int) -> None:
+        if armed("slow", step, rank):
+            time.sleep(_spec()[4] / 1000)  # type: ignore[index]
+        if armed("kill", step, rank):
+            os.kill(os.getpid(), signal.SIGKILL)
+        if armed("data_error", step, rank):
+            raise DataError(f"injected by FFDIST_FAULT at step {step} on rank {rank}; unset "
+                            "FFDIST_FAULT.")
 
 
-def after_step(step: int, rank: int) -> None:
-    if armed("slow", step, rank):
-        time.sleep(_spec()[4] / 1000)  # type: ignore[index]
-    if armed("kill", step, rank):
+def kill_in_save(path: Path, data: dict[str, Any], step: int) -> None:
+    """The checkpoint manager's hook: at the armed step, write half of the file through
+    the same atomic write as a real save, make it reach the disk, then die by SIGKILL."""
+    if not armed("kill_in_save", step):
+        return
+    buf = io.BytesIO()
+    torch.save(data, buf)
+    raw = buf.getvalue()
+
+    def torn(f: Any) -> None:
+        f.write(raw[: len(raw) // 2])
+        f.flush()
+        os.fsync(f.fileno())
         os.kill(os.getpid(), signal.SIGKILL)
-    if armed("data_error", step, rank):
-        from ffdist.errors import DataError
 
-        raise DataError(f"injected by FFDIST_FAULT at step {step} on rank {rank}; unset "
-                        "FFDIST_FAULT.")
+    atomic_write(path, torn)
 
 
-def torn_write(f: Any, data: bytes) -> None:
-    """Write half of `data`, make it reach the disk, then die by SIGKILL."""
-    f.write(data[: len(data) // 2])
-    f.flush()
-    os.fsync(f.fileno())
-    os.kill(os.getpid(), signal.SIGKILL)
+def install(trainer: Trainer) -> None:
+    """Arm FFDIST_FAULT on `trainer` (its step) and on its checkpoint manager (its saves)."""
+    if _spec() is None:
+        return
+    trainer.hooks = Faults()
+    trainer.manager.before_write = kill_in_save

@@ -23,6 +23,7 @@ from torch import nn
 
 from ffdist.errors import CheckpointError, FfdistError, RecipeError
 from ffdist.recipe import ModelConfig
+from ffdist.weights import state_dict_from
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +61,6 @@ def torchvision_weights(cfg: ModelConfig) -> dict[str, torch.Tensor]:
 
 
 def local_weights(path: str) -> dict[str, torch.Tensor]:
-    from ffdist.loading import state_dict_from
-
     if not Path(path).is_file():
         raise RecipeError(f"model.pretrained={path!r}: no such file; use 'true' (torchvision's "
                           "weights), null, or the path of a .pt/.pth file.")

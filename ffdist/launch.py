@@ -1,9 +1,9 @@
 """`ffdist launch RECIPE [key=value ...]`: the launcher command a recipe's `launch` section asks for.
 
-It builds an argv LIST (never a shell string) for torchrun, `accelerate launch`, the
-`deepspeed` launcher or `sbatch slurm/train.sh`, plus the environment variables to add
-(CUDA_VISIBLE_DEVICES, NCCL/GLOO_SOCKET_IFNAME), then runs it and returns its exit code.
-`--dry-run` prints the exact command and environment and starts nothing.
+It builds the command (ffdist.launchers: an argv list and the environment variables to
+add) for torchrun, `accelerate launch`, the `deepspeed` launcher or `sbatch
+slurm/train.sh`, then runs it and returns its exit code. `--dry-run` prints the exact
+command and environment and starts nothing.
 
 Multi-node: run the same `ffdist launch ... --nnodes N --node-rank R --rdzv-endpoint
 HEAD:PORT` on every node; node rank 0 must run on HEAD, it hosts the c10d rendezvous store.
@@ -14,310 +14,56 @@ per node: the allocation (SLURM_* variables) decides processes, node count and h
 from __future__ import annotations
 
 import argparse
-import fcntl
 import os
-import shlex
-import socket
-import struct
 import subprocess
 import sys
-from dataclasses import dataclass, field
-from pathlib import Path
 
-from ffdist import dist
-from ffdist import recipe as recipe_mod
+from ffdist import launchers, recipe_load
 from ffdist import slurm as slurm_job
-from ffdist.dist import gpu_count
-from ffdist.errors import LaunchError
-from ffdist.recipe import Recipe
+from ffdist.errors import LaunchError, guard
 
 LAUNCHERS = ("torchrun", "accelerate", "deepspeed", "slurm")
-SLURM_SCRIPT = Path(__file__).resolve().parents[1] / "slurm" / "train.sh"
 # Seconds torchrun gives its workers to checkpoint after a signal before SIGKILL; below
 # the 90 s of `#SBATCH --signal=B:USR1@90` so the job is requeued before its time limit.
 SHUTDOWN_TIMEOUT_S = 60
 
 
-@dataclass(frozen=True)
-class Command:
-    argv: list[str]
-    env: dict[str, str] = field(default_factory=dict)
-    """Variables set on top of the caller's environment."""
-    notes: list[str] = field(default_factory=list)
-    """Why the command looks the way it does (printed with --dry-run)."""
-
-    def render(self) -> str:
-        """One copy-pasteable shell line: `VAR=value ... argv` with every word quoted."""
-        env = [f"{k}={shlex.quote(v)}" for k, v in sorted(self.env.items())]
-        return " ".join(env + [shlex.join(self.argv)])
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What runs on this node: processes, the GPU ids they see (None: the visible ones, or
-    CPU ranks), and where they run."""
-
-    nproc: int
-    gpus: list[int] | None
-    threads: int | None = None
-    """OMP_NUM_THREADS per CPU rank, when the allocation says how many cores we have."""
-    device: str | None = None
-    """cuda | cpu, decided for this node by plan_local (launch.device); None where the
-    ranks alone decide (Slurm allocations)."""
-
-
-# ---------------------------------------------------------------------------- devices
-def check_gpus(gpus: list[int], count: int) -> None:
-    missing = [g for g in gpus if g >= count]
-    if missing:
-        raise LaunchError(
-            f"launch.gpus={gpus}: GPU id(s) {missing} do not exist on this node, which has "
-            + (f"{count} GPU(s) (ids 0..{count - 1}); pick ids from `nvidia-smi -L`." if count
-               else "no GPU; set launch.device=cpu (and launch.nproc=N for N CPU ranks)."))
-
-
-def plan_local(rcp: Recipe, dry_run: bool) -> tuple[Plan, list[str]]:
-    """Processes and devices for this node from launch.device / launch.gpus / launch.nproc,
-    checked against the GPUs here before anything starts (exit 2 when they do not fit)."""
-    lc = rcp.launch
-    if lc.device == "cpu":
-        n = lc.nproc or 1
-        notes = [f"launch.device=cpu: {n} CPU rank(s)"
-                 + ("" if lc.nproc else " (launch.nproc=null: one)")]
-        if lc.gpus:
-            notes.append(f"launch.gpus={list(lc.gpus)} ignored: launch.device=cpu")
-        return Plan(n, None, device="cpu"), notes
-    if lc.gpus:
-        gpus = list(lc.gpus)
-        if lc.nproc is not None and lc.nproc != len(gpus):
-            raise LaunchError(
-                f"launch.nproc={lc.nproc} but launch.gpus={gpus} lists {len(gpus)} GPU(s), and "
-                f"each process gets one of them; set launch.nproc=null (or {len(gpus)}), or "
-                f"list {lc.nproc} GPU id(s).")
-        if dry_run:
-            return Plan(len(gpus), gpus, device="cuda"), [
-                "launch.gpus not checked against this node (--dry-run)"]
-        check_gpus(gpus, dist.gpu_count())
-        return Plan(len(gpus), gpus, device="cuda"), [f"launch.gpus={gpus}: one process each"]
-    count = dist.visible_gpu_count()
-    n = lc.nproc or max(count, 1)
-    device = dist.device_for(lc.device, n, count, f"launch.nproc={lc.nproc}",
-                             f"use launch.nproc={count} or null (one per GPU)")
-    if device == "cuda":
-        how = f"launch.nproc={lc.nproc}" if lc.nproc else "launch.nproc=null: one per GPU"
-        return Plan(n, None, device="cuda"), [
-            f"launch.device={lc.device}: {n} process(es) on {n} of {count} visible GPU(s) ({how})"]
-    how = f"launch.nproc={lc.nproc}" if lc.nproc else "launch.nproc=null: one"
-    return Plan(n, None, device="cpu"), [f"no GPU visible: {n} CPU rank(s) ({how})"]
-
-
-def plan_slurm_node(rcp: Recipe, environ: dict[str, str]) -> tuple[Plan, list[str]]:
-    """Processes on this node of a Slurm allocation.
-
-    GPUs: what Slurm gave this node (SLURM_GPUS_ON_NODE, or the CUDA_VISIBLE_DEVICES it
-    set, or all the node has). No GPU: launch.nproc CPU ranks, but never more than the
-    cores Slurm allocated on this node (SLURM_CPUS_ON_NODE), and the allocated cores are
-    split between the ranks through OMP_NUM_THREADS, so a 32-core allocation with 2 ranks
-    runs 16 threads each instead of oversubscribing or idling.
-    """
-    notes = []
-    if rcp.launch.gpus:
-        notes.append("launch.gpus is ignored under Slurm: the allocation decides the GPUs")
-    gpus = int(environ.get("SLURM_GPUS_ON_NODE") or 0)
-    if not gpus and environ.get("CUDA_VISIBLE_DEVICES", "").strip():
-        gpus = len([g for g in environ["CUDA_VISIBLE_DEVICES"].split(",") if g.strip()])
-    if not gpus:
-        gpus = gpu_count()
-    if rcp.launch.device == "cpu":
-        gpus = 0  # CPU ranks on a GPU node: the recipe says so
-    if gpus:
-        return Plan(gpus, None), notes + [f"{gpus} GPU(s) on this node from the allocation"]
-    cpus = int(environ.get("SLURM_CPUS_ON_NODE") or os.cpu_count() or 1)
-    want = rcp.launch.nproc or 1  # null: one process per device, the CPU is one
-    nproc = min(want, cpus)
-    if nproc < want:
-        notes.append(f"launch.nproc={want} capped to the {cpus} CPU(s) allocated "
-                     "on this node (ask for more with sbatch --cpus-per-task)")
-    return Plan(nproc, None, max(1, cpus // nproc)), notes + [
-        f"no GPU: {nproc} CPU rank(s) x {max(1, cpus // nproc)} thread(s)"]
-
-
-def interface_ipv4(ifname: str) -> str | None:
-    """IPv4 address of a network interface, or None when it does not exist here."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:  # SIOCGIFADDR: no subprocess, no `ip` parsing
-            raw = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", ifname[:15].encode()))
-        except OSError:
-            return None
-    return socket.inet_ntoa(raw[20:24])
-
-
-# ---------------------------------------------------------------------------- commands
-def _bin(name: str) -> str:
-    """A console script of this Python's environment (a venv need not be activated)."""
-    local = Path(sys.executable).parent / name
-    return str(local) if local.exists() else name
-
-
-def _train_args(recipe_path: str, overrides: list[str]) -> list[str]:
-    return ["-m", "ffdist.train", recipe_path, *overrides]
-
-
-def _net_env(rcp: Recipe, dry_run: bool, notes: list[str]) -> tuple[dict[str, str], list[str]]:
-    """Socket interface variables and, for torchrun, the --local_addr of that interface."""
-    ifname = rcp.launch.socket_ifname
-    if not ifname:
-        return {}, []
-    env = {"NCCL_SOCKET_IFNAME": ifname, "GLOO_SOCKET_IFNAME": ifname}
-    addr = interface_ipv4(ifname)
-    if addr is None and not dry_run:
-        raise LaunchError(f"launch.socket_ifname={ifname!r}: no such network interface with an "
-                          "IPv4 address on this node; list them with `ip -br addr`.")
-    if addr is None:
-        notes.append(f"interface {ifname} not on this host: --local_addr left out")
-        return env, []
-    # The rendezvous publishes this address to the other nodes; without it torchrun uses
-    # the hostname, which on some hosts resolves to 127.0.0.1.
-    return env, ["--local_addr", addr]
-
-
-def torchrun(rcp: Recipe, recipe_path: str, overrides: list[str], plan: Plan,
-             dry_run: bool = False, rdzv_id: str | None = None,
-             extra: tuple[str, ...] = ()) -> Command:
-    lc, notes = rcp.launch, []
-    env, local_addr = _net_env(rcp, dry_run, notes)
-    argv = [_bin("torchrun"), "--nnodes", str(lc.nnodes), "--nproc_per_node", str(plan.nproc)]
-    if lc.nnodes == 1:
-        argv += ["--standalone"]  # local rendezvous on a free port: runs never collide
-    else:
-        # c10d: the store lives in node 0's agent. is_host says so explicitly, because a
-        # hostname that resolves to 127.0.0.1 defeats torchrun's own "is this me?" test.
-        argv += ["--rdzv_backend", "c10d", "--rdzv_endpoint", lc.rdzv_endpoint,
-                 "--rdzv_id", rdzv_id or f"ffdist-{rcp.name}",
-                 "--rdzv_conf", f"timeout={lc.rdzv_timeout},is_host={int(lc.node_rank == 0)}"]
-        argv += local_addr
-    if lc.max_restarts:
-        argv += ["--max_restarts", str(lc.max_restarts)]
-    argv += [*extra, *_train_args(recipe_path, overrides)]
-    return Command(argv, _device_env(plan) | env, notes)
-
-
-def _device_env(plan: Plan) -> dict[str, str]:
-    env = {}
-    if plan.gpus is not None:
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, plan.gpus))
-    if plan.threads is not None:
-        env["OMP_NUM_THREADS"] = str(plan.threads)
-    return env
-
-
-def accelerate(rcp: Recipe, recipe_path: str, overrides: list[str], plan: Plan,
-               dry_run: bool = False) -> Command:
-    lc, notes = rcp.launch, []
-    env, _ = _net_env(rcp, dry_run, notes)
-    host, port = lc.rdzv_endpoint.rsplit(":", 1)
-    argv = [_bin("accelerate"), "launch", "--multi_gpu", "--num_processes",
-            str(plan.nproc * lc.nnodes), "--num_machines", str(lc.nnodes),
-            "--mixed_precision", "no", "--dynamo_backend", "no"]  # the recipe decides both
-    if lc.nnodes > 1:
-        argv += ["--machine_rank", str(lc.node_rank), "--main_process_ip", host,
-                 "--main_process_port", port, "--same_network"]
-    if plan.device == "cpu":
-        # accelerate only starts a gloo world on CPUs when told to use the CPU; without it
-        # the ranks silently train as independent processes.
-        env["ACCELERATE_USE_CPU"] = "1"
-    if lc.max_restarts:
-        argv += ["--max_restarts", str(lc.max_restarts)]
-    argv += [*_train_args(recipe_path, overrides)]
-    return Command(argv, _device_env(plan) | env, notes)
-
-
-def deepspeed(rcp: Recipe, recipe_path: str, overrides: list[str], plan: Plan,
-              dry_run: bool = False) -> Command:
-    lc, notes = rcp.launch, []
-    if lc.nnodes > 1:
-        # Its multi-node mode needs a hostfile naming every node (even with --no_ssh it
-        # builds the world from one); torchrun runs strategy.name=deepspeed just as well.
-        raise LaunchError(
-            f"launch.nnodes={lc.nnodes} with the deepspeed launcher: it spans nodes only with "
-            "a hostfile, so run `deepspeed --hostfile FILE ...` on the first node (see "
-            "launch/deepspeed/hostfile.example) or use --launcher torchrun, which runs "
-            "strategy.name=deepspeed the same way.")
-    env, _ = _net_env(rcp, dry_run, notes)
-    argv = [_bin("deepspeed"), *_deepspeed_devices(plan, env, notes)]
-    argv += ["--module", "ffdist.train", recipe_path, *overrides]
-    return Command(argv, env, notes)
-
-
-def _deepspeed_devices(plan: Plan, env: dict[str, str], notes: list[str]) -> list[str]:
-    """The deepspeed launcher's device flags. It sets CUDA_VISIBLE_DEVICES for its ranks
-    itself: from --include, or 0..N-1 for --num_gpus N, dropping an inherited one (so
-    that is passed on as --include)."""
-    if plan.device == "cpu":
-        env["DS_ACCELERATOR"] = "cpu"  # its own device count and the ranks' engine: CPU
-        return ["--num_gpus", str(plan.nproc)]  # on the CPU: the number of ranks
-    ids = [str(g) for g in plan.gpus] if plan.gpus is not None else dist.visible_ids()
-    if ids is not None and all(i.isdigit() for i in ids):
-        return ["--include", "localhost:" + ",".join(ids[:plan.nproc])]
-    if ids is not None:
-        notes.append("CUDA_VISIBLE_DEVICES holds GPU UUIDs, which the deepspeed launcher "
-                     "cannot take: it will use GPUs 0..N-1")
-    return ["--num_gpus", str(plan.nproc)]
-
-
-def slurm_plan(rcp: Recipe) -> Plan:
-    """What `ffdist launch` asks Slurm for per node: len(launch.gpus) GPUs, else
-    launch.nproc CPU ranks (on a GPU node without launch.gpus the job uses all its GPUs)."""
-    if rcp.launch.gpus and rcp.launch.device != "cpu":
-        return Plan(len(rcp.launch.gpus), list(rcp.launch.gpus))
-    return Plan(rcp.launch.nproc or 1, None)
-
-
-def slurm(rcp: Recipe, recipe_path: str, overrides: list[str], plan: Plan) -> Command:
-    """`sbatch slurm/train.sh RECIPE ...` with the nodes and devices of the recipe."""
-    lc = rcp.launch
-    argv = ["sbatch", "--job-name", rcp.name, "--nodes", str(lc.nnodes),
-            "--output", str(rcp.run_dir / "slurm-%j.out")]
-    if plan.gpus is not None:
-        argv += ["--gpus-per-node", str(plan.nproc)]
-    else:
-        argv += ["--cpus-per-task", str(plan.nproc)]  # one task per node, a core per rank
-    argv += [str(SLURM_SCRIPT), recipe_path, *overrides]
-    return Command(argv, {}, [])
-
-
 def build(recipe_path: str, overrides: list[str], launcher: str | None = None,
-          dry_run: bool = False) -> Command:
+          dry_run: bool = False) -> launchers.Command:
     """The command `ffdist launch` runs on this node."""
-    rcp = recipe_mod.load(recipe_path, overrides)
+    rcp = recipe_load.load(recipe_path, overrides)
     launcher = launcher or rcp.launch.launcher
     if launcher == "slurm":
-        return slurm(rcp, recipe_path, overrides, slurm_plan(rcp))
-    plan, notes = plan_local(rcp, dry_run)
-    if plan.nproc == 1 and rcp.launch.nnodes == 1:
+        return launchers.slurm(rcp, recipe_path, overrides, launchers.slurm_request(rcp))
+    procs, notes = launchers.local_processes(rcp, dry_run)
+    if procs.nproc == 1 and rcp.launch.nnodes == 1:
         # One device: no launcher, no process group: the single-device fallback.
-        return Command([sys.executable, *_train_args(recipe_path, overrides)],
-                       _device_env(plan), notes + ["one device: no launcher"])
-    make = {"torchrun": torchrun, "accelerate": accelerate, "deepspeed": deepspeed}[launcher]
-    cmd = make(rcp, recipe_path, overrides, plan, dry_run=dry_run)
-    return Command(cmd.argv, cmd.env, notes + cmd.notes)
+        argv = [sys.executable, *launchers.train_args(recipe_path, overrides)]
+        return launchers.Command(argv, launchers.device_env(procs),
+                                 notes + ["one device: no launcher"])
+    make = {"torchrun": launchers.torchrun, "accelerate": launchers.accelerate,
+            "deepspeed": launchers.deepspeed}[launcher]
+    cmd = make(rcp, recipe_path, overrides, procs, dry_run=dry_run)
+    return launchers.Command(cmd.argv, cmd.env, notes + cmd.notes)
 
 
-def build_slurm_node(recipe_path: str, overrides: list[str], environ: dict[str, str]) -> Command:
+def build_slurm_node(recipe_path: str, overrides: list[str],
+                     environ: dict[str, str]) -> launchers.Command:
     """The torchrun one Slurm task runs on its node (called by slurm/train.sh via srun)."""
     nnodes = int(environ.get("SLURM_NNODES") or environ.get("SLURM_JOB_NUM_NODES") or 1)
     node_rank = int(environ.get("SLURM_NODEID") or 0)
     job = environ.get("SLURM_JOB_ID", "0")
     # The allocation, not the recipe, says how many nodes there are and which one this is.
-    rcp = recipe_mod.load(recipe_path, [*overrides, f"launch.nnodes={nnodes}",
-                                        f"launch.node_rank={node_rank}"])
-    plan, notes = plan_slurm_node(rcp, environ)
+    rcp = recipe_load.load(recipe_path, [*overrides, f"launch.nnodes={nnodes}",
+                                         f"launch.node_rank={node_rank}"])
+    procs, notes = launchers.slurm_node_processes(rcp, environ)
     # Workers get SIGUSR1 (preemption warning) forwarded instead of torchrun dying of it,
     # and SHUTDOWN_TIMEOUT_S to write their checkpoint before SIGKILL.
     extra = ("--signals_to_handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
              "--shutdown_timeout", str(SHUTDOWN_TIMEOUT_S))
-    cmd = torchrun(rcp, recipe_path, overrides, plan, rdzv_id=f"slurm-{job}", extra=extra)
-    return Command(cmd.argv, cmd.env, notes + cmd.notes)
+    cmd = launchers.torchrun(rcp, recipe_path, overrides, procs, rdzv_id=f"slurm-{job}",
+                             extra=extra)
+    return launchers.Command(cmd.argv, cmd.env, notes + cmd.notes)
 
 
 # ---------------------------------------------------------------------------- CLI
@@ -355,13 +101,13 @@ def main(argv: list[str] | None = None) -> int:
     else:
         cmd = build(args.recipe, overrides, args.launcher, args.dry_run)
     if cmd.argv[0] == "sbatch":  # a queued job may wait hours: refuse mistakes now
-        rcp = recipe_mod.load(args.recipe, overrides)
+        rcp = recipe_load.load(args.recipe, overrides)
         slurm_job.check(rcp, rcp.launch.nnodes * len(rcp.launch.gpus) or None)
     if not args.dry_run and cmd.argv[0] != "sbatch":  # (a job's data is on its nodes)
         from ffdist.data.presence import check_present
 
         # absent data: one sentence here, before a launcher and its N ranks start
-        check_present(recipe_mod.load(args.recipe, overrides).data, args.recipe)
+        check_present(recipe_load.load(args.recipe, overrides).data, args.recipe)
     for note in cmd.notes:
         print(f"# {note}", file=sys.stderr)
     print(cmd.render(), flush=True)
@@ -383,6 +129,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from ffdist.cli import main as cli_main
-
-    sys.exit(cli_main(["launch", *sys.argv[1:]]))
+    sys.exit(guard(main))  # the one error printer, as under `ffdist launch`

@@ -32,8 +32,10 @@ import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ffdist.errors import RecipeError
+from ffdist.errors import RecipeError, guard
+from ffdist.launchers import local_processes
 from ffdist.recipe import Recipe
+from ffdist.summary import regularization
 
 if TYPE_CHECKING:  # torch loads in facts() (ffdist.assemble), after the recipe is read
     import torch
@@ -87,9 +89,7 @@ def world_size(rcp: Recipe, override: int | None) -> tuple[int, str]:
     of docs/launchers.md) times launch.nnodes."""
     if override:
         return override, f"--gpus {override}"
-    from ffdist.launch import plan_local
-
-    node, notes = plan_local(rcp, dry_run=True)
+    node, notes = local_processes(rcp, dry_run=True)
     nodes = rcp.launch.nnodes
     why = notes[0] if nodes == 1 else f"{node.nproc} per node x launch.nnodes={nodes}; {notes[0]}"
     if node.device == "cpu":
@@ -137,13 +137,16 @@ def activation_bytes_per_sample(model: nn.Module, channels: int, size: int, prec
 
 
 @dataclass
-class Plan:
+class MemoryEstimate:
+    """Bytes per device: a row of model states (+ activations, EMA, total) per strategy,
+    and the measured activations."""
+
     rows: dict[str, dict[str, int]]
     activations: int
     per_sample: int
 
 
-def estimate(rcp: Recipe, model: nn.Module, resolved: Resolved) -> Plan:
+def estimate(rcp: Recipe, model: nn.Module, resolved: Resolved) -> MemoryEstimate:
     """Model states of every strategy's rows and measured activations, per device."""
     from ffdist import strategies
     from ffdist.assemble import param_counts
@@ -159,43 +162,16 @@ def estimate(rcp: Recipe, model: nn.Module, resolved: Resolved) -> Plan:
         r["activations"] = acts
         r["ema"] = strategy.ema_bytes(n, t, world) if rcp.optim.ema_decay > 0 else 0
         r["total"] += acts + r["ema"]
-    return Plan(rows, acts, per_sample)
+    return MemoryEstimate(rows, acts, per_sample)
 
 
-def regularization(rcp: Recipe) -> str:
-    """One line naming the regularization a recipe turns on ('none' when it has none)."""
-    from ffdist import assemble, mixup
-
-    d, o, m = rcp.data, rcp.optim, rcp.model
-    parts = []
-    if o.ema_decay > 0:
-        parts.append(f"EMA {o.ema_decay:g} every {o.ema_every_steps} step(s)")
-    if mixup.enabled(d):
-        group = "" if d.mix_mode != "batch" else f", group {d.mix_group or d.batch_size}"
-        parts.append(f"mixup {d.mixup_alpha:g} / cutmix {d.cutmix_alpha:g} ({d.mix_mode}"
-                     f"{group}; soft targets)")
-    if o.label_smoothing:
-        parts.append(f"label smoothing {o.label_smoothing:g}")
-    if d.auto_augment:
-        parts.append(f"auto_augment {d.auto_augment}")
-    if d.random_erase:
-        parts.append(f"random erase {d.random_erase:g} ({d.random_erase_mode})")
-    if d.repeated_augmentation > 1:
-        parts.append(f"repeated augmentation x{d.repeated_augmentation}")
-    if m.drop_path_rate:
-        parts.append(f"drop path {m.drop_path_rate:g}")
-    if d.eval_image_size and d.eval_image_size != assemble.image_size(d):
-        parts.append(f"eval at {d.eval_image_size}px")
-    return ", ".join(parts) or "none"
-
-
-def recommend(plan: Plan, gpu_mem: int | None, per_rank: int, micro: int,
+def recommend(est: MemoryEstimate, gpu_mem: int | None, per_rank: int, micro: int,
               row: str = "DDP") -> str:
-    """Judge the recipe's own strategy (`row` of plan.rows) and its own micro batch x
+    """Judge the recipe's own strategy (`row` of est.rows) and its own micro batch x
     accumulation against the GPU: what to change if it does not fit (the first row after
     `row` that fits: rows come in the order of less memory, never one before the recipe's),
     and whether a larger micro batch (less accumulation) would also fit when it does."""
-    need, accum = plan.rows[row]["total"], per_rank // micro
+    need, accum = est.rows[row]["total"], per_rank // micro
     recipe_batch = f"micro batch {micro} x {accum} accumulation"
     if gpu_mem is None:
         return (f"{row} needs {gib(need)} per device at the recipe's {recipe_batch}; pass "
@@ -203,9 +179,9 @@ def recommend(plan: Plan, gpu_mem: int | None, per_rank: int, micro: int,
     budget = USABLE * gpu_mem
     head = (f"{row} needs {gib(need)} per GPU, the smallest GPU has {gib(gpu_mem)} "
             f"(recipe: {recipe_batch})")
-    states = need - plan.activations
+    states = need - est.activations
     fits = [m for m in range(per_rank, 0, -1)
-            if per_rank % m == 0 and states + plan.per_sample * m <= budget]
+            if per_rank % m == 0 and states + est.per_sample * m <= budget]
     if need <= budget:
         if fits and fits[0] > micro:
             m = fits[0]
@@ -215,9 +191,9 @@ def recommend(plan: Plan, gpu_mem: int | None, per_rank: int, micro: int,
         return f"{head}: it fits (under {USABLE:.0%} of the memory); no change needed."
     from ffdist.strategies import row_overrides
 
-    fixes, names, switch = [], list(plan.rows), row_overrides()
+    fixes, names, switch = [], list(est.rows), row_overrides()
     for name in names[names.index(row) + 1:]:
-        if plan.rows[name]["total"] <= budget:
+        if est.rows[name]["total"] <= budget:
             fixes.append(switch.get(name, name))
             break
     smaller = [m for m in fits if m < micro]
@@ -256,7 +232,7 @@ def facts(rcp: Recipe, args: argparse.Namespace) -> dict[str, Any]:
     size = resolved.image_size
     progress(f"measuring {rcp.model.name} activations at {size}x{size} ({resolved.precision}, "
              "forward+backward of batches of 2 and 4 on the CPU) ...")
-    plan = estimate(rcp, model, resolved)
+    est = estimate(rcp, model, resolved)
     gpu_mem = parse_size(args.gpu_mem) if args.gpu_mem else (min(sizes) if sizes else None)
     source = "--gpu-mem" if args.gpu_mem else f"NVML, smallest of {len(sizes or [])} GPU(s)"
     p = resolved.plan
@@ -266,11 +242,11 @@ def facts(rcp: Recipe, args: argparse.Namespace) -> dict[str, Any]:
         "lr": rcp.optim.lr, "epochs": rcp.schedule.epochs, "scheduler": rcp.schedule.scheduler,
         "recipe_precision": rcp.precision, "launcher_precision": launcher,
         "world_source": why, **resolved.to_dict(), "params": n, "trainable_params": t,
-        "activations_per_sample": plan.per_sample, "activations": plan.activations,
+        "activations_per_sample": est.per_sample, "activations": est.activations,
         "gpu_mem": gpu_mem, "gpu_mem_source": source if gpu_mem else None,
-        "regularization": regularization(rcp), "ema": rcp.optim.ema_decay > 0,
-        "rows": plan.rows, "judged_row": recipe_row(rcp, resolved),
-        "recommendation": recommend(plan, gpu_mem, p.per_rank, p.micro,
+        "regularization": regularization(rcp, resolved.image_size), "ema": rcp.optim.ema_decay > 0,
+        "rows": est.rows, "judged_row": recipe_row(rcp, resolved),
+        "recommendation": recommend(est, gpu_mem, p.per_rank, p.micro,
                                     recipe_row(rcp, resolved))}
 
 
@@ -330,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ffdist import recipe
+    from ffdist import recipe_load
 
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     if args.world_size is not None and args.world_size < 1:
@@ -338,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     import time
 
     started = time.perf_counter()
-    rcp = recipe.load(args.recipe, args.overrides)
+    rcp = recipe_load.load(args.recipe, args.overrides)
     found = facts(rcp, args)
     progress(f"done in {time.perf_counter() - started:.1f} s")
     print(json.dumps(found, indent=1) if args.json else report(found))
@@ -346,6 +322,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from ffdist.cli import main as cli_main  # errors: ffdist.errors.guard
-
-    sys.exit(cli_main(["plan", *sys.argv[1:]]))
+    sys.exit(guard(main))  # the one error printer, as under `ffdist plan`

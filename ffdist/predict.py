@@ -35,7 +35,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from ffdist import outputs
-from ffdist.errors import DataError
+from ffdist.argv import run_options
+from ffdist.errors import DataError, guard
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -46,7 +47,8 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ffdist predict", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="ffdist predict", parents=[run_options()],
+                                description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir", help="a training run directory (holds recipe.yaml, model.pt)")
     p.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
     p.add_argument("--out", required=True,
@@ -60,12 +62,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--entropy-threshold", type=float, default=0.6,
                    help="uncertain when normalized entropy is above this (default 0.6; 1 = off)")
     p.add_argument("--tta", action="store_true", help="average with the horizontal mirror")
-    p.add_argument("--checkpoint", default=None, help="weights other than RUN_DIR/model.pt")
-    p.add_argument("--weights", default=None, choices=["raw", "ema"],
-                   help="of a checkpoint: raw or EMA weights (default: the run's "
-                        "checkpoint.final_weights, what model.pt holds)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="recipe override, e.g. --set data.root=/new/place (repeatable)")
     p.add_argument("--grid", type=int, default=36,
                    help="thumbnails in the picture next to the CSV (default 36; 0: no picture)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -225,7 +221,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.topk < 1 or args.batch_size < 1:
         raise DataError("--topk and --batch-size must be at least 1.")
-    loaded = load_run(args.run_dir, args.set, args.checkpoint, args.weights)
+    loaded = load_run(args.run_dir, args.overrides, args.checkpoint, args.weights)
     # The device is decided once: CUDA when there is one (or asked for), else the CPU.
     if args.device == "cuda" and not torch.cuda.is_available():
         raise DataError("--device cuda but no CUDA GPU is visible; use --device cpu or auto.")
@@ -293,6 +289,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from ffdist.cli import main as cli_main  # errors: ffdist.errors.guard
-
-    sys.exit(cli_main(["predict", *sys.argv[1:]]))
+    sys.exit(guard(main))  # the one error printer, as under `ffdist predict`

@@ -198,7 +198,7 @@ class Start:
     message: str = ""
 
 
-def plan_start(recipe: Recipe, manager: CheckpointManager) -> Start:
+def decide_start(recipe: Recipe, manager: CheckpointManager) -> Start:
     """Fresh start, resume, or nothing to do; refuses whatever would replace a run."""
     run_dir, mode = recipe.run_dir, recipe.checkpoint.resume
     if mode == "never":

@@ -15,7 +15,7 @@ import io
 import sys
 from pathlib import Path
 
-from ffdist.errors import DataError
+from ffdist.errors import DataError, guard
 
 NOT_AN_IMAGE = b"This is a text file with a .png name: ffdist predict lists it as unreadable.\n"
 
@@ -88,6 +88,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from ffdist.cli import main as cli_main  # prints user errors, exit 2
-
-    sys.exit(cli_main(["samples", *sys.argv[1:]]))
+    sys.exit(guard(main))  # the one error printer, as under `ffdist samples`

@@ -1,4 +1,4 @@
-"""Slurm beyond building commands (ffdist.launch builds them): checking a recipe before it
+"""Slurm beyond building commands (ffdist.launchers builds them): checking a recipe before it
 is queued, submitting it, and running torchrun inside a job.
 
 A queued job may wait hours for its nodes, and `sbatch` cannot look inside a batch
@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from ffdist.errors import CheckpointError, LaunchError
+from ffdist.launchers import slurm_node_processes
 from ffdist.recipe import Recipe
 
 
@@ -43,9 +44,9 @@ def check(rcp: Recipe, world: int | None = None) -> None:
 def check_for_script(recipe_path: str, overrides: list[str], environ: dict[str, str]) -> int:
     """slurm/train.sh's check (`python -m ffdist.launch --slurm-check`): the recipe, inside
     a job against its allocation; prints the run directory for the script to use."""
-    from ffdist import recipe
+    from ffdist import recipe_load
 
-    rcp = recipe.load(recipe_path, overrides)
+    rcp = recipe_load.load(recipe_path, overrides)
     in_job = bool(environ.get("SLURM_JOB_ID"))
     check(rcp, allocation_world(rcp, environ) if in_job else None)
     print(rcp.run_dir)
@@ -53,12 +54,10 @@ def check_for_script(recipe_path: str, overrides: list[str], environ: dict[str, 
 
 
 def allocation_world(rcp: Recipe, environ: dict[str, str]) -> int:
-    """Processes the job will run: nodes x what plan_slurm_node gives this (the batch)
+    """Processes the job will run: nodes x what slurm_node_processes gives this (the batch)
     node; Slurm allocations with --exclusive and one task per node are homogeneous."""
-    from ffdist.launch import plan_slurm_node
-
     nodes = int(environ.get("SLURM_JOB_NUM_NODES") or environ.get("SLURM_NNODES") or 1)
-    return nodes * plan_slurm_node(rcp, environ)[0].nproc
+    return nodes * slurm_node_processes(rcp, environ)[0].nproc
 
 
 def submit(argv: list[str], run_dir: Path) -> int:

@@ -1,6 +1,7 @@
 """What the end of `python -m ffdist.train` says (rank 0): the result, where it is, and the
 commands to run next with the run's real path. Printed by ffdist.train after model.pt is
 written; a run that had already finished gets the folder and the same commands in short.
+And the one line that names a recipe's regularization (`ffdist plan`, `ffdist bench`).
 """
 
 from __future__ import annotations
@@ -100,3 +101,31 @@ def already_finished(message: str, rcp: Recipe, recipe_path: str | None) -> str:
     if "tensorboard" in selected(rcp.log) and (run / "tb").exists():
         cmds.append(f"tensorboard --logdir {run}/tb")
     return f"{message}\n  next: {'  |  '.join(cmds)}"
+
+
+def regularization(rcp: Recipe, image_size: int) -> str:
+    """One line naming the regularization a recipe turns on ('none' when it has none), for
+    `ffdist plan` and `ffdist bench`; `image_size` is the resolved training image side."""
+    from ffdist import mixup  # imports torch: plan reads and checks the recipe first
+
+    d, o, m = rcp.data, rcp.optim, rcp.model
+    parts = []
+    if o.ema_decay > 0:
+        parts.append(f"EMA {o.ema_decay:g} every {o.ema_every_steps} step(s)")
+    if mixup.enabled(d):
+        group = "" if d.mix_mode != "batch" else f", group {d.mix_group or d.batch_size}"
+        parts.append(f"mixup {d.mixup_alpha:g} / cutmix {d.cutmix_alpha:g} ({d.mix_mode}"
+                     f"{group}; soft targets)")
+    if o.label_smoothing:
+        parts.append(f"label smoothing {o.label_smoothing:g}")
+    if d.auto_augment:
+        parts.append(f"auto_augment {d.auto_augment}")
+    if d.random_erase:
+        parts.append(f"random erase {d.random_erase:g} ({d.random_erase_mode})")
+    if d.repeated_augmentation > 1:
+        parts.append(f"repeated augmentation x{d.repeated_augmentation}")
+    if m.drop_path_rate:
+        parts.append(f"drop path {m.drop_path_rate:g}")
+    if d.eval_image_size and d.eval_image_size != image_size:
+        parts.append(f"eval at {d.eval_image_size}px")
+    return ", ".join(parts) or "none"

@@ -7,6 +7,7 @@ works out which one this is. With no launcher it trains on one device.
 from __future__ import annotations
 
 import gc
+import os
 import sys
 import time
 from typing import TYPE_CHECKING
@@ -37,31 +38,12 @@ Exit status: 0 done, 2 bad input (one sentence says what to fix), 75 preempted (
 checkpoint was written: run the same command again to resume)."""
 
 
-def split_argv(argv: list[str]) -> tuple[str | None, list[str]]:
-    """Recipe path and overrides; drops the `--local_rank=N` the deepspeed launcher adds."""
-    args, skip = [], False
-    for i, a in enumerate(argv):
-        if skip:
-            skip = False
-            continue
-        if a.startswith(("--local_rank", "--local-rank")):
-            skip = "=" not in a and i + 1 < len(argv)
-            continue
-        args.append(a)
-    if args and args[0] in ("-h", "--help"):
-        print(HELP)
-        sys.exit(0)
-    if not args or "=" in args[0]:
-        return None, args
-    return args[0], args[1:]
-
-
 def run(recipe_path: str | None, overrides: list[str]) -> dict:
-    from ffdist import recipe, sinks
+    from ffdist import recipe_load, sinks
     from ffdist.data.presence import check_present
 
     started = time.perf_counter()
-    rcp = recipe.load(recipe_path, overrides)  # before importing torch: recipe errors are fast
+    rcp = recipe_load.load(recipe_path, overrides)  # before importing torch: recipe errors are fast
     check_present(rcp.data, recipe_path)  # absent data: before any process group or run dir
     sinks.check(rcp.log)  # unknown log.sinks: likewise
 
@@ -119,7 +101,7 @@ def build(rcp: Recipe, info: DistInfo) -> tuple[Trainer | None, run_dir.Start]:
     resolved = assemble.resolve_for(rcp, info)  # every rank alike: batch plan, precision
     check_shared_dir(rcp.run_dir, info.rank, info.world_size)  # multi-node: one output_dir
     manager = checkpoint.CheckpointManager(rcp.run_dir, rcp.checkpoint, info.is_primary)
-    start = run_dir.plan_start(rcp, manager)  # fresh / resume / nothing to do, or refuse
+    start = run_dir.decide_start(rcp, manager)  # fresh / resume / nothing to do, or refuse
     if start.done:
         return None, start
     found = start.found
@@ -140,6 +122,10 @@ def build(rcp: Recipe, info: DistInfo) -> tuple[Trainer | None, run_dir.Start]:
 
     trainer = assemble.build_trainer(rcp, info, resolved, data=data, model=model,
                                      open_monitor=open_monitor, manager=manager)
+    if os.environ.get("FFDIST_FAULT"):  # tests/fault only: the one place faults are armed
+        from ffdist import faults
+
+        faults.install(trainer)
     monitor = trainer.monitor
     if state:
         trainer.restore(state)
@@ -171,7 +157,12 @@ def finish(trainer: Trainer, end: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ffdist.argv import split_argv
+
     recipe_path, overrides = split_argv(sys.argv[1:] if argv is None else argv)
+    if recipe_path in ("-h", "--help"):
+        print(HELP)
+        return 0
     if recipe_path is None:
         print(USAGE, file=sys.stderr)
         return EXIT_USER_ERROR
@@ -189,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
 def _train(recipe_path: str, overrides: list[str]) -> int:
     result = run(recipe_path, overrides)
     if result.get("stopped"):
-        from ffdist.dist import report_to_launcher
+        from ffdist.world import report_to_launcher
 
         report_to_launcher(f"ffdist: preempted at step {result['step']}: a checkpoint was "
                            f"written; exit {EXIT_PREEMPTED} means start again to resume.")

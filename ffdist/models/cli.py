@@ -32,4 +32,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from ffdist.errors import guard
+
+    sys.exit(guard(main))  # the one error printer, as under `ffdist models`

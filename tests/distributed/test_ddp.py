@@ -20,13 +20,13 @@ def _init(rank: int, world: int, port: int) -> None:
 
 
 def _grads_worker(rank: int, world: int, port: int, out: dict) -> None:
-    from ffdist import models, recipe
+    from ffdist import models, recipe_load
     from ffdist.assemble import resolve
     from ffdist.dist import DistInfo
     from ffdist.strategies.ddp import DDP
 
     _init(rank, world, port)
-    r = recipe.load(None, ["model.in_channels=1", "precision=fp32"])
+    r = recipe_load.load(None, ["model.in_channels=1", "precision=fp32"])
     torch.manual_seed(rank)  # different initial weights per rank: DDP must broadcast rank 0's
     cpu = torch.device("cpu")
     info = DistInfo(rank, rank, world, world, cpu, "test")

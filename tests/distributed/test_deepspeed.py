@@ -28,11 +28,11 @@ RECIPE = "digits_zero2.yaml"
 
 def _evaluate_model_pt(run_dir, *overrides: str) -> float:
     """Top-1 of <run>/model.pt loaded into a FRESH model (weights_only=True), one process."""
-    from ffdist import models, recipe
+    from ffdist import models, recipe_load
     from ffdist.assemble import build_data, resolve
     from ffdist.data import DevicePrefetcher
 
-    rcp = recipe.load(RECIPES / RECIPE, list(overrides))
+    rcp = recipe_load.load(RECIPES / RECIPE, list(overrides))
     cpu = torch.device("cpu")
     streams = build_data(rcp, resolve(rcp, 1, cpu), 0)
     state = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)

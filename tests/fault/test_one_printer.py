@@ -43,6 +43,10 @@ def test_guard_keeps_the_traceback_of_a_bug() -> None:
     ["-m", "ffdist.cli", "eval", "/nonexistent/run"],
     ["-m", "ffdist.plan", DIGITS, "--world-size", "3"],  # 64 does not divide over 3
     ["-m", "ffdist.bench", DIGITS, "--steps", "0"],
+    ["-m", "ffdist.predict", "/nonexistent/run", "x.png", "--out", "/nonexistent/p.csv"],
+    ["-m", "ffdist.export", "/nonexistent/run", "--format", "onnx"],
+    ["-m", "ffdist.launch", DIGITS, "launch.nproc=0", "--dry-run"],
+    ["-m", "ffdist.samples", "--count", "0"],
 ])
 def test_python_m_entry_points_print_one_line_exit_2(argv: list[str]) -> None:
     refused([sys.executable, *argv])

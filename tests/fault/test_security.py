@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ffdist import checkpoint, recipe
+from ffdist import checkpoint, recipe_load
 from ffdist.errors import CheckpointError, RecipeError
 from tests.helpers import REPO
 
@@ -124,5 +124,5 @@ def test_recipe_with_python_tag_is_refused(tmp_path: Path):
     path = tmp_path / "evil.yaml"
     path.write_text(f"name: !!python/object/apply:os.system ['touch {marker}']\n")
     with pytest.raises(RecipeError, match="the tag !!python/object/apply:os.system is not allowed"):
-        recipe.load(path)
+        recipe_load.load(path)
     assert not marker.exists()

@@ -20,9 +20,9 @@ import yaml
 from hypothesis import strategies as st
 from PIL import Image
 
-from ffdist import recipe
+from ffdist import recipe_load
 
-KEYS = sorted(recipe.leaf_types())
+KEYS = sorted(recipe_load.leaf_types())
 SECTIONS = sorted({k.split(".")[0] for k in KEYS if "." in k})
 
 # ------------------------------------------------------------------ values

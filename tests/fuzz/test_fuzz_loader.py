@@ -10,7 +10,7 @@ from pathlib import Path
 
 from hypothesis import given, settings
 
-from ffdist import recipe, safe_yaml
+from ffdist import recipe, recipe_load, safe_yaml
 from ffdist.errors import RecipeError
 from tests.fuzz import strategies
 from tests.fuzz.conftest import examples
@@ -30,14 +30,14 @@ def loads_or_refuses(load) -> recipe.Recipe | None:
 
 
 def round_trips(r: recipe.Recipe) -> None:
-    again = recipe.from_dict(safe_yaml.load(r.to_yaml()), source="recipe.yaml")
+    again = recipe_load.from_dict(safe_yaml.load(r.to_yaml()), source="recipe.yaml")
     assert again == r
 
 
 @settings(max_examples=examples("recipe_dicts"))
 @given(raw=strategies.recipe_dicts(), overrides=strategies.overrides())
 def test_any_mapping_and_overrides(raw, overrides):
-    r = loads_or_refuses(lambda: recipe.from_dict(raw, overrides, source="fuzz.yaml"))
+    r = loads_or_refuses(lambda: recipe_load.from_dict(raw, overrides, source="fuzz.yaml"))
     if r is not None:
         round_trips(r)
 
@@ -48,7 +48,7 @@ def test_any_recipe_text(text):
     with tempfile.TemporaryDirectory() as box:
         path = Path(box) / "recipe.yaml"
         path.write_text(text, encoding="utf-8", errors="surrogateescape")
-        r = loads_or_refuses(lambda: recipe.load(path))
+        r = loads_or_refuses(lambda: recipe_load.load(path))
     if r is not None:
         round_trips(r)
 
@@ -58,6 +58,6 @@ def test_any_recipe_text(text):
 def test_any_overrides_on_a_real_recipe(overrides):
     from tests.helpers import RECIPES
 
-    r = loads_or_refuses(lambda: recipe.load(RECIPES / "digits.yaml", overrides))
+    r = loads_or_refuses(lambda: recipe_load.load(RECIPES / "digits.yaml", overrides))
     if r is not None:
         round_trips(r)

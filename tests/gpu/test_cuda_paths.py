@@ -45,9 +45,9 @@ def _cuda() -> torch.device:
 # ------------------------------------------------------------------ DevicePrefetcher
 
 def _streams(device: torch.device):
-    from ffdist import assemble, recipe
+    from ffdist import assemble, recipe_load
 
-    rcp = recipe.load(RECIPES / "digits.yaml", ["data.batch_size=64"])
+    rcp = recipe_load.load(RECIPES / "digits.yaml", ["data.batch_size=64"])
     streams = assemble.build_data(rcp, assemble.resolve(rcp, 1, device, None), 0)
     streams.train.set_epoch(3)  # augmentation depends on (epoch, index) only
     return streams

@@ -21,9 +21,9 @@ CUDA = "launch.device=cuda"
 
 
 def _trainer(tmp_path: Path, *overrides: str):
-    from ffdist import bench, dist, recipe
+    from ffdist import bench, dist, recipe_load
 
-    rcp = recipe.load(RECIPES / "digits.yaml", [CUDA, *FAST, f"output_dir={tmp_path}",
+    rcp = recipe_load.load(RECIPES / "digits.yaml", [CUDA, *FAST, f"output_dir={tmp_path}",
                                                 "log.every_steps=1000", *overrides])
     return bench.setup(rcp, dist.init(rcp.launch))
 
@@ -57,15 +57,21 @@ def test_steady_state_steps_never_sync_the_host(tmp_path: Path, overrides: tuple
 
 
 def test_a_nan_step_is_skipped_on_the_device_and_counted_a_step_later(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path) -> None:
     """A NaN loss at step 5: the weights do not move on that step (the fused kernel skipped
     it, no host read), applied is 0.0 on the device, and the skip is counted when step 6
     is queued."""
-    from ffdist import faults
+    class NanAtStep5:  # an engine.StepHooks, as ffdist.faults installs under FFDIST_FAULT
+        @staticmethod
+        def loss(loss: torch.Tensor, step: int, rank: int) -> torch.Tensor:
+            return loss * float("nan") if step == 5 else loss
+
+        @staticmethod
+        def after_step(step: int, rank: int) -> None:
+            pass
 
     trainer = _trainer(tmp_path, "precision=bf16", "schedule.nan_policy=skip")
-    monkeypatch.setattr(faults, "poison_loss",
-                        lambda loss, step, rank: loss * float("nan") if step == 5 else loss)
+    trainer.hooks = NanAtStep5()
     batches = iter(trainer.train_batches)
     model = trainer.strategy.unwrap()
     for i in range(4):
@@ -102,15 +108,15 @@ def test_bench_reports_tflops_mfu_and_the_reference_ratio_on_cuda(tmp_path: Path
 def test_fused_sgd_fp16_resnet_stays_finite(tmp_path: Path) -> None:
     """The failure seen on an H100 (ResNet-50 fp16 + fused SGD: NaN from step 4 on), at a
     small size: ResNet-18, 64 px, 12 steps on device batches from a fresh process."""
-    from ffdist import bench, dist, recipe
+    from ffdist import bench, bench_timing, dist, recipe_load
 
-    rcp = recipe.load(RECIPES / "resnet50.yaml", [CUDA, "model.name=resnet18", "precision=fp16",
+    rcp = recipe_load.load(RECIPES / "resnet50.yaml", [CUDA, "model.name=resnet18", "precision=fp16",
                                                   "data.name=synthetic", "data.image_size=64",
                                                   "data.synthetic_size=200", "data.batch_size=32",
                                                   "data.num_workers=0", f"output_dir={tmp_path}"])
     info = dist.init(rcp.launch)
     trainer = bench.setup(rcp, info)
-    batches = itertools.cycle(bench.device_batches(rcp, info, 32, 64))
+    batches = itertools.cycle(bench_timing.device_batches(rcp, info, 32, 64))
     losses = [trainer.train_step(batches, trainer.lr_at(i)).loss for i in range(12)]
     trainer.settle_flags()
     assert all(torch.isfinite(v).item() for v in losses), [float(v) for v in losses]

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ffdist import models, recipe
+from ffdist import models, recipe_load
 from tests.helpers import FAST, end_event, events, metrics, train
 
 
@@ -20,7 +20,7 @@ def test_default_recipe_reaches_98_percent_and_writes_the_run_dir(tmp_path: Path
     assert len(val) == 20 and all(v["n"] == 360 for v in val)
     assert set(val[-1]) >= {"split", "epoch", "step", "loss", "top1", "top5", "n", "world_size"}
     # model.pt is a plain state dict that a fresh model loads as is
-    r = recipe.load(tmp_path / "recipe.yaml")
+    r = recipe_load.load(tmp_path / "recipe.yaml")
     state = torch.load(tmp_path / "model.pt", weights_only=True)
     models.build(r.model).load_state_dict(state)
     ckpt = torch.load(tmp_path / "checkpoints" / "best.pt", weights_only=True)

@@ -15,9 +15,9 @@ FROZEN = ("model.freeze=[backbone]", "data.batch_size=32")
 
 
 def _counts() -> tuple[int, int]:
-    from ffdist import models, recipe
+    from ffdist import models, recipe_load
 
-    model = models.build(recipe.load(RECIPES / "digits.yaml").model)
+    model = models.build(recipe_load.load(RECIPES / "digits.yaml").model)
     return (sum(p.numel() for p in model.parameters()),
             sum(p.numel() for p in model.head.parameters()))
 
@@ -35,15 +35,15 @@ def test_bench_reports_the_frozen_trainable_count(tmp_path: Path) -> None:
 
 def test_bench_times_the_frozen_model(tmp_path: Path) -> None:
     """The steps bench times update the head only: the backbone is frozen in what it runs."""
-    from ffdist import bench, dist, recipe
+    from ffdist import bench, bench_timing, dist, recipe_load
 
-    rcp = recipe.load(RECIPES / "digits.yaml", [*FAST, *FROZEN, f"output_dir={tmp_path}",
+    rcp = recipe_load.load(RECIPES / "digits.yaml", [*FAST, *FROZEN, f"output_dir={tmp_path}",
                                                 "precision=fp32"])
     info = dist.init()
     trainer = bench.setup(rcp, info)
     model = trainer.strategy.unwrap()
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
-    timed = bench.time_train(trainer, steps=2, warmup=1)
+    timed = bench_timing.time_train(trainer, steps=2, warmup=1)
     assert len(timed["step_s"]) == 2
     changed = {k for k, v in model.named_parameters() if not torch.equal(v, before[k])}
     assert changed and all(k.startswith("head.") for k in changed), changed

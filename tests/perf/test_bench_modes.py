@@ -69,16 +69,16 @@ def test_reference_and_precisions_side_by_side(tmp_path: Path) -> None:
 def test_reference_loop_trains_the_same_model_with_the_same_optimizer() -> None:
     """The loop is a hand-written copy of the run: same architecture and parameter count,
     ffdist's optimizer (fused, two groups), GradScaler for fp16; it learns on fixed data."""
-    from ffdist import assemble, bench, dist, recipe
+    from ffdist import assemble, bench_timing, dist, recipe_load
     from ffdist.reference import ReferenceLoop
 
-    rcp = recipe.load(RECIPES / "digits.yaml", ["precision=fp32", "data.batch_size=32"])
+    rcp = recipe_load.load(RECIPES / "digits.yaml", ["precision=fp32", "data.batch_size=32"])
     info = dist.init()
     resolved = assemble.resolve_for(rcp, info)
     loop = ReferenceLoop(rcp, resolved, info)
     assert assemble.param_counts(loop.raw) == assemble.param_counts(assemble.build_model(rcp))
     assert loop.optimizer.defaults["fused"] and len(loop.optimizer.param_groups) == 2
-    batches = bench.device_batches(rcp, info, 32, resolved.image_size, n=1)
+    batches = bench_timing.device_batches(rcp, info, 32, resolved.image_size, n=1)
     crit = torch.nn.CrossEntropyLoss()
     x, y = batches[0]
     before = crit(loop.model(x), y).item()
@@ -102,24 +102,24 @@ def test_step_flops_of_resnet50_match_its_published_count() -> None:
     GFLOPS counted as multiply-adds), i.e. 8.18 GFLOPs; backward computes the input and
     weight gradients (2x, minus the first layer's input gradient): ~24.3 GFLOPs per image.
     The count scales with micro-batch and accumulation."""
-    from ffdist import recipe
+    from ffdist import recipe_load
     from ffdist.flops import step_flops
 
-    rcp = recipe.load(RECIPES / "resnet50.yaml", [])
+    rcp = recipe_load.load(RECIPES / "resnet50.yaml", [])
     one = step_flops(rcp, micro=2, accum=1, image_size=224)
     assert 24.0e9 < one / 2 < 24.6e9
     assert step_flops(rcp, micro=2, accum=3, image_size=224) == 3 * one
-    frozen = recipe.load(RECIPES / "resnet50.yaml", ["model.freeze=[backbone]"])
+    frozen = recipe_load.load(RECIPES / "resnet50.yaml", ["model.freeze=[backbone]"])
     assert step_flops(frozen, micro=2, accum=1, image_size=224) < 0.5 * one  # no backbone grads
 
 
 def test_flops_on_meta_equal_flops_of_a_real_step() -> None:
     from torch.utils.flop_counter import FlopCounterMode
 
-    from ffdist import assemble, recipe
+    from ffdist import assemble, recipe_load
     from ffdist.flops import step_flops
 
-    rcp = recipe.load(RECIPES / "digits.yaml", [])
+    rcp = recipe_load.load(RECIPES / "digits.yaml", [])
     model = assemble.build_model(rcp)
     x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
     with FlopCounterMode(display=False) as counter:

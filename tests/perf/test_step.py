@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ffdist.bench import combine, percentile
+from ffdist.bench_report import combine
+from ffdist.bench_timing import percentile
 from ffdist.checkpoint import load_torch
 from ffdist.errors import RecipeError
 from ffdist.metrics import EvalCounts

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torchvision.transforms import v2
 
-from ffdist import recipe
+from ffdist import recipe_load
 from ffdist.data import build, sources
 from ffdist.data import transforms as T
 from ffdist.data.datasets import decode
@@ -27,7 +27,7 @@ def build_datasets(cfg, seed: int, num_classes: int, channels: int):
 
 
 def _digits(*overrides: str):
-    return build_datasets(recipe.load(None, list(overrides)).data, 7, 10, 1)
+    return build_datasets(recipe_load.load(None, list(overrides)).data, 7, 10, 1)
 
 
 def _torchvision_reference(name: str) -> v2.Transform:
@@ -71,7 +71,7 @@ def test_per_sample_path_keeps_batch_independence_and_the_global_rng() -> None:
 
 def test_random_erasing_mean_mode_is_torchvisions_with_the_mean_colour() -> None:
     mean, std = (120.4, 60.0, 10.2), (50.0, 40.0, 30.0)
-    cfg = recipe.load(None, ["data.random_erase=1.0"]).data
+    cfg = recipe_load.load(None, ["data.random_erase=1.0"]).data
     ours = T.erasing(cfg, mean, std)
     ref = v2.RandomErasing(p=1.0, value=[120.0, 60.0, 10.0])
     image = torch.randint(0, 256, (3, 40, 30), dtype=torch.uint8)
@@ -87,7 +87,7 @@ def test_random_erasing_mean_mode_is_torchvisions_with_the_mean_colour() -> None
 
 def test_random_erasing_pixel_mode_is_gaussian_noise_in_pixel_units() -> None:
     mean, std = (120.0, 60.0, 10.0), (50.0, 40.0, 30.0)
-    cfg = recipe.load(None, ["data.random_erase=1.0", "data.random_erase_mode=pixel"]).data
+    cfg = recipe_load.load(None, ["data.random_erase=1.0", "data.random_erase_mode=pixel"]).data
     ours = T.erasing(cfg, mean, std)
     ref = v2.RandomErasing(p=1.0, value="random")  # N(0, 1) values on a float image
     image = torch.randint(0, 256, (3, 40, 30), dtype=torch.uint8)
@@ -117,7 +117,7 @@ def _write_pngs(root: Path, n: int = 6) -> None:
 
 def test_folder_pipeline_is_torchvisions_compose_and_eval_has_its_own_size(tmp_path: Path):
     _write_pngs(tmp_path)
-    r = recipe.load(None, ["data.name=imagefolder", f"data.root={tmp_path}", "model.num_classes=2",
+    r = recipe_load.load(None, ["data.name=imagefolder", f"data.root={tmp_path}", "model.num_classes=2",
                            "data.image_size=16", "data.eval_image_size=20",
                            "data.eval_resize_size=26", "data.interpolation=bicubic",
                            "data.auto_augment=ta_wide", "data.random_erase=0.5",
@@ -143,13 +143,13 @@ def test_folder_pipeline_is_torchvisions_compose_and_eval_has_its_own_size(tmp_p
 
 
 def test_eval_size_is_refused_for_in_memory_data():
-    r = recipe.load(None, ["data.eval_image_size=16"])
+    r = recipe_load.load(None, ["data.eval_image_size=16"])
     with pytest.raises(DataError, match="data.eval_image_size=16 applies to folder datasets"):
         build(r, 0, plan_batches(r.data.batch_size, None, 1), torch.device("cpu"), pairs=False)
 
 
 def test_synthetic_evaluates_at_the_eval_size():
-    cfg = recipe.load(None, ["data.name=synthetic", "data.image_size=12",
+    cfg = recipe_load.load(None, ["data.name=synthetic", "data.image_size=12",
                              "data.eval_image_size=20", "data.synthetic_size=64"]).data
     spec = build_datasets(cfg, 0, 10, 3)
     assert spec.train.images.shape[-1] == 12 and spec.val.images.shape[-1] == 20

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ffdist import recipe
+from ffdist import recipe_load
 from ffdist.checkpoint import (
     CheckpointManager,
     atomic_write,
@@ -73,7 +73,7 @@ def test_prefixes_are_stripped() -> None:
 
 
 def _manager(tmp_path: Path, keep: int = 2) -> CheckpointManager:
-    cfg = recipe.load(None, [f"checkpoint.keep_last={keep}"]).checkpoint
+    cfg = recipe_load.load(None, [f"checkpoint.keep_last={keep}"]).checkpoint
     return CheckpointManager(tmp_path, cfg, is_writer=True)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ffdist import recipe
+from ffdist import recipe_load
 from ffdist.checkpoint import CheckpointManager, load_torch, read_checkpoint, save_torch
 from ffdist.ckpt_format import (
     FORMAT_VERSION,
@@ -36,7 +36,7 @@ def zero(stage: int, world: int = 2) -> Layout:
 def _ckpt(**extra) -> Checkpoint:
     model = torch.nn.Linear(3, 2)
     fields = dict(step=7, epoch=1, step_in_epoch=2, layout=DDP_FILE,
-                  recipe=recipe.load(None).to_dict(), classes=["a", "b"], best_top1=0.5,
+                  recipe=recipe_load.load(None).to_dict(), classes=["a", "b"], best_top1=0.5,
                   rng=[{"torch": torch.get_rng_state()}] * 2, model=model.state_dict(),
                   optimizer={"state": {}, "param_groups": []}, scaler={})
     return Checkpoint(**{**fields, **extra})
@@ -112,7 +112,7 @@ def test_a_folder_of_shards_is_read_from_its_marker(tmp_path: Path) -> None:
 def test_latest_of_another_format_is_an_error_never_skipped(tmp_path: Path) -> None:
     """Torn files are skipped (an older complete one exists); a file of another format is
     not: falling back past it could end at "no checkpoint" and restart over the run."""
-    cfg = recipe.load(None).checkpoint
+    cfg = recipe_load.load(None).checkpoint
     m = CheckpointManager(tmp_path, cfg, is_writer=True)
     ckpts = tmp_path / "checkpoints"
     save_torch(ckpts / "step_00000001.pt", encode(_ckpt(step=1)))
@@ -124,7 +124,7 @@ def test_latest_of_another_format_is_an_error_never_skipped(tmp_path: Path) -> N
 def _resolved(*overrides: str, world: int = 1):
     from ffdist.assemble import resolve
 
-    rcp = recipe.load(None, ["precision=fp32", *overrides])
+    rcp = recipe_load.load(None, ["precision=fp32", *overrides])
     return rcp, resolve(rcp, world, torch.device("cpu"))
 
 

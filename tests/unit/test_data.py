@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from ffdist import recipe
+from ffdist import recipe_load
 from ffdist.data import build, sources
 from ffdist.data.mapstyle import ShardSampler, TrainSampler
 from ffdist.errors import DataError, RecipeError
@@ -82,7 +82,7 @@ def test_batch_arithmetic_and_its_errors() -> None:
 
 
 def test_digits_split_is_stratified_and_deterministic() -> None:
-    cfg = recipe.load(None).data
+    cfg = recipe_load.load(None).data
     a = build_datasets(cfg, 0, 10, 1)
     b = build_datasets(cfg, 5, 10, 1)
     assert torch.equal(a.val.labels, b.val.labels)  # split does not depend on the seed
@@ -94,7 +94,7 @@ def test_digits_split_is_stratified_and_deterministic() -> None:
 
 
 def test_augmentation_depends_on_sample_and_epoch_only() -> None:
-    spec = build_datasets(recipe.load(None).data, 0, 10, 1)
+    spec = build_datasets(recipe_load.load(None).data, 0, 10, 1)
     one, _ = spec.train.__getitems__([(4, i) for i in range(8)])
     again = torch.cat([spec.train.__getitems__([(4, i)])[0] for i in range(8)])
     other_epoch, _ = spec.train.__getitems__([(5, i) for i in range(8)])
@@ -116,7 +116,7 @@ def _write_pngs(root: Path, classes: dict[str, int]) -> None:
 
 def test_imagefolder_decodes_to_uint8_at_the_recipe_size(tmp_path: Path) -> None:
     _write_pngs(tmp_path, {"ants": 3, "bees": 2})
-    r = recipe.load(None, ["data.name=imagefolder", f"data.root={tmp_path}",
+    r = recipe_load.load(None, ["data.name=imagefolder", f"data.root={tmp_path}",
                            "data.image_size=16", "model.num_classes=2", "data.batch_size=2"])
     s = streams(r)
     assert s.spec.classes == ["ants", "bees"]
@@ -130,7 +130,7 @@ def test_empty_class_folder_is_a_clear_error(tmp_path: Path) -> None:
     for f in (tmp_path / "train" / "b").iterdir():
         f.unlink()
     with pytest.raises(DataError, match="class folder .*b holds no"):
-        build_datasets(recipe.load(None, ["data.name=imagefolder", f"data.root={tmp_path}",
+        build_datasets(recipe_load.load(None, ["data.name=imagefolder", f"data.root={tmp_path}",
                                           "model.num_classes=2"]).data, 0, 2, 3)
 
 
@@ -139,7 +139,7 @@ def test_filelist_with_separator_and_label_range(tmp_path: Path) -> None:
     lines = [f"train/a/{i}.png;0" for i in range(2)] + [f"train/b/{i}.png;1" for i in range(2)]
     (tmp_path / "train.txt").write_text("\n".join(lines))
     (tmp_path / "val.txt").write_text("val/a/0.png;0\nval/b/0.png;7\n")
-    cfg = recipe.load(None, ["data.name=filelist", f"data.root={tmp_path}", "data.list_sep=;",
+    cfg = recipe_load.load(None, ["data.name=filelist", f"data.root={tmp_path}", "data.list_sep=;",
                              f"data.train_list={tmp_path / 'train.txt'}",
                              f"data.val_list={tmp_path / 'val.txt'}", "model.num_classes=2"]).data
     with pytest.raises(DataError, match="label 7 is out of range for 2 classes"):
@@ -148,15 +148,15 @@ def test_filelist_with_separator_and_label_range(tmp_path: Path) -> None:
 
 def test_dataset_and_model_must_agree() -> None:
     with pytest.raises(DataError, match="model.num_classes=5.*10 classes"):
-        streams(recipe.load(None, ["model.num_classes=5"]))
+        streams(recipe_load.load(None, ["model.num_classes=5"]))
     with pytest.raises(DataError, match="model.in_channels=3"):
-        streams(recipe.load(None, ["model.in_channels=3"]))
+        streams(recipe_load.load(None, ["model.in_channels=3"]))
     with pytest.raises(DataError, match="did you mean 'digits'"):
-        streams(recipe.load(None, ["data.name=digit"]))
+        streams(recipe_load.load(None, ["data.name=digit"]))
 
 
 def test_missing_torchvision_files_without_download(tmp_path: Path) -> None:
-    cfg = recipe.load(None, ["data.name=cifar10", f"data.root={tmp_path}"]).data
+    cfg = recipe_load.load(None, ["data.name=cifar10", f"data.root={tmp_path}"]).data
     with pytest.raises(DataError, match="data.download=true"):
         build_datasets(cfg, 0, 10, 3)
 
@@ -170,13 +170,13 @@ def test_every_registered_source_is_asked_without_importing_torch() -> None:
 
     from tests import helpers
 
-    code = ("import sys; from ffdist import recipe; from ffdist.data import sources; "
+    code = ("import sys; from ffdist import recipe_load; from ffdist.data import sources; "
             "from ffdist.data.presence import check_present\n"
             "for n in sources.names():\n"
-            "    cfg = recipe.load(None, [f'data.name={n}', 'data.download=true']).data\n"
+            "    cfg = recipe_load.load(None, [f'data.name={n}', 'data.download=true']).data\n"
             "    s = sources.get(n); s.normalization(3)\n"
             "    print(n, s.train_size(cfg), s.eval_size(cfg), s.folder_like)\n"
-            "check_present(recipe.load(None).data)\n"
+            "check_present(recipe_load.load(None).data)\n"
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=helpers.REPO, env=helpers.env(),
                          capture_output=True, text=True, check=True).stdout.splitlines()
@@ -191,11 +191,11 @@ def test_an_unknown_source_is_one_sentence_with_the_closest_name() -> None:
 
     with pytest.raises(DataError, match=r"data.name='digit' is not a dataset; did you mean "
                                         r"'digits'\?"):
-        check_present(recipe.load(None, ["data.name=digit"]).data)
+        check_present(recipe_load.load(None, ["data.name=digit"]).data)
 
 
 def test_map_stream_state_is_its_size_and_changed_data_is_said(caplog) -> None:
-    s = streams(recipe.load(None, ["model.in_channels=1"]))
+    s = streams(recipe_load.load(None, ["model.in_channels=1"]))
     assert s.train.state_dict() == {"samples": 1437}
     s.train.load_state_dict({"samples": 1437})
     assert not caplog.records

@@ -21,7 +21,7 @@ import pytest
 import torch
 from torch import nn
 
-from ffdist import assemble, recipe
+from ffdist import assemble, recipe_load
 from ffdist.dist import DistInfo
 from ffdist.optim import skips_on_device
 from ffdist.strategies.single import SingleDevice
@@ -52,7 +52,7 @@ def _overrides(name: str, precision: str) -> list[str]:
 
 
 def _ffdist(device: str, name: str, precision: str) -> SingleDevice:
-    rcp = recipe.load(None, _overrides(name, precision))
+    rcp = recipe_load.load(None, _overrides(name, precision))
     dev = torch.device(device)
     resolved = assemble.resolve(rcp, 1, dev)
     return SingleDevice(_model(), rcp, resolved, DistInfo(0, 0, 1, 1, dev, "none"))

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from ffdist import dist, recipe
+from ffdist import dist, recipe_load
 from ffdist.errors import LaunchError
 from tests.helpers import BIN, RECIPES, free_port, run
 
@@ -55,7 +55,7 @@ def _no_cuda_query() -> int:
 def test_cpu_ranks_never_ask_cuda(env: pytest.MonkeyPatch) -> None:
     env.setattr(dist, "cuda_device_count", _no_cuda_query)
     assert dist.pick_device(1, 2, "cpu").type == "cpu"
-    info = dist.init(recipe.load(None, ["launch.device=cpu"]).launch)
+    info = dist.init(recipe_load.load(None, ["launch.device=cpu"]).launch)
     assert info.device.type == "cpu" and info.world_size == 1
     assert dist.os.environ["DS_ACCELERATOR"] == "cpu"  # DeepSpeed, imported later, stays on CPU
 
@@ -81,7 +81,7 @@ def test_accelerate_use_cpu(env: pytest.MonkeyPatch) -> None:
 def test_ds_accelerator_that_contradicts_cpu_ranks(env: pytest.MonkeyPatch) -> None:
     env.setenv("DS_ACCELERATOR", "cuda")
     with pytest.raises(LaunchError, match="DS_ACCELERATOR=cuda"):
-        dist.init(recipe.load(None, ["launch.device=cpu"]).launch)
+        dist.init(recipe_load.load(None, ["launch.device=cpu"]).launch)
 
 
 @pytest.mark.parametrize("value,ids", [

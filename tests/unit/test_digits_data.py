@@ -54,8 +54,8 @@ def test_split_refuses_a_class_left_empty() -> None:
 
 
 def test_building_digits_does_not_import_sklearn() -> None:
-    code = ("import sys; from ffdist import recipe; from ffdist.data import sources; "
-            "r = recipe.load('recipes/digits.yaml', []); "
+    code = ("import sys; from ffdist import recipe_load; from ffdist.data import sources; "
+            "r = recipe_load.load('recipes/digits.yaml', []); "
             "s = sources.get('digits').datasets(r.data, 0, 10, 1); "
             "print(len(s.train), len(s.val), 'sklearn' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=helpers.REPO, env=helpers.env(),

@@ -2,7 +2,7 @@
 
 import pytest
 
-from ffdist.dist import world_from_env
+from ffdist.world import world_from_env
 
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "SLURM_NTASKS",
                  "SLURM_PROCID", "SLURM_LOCALID", "SLURM_STEP_ID", "SLURM_NNODES",

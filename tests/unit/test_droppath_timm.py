@@ -10,12 +10,12 @@ import torch
 import torchvision
 from torchvision.ops import StochasticDepth
 
-from ffdist import finetune, models, recipe
+from ffdist import finetune, models, recipe_load
 from ffdist.errors import RecipeError
 
 
 def _cfg(*overrides: str):
-    return recipe.load(None, list(overrides)).model
+    return recipe_load.load(None, list(overrides)).model
 
 
 def _rates(model: torch.nn.Module) -> list[float]:

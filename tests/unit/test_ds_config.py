@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from ffdist import recipe
+from ffdist import recipe_load
 from ffdist.errors import RecipeError
 from ffdist.resolved import plan_batches
 from ffdist.strategies import ds_config
@@ -17,7 +17,7 @@ CPU = torch.device("cpu")
 
 
 def _build(*overrides: str, precision: str = "bf16", world: int = 2) -> dict:
-    rcp = recipe.load(RECIPES / "digits_zero2.yaml", list(overrides))
+    rcp = recipe_load.load(RECIPES / "digits_zero2.yaml", list(overrides))
     plan = plan_batches(rcp.data.batch_size, rcp.data.micro_batch_size, world)
     return ds_config.build(rcp, plan, precision, CPU)
 

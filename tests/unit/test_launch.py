@@ -9,7 +9,7 @@ import shlex
 
 import pytest
 
-from ffdist import dist, launch
+from ffdist import dist, launch, launchers, recipe_load
 from ffdist.cli import main as cli_main
 from ffdist.errors import LaunchError
 from tests.helpers import RECIPES
@@ -24,15 +24,14 @@ def gpus(monkeypatch: pytest.MonkeyPatch):
     CUDA_VISIBLE_DEVICES. Starts at 0."""
     def visible(n: int) -> None:
         monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-        for module in (dist, launch):
-            monkeypatch.setattr(module, "gpu_count", lambda: n)
+        monkeypatch.setattr(dist, "gpu_count", lambda: n)
         monkeypatch.setattr(dist, "cuda_device_count", lambda: n)
 
     visible(0)
     return visible
 
 
-def build(*args: str, launcher: str | None = None) -> launch.Command:
+def build(*args: str, launcher: str | None = None) -> launchers.Command:
     parsed, overrides = launch.parse([DIGITS, *args])
     return launch.build(parsed.recipe, overrides, launcher or parsed.launcher, dry_run=True)
 
@@ -91,13 +90,13 @@ def test_cpu_ranks_from_nproc_on_any_node(gpus, visible):
 ])
 def test_nproc_has_one_meaning_on_gpu_and_cpu_nodes(gpus, device, nproc, visible, expect):
     gpus(visible)
-    rcp = launch.recipe_mod.load(DIGITS, [f"launch.device={device}", f"launch.nproc={nproc}"])
+    rcp = recipe_load.load(DIGITS, [f"launch.device={device}", f"launch.nproc={nproc}"])
     if isinstance(expect, str):
         with pytest.raises(LaunchError, match=expect.replace("(", r"\(").replace(")", r"\)")):
-            launch.plan_local(rcp, dry_run=True)
+            launchers.local_processes(rcp, dry_run=True)
         return
-    plan, notes = launch.plan_local(rcp, dry_run=True)
-    assert (plan.nproc, plan.device) == expect and notes
+    procs, notes = launchers.local_processes(rcp, dry_run=True)
+    assert (procs.nproc, procs.device) == expect and notes
 
 
 def test_launch_gpus_and_nproc_must_agree(gpus):
@@ -125,8 +124,8 @@ def test_too_many_gpu_processes_exit_2_before_anything_starts(gpus, capsys, monk
 
 def test_missing_gpu_is_a_launch_error_exit_2(capsys):
     with pytest.raises(LaunchError, match=r"GPU id\(s\) \[2\] do not exist.*2 GPU\(s\)"):
-        launch.check_gpus([0, 2], count=2)
-    launch.check_gpus([0, 1], count=2)
+        launchers.check_gpus([0, 2], count=2)
+    launchers.check_gpus([0, 1], count=2)
     # No GPU on this node: without --dry-run the ids are checked, and the CLI says so.
     assert cli_main(["launch", DIGITS, "launch.gpus=[0]"]) == 2
     err = capsys.readouterr().err
@@ -197,9 +196,9 @@ def test_slurm_submission_line(tmp_path):
     assert opt(cmd.argv, "--nodes") == "2"
     assert opt(cmd.argv, "--output") == str(tmp_path / "slurm-%j.out")
     assert opt(cmd.argv, "--cpus-per-task") == "2"
-    script = cmd.argv.index(str(launch.SLURM_SCRIPT))
+    script = cmd.argv.index(str(launchers.SLURM_SCRIPT))
     assert cmd.argv[script + 1] == DIGITS
-    assert launch.SLURM_SCRIPT.exists()
+    assert launchers.SLURM_SCRIPT.exists()
     gpu = build("launch.gpus=[0,1,2,3]", launcher="slurm")
     assert opt(gpu.argv, "--gpus-per-node") == "4"
     cpu = build("launch.gpus=[0,1,2,3]", "launch.device=cpu", launcher="slurm")
@@ -207,7 +206,7 @@ def test_slurm_submission_line(tmp_path):
 
 
 def test_render_quotes_paths_with_spaces():
-    cmd = launch.Command(["torchrun", "-m", "ffdist.train", "my recipes/a b.yaml", "name=x;y"],
+    cmd = launchers.Command(["torchrun", "-m", "ffdist.train", "my recipes/a b.yaml", "name=x;y"],
                          {"CUDA_VISIBLE_DEVICES": "0,2"})
     assert shlex.split(cmd.render()) == ["CUDA_VISIBLE_DEVICES=0,2", *cmd.argv]
 
@@ -221,10 +220,10 @@ def test_render_quotes_paths_with_spaces():
      None),                                                    # CPU ranks on a GPU node
     ({"SLURM_CPUS_ON_NODE": "8"}, ["launch.nproc=null"], 1, 8, None),  # null: one
 ])
-def test_slurm_node_plan(environ, extra, nproc, threads, note):
-    rcp = launch.recipe_mod.load(DIGITS, ["launch.nproc=2", *extra])
-    plan, notes = launch.plan_slurm_node(rcp, environ)
-    assert (plan.nproc, plan.threads) == (nproc, threads)
+def test_slurm_node_processes(environ, extra, nproc, threads, note):
+    rcp = recipe_load.load(DIGITS, ["launch.nproc=2", *extra])
+    procs, notes = launchers.slurm_node_processes(rcp, environ)
+    assert (procs.nproc, procs.threads) == (nproc, threads)
     assert (note is None) or any(note in n for n in notes)
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ffdist import mixup, recipe
+from ffdist import mixup, recipe_load
 from ffdist.data.mapstyle import TrainSampler
 from ffdist.resolved import plan_batches
 
@@ -16,7 +16,7 @@ timm_mixup = pytest.importorskip("timm.data.mixup", reason="timm is the referenc
 
 
 def _cfg(*overrides: str):
-    return recipe.load(None, ["data.batch_size=16", *overrides]).data
+    return recipe_load.load(None, ["data.batch_size=16", *overrides]).data
 
 
 def _mixer(cfg, world: int = 1, rank: int = 0, micro: int | None = None, seed: int = 0,
@@ -230,7 +230,7 @@ def test_the_run_mixes_with_the_soft_loss_and_smooths_labels_once():
     """mixup.for_run/criterion, what the Trainer uses: with mixing, the loss is the soft
     cross-entropy and the smoothing is in the targets only (torch's smoothed CE on top would
     smooth twice); without, plain cross-entropy with label smoothing on class indices."""
-    mixing = recipe.load(None, ["data.batch_size=16", "data.mixup_alpha=0.2",
+    mixing = recipe_load.load(None, ["data.batch_size=16", "data.mixup_alpha=0.2",
                                 "optim.label_smoothing=0.1", "model.num_classes=5"])
     plan = plan_batches(16, 4, 2)
     mixer = mixup.for_run(mixing, plan, rank=1)
@@ -242,7 +242,7 @@ def test_the_run_mixes_with_the_soft_loss_and_smooths_labels_once():
     _, target = mixup.mix(torch.zeros(6, 1, 2, 2), y, unmixed, 5, 0.1)
     torch.testing.assert_close(loss(logits, target),
                                F.cross_entropy(logits, y, label_smoothing=0.1))
-    plain = recipe.load(None, ["optim.label_smoothing=0.1"])
+    plain = recipe_load.load(None, ["optim.label_smoothing=0.1"])
     assert mixup.for_run(plain, plan, 0) is None
     ce = mixup.criterion(plain)
     assert isinstance(ce, torch.nn.CrossEntropyLoss) and ce.label_smoothing == 0.1

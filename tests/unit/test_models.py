@@ -5,12 +5,12 @@ pooling, an unknown name gets a suggestion, the classifier head is found by name
 import pytest
 import torch
 
-from ffdist import models, recipe
+from ffdist import models, recipe_load
 from ffdist.errors import RecipeError
 
 
 def _cfg(*overrides: str):
-    return recipe.load(None, list(overrides)).model
+    return recipe_load.load(None, list(overrides)).model
 
 
 @pytest.mark.parametrize("name,channels,size", [

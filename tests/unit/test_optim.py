@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 
-from ffdist import recipe
+from ffdist import recipe_load
 from ffdist.optim import build_optimizer, lr_at, param_groups
 
 
 def _sched(*overrides: str):
-    return recipe.load(None, list(overrides)).schedule
+    return recipe_load.load(None, list(overrides)).schedule
 
 
 def test_warmup_then_cosine() -> None:
@@ -39,5 +39,5 @@ def test_no_decay_on_bias_and_frozen_params_left_out() -> None:
     decayed = {id(p) for p in groups[0]["params"]}
     assert decayed == {id(model[0].weight)}
     assert sum(len(g["params"]) for g in groups) == 5  # 6 tensors, the frozen one excluded
-    opt = build_optimizer(model, recipe.load(None, ["optim.name=adamw"]).optim, torch.device("cpu"))
+    opt = build_optimizer(model, recipe_load.load(None, ["optim.name=adamw"]).optim, torch.device("cpu"))
     assert isinstance(opt, torch.optim.AdamW)

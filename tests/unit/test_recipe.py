@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ffdist import docs, recipe
+from ffdist import docs, recipe_load
 from ffdist.errors import RecipeError
 from tests.helpers import RECIPES, REPO, env
 
@@ -18,7 +18,7 @@ ALL_RECIPES = sorted(RECIPES.glob("*.yaml"))
 
 @pytest.mark.parametrize("path", ALL_RECIPES, ids=lambda p: p.name)
 def test_every_recipe_loads_and_opens_with_its_command(path: Path) -> None:
-    r = recipe.load(path)
+    r = recipe_load.load(path)
     assert r.name and r.data.batch_size >= 1
     head = path.read_text().splitlines()[:20]
     assert head[0].startswith("#"), f"{path.name} must open with a comment"
@@ -27,7 +27,7 @@ def test_every_recipe_loads_and_opens_with_its_command(path: Path) -> None:
 
 
 def test_overrides_are_coerced_to_schema_types() -> None:
-    r = recipe.load(RECIPES / "digits.yaml",
+    r = recipe_load.load(RECIPES / "digits.yaml",
                     ["optim.lr=0.05", "schedule.epochs=5", "launch.gpus=[0,2]",
                      "data.micro_batch_size=16", "model.pretrained=null"])
     assert r.optim.lr == 0.05 and isinstance(r.optim.lr, float)
@@ -38,10 +38,10 @@ def test_overrides_are_coerced_to_schema_types() -> None:
 
 
 def test_recipe_values_survive_the_yaml_round_trip(tmp_path: Path) -> None:
-    r = recipe.load(RECIPES / "resnet50.yaml", ["optim.lr=0.3"])
+    r = recipe_load.load(RECIPES / "resnet50.yaml", ["optim.lr=0.3"])
     out = tmp_path / "resolved.yaml"
     out.write_text(r.to_yaml())
-    assert recipe.load(out) == r
+    assert recipe_load.load(out) == r
 
 
 @pytest.mark.parametrize("override,must_contain", [
@@ -58,7 +58,7 @@ def test_recipe_values_survive_the_yaml_round_trip(tmp_path: Path) -> None:
 ])
 def test_bad_overrides_name_key_value_and_fix(override: str, must_contain: list[str]) -> None:
     with pytest.raises(RecipeError) as err:
-        recipe.load(RECIPES / "digits.yaml", [override])
+        recipe_load.load(RECIPES / "digits.yaml", [override])
     msg = str(err.value)
     assert "\n" not in msg
     for part in must_contain:
@@ -69,7 +69,7 @@ def test_unknown_key_in_the_file_names_the_file(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\noptim:\n  momentun: 0.9\n")
     with pytest.raises(RecipeError, match=r"bad.yaml.*optim.momentun.*optim.momentum"):
-        recipe.load(bad)
+        recipe_load.load(bad)
 
 
 @pytest.mark.parametrize("text,fragment", [
@@ -80,12 +80,12 @@ def test_malformed_files(tmp_path: Path, text: str, fragment: str) -> None:
     bad = tmp_path / "r.yaml"
     bad.write_text(text)
     with pytest.raises(RecipeError, match=fragment):
-        recipe.load(bad)
+        recipe_load.load(bad)
 
 
 def test_missing_file() -> None:
     with pytest.raises(RecipeError, match="no such recipe file"):
-        recipe.load("does/not/exist.yaml")
+        recipe_load.load("does/not/exist.yaml")
 
 
 def test_cli_prints_one_line_and_exits_2() -> None:
@@ -100,7 +100,7 @@ def test_cli_prints_one_line_and_exits_2() -> None:
 
 
 def test_every_key_is_documented() -> None:
-    rows = recipe.field_docs()
+    rows = docs.field_docs()
     undocumented = [key for key, _, _, doc in rows if not doc]
     assert not undocumented, f"keys without a docstring: {undocumented}"
     page = (REPO / "docs" / "recipe-reference.md").read_text()

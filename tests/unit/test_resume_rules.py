@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ffdist import recipe, resume_rules
+from ffdist import recipe_load, resume_rules
 from ffdist.ckpt_format import ONE_FILE, Checkpoint, Layout
 from ffdist.errors import CheckpointError
 
@@ -12,7 +12,7 @@ from ffdist.errors import CheckpointError
 def test_every_recipe_key_is_classified():
     """A new recipe key must get a rule (or fall under a section wildcard on purpose): the
     default for an unknown key, 'defines the run', is a safety net, not a decision."""
-    unclassified = [k for k in recipe.leaf_types()
+    unclassified = [k for k in recipe_load.leaf_types()
                     if resume_rules.rule_for(k).why.startswith("not classified")]
     assert not unclassified, f"add these keys to ffdist.resume_rules.RULES: {unclassified}"
 
@@ -34,7 +34,7 @@ def test_every_rule_is_reachable():
 
 
 def state_of(**overrides) -> Checkpoint:
-    saved = recipe.load(None, [f"{k}={v}" for k, v in overrides.items()])
+    saved = recipe_load.load(None, [f"{k}={v}" for k, v in overrides.items()])
     return Checkpoint(step=7, epoch=0, step_in_epoch=7, layout=Layout(ONE_FILE, "torch-file", 1),
                       recipe=saved.to_dict(), classes=[])
 
@@ -51,7 +51,7 @@ def state_of(**overrides) -> Checkpoint:
     (["seed=1"], False),
 ])
 def test_check(now, allowed):
-    rcp = recipe.load(None, now)
+    rcp = recipe_load.load(None, now)
     if allowed:
         resume_rules.check(state_of(), rcp, "ckpt.pt")
     else:
@@ -62,15 +62,15 @@ def test_check(now, allowed):
 def test_keys_newer_than_the_checkpoint_count_as_their_default():
     state = state_of()
     del state.recipe["optim"]["grad_clip"], state.recipe["data"]["num_workers"]
-    assert resume_rules.differences(state.recipe, recipe.load(None)) == []
+    assert resume_rules.differences(state.recipe, recipe_load.load(None)) == []
 
 
 def test_new_place_names_a_folder_that_does_not_exist(tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run_2").mkdir()
-    rcp = recipe.load(None, [f"output_dir={tmp_path / 'run'}"])
+    rcp = recipe_load.load(None, [f"output_dir={tmp_path / 'run'}"])
     assert resume_rules.new_place(rcp) == f"output_dir={tmp_path / 'run_3'}"
-    assert resume_rules.new_place(recipe.load(None, ["name=fresh_name_xyz"])) == \
+    assert resume_rules.new_place(recipe_load.load(None, ["name=fresh_name_xyz"])) == \
         "name=fresh_name_xyz_2"
 
 

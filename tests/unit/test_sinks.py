@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ffdist import recipe, sinks
+from ffdist import recipe, recipe_load, sinks
 from ffdist.errors import RecipeError
 from ffdist.monitor import Monitor
 from ffdist.sinks import Record, Sink, SinkSetup
@@ -23,7 +23,7 @@ from tests.helpers import RECIPES, REPO, env
 
 
 def _log(*overrides: str) -> recipe.LogConfig:
-    return recipe.load(RECIPES / "digits.yaml", list(overrides)).log
+    return recipe_load.load(RECIPES / "digits.yaml", list(overrides)).log
 
 
 @pytest.mark.parametrize("overrides, want", [
@@ -126,7 +126,7 @@ class Unstartable(Sink):
 def test_a_sink_that_cannot_start_is_left_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                               caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setitem(sinks.REGISTRY, "unstartable", f"{__name__}:Unstartable")
-    rcp = recipe.load(RECIPES / "digits.yaml",
+    rcp = recipe_load.load(RECIPES / "digits.yaml",
                       [f"output_dir={tmp_path}", "log.sinks=[unstartable,jsonl]"])
     with caplog.at_level(logging.WARNING, logger="ffdist"):
         monitor = Monitor.open(rcp, primary=True)
@@ -141,7 +141,7 @@ def test_tensorboard_writes_the_measurements_as_split_scalars(tmp_path: Path) ->
 
     from ffdist.sinks.tensorboard import TensorBoardSink
 
-    rcp = recipe.load(RECIPES / "digits.yaml", [f"output_dir={tmp_path}"])
+    rcp = recipe_load.load(RECIPES / "digits.yaml", [f"output_dir={tmp_path}"])
     tb = TensorBoardSink(SinkSetup(tmp_path, None, rcp))
     tb.record({"split": "train", "epoch": 0, "step": 5, "world_size": 2, "loss": 0.25,
                "lr": 0.1, "skipped_steps": 1, "note": "text", "time": 1.0})
@@ -154,7 +154,7 @@ def test_tensorboard_writes_the_measurements_as_split_scalars(tmp_path: Path) ->
 
 
 def test_jsonl_cuts_back_to_the_checkpoint_on_resume(tmp_path: Path) -> None:
-    rcp = recipe.load(RECIPES / "digits.yaml", [f"output_dir={tmp_path}"])
+    rcp = recipe_load.load(RECIPES / "digits.yaml", [f"output_dir={tmp_path}"])
     path = tmp_path / "metrics.jsonl"
     lines = [{"split": "train", "step": s} for s in (5, 10, 15)] + [{"event": "end", "step": 15}]
     path.write_text("".join(json.dumps(x) + "\n" for x in lines) + '{"split": "tr')  # torn
@@ -168,10 +168,10 @@ def test_jsonl_cuts_back_to_the_checkpoint_on_resume(tmp_path: Path) -> None:
 def test_tensorboard_is_imported_only_when_its_sink_is_built(tmp_path: Path) -> None:
     code = f"""
 import sys
-from ffdist import recipe
+from ffdist import recipe, recipe_load
 from ffdist.monitor import Monitor
 for switch in ("false", "true"):
-    rcp = recipe.load({str(RECIPES / "digits.yaml")!r},
+    rcp = recipe_load.load({str(RECIPES / "digits.yaml")!r},
                       ["output_dir={tmp_path}", "log.tensorboard=" + switch])
     monitor = Monitor.open(rcp, primary=True)
     monitor.record({{"split": "train", "step": 1, "loss": 0.5}})

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from ffdist import recipe, strategies
+from ffdist import recipe_load, strategies
 from ffdist.assemble import resolve
 from ffdist.ckpt_format import SHARDS
 from ffdist.errors import LaunchError, RecipeError
@@ -22,7 +22,7 @@ CPU = torch.device("cpu")
 
 
 def test_asking_every_strategy_imports_no_heavy_library():
-    code = ("import sys\nfrom ffdist import recipe, strategies\nrcp = recipe.load(None)\n"
+    code = ("import sys\nfrom ffdist import recipe_load, strategies\nrcp = recipe_load.load(None)\n"
             "for name in strategies.names():\n"
             "    cls = strategies.get(name); cls.layout_params(rcp); cls.row_of(rcp)\n"
             "strategies.row_overrides()\n"
@@ -35,18 +35,18 @@ def test_asking_every_strategy_imports_no_heavy_library():
 @pytest.mark.parametrize("name,world,expected", [("auto", 1, "single"), ("auto", 2, "ddp"),
                                                  ("ddp", 1, "ddp"), ("deepspeed", 4, "deepspeed")])
 def test_names_resolve(name: str, world: int, expected: str):
-    rcp = recipe.load(None, [f"strategy.name={name}"])
+    rcp = recipe_load.load(None, [f"strategy.name={name}"])
     assert strategies.resolve_name(rcp, world) == expected
 
 
 def test_a_one_process_strategy_and_unknown_names_are_refused():
-    rcp = recipe.load(None, ["strategy.name=single"])
+    rcp = recipe_load.load(None, ["strategy.name=single"])
     with pytest.raises(RecipeError, match="strategy.name=single but 2 processes were started; "
                                           r"use strategy.name=ddp \(or auto\)"):
         resolve(rcp, 2, CPU)
     assert resolve(rcp, 2, CPU, trains=False).strategy == "single"  # eval runs the plain model
     for name, hint in (("fsdp", ""), ("deepspeeed", r" \(did you mean deepspeed\?\)")):
-        rcp = recipe.load(None, [f"strategy.name={name}"])
+        rcp = recipe_load.load(None, [f"strategy.name={name}"])
         with pytest.raises(RecipeError, match=f"strategy.name={name} is not a strategy{hint}; "
                                               "use auto, single, ddp, deepspeed"):
             resolve(rcp, 1, CPU)
@@ -55,7 +55,7 @@ def test_a_one_process_strategy_and_unknown_names_are_refused():
 
 
 def test_precision_refusals_are_the_strategy_s():
-    rcp = recipe.load(None, ["strategy.name=deepspeed", "precision=fp16"])
+    rcp = recipe_load.load(None, ["strategy.name=deepspeed", "precision=fp16"])
     with pytest.raises(LaunchError, match="precision=fp16 with DeepSpeed needs a GPU"):
         resolve(rcp, 1, CPU)
     assert resolve(rcp, 1, CPU, trains=False).precision == "fp16"
@@ -85,7 +85,7 @@ def test_a_registered_strategy_adds_its_row_to_plan(monkeypatch):
             return {k: v // 2 for k, v in full.items()}
 
     monkeypatch.setitem(strategies.REGISTRY, "halves", Halves)
-    rcp = recipe.load(None, ["model.in_channels=1", "strategy.name=halves"])
+    rcp = recipe_load.load(None, ["model.in_channels=1", "strategy.name=halves"])
     resolved = resolve(rcp, 1, CPU)
     p = plan.estimate(rcp, assemble.build_model(rcp, load_weights=False), resolved)
     assert list(p.rows)[-1] == "HALF" and list(p.rows)[0] == "DDP"  # registration order

@@ -99,14 +99,14 @@ def plan_json(recipe: str, overrides: list[str], world: int) -> dict[str, Any]:
 
 
 def probe(case: dict[str, Any], info: Any) -> dict[str, Any]:
-    from ffdist import assemble, bench, evaluate, recipe, train
+    from ffdist import assemble, bench, bench_report, evaluate, recipe_load, train
 
-    rcp = recipe.load(case["recipe"], case["overrides"])
+    rcp = recipe_load.load(case["recipe"], case["overrides"])
     bench_args = argparse.Namespace(steps=1, warmup=0)
 
     def bench_setup() -> dict[str, Any]:
         trainer = bench.setup(rcp, info)
-        d = bench.describe(trainer, bench_args)  # what bench.json reports
+        d = bench_report.describe(trainer, bench_args)  # what bench.json reports
         reported = {"global_batch": d["batch_size"], "world_size": d["world_size"],
                     "per_rank": d["per_rank_batch"], "micro": d["micro_batch_size"],
                     "accum": d["accum"], "precision": d["precision"], "strategy": d["strategy"],

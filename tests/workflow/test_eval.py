@@ -1,5 +1,7 @@
 """`ffdist eval`: the same numbers as training's last evaluation, exact counts under
-torchrun with 2 ranks, checkpoint=PATH, files written, errors as one sentence."""
+torchrun with 2 ranks, --checkpoint PATH, files written, errors as one sentence, and
+key=value words refused naming the option (--checkpoint, --weights, --set) that eval,
+predict and export share."""
 
 from __future__ import annotations
 
@@ -48,11 +50,11 @@ def test_eval_torchrun_two_ranks_exact_counts_and_checkpoint(digits_run: Path, d
     where = f"launch.device={device}"
     # The reference: one process on the same device. (digits_run trained where it found a
     # GPU, and CPU and GPU kernels round differently: a borderline image may flip.)
-    assert cli(["eval", str(digits_run), f"checkpoint={best}", where]) == 0
+    assert cli(["eval", str(digits_run), "--checkpoint", str(best), "--set", where]) == 0
     one = _report(digits_run)
     helpers.run([str(helpers.BIN / "torchrun"), "--nproc_per_node", "2", "--master_port",
                  str(helpers.free_port()), "-m", "ffdist.evaluate", str(digits_run),
-                 f"checkpoint={best}", "log.tensorboard=false", where])
+                 "--checkpoint", str(best), "--set", "log.tensorboard=false", "--set", where])
     r = _report(digits_run)
     assert r["world_size"] == 2 and r["n"] == VAL_SIZE  # disjoint shards, no padding
     assert r["weights"] == str(best)
@@ -71,3 +73,20 @@ def test_eval_errors_are_one_sentence(tmp_path: Path, capsys):
     assert cli(["eval", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("ffdist: error:") and "recipe.yaml" in err and "\n" not in err
+
+
+@pytest.mark.parametrize("command", ["eval", "export"])
+@pytest.mark.parametrize("word,fix", [
+    ("checkpoint=runs/x/checkpoints/best.pt", "--checkpoint runs/x/checkpoints/best.pt"),
+    ("weights=ema", "--weights ema"),
+    ("data.root=/new/place", "--set data.root=/new/place"),
+])
+def test_key_value_words_are_refused_naming_the_option(tmp_path: Path, capsys, command: str,
+                                                       word: str, fix: str):
+    """eval, predict and export take the same options (--checkpoint, --weights, --set): a
+    key=value word is refused, before anything is read, with the option it should be."""
+    required = ["--format", "torchscript"] if command == "export" else []
+    assert cli([command, str(tmp_path), word, *required]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"ffdist: error: ffdist {command}: unexpected argument '{word}'")
+    assert fix in err and "\n" not in err

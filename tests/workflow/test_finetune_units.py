@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from ffdist import finetune, recipe
+from ffdist import finetune, recipe_load
 from ffdist.errors import CheckpointError, FfdistError, RecipeError
 from ffdist.models import build
 from ffdist.optim import param_groups
 
 
 def _cfg(*overrides: str):
-    return recipe.load(None, list(overrides)).model
+    return recipe_load.load(None, list(overrides)).model
 
 
 def test_head_reinitialised_when_class_count_differs(tmp_path: Path):
@@ -93,7 +93,7 @@ def test_freeze_prefixes_and_bad_prefix():
 
 
 def test_hymenoptera_recipe_is_the_tutorials():
-    rcp = recipe.load("recipes/hymenoptera_finetune.yaml")
+    rcp = recipe_load.load("recipes/hymenoptera_finetune.yaml")
     assert (rcp.model.name, rcp.model.pretrained, rcp.model.freeze) == ("resnet18", "true",
                                                                         ["backbone"])
     assert (rcp.optim.name, rcp.optim.lr, rcp.optim.momentum) == ("sgd", 0.001, 0.9)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ffdist import plan, recipe
+from ffdist import plan, recipe_load
 from ffdist.cli import main as cli
 from ffdist.finetune import freeze
 from ffdist.models import build
@@ -21,7 +21,7 @@ def _bytes(tensors) -> int:
 
 @pytest.mark.parametrize("opt,frozen", [("sgd", False), ("adamw", True)])
 def test_state_bytes_match_real_tensors_after_a_step(opt: str, frozen: bool):
-    rcp = recipe.load(None, [f"optim.name={opt}", "model.in_channels=1"])
+    rcp = recipe_load.load(None, [f"optim.name={opt}", "model.in_channels=1"])
     torch.manual_seed(0)
     model = build(rcp.model)
     if frozen:
@@ -56,7 +56,7 @@ def test_zero_stages_shard_in_order():
 
 def test_activations_are_measured_and_scale_with_pixels():
     torch.manual_seed(0)
-    model = build(recipe.load(None, ["model.in_channels=1"]).model)
+    model = build(recipe_load.load(None, ["model.in_channels=1"]).model)
     small = plan.activation_bytes_per_sample(model, 1, 8, "fp32")
     large = plan.activation_bytes_per_sample(model, 1, 16, "fp32")
     assert small > 0 and 3.5 < large / small < 4.5  # conv activations grow with H*W
@@ -67,7 +67,7 @@ def test_recommendation():
         return {"DDP": {"total": ddp}, **{f"ZeRO-{i + 1}": {"total": v} for i, v in enumerate(z)}}
 
     gib = plan.GiB
-    p = plan.Plan(rows(31 * gib, [28 * gib, 21 * gib, 18 * gib]), activations=16 * gib,
+    p = plan.MemoryEstimate(rows(31 * gib, [28 * gib, 21 * gib, 18 * gib]), activations=16 * gib,
                   per_sample=gib // 8)
     text = plan.recommend(p, 24 * gib, per_rank=128, micro=128)
     assert "DDP needs 31 GiB per GPU, the smallest GPU has 24 GiB" in text
@@ -83,7 +83,7 @@ def test_plan_command(capsys):
     assert cli(["plan", "recipes/digits.yaml", "model.freeze=[backbone]", "--world-size", "4",
                 "--gpu-mem", "4MiB"]) == 0
     out = capsys.readouterr().out
-    model = build(recipe.load("recipes/digits.yaml").model)
+    model = build(recipe_load.load("recipes/digits.yaml").model)
     total = sum(p.numel() for p in model.parameters())
     head = sum(p.numel() for p in model.head.parameters())
     assert f"{total:,} total, {head:,} trainable" in out
@@ -91,11 +91,11 @@ def test_plan_command(capsys):
     assert "ZeRO-3" in out and "the smallest GPU has 4 MiB" in out
 
 
-def _plan(rows_total: int, per_sample: int) -> plan.Plan:
+def _plan(rows_total: int, per_sample: int) -> plan.MemoryEstimate:
     """A plan whose model states are `rows_total` minus the activations of micro batch 128."""
     acts = per_sample * 128
     rows = {name: {"total": rows_total} for name in ("DDP", "ZeRO-1", "ZeRO-2", "ZeRO-3")}
-    return plan.Plan(rows, activations=acts, per_sample=per_sample)
+    return plan.MemoryEstimate(rows, activations=acts, per_sample=per_sample)
 
 
 def test_an_accumulating_recipe_is_told_when_a_larger_micro_batch_fits():
@@ -126,15 +126,15 @@ def test_a_zero_recipe_is_judged_on_its_own_row():
     gib = plan.GiB
     rows = {"DDP": {"total": 30 * gib}, "ZeRO-1": {"total": 25 * gib},
             "ZeRO-2": {"total": 20 * gib}, "ZeRO-3": {"total": 12 * gib}}
-    p = plan.Plan(rows, activations=4 * gib, per_sample=gib // 32)
+    p = plan.MemoryEstimate(rows, activations=4 * gib, per_sample=gib // 32)
     text = plan.recommend(p, 16 * gib, per_rank=128, micro=128, row="ZeRO-2")
     assert text.startswith("ZeRO-2 needs 20 GiB per GPU") and "zero_stage=3" in text
     assert "zero_stage=1" not in text  # never a stage below the recipe's
-    rcp = recipe.load("recipes/digits_zero2.yaml")
+    rcp = recipe_load.load("recipes/digits_zero2.yaml")
     from ffdist.assemble import resolve
 
     assert plan.recipe_row(rcp, resolve(rcp, 2, torch.device("cpu"))) == "ZeRO-2"
-    rcp = recipe.load("recipes/digits.yaml")
+    rcp = recipe_load.load("recipes/digits.yaml")
     assert plan.recipe_row(rcp, resolve(rcp, 2, torch.device("cpu"))) == "DDP"
 
 

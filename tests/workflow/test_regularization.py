@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ffdist import recipe
+from ffdist import recipe_load
 from ffdist.cli import main as cli
 from tests.helpers import FAST, RECIPES, end_event, events, run, train
 from tests.workflow.conftest import write_filelists
@@ -23,7 +23,7 @@ NEW = ("resnet50_tv_v2.yaml", "convnext_tiny.yaml", "digits_regularized.yaml")
 
 @pytest.mark.parametrize("name", NEW)
 def test_recipes_load_plan_and_name_their_regularization(name: str, capsys) -> None:
-    rcp = recipe.load(RECIPES / name)
+    rcp = recipe_load.load(RECIPES / name)
     assert rcp.optim.ema_decay > 0 and rcp.data.mixup_alpha > 0
     assert cli(["plan", str(RECIPES / name), "--world-size", "8", "--gpu-mem", "80GiB"]) == 0
     out = capsys.readouterr().out
@@ -35,7 +35,7 @@ def test_recipes_load_plan_and_name_their_regularization(name: str, capsys) -> N
 
 
 def test_published_settings_are_the_ones_quoted() -> None:
-    tv = recipe.load(RECIPES / "resnet50_tv_v2.yaml")
+    tv = recipe_load.load(RECIPES / "resnet50_tv_v2.yaml")
     assert "80.858%" in (RECIPES / "resnet50_tv_v2.yaml").read_text()
     d = tv.data
     assert (d.image_size, d.eval_image_size, d.eval_resize_size) == (176, 224, 232)
@@ -45,7 +45,7 @@ def test_published_settings_are_the_ones_quoted() -> None:
     # torchvision's adjusted EMA decay: 1 - (1 - 0.99998) * 8 * 128 * 32 / 600
     assert tv.optim.ema_decay == pytest.approx(1 - 2e-5 * 8 * 128 * 32 / 600, abs=1e-8)
     assert (tv.optim.ema_every_steps, tv.schedule.epochs, tv.schedule.warmup_epochs) == (32, 600, 5)
-    cx = recipe.load(RECIPES / "convnext_tiny.yaml")
+    cx = recipe_load.load(RECIPES / "convnext_tiny.yaml")
     assert "82.1%" in (RECIPES / "convnext_tiny.yaml").read_text()
     assert (cx.data.batch_size, cx.optim.lr, cx.optim.weight_decay) == (4096, 4e-3, 0.05)
     assert (cx.model.drop_path_rate, cx.optim.ema_decay, cx.data.random_erase) == (0.1, 0.9999, 0.25)
@@ -60,7 +60,7 @@ def test_bench_runs_a_few_synthetic_steps_at_a_tiny_size(name: str, tmp_path: Pa
          "data.batch_size=4", "data.micro_batch_size=2", "data.eval_batch_size=4",
          "data.mix_group=null", "data.num_workers=0"], timeout=600)
     r = json.loads(out.read_text())
-    assert r["model"] == recipe.load(RECIPES / name).model.name
+    assert r["model"] == recipe_load.load(RECIPES / name).model.name
     assert r["image_size"] == 32 and r["accum"] == 2 and r["train_images_per_s"] > 0
     assert r["ema"] and r["mixup"] and "soft targets" in r["regularization"]
 
@@ -88,18 +88,17 @@ def test_digits_with_ema_mixup_cutmix_and_trivialaugment_end_to_end(tmp_path: Pa
     assert all(torch.equal(model_pt[k], last["ema"]["shadow"][k]) for k in model_pt)
     assert not torch.equal(model_pt["head.weight"], last["model"]["head.weight"])
     # ffdist eval: model.pt (the EMA), a checkpoint's EMA by default, its raw weights asked
-    for args, want in (([], ema[-1]), ([f"checkpoint={out / 'checkpoints' / 'step_00000110.pt'}"],
-                                       ema[-1]),
-                       ([f"checkpoint={out / 'checkpoints' / 'step_00000110.pt'}", "weights=raw"],
-                        raw[-1])):
+    step_file = str(out / "checkpoints" / "step_00000110.pt")
+    for args, want in (([], ema[-1]), (["--checkpoint", step_file], ema[-1]),
+                       (["--checkpoint", step_file, "--weights", "raw"], raw[-1])):
         assert cli(["eval", str(out), *args]) == 0
         report = json.loads((out / "eval" / "report.json").read_text())
         assert abs(report["top1"] - want["top1"]) < 1e-9, args
     assert report["weights_kind"] == "raw"
     capsys.readouterr()
-    assert cli(["eval", str(out), "weights=raw"]) == 2  # model.pt holds the EMA only
+    assert cli(["eval", str(out), "--weights", "raw"]) == 2  # model.pt holds the EMA only
     err = capsys.readouterr().err.strip()
-    assert "holds the ema weights only" in err and "checkpoint=" in err and "\n" not in err
+    assert "holds the ema weights only" in err and "--checkpoint " in err and "\n" not in err
 
 
 def test_the_first_batch_picture_shows_the_mixed_images(tmp_path: Path) -> None:
@@ -115,7 +114,7 @@ def test_the_first_batch_picture_shows_the_mixed_images(tmp_path: Path) -> None:
         def first_batch(self, x, model, example, step) -> None:
             self.seen.append(x.clone())
 
-    rcp = recipe.load(RECIPES / "digits_regularized.yaml",
+    rcp = recipe_load.load(RECIPES / "digits_regularized.yaml",
                       ["precision=fp32", "data.mix_prob=1.0", f"output_dir={tmp_path}"])
     info = DistInfo(0, 0, 1, 1, torch.device("cpu"), "none")
     trainer = assemble.build_trainer(rcp, info, assemble.resolve_for(rcp, info),

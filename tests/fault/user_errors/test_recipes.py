@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from ffdist import recipe
+from ffdist import recipe_load
 from tests.fault.user_errors.common import DIGITS, train_cmd
 from tests.helpers import env, refused
 from tests.unit.test_safe_yaml import laughs
@@ -168,25 +168,25 @@ def test_override_slips_are_one_sentence_blaming_the_command_line(tmp_path, over
 # ------------------------------------------------------------------ what is not a mistake
 
 def test_a_list_key_takes_one_value_as_a_one_element_list(tmp_path):
-    r = recipe.load(None, ["model.freeze=backbone", "launch.gpus=0", "schedule.milestones=30",
+    r = recipe_load.load(None, ["model.freeze=backbone", "launch.gpus=0", "schedule.milestones=30",
                            "data.classes=cat"])
     assert r.model.freeze == ["backbone"] and r.launch.gpus == [0]
     assert r.schedule.milestones == [30] and r.data.classes == ["cat"]
     path = tmp_path / "r.yaml"
     path.write_text("model:\n  freeze: backbone\n")
-    assert recipe.load(path).model.freeze == ["backbone"]
+    assert recipe_load.load(path).model.freeze == ["backbone"]
 
 
 def test_blank_list_sep_is_kept():
-    assert recipe.load(None, ["data.list_sep= "]).data.list_sep == " "
-    assert recipe.load(None, ["data.list_sep=\t"]).data.list_sep == "\t"
+    assert recipe_load.load(None, ["data.list_sep= "]).data.list_sep == " "
+    assert recipe_load.load(None, ["data.list_sep=\t"]).data.list_sep == "\t"
 
 
 def test_a_plain_reference_between_keys_still_interpolates(tmp_path):
     """`${other.key}` reads the recipe itself, not the environment: still allowed."""
     path = tmp_path / "r.yaml"
     path.write_text("name: lr_${optim.lr}\noptim:\n  lr: 0.05\n")
-    assert recipe.load(path).name == "lr_0.05"
+    assert recipe_load.load(path).name == "lr_0.05"
     started = time.perf_counter()
-    assert recipe.load(path, ["optim.lr=0.2"]).name == "lr_0.2"
+    assert recipe_load.load(path, ["optim.lr=0.2"]).name == "lr_0.2"
     assert time.perf_counter() - started < 1.0

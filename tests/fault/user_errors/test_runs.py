@@ -94,11 +94,11 @@ def test_gpu_that_does_not_exist(capfd, tmp_path, monkeypatch):
 # ------------------------------------------------------------------ other commands
 
 def test_export_without_weights_names_its_own_flag(capfd, tmp_path):
-    from ffdist import recipe
+    from ffdist import recipe_load
 
     run = tmp_path / "run"
     run.mkdir()
-    (run / "recipe.yaml").write_text(recipe.load(RECIPES / "digits.yaml").to_yaml())
+    (run / "recipe.yaml").write_text(recipe_load.load(RECIPES / "digits.yaml").to_yaml())
     line = refused(in_process(capfd, cli, "export", str(run), "--format", "onnx"), run)
     assert "ffdist predict and export: --checkpoint PATH" in line
 

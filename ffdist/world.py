@@ -1,0 +1,70 @@
+"""Which process this is, from the launcher's environment: rank, local rank, world size,
+launcher (`world_from_env`); and the file in which torchrun's agent looks for a worker's
+failure reason (`report_to_launcher`).
+
+torchrun, `accelerate launch` and the `deepspeed` launcher export RANK / LOCAL_RANK /
+WORLD_SIZE; a bare `srun` task has only SLURM_* variables and an `mpirun` task only
+OMPI_* / PMI_* ones. ffdist.dist builds the device and the process group on top of this.
+It imports nothing of ffdist, so that the error printer (ffdist.errors) can ask it which
+rank is speaking.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def int_env(*names: str) -> int | None:
+    for n in names:
+        v = os.environ.get(n)
+        if v not in (None, ""):
+            return int(v)
+    return None
+
+
+def world_from_env() -> tuple[int, int, int, int, str]:
+    """(rank, local_rank, world_size, local_world_size, launcher) from the environment."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:  # torchrun, accelerate, deepspeed launcher
+        world = int(env["WORLD_SIZE"])
+        # torchrun: LOCAL_WORLD_SIZE; the deepspeed launcher: LOCAL_SIZE (and CROSS_RANK).
+        local_world = int_env("LOCAL_WORLD_SIZE", "LOCAL_SIZE") or world
+        return int(env["RANK"]), int_env("LOCAL_RANK") or 0, world, local_world, _rank_launcher()
+    slurm_world = int_env("SLURM_NTASKS")
+    if slurm_world and slurm_world > 1 and "SLURM_PROCID" in env and "SLURM_STEP_ID" in env:
+        local_world = int_env("SLURM_NTASKS_PER_NODE") or max(1, slurm_world // (
+            int_env("SLURM_NNODES") or 1))
+        return (int(env["SLURM_PROCID"]), int_env("SLURM_LOCALID") or 0, slurm_world,
+                local_world, "slurm")
+    mpi_world = int_env("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE")
+    if mpi_world and mpi_world > 1:
+        rank = int_env("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK") or 0
+        local = int_env("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID") or 0
+        local_world = int_env("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS") or mpi_world
+        return rank, local, mpi_world, local_world, "mpi"
+    return 0, 0, 1, 1, "none"
+
+
+def _rank_launcher() -> str:
+    """Which launcher exported RANK/WORLD_SIZE (for logs; all three rendezvous alike)."""
+    if "ACCELERATE_MIXED_PRECISION" in os.environ or "ACCELERATE_DYNAMO_BACKEND" in os.environ:
+        return "accelerate"
+    if "CROSS_RANK" in os.environ and "LOCAL_SIZE" in os.environ:
+        return "deepspeed"
+    return "torchrun"
+
+
+def report_to_launcher(message: str) -> None:
+    """Leave `message` where torchrun's agent looks for a worker's failure reason (the
+    file named by TORCHELASTIC_ERROR_FILE): its summary then prints our one sentence."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    import json
+    import time
+
+    try:
+        with open(path, "w") as f:
+            json.dump({"message": message, "timestamp": int(time.time())}, f)
+    except OSError:
+        pass  # a nicer summary is not worth failing over
