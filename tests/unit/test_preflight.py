@@ -10,7 +10,7 @@ from torchvision.models import VisionTransformer
 from ffdist import assemble, preflight
 from ffdist.errors import DataError
 from ffdist.models import build
-from ffdist.recipe import load
+from ffdist.recipe_load import load
 
 # torchvision's real ViT class, a few hundred parameters: it keeps its image_size
 TINY_VIT = dict(image_size=32, patch_size=16, num_layers=1, num_heads=1, hidden_dim=8,

@@ -23,7 +23,7 @@ from PIL import Image
 from ffdist import train
 from ffdist.data.presence import check_present
 from ffdist.data.sources.torchvision_sets import TORCHVISION_FILES
-from ffdist.recipe import load
+from ffdist.recipe_load import load
 from tests.fault import kit
 from tests.fault.user_errors.common import DIGITS, FOLDER, R50, imagefolder, train_cmd, train_main, truncate
 from tests.helpers import RECIPES, in_process, refused, run
