@@ -78,8 +78,9 @@ def test_subprocesses_take_argv_lists_never_a_shell():
 
 
 # Modules that import a module named in a constant table of their own (the commands, the
-# data-source registry), never one named by a recipe: a recipe value only selects an entry.
-TABLE_IMPORTERS = {"ffdist/cli.py", "ffdist/data/sources/__init__.py"}
+# registries of the seams), never one named by a recipe: a recipe value only selects an entry.
+TABLE_IMPORTERS = {"ffdist/cli.py", "ffdist/data/sources/__init__.py",
+                   "ffdist/strategies/__init__.py", "ffdist/sinks/__init__.py"}
 
 
 def test_no_dynamic_code_from_recipes():
@@ -90,11 +91,19 @@ def test_no_dynamic_code_from_recipes():
         if name in ("importlib.import_module", "import_module") and where not in TABLE_IMPORTERS:
             assert isinstance(call.args[0], ast.Constant), \
                 f"{path}:{call.lineno}: a module name from data would let a recipe run code"
+    from ffdist import sinks, strategies
     from ffdist.data import sources
+    from ffdist.errors import RecipeError
+    from ffdist.recipe import LogConfig
 
+    # a recipe's data.name, strategy.name and log.sinks pick registered entries, never a module
     for value in ("os:system", "ffdist.data.sources.digits:Digits", "subprocess"):
         with pytest.raises(sources.UnknownSource, match="is not a dataset"):
-            sources.get(value)  # data.name picks a registered source, never a module
+            sources.get(value)
+        with pytest.raises(RecipeError):
+            strategies.get(value)
+        with pytest.raises(RecipeError, match="is not a log sink"):
+            sinks.check(LogConfig(sinks=[value]))
 
 
 def test_tensorboard_is_never_served_by_ffdist():

@@ -91,7 +91,7 @@ def test_a_registered_strategy_adds_its_row_to_plan(monkeypatch):
     assert list(p.rows)[-1] == "HALF" and list(p.rows)[0] == "DDP"  # registration order
     assert p.rows["HALF"]["params"] == p.rows["DDP"]["params"] // 2
     assert plan.recipe_row(rcp, resolved) == "HALF"
-    tight = plan.Plan({"DDP": {"total": 10}, "HALF": {"total": 5}}, activations=1, per_sample=1)
+    tight = plan.MemoryEstimate({"DDP": {"total": 10}, "HALF": {"total": 5}}, activations=1, per_sample=1)
     assert "use strategy.name=halves" in plan.recommend(tight, 7, per_rank=1, micro=1)
 
 

@@ -104,7 +104,8 @@ def test_export_without_weights_names_its_own_flag(capfd, tmp_path):
 
 
 def test_eval_at_an_image_size_the_model_cannot_take(capfd, existing_run):
-    line = refused(in_process(capfd, cli, "eval", str(existing_run), *TINY), existing_run)
+    sets = [arg for item in TINY for arg in ("--set", item)]  # eval overrides with --set
+    line = refused(in_process(capfd, cli, "eval", str(existing_run), *sets), existing_run)
     assert "model.name=small_cnn cannot take 1x1 images (data.image_size=1)" in line
 
 
