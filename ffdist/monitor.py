@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ffdist import sinks
-from ffdist.sinks import Record, Sink, SinkSetup
+from ffdist.sinks import STATUSES, Record, Sink, SinkSetup
 
 if TYPE_CHECKING:
     from ffdist.recipe import Recipe
@@ -56,13 +56,14 @@ class Monitor:
 
     @classmethod
     def open(cls, rcp: Recipe, primary: bool, resume_step: int | None = None,
-             pictures: Pictures | None = None) -> Monitor:
+             pictures: Pictures | None = None, total_steps: int | None = None) -> Monitor:
         """The sinks sinks.selected(rcp.log) names, on the primary rank; none elsewhere. A
-        sink that cannot start is reported and left out, like one that fails later."""
+        sink that cannot start is reported and left out, like one that fails later.
+        `total_steps`: the run's optimizer steps, for a whole-run ETA."""
         if not primary:
             return cls.off()
         monitor = cls({}, pictures)
-        setup = SinkSetup(rcp.run_dir, resume_step, rcp)
+        setup = SinkSetup(rcp.run_dir, resume_step, rcp, total_steps)
         for name in sinks.selected(rcp.log):
             try:
                 monitor.sinks[name] = sinks.build(name, setup)
@@ -107,8 +108,13 @@ class Monitor:
     def hparams(self, params: dict[str, Any], metrics: dict[str, float]) -> None:
         self._each("hparams", params, metrics)
 
-    def close(self) -> None:
-        """Close every sink once; nothing reaches a sink after this."""
+    def close(self, status: str = "finished") -> None:
+        """Tell every sink how the run ended (sinks.STATUSES: finished, stopped, failed),
+        then close each once; nothing reaches a sink after this (a second close does
+        nothing)."""
+        if status not in STATUSES:
+            raise ValueError(f"status {status!r}: use one of {', '.join(STATUSES)}")
+        self._each("end", status)
         self._each("close")
         self.sinks.clear()
 
