@@ -120,7 +120,7 @@ class ProgressSink(Sink):
             # smoothing=0: tqdm's rate (and so its ETA) is the average over this segment,
             # evaluations included, not the speed of the last few steps
             self.run_bar = tqdm(total=self.total, initial=self.step, desc="run", position=0,
-                                leave=False, dynamic_ncols=True, smoothing=0)
+                                leave=False, dynamic_ncols=True, smoothing=0, unit="step")
             self._redirect.enter_context(logging_redirect_tqdm())
         self.bar = tqdm(total=total, initial=done, desc=f"epoch {epoch}", position=1,
-                        leave=False, dynamic_ncols=True)
+                        leave=False, dynamic_ncols=True, unit="step")
