@@ -1,7 +1,8 @@
 """The fan-out of a run's logs: each record goes once to every sink of the run
-(ffdist.sinks: metrics.jsonl, TensorBoard, the progress bar, ...), plus console lines and
-the pictures (drawn by ffdist.visual). Only the primary rank (global rank 0) has sinks and
-console lines; other ranks get a Monitor with neither, so callers never branch on rank.
+(ffdist.sinks: metrics.jsonl, TensorBoard, the progress output, CSV, MLflow, W&B), plus
+console lines and the pictures (drawn by ffdist.visual). Only the primary rank (global rank
+0) has sinks and console lines; other ranks get a Monitor with neither, so callers never
+branch on rank. At the end every sink learns how the run ended (`close(status)`).
 
 A sink that raises is reported once (one warning naming it), switched off, and training
 goes on: logging is never a reason to lose a run.

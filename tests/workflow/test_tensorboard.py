@@ -8,7 +8,6 @@ import json
 import re
 import shlex
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
