@@ -8,7 +8,7 @@ loss and learning rate). While the bars are up, console log lines are written ab
 Anywhere else (`> log.txt`, nohup, sbatch, a pipe), where a bar would be noise: one log
 line per training record (every log.every_steps, and at an epoch's end):
 
-    12:00:07 ffdist step 40/440 (9%)  epoch 1  loss 0.4123  lr 0.0998  812 img/s  data wait 3.1%  ETA 0:01:05
+    09:17:23 ffdist step 40/440 (9%)  epoch 1  loss 1.7334  lr 0.09959  151 img/s  data wait 5.8%  ETA 0:03:06
 
 The ETA is the rest of the run's steps at the average time per step of this segment (since
 the process started or resumed, evaluations and checkpoints included), as H:MM:SS.
