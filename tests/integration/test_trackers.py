@@ -183,8 +183,9 @@ def test_a_tracking_store_that_cannot_be_written_costs_one_warning(tmp_path: Pat
     (tmp_path / "a-file").write_text("not a folder")
     out = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "-m", "ffdist.train", *ARGS[:5], "log.sinks=[jsonl,mlflow]",
-         "schedule.max_steps=3", f"output_dir={out}"], cwd=tmp_path,
+        [sys.executable, "-m", "ffdist.train", str(RECIPES / "digits.yaml"), CPU,
+         "precision=fp32", "log.sinks=[jsonl,mlflow]", "schedule.max_steps=3",
+         f"output_dir={out}"], cwd=tmp_path,
         env=env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/a-file/mlflow.db"),
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
