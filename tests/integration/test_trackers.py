@@ -7,7 +7,8 @@ is metrics.jsonl's; CSV files holding each record once. A run that fails is mark
 both trackers, and a tracking store that cannot be written costs one warning, not the run.
 
 Runs use MLFLOW_TRACKING_URI=sqlite:///<tmp>/mlflow.db and W&B's default here (WANDB_MODE
-unset: offline), in a temporary working directory (MLflow puts artifacts under ./mlruns)."""
+unset: offline), in a temporary working directory (MLflow puts artifacts under ./mlruns),
+with W&B's cache, config and data folders there too (not in the home folder)."""
 
 from __future__ import annotations
 
@@ -32,8 +33,16 @@ ARGS = (str(RECIPES / "digits.yaml"), "schedule.epochs=2", "log.every_steps=5", 
         CPU, "log.tensorboard=false", "log.sinks=[jsonl,csv,mlflow,wandb,progress]")
 
 
+def kept_home(work: Path) -> dict[str, str]:
+    """W&B's own folders (its core's debug logs, settings, staging) inside `work`, and
+    MLflow's telemetry off (it keeps an id in ~/.config/mlflow): a test leaves the home
+    folder as it was."""
+    return {**{f"WANDB_{k}_DIR": str(work / f"wandb-{k.lower()}")
+               for k in ("CACHE", "CONFIG", "DATA")}, "MLFLOW_DISABLE_TELEMETRY": "true"}
+
+
 def tracker_env(work: Path, **extra: str) -> dict[str, str]:
-    e = env(MLFLOW_TRACKING_URI=f"sqlite:///{work}/mlflow.db", **extra)
+    e = env(MLFLOW_TRACKING_URI=f"sqlite:///{work}/mlflow.db", **kept_home(work), **extra)
     for key in ("WANDB_MODE", "WANDB_DIR", "WANDB_API_KEY", "MLFLOW_EXPERIMENT_NAME"):
         e.pop(key, None)
     return e
@@ -186,7 +195,8 @@ def test_a_tracking_store_that_cannot_be_written_costs_one_warning(tmp_path: Pat
         [sys.executable, "-m", "ffdist.train", str(RECIPES / "digits.yaml"), CPU,
          "precision=fp32", "log.sinks=[jsonl,mlflow]", "schedule.max_steps=3",
          f"output_dir={out}"], cwd=tmp_path,
-        env=env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/a-file/mlflow.db"),
+        env=env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/a-file/mlflow.db",
+                **kept_home(tmp_path)),
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     text = proc.stdout + proc.stderr
@@ -268,7 +278,8 @@ for step in range(3):
     run.log({{"loss": 1.0 / (step + 1)}}, step=step)
 run.finish(exit_code=0)
 """
-    proc = subprocess.run([sys.executable, "-c", code], env=env(WANDB_MODE="offline"),
+    proc = subprocess.run([sys.executable, "-c", code],
+                          env=env(WANDB_MODE="offline", **kept_home(tmp_path)),
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     path = next(tmp_path.glob("wandb/offline-run-*/run-abc123.wandb"))
