@@ -50,6 +50,19 @@ ENVELOPE = frozenset({"split", "epoch", "step", "world_size", "time", "event"})
 """The keys of a record that say where it belongs, not what was measured."""
 
 
+def need(package: str, sink: str) -> Any:
+    """`import package` for a sink whose package is optional; a missing one says how to
+    install it (the fan-out reports the sentence and leaves the sink out)."""
+    import importlib
+
+    try:
+        return importlib.import_module(package)
+    except ImportError as e:
+        raise ImportError(f"the {sink} sink needs the {package} package: pip install "
+                          f"{package} (or pip install -e \".[{sink}]\" in a checkout of "
+                          f"ffdist)") from e
+
+
 def save_json(path: Path, value: Any) -> None:
     """A small JSON file written whole or not at all (a temp file, then os.replace): what
     a tracker sink keeps in the run directory to resume its run (its id)."""

@@ -21,7 +21,7 @@ import json
 from typing import TYPE_CHECKING
 
 from ffdist.recipe import flatten
-from ffdist.sinks.base import Record, Sink, SinkSetup, measurements, save_json
+from ffdist.sinks.base import Record, Sink, SinkSetup, measurements, need, save_json
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -36,7 +36,7 @@ class MlflowSink(Sink):
 
     def __init__(self, setup: SinkSetup) -> None:
         super().__init__(setup)
-        import mlflow  # lazy: about 1 s of imports
+        mlflow = need("mlflow", "mlflow")  # lazy: about 1 s of imports
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient()

@@ -24,7 +24,7 @@ import secrets
 from typing import TYPE_CHECKING
 
 from ffdist.errors import EXIT_PREEMPTED
-from ffdist.sinks.base import Record, Sink, SinkSetup, measurements, save_json
+from ffdist.sinks.base import Record, Sink, SinkSetup, measurements, need, save_json
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -38,9 +38,7 @@ class WandbSink(Sink):
 
     def __init__(self, setup: SinkSetup) -> None:
         super().__init__(setup)
-        import wandb  # lazy: about 1 s of imports
-
-        self.wandb = wandb
+        self.wandb = wandb = need("wandb", "wandb")  # lazy: about 1 s of imports
         rcp, run_dir = setup.recipe, setup.run_dir
         file = run_dir / RUN_FILE
         run_id = None

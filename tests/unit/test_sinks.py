@@ -268,3 +268,14 @@ def test_progress_without_a_terminal_prints_a_line_per_training_record(
     assert [r.getMessage() for r in caplog.records] == [
         "step 40/100 (40%)  epoch 0  loss 0.5123  lr 0.1  812 img/s  data wait 3.1%  ETA 0:01:00"]
     assert progress.clock(3 * 3600 + 65.4) == "3:01:05"
+
+
+@pytest.mark.parametrize("name", ["mlflow", "wandb"])
+def test_a_tracker_whose_package_is_missing_says_how_to_install_it(
+        name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, name, None)  # `import name` raises ImportError
+    rcp = recipe_load.load(RECIPES / "digits.yaml", [f"output_dir={tmp_path}"])
+    with pytest.raises(ImportError) as e:
+        sinks.build(name, SinkSetup(tmp_path, None, rcp))
+    assert str(e.value) == (f"the {name} sink needs the {name} package: pip install {name} "
+                            f'(or pip install -e ".[{name}]" in a checkout of ffdist)')
