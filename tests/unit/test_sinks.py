@@ -4,8 +4,8 @@ sentence before anything is written, the fan-out's guard (a failing sink reporte
 switched off, the others still fed), how the run ended told to every sink before it
 closes, TensorBoard's tags from a record, metrics.jsonl and the CSV files cut back on
 resume (and a CSV header widened for a new key), the line the progress sink prints
-without a terminal (its whole-run ETA), and TensorBoard imported only when its sink is
-built."""
+without a terminal (its whole-run ETA), a tracker whose package is missing saying how to
+install it, and TensorBoard imported only when its sink is built."""
 
 from __future__ import annotations
 
