@@ -1,5 +1,5 @@
 """`ffdist bench RECIPE [key=value ...] [--steps N] [--warmup N] [--reps N] [--eval-steps N]
-[--synthetic] [--reference] [--precision P[,P...]] [--out PATH]`
+[--synthetic] [--reference] [--precision P[,P...]] [--profile] [--out PATH]`
 
 Throughput of a recipe as it trains: the Trainer assembled by the same function as
 `ffdist train`'s (ffdist.assemble.build_trainer: same data streams, model with model.freeze
@@ -13,6 +13,10 @@ What feeds the step:
   feeds them; `data wait` is the share of the step the host spent waiting for batches;
 - `--synthetic`: a fixed set of batches made on the device and cycled (no DataLoader, no
   copy): the model step alone, at the recipe's image size, channels and classes.
+
+`--profile` runs `--steps` more steps of the Trainer after the timed ones under
+torch.profiler (ffdist.profiling): rank 0's trace goes to profile/ beside bench.json, and
+the operators that took the most time are printed.
 
 `--reference` also times a hand-written loop of the same model, batch, precision, memory
 format, optimizer and compile setting (ffdist.reference) on device batches, in the same
@@ -45,7 +49,8 @@ if TYPE_CHECKING:
     from ffdist.resolved import Resolved
 
 USAGE = ("ffdist bench RECIPE [key=value ...] [--steps N] [--warmup N] [--reps N] "
-         "[--eval-steps N] [--synthetic] [--reference] [--precision P[,P...]] [--out PATH]")
+         "[--eval-steps N] [--synthetic] [--reference] [--precision P[,P...]] [--profile] "
+         "[--out PATH]")
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 
 
@@ -66,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also time a hand-written loop of the same run and print the ratio")
     p.add_argument("--precision", type=lambda s: [v for v in s.split(",") if v], default=None,
                    help="comma-separated precisions to compare, e.g. bf16,fp16")
+    p.add_argument("--profile", action="store_true",
+                   help="then --steps more steps under torch.profiler: a trace in profile/ "
+                        "beside bench.json, and the top operators by self time")
     p.add_argument("--out", help="bench.json path (default: RUN_DIR/bench.json)")
     return p
 
@@ -179,6 +187,7 @@ def measure(args: argparse.Namespace, rcp: Recipe, overrides: list[str],
     runs = [Run(args, r, info, made if args.synthetic else None, made) for r in recipes]
     flops = _flops(recipes[0], res0)
     bench_timing.alternate([s for run in runs for s in run.sides()], args.steps, args.reps, args.warmup)
+    trace = _profile(args, runs[0], info) if args.profile else None
     mine = [_rank_figures(run, args, info) for run in runs]
     ranks = [mine]
     if info.distributed:
@@ -186,7 +195,31 @@ def measure(args: argparse.Namespace, rcp: Recipe, overrides: list[str],
 
         ranks = [None] * info.world_size
         tdist.all_gather_object(ranks, mine)  # sync point: once, after timing
-    return assemble_result(args, runs, ranks, flops)
+    result = assemble_result(args, runs, ranks, flops)
+    if trace is not None:
+        result["profile_trace"] = str(trace)
+    return result
+
+
+def _profile(args: argparse.Namespace, run: Run, info: DistInfo) -> Path | None:
+    """--profile: --steps more steps of the Trainer (after the timed ones: the profiler's
+    overhead stays out of the figures) on every rank, recorded on rank 0 (its trace path)."""
+    from ffdist import profiling
+
+    recording = None
+    if info.is_primary:
+        folder = out_path(args, run.rcp).parent / profiling.FOLDER
+        recording = profiling.Recording(folder, "bench-rank0", info.device)
+    found = bench_timing.profile(run.ffdist, args.steps, recording)
+    if found is None:
+        return None
+    profiling.report(f"{args.steps} bench steps", *found)
+    return found[0]
+
+
+def out_path(args: argparse.Namespace, rcp: Recipe) -> Path:
+    """Where bench.json goes: --out, else the run directory."""
+    return Path(args.out) if args.out else rcp.run_dir / "bench.json"
 
 
 def _rank_figures(run: Run, args: argparse.Namespace, info: DistInfo) -> list[dict[str, Any]]:
@@ -246,7 +279,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         setup_logging(info.is_primary)
         result = measure(args, rcp, overrides, info)
         if info.is_primary:
-            out = Path(args.out) if args.out else rcp.run_dir / "bench.json"
+            out = out_path(args, rcp)
             checkpoint.save_text(out, json.dumps(result, indent=1) + "\n")
             print(bench_report.table(result))
             print(f"wrote {out}")

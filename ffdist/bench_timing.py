@@ -18,8 +18,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from ffdist.dist import DistInfo
     from ffdist.engine import Trainer
+    from ffdist.profiling import Recording
     from ffdist.recipe import Recipe
     from ffdist.resolved import Resolved
 
@@ -153,6 +156,19 @@ def alternate(sides: list[Side], steps: int, reps: int, warmup: int) -> None:
         for side in (sides if rep % 2 == 0 else sides[::-1]):
             side.ensure(warmup)
             side.block(steps)
+
+
+def profile(side: Side, steps: int, recording: Recording | None) -> tuple[Path, str] | None:
+    """`steps` more steps of `side` (built and warmed up by the timing), recorded when
+    `recording` is given (rank 0: its trace and table); every rank runs them, so that their
+    collectives pair up."""
+    if recording is not None:
+        recording.start()
+    for _ in range(steps):
+        side.step(side.done)
+        side.done += 1
+    side.finish()
+    return recording.stop() if recording is not None else None
 
 
 def trainer_side(label: str, trainer: Trainer, batches: Iterator[Batch]) -> Side:

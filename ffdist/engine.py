@@ -55,6 +55,7 @@ from ffdist.step_flags import Flags, StepFlags
 from ffdist.strategies import Strategy
 
 if TYPE_CHECKING:
+    from ffdist.profiling import StepWindow
     from ffdist.resolved import Resolved
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -174,6 +175,7 @@ class Trainer:
         self._stop = False
         self._saved_step = -1
         self.hooks: StepHooks | None = None
+        self.profiler: StepWindow | None = None  # log.profile_steps (ffdist.train sets it)
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint(self) -> Checkpoint:
@@ -275,6 +277,8 @@ class Trainer:
             p.step += 1
             p.step_in_epoch += 1
             self.monitor.advance()
+            if self.profiler is not None:  # starts and stops its recording between steps
+                self.profiler.after_step(p.step)
             if p.step % self.recipe.log.every_steps == 0:
                 self._log_train(lr)
             if self.recipe.checkpoint.every_steps and p.step % self.recipe.checkpoint.every_steps == 0:

@@ -1,7 +1,8 @@
 """The fan-out of a run's logs: each record goes once to every sink of the run
-(ffdist.sinks: metrics.jsonl, TensorBoard, the progress bar, ...), plus console lines and
-the pictures (drawn by ffdist.visual). Only the primary rank (global rank 0) has sinks and
-console lines; other ranks get a Monitor with neither, so callers never branch on rank.
+(ffdist.sinks: metrics.jsonl, TensorBoard, the progress output, CSV, MLflow, W&B), plus
+console lines and the pictures (drawn by ffdist.visual). Only the primary rank (global rank
+0) has sinks and console lines; other ranks get a Monitor with neither, so callers never
+branch on rank. At the end every sink learns how the run ended (`close(status)`).
 
 A sink that raises is reported once (one warning naming it), switched off, and training
 goes on: logging is never a reason to lose a run.
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ffdist import sinks
-from ffdist.sinks import Record, Sink, SinkSetup
+from ffdist.sinks import STATUSES, Record, Sink, SinkSetup
 
 if TYPE_CHECKING:
     from ffdist.recipe import Recipe
@@ -56,13 +57,14 @@ class Monitor:
 
     @classmethod
     def open(cls, rcp: Recipe, primary: bool, resume_step: int | None = None,
-             pictures: Pictures | None = None) -> Monitor:
+             pictures: Pictures | None = None, total_steps: int | None = None) -> Monitor:
         """The sinks sinks.selected(rcp.log) names, on the primary rank; none elsewhere. A
-        sink that cannot start is reported and left out, like one that fails later."""
+        sink that cannot start is reported and left out, like one that fails later.
+        `total_steps`: the run's optimizer steps, for a whole-run ETA."""
         if not primary:
             return cls.off()
         monitor = cls({}, pictures)
-        setup = SinkSetup(rcp.run_dir, resume_step, rcp)
+        setup = SinkSetup(rcp.run_dir, resume_step, rcp, total_steps)
         for name in sinks.selected(rcp.log):
             try:
                 monitor.sinks[name] = sinks.build(name, setup)
@@ -107,8 +109,13 @@ class Monitor:
     def hparams(self, params: dict[str, Any], metrics: dict[str, float]) -> None:
         self._each("hparams", params, metrics)
 
-    def close(self) -> None:
-        """Close every sink once; nothing reaches a sink after this."""
+    def close(self, status: str = "finished") -> None:
+        """Tell every sink how the run ended (sinks.STATUSES: finished, stopped, failed),
+        then close each once; nothing reaches a sink after this (a second close does
+        nothing)."""
+        if status not in STATUSES:
+            raise ValueError(f"status {status!r}: use one of {', '.join(STATUSES)}")
+        self._each("end", status)
         self._each("close")
         self.sinks.clear()
 

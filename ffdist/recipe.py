@@ -468,11 +468,23 @@ class LogConfig:
     """Training loss/lr/throughput every N optimizer steps (a host sync each time)."""
     sinks: list[str] = field(default_factory=lambda: ["jsonl", "tensorboard", "progress"])
     """Where the records go (rank 0), by name: jsonl (<output_dir>/metrics.jsonl),
-    tensorboard (<output_dir>/tb), progress (a tqdm bar when stdout is a terminal). The
-    registry in ffdist/sinks/__init__.py lists them; log.tensorboard / log.progress false
-    leave that sink out."""
+    tensorboard (<output_dir>/tb), progress (on a terminal a bar for the run and one for
+    the epoch; in a log file a line per training record, both with the run's ETA), csv
+    (<output_dir>/csv/<split>.csv), mlflow (an MLflow run: MLFLOW_TRACKING_URI), wandb (a
+    Weights & Biases run, offline unless WANDB_MODE says otherwise). The registry in
+    ffdist/sinks/__init__.py lists them; log.tensorboard / log.progress false leave that
+    sink out."""
     progress: bool = True
-    """false: no progress sink, whatever log.sinks says (true adds none it leaves out)."""
+    """false: no progress output (no bars, no lines), whatever log.sinks says (true adds
+    none it leaves out)."""
+    experiment: str = ""
+    """The MLflow experiment / W&B project the mlflow and wandb sinks log the run under;
+    empty: the run's `name` (so the runs of one recipe sit together)."""
+    profile_steps: list[int] = field(default_factory=list)
+    """[start, end]: rank 0 records a torch.profiler trace of optimizer steps start..end
+    (counted from 1, both included) into <output_dir>/profile/ (Chrome trace JSON: Perfetto,
+    chrome://tracing, TensorBoard's profiler plugin) and prints the operators that took the
+    most time; [] (default): no profiler, nothing in the step."""
     tensorboard: bool = True
     """false: no tensorboard sink, whatever log.sinks says (true adds none it leaves out)."""
     images: bool = True
@@ -484,6 +496,10 @@ class LogConfig:
         _check(self.every_steps >= 1, "log.every_steps", self.every_steps, "use 1 or more")
         twice = sorted({n for n in self.sinks if self.sinks.count(n) > 1})
         _check(not twice, "log.sinks", self.sinks, f"list {', '.join(twice)} once")
+        window = self.profile_steps
+        _check(not window or (len(window) == 2 and 1 <= window[0] <= window[1]),
+               "log.profile_steps", window,
+               "give [start, end] optimizer steps with 1 <= start <= end, or [] for none")
 
 
 MAX_NAME = 200

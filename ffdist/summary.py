@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ffdist.sinks import selected
+from ffdist.sinks.tensorboard import command as tb_command
 
 if TYPE_CHECKING:
     from ffdist.recipe import Recipe
@@ -72,7 +73,7 @@ def next_commands(rcp: Recipe, recipe_path: str | None, world_size: int) -> list
         rows.append(examples[1:])
     rows.append((f"ffdist predict {run} {images} --out preds.csv", "classify image files"))
     if "tensorboard" in selected(rcp.log):
-        rows.append((f"tensorboard --logdir {run}/tb", "loss and accuracy curves"))
+        rows.append((tb_command(f"{run}/tb"), "curves, every evaluation's confusion matrix"))
     width = max(len(cmd) for cmd, _ in rows)
     lines = [f"  {cmd:<{width}}  # {what}" for cmd, what in rows]
     again = f"KEY=VALUE ... output_dir={next_run_dir(run)}"
@@ -99,7 +100,7 @@ def already_finished(message: str, rcp: Recipe, recipe_path: str | None) -> str:
     images = examples[0] if examples else "IMAGES..."
     cmds = [f"ffdist eval {run}", f"ffdist predict {run} {images} --out preds.csv"]
     if "tensorboard" in selected(rcp.log) and (run / "tb").exists():
-        cmds.append(f"tensorboard --logdir {run}/tb")
+        cmds.append(tb_command(f"{run}/tb"))
     return f"{message}\n  next: {'  |  '.join(cmds)}"
 
 

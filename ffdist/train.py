@@ -64,10 +64,18 @@ def run(recipe_path: str | None, overrides: list[str]) -> dict:
             return {"already_finished": True}
         signals.install(trainer)  # SIGTERM/SIGUSR1/Ctrl-C: checkpoint at the next step, exit 75
         startup.resume_gc()  # the run is built; from here on its own garbage is collected
-        result = trainer.fit()
-        if not result.get("stopped"):
-            finish(trainer, result)
-        trainer.monitor.close()
+        try:
+            if trainer.profiler is not None:  # log.profile_steps may start before step 1
+                trainer.profiler.after_step(trainer.progress.step)
+            result = trainer.fit()
+            if trainer.profiler is not None:  # the run ended inside the window
+                trainer.profiler.finish(trainer.progress.step)
+            if not result.get("stopped"):
+                finish(trainer, result)
+        except BaseException:
+            trainer.monitor.close("failed")  # trackers mark the run failed; files flushed
+            raise
+        trainer.monitor.close("stopped" if result.get("stopped") else "finished")
         dist.barrier()  # every rank is done before any of them tears its process group down
         if info.is_primary and not result.get("stopped"):  # after model.pt and every rank
             print(summary.finished(rcp, result, time.perf_counter() - started, recipe_path,
@@ -93,7 +101,7 @@ def build(rcp: Recipe, info: DistInfo) -> tuple[Trainer | None, run_dir.Start]:
     """Resolve the run, decide fresh / resume / nothing to do (ffdist.run_dir), refuse what
     cannot run, then assemble the Trainer (restored). (None, start) when there is nothing
     to do: the run directory holds this recipe's finished run."""
-    from ffdist import assemble, checkpoint, preflight, run_dir
+    from ffdist import assemble, checkpoint, preflight, profiling, run_dir
     from ffdist.monitor import Monitor, Pictures
     from ffdist.optim import total_steps
     from ffdist.shared_fs import check_shared_dir
@@ -112,16 +120,20 @@ def build(rcp: Recipe, info: DistInfo) -> tuple[Trainer | None, run_dir.Start]:
     preflight.check_sizes(model, rcp, resolved)  # train and eval sizes: not at step 1
     if found:
         checkpoint.check_compatible(state, model, found[0], rcp, resolved)
-    run_dir.check_progress(rcp, state, total_steps(rcp.schedule, data.train.steps_per_epoch))
+    steps = total_steps(rcp.schedule, data.train.steps_per_epoch)
+    run_dir.check_progress(rcp, state, steps)
     spec = data.spec
 
     def open_monitor() -> Monitor:  # after the strategy: it truncates metrics.jsonl
         return Monitor.open(rcp, info.is_primary, resume_step=state.step if state else None,
                             pictures=Pictures(rcp.log.images, rcp.log.graph, spec.mean,
-                                              spec.std, spec.classes))
+                                              spec.std, spec.classes), total_steps=steps)
 
+    window = profiling.window(rcp, steps)  # refused here when it lies past the run's end
     trainer = assemble.build_trainer(rcp, info, resolved, data=data, model=model,
                                      open_monitor=open_monitor, manager=manager)
+    if window and info.is_primary:
+        trainer.profiler = profiling.StepWindow(window, rcp.run_dir, info.device)
     if os.environ.get("FFDIST_FAULT"):  # tests/fault only: the one place faults are armed
         from ffdist import faults
 

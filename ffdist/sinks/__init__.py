@@ -2,7 +2,7 @@
 (`ffdist.sinks.base.Sink`), and this registry of name -> "module:Class".
 
 The registry holds strings so that nothing heavy is imported before a sink is built:
-TensorBoard (about 1 s of imports) is imported only when its sink is. A new sink is one
+TensorBoard, MLflow and W&B (about 1 s of imports each) only when their sink is. A new sink is one
 file in this folder plus one line in REGISTRY; the recipe names it in `log.sinks`.
 ffdist.monitor.Monitor is the fan-out that builds the sinks and feeds them.
 """
@@ -14,7 +14,7 @@ import importlib
 from typing import TYPE_CHECKING
 
 from ffdist.errors import RecipeError, printable
-from ffdist.sinks.base import ENVELOPE, Record, Sink, SinkSetup, measurements
+from ffdist.sinks.base import ENVELOPE, STATUSES, Record, Sink, SinkSetup, measurements
 
 if TYPE_CHECKING:
     from ffdist.recipe import LogConfig
@@ -23,6 +23,9 @@ REGISTRY: dict[str, str] = {
     "jsonl": "ffdist.sinks.jsonl:JsonlSink",
     "tensorboard": "ffdist.sinks.tensorboard:TensorBoardSink",
     "progress": "ffdist.sinks.progress:ProgressSink",
+    "csv": "ffdist.sinks.csv:CsvSink",
+    "mlflow": "ffdist.sinks.mlflow:MlflowSink",
+    "wandb": "ffdist.sinks.wandb:WandbSink",
 }
 
 SWITCHES = ("tensorboard", "progress")
@@ -54,5 +57,5 @@ def build(name: str, setup: SinkSetup) -> Sink:
     return getattr(importlib.import_module(module), cls)(setup)
 
 
-__all__ = ["ENVELOPE", "REGISTRY", "Record", "Sink", "SinkSetup", "build", "check",
+__all__ = ["ENVELOPE", "REGISTRY", "STATUSES", "Record", "Sink", "SinkSetup", "build", "check",
            "measurements", "selected"]

@@ -16,6 +16,9 @@ do nothing). Each member exists for one kind of output:
   at its start): progress bars. Called on the host with no device sync; keep it cheap.
 - `epoch_end()`: the epoch's steps are over, before evaluation: a bar goes away so the
   evaluation's lines print clean (an epoch can end before `done == total`: a stop request).
+- `end(status)`: how the run ended, once, just before `close`: `finished`, `stopped` (a
+  stop request: a checkpoint was written and the run resumes) or `failed` (an error):
+  experiment trackers mark their run with it.
 - `close()`: flush and let go of files, once at the end of the run.
 
 Sinks exist on rank 0 only (ffdist.monitor.Monitor.open). A sink that raises is reported
@@ -25,6 +28,8 @@ itself against its own failures.
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,8 +42,33 @@ if TYPE_CHECKING:
 
 Record = dict[str, Any]
 
+STATUSES = ("finished", "stopped", "failed")
+"""What `Sink.end` is told: the run finished, stopped on request (a checkpoint was written:
+the same command resumes it), or failed (an error; the last checkpoint is kept)."""
+
 ENVELOPE = frozenset({"split", "epoch", "step", "world_size", "time", "event"})
 """The keys of a record that say where it belongs, not what was measured."""
+
+
+def need(package: str, sink: str) -> Any:
+    """`import package` for a sink whose package is optional; a missing one says how to
+    install it (the fan-out reports the sentence and leaves the sink out)."""
+    import importlib
+
+    try:
+        return importlib.import_module(package)
+    except ImportError as e:
+        raise ImportError(f"the {sink} sink needs the {package} package: pip install "
+                          f"{package} (or pip install -e \".[{sink}]\" in a checkout of "
+                          f"ffdist)") from e
+
+
+def save_json(path: Path, value: Any) -> None:
+    """A small JSON file written whole or not at all (a temp file, then os.replace): what
+    a tracker sink keeps in the run directory to resume its run (its id)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value) + "\n")
+    os.replace(tmp, path)
 
 
 def measurements(rec: Record) -> dict[str, float]:
@@ -56,6 +86,8 @@ class SinkSetup:
     resume_step: int | None     # the checkpoint's step when the run resumes, else None:
     #                             a sink that keeps history drops what came after it
     recipe: Recipe              # the resolved recipe (names, the log section)
+    total_steps: int | None = None  # the run's optimizer steps (the whole schedule), for a
+    #                                 whole-run ETA; None where no run trains (tests)
 
 
 class Sink:
@@ -84,6 +116,9 @@ class Sink:
 
     def epoch_end(self) -> None:
         """The steps of the current epoch are over (evaluation comes next)."""
+
+    def end(self, status: str) -> None:
+        """How the run ended: 'finished', 'stopped' (it resumes) or 'failed'; then `close`."""
 
     def close(self) -> None:
         """The run is over: flush and release files."""

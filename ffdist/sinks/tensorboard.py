@@ -1,5 +1,10 @@
 """TensorBoard event files under <run_dir>/tb: each record's measurements as
-`<split>/<key>` scalars, pictures, the model graph and the hyper-parameters."""
+`<split>/<key>` scalars, pictures, the model graph and the hyper-parameters.
+
+Every evaluation's confusion matrix is written under one tag (`val/confusion`, a step
+slider in TensorBoard), and TensorBoard shows 10 images of a tag unless told otherwise:
+`command()` is the command line that shows them all, the one the end of a run prints.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,17 @@ if TYPE_CHECKING:
     from torch import nn
 
 log = logging.getLogger("ffdist")
+
+SHOW_EVERY_IMAGE = "--samples_per_plugin images=1000"
+"""TensorBoard keeps a random 10 images per tag (the last one always): a run with 20
+evaluations would show 10 of its confusion matrices. This keeps up to 1000. (`images=0`,
+which is often given as "keep all", shows none in TensorBoard 2.21: the image plugin uses
+the same number as its display sample size.)"""
+
+
+def command(logdir: str) -> str:
+    """The tensorboard command line that shows the run's curves and every image."""
+    return f"tensorboard --logdir {logdir} {SHOW_EVERY_IMAGE}"
 
 
 class TensorBoardSink(Sink):

@@ -44,7 +44,8 @@ def test_a_finished_run_prints_result_folder_files_and_next_commands(tmp_path: P
     lines = [ln for ln in again.stdout.splitlines() if ln.strip()]
     assert len(lines) == 2 and "nothing to do" in lines[0], again.stdout
     assert lines[1] == (f"  next: ffdist eval {out}  |  ffdist predict {out} samples --out "
-                        f"preds.csv  |  tensorboard --logdir {out}/tb")
+                        f"preds.csv  |  tensorboard --logdir {out}/tb "
+                        "--samples_per_plugin images=1000")
 
 
 def test_without_tensorboard_and_with_an_ema_the_block_says_so(tmp_path: Path) -> None:

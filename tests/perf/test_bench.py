@@ -1,10 +1,12 @@
-"""`ffdist bench` in real processes: one device (the fallback) and torchrun with 2 ranks.
+"""`ffdist bench` in real processes: one device (the fallback) and torchrun with 2 ranks;
+`--profile`'s trace (Chrome trace JSON with the profiled steps) and operator table.
 
 Structure and consistency only; speed is never asserted (benchmarks/ prints it)."""
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -71,3 +73,19 @@ def test_bench_bad_flag_is_one_sentence(tmp_path: Path, capsys: pytest.CaptureFi
     code = main(["bench", str(RECIPES / "digits.yaml"), "--steps", "0", f"output_dir={tmp_path}"])
     err = capsys.readouterr().err
     assert code == 2 and "--steps=0" in err and "Traceback" not in err
+
+
+def test_bench_profile_writes_a_trace_and_prints_the_top_operators(tmp_path: Path) -> None:
+    proc = run([sys.executable, "-m", "ffdist.cli", "bench", str(RECIPES / "digits.yaml"),
+                f"output_dir={tmp_path}", "launch.device=cpu", "precision=fp32", *TINY,
+                "--profile"])
+    r = json.loads((tmp_path / "bench.json").read_text())
+    trace_path = tmp_path / "profile" / "bench-rank0.pt.trace.json"
+    assert r["profile_trace"] == str(trace_path)
+    names = [e.get("name", "") for e in json.loads(trace_path.read_text())["traceEvents"]]
+    assert sum(n.startswith("Optimizer.step#") for n in names) == 4  # --steps 4, profiled
+    table = proc.stdout.split(f"profile of 4 bench steps: {trace_path}")[1]
+    rows = table.split("Self CPU time total")[0]
+    assert len(re.findall(r"^\s*(aten::|autograd::|Optimizer)\S*", rows, re.M)) >= 10, rows
+    assert re.search(r"^\s*aten::\w*convolution\w*\s+\d", rows, re.M), rows
+    assert len(r["ranks"][0]["step_ms"]) == 4  # the profiled steps are not timed

@@ -1,8 +1,11 @@
 """The log-sink seam without training: which sinks a recipe selects (log.sinks and the
 log.tensorboard / log.progress switches), unknown and repeated names refused in one
 sentence before anything is written, the fan-out's guard (a failing sink reported once,
-switched off, the others still fed), TensorBoard's tags from a record, metrics.jsonl cut
-back on resume, and TensorBoard imported only when its sink is built."""
+switched off, the others still fed), how the run ended told to every sink before it
+closes, TensorBoard's tags from a record, metrics.jsonl and the CSV files cut back on
+resume (and a CSV header widened for a new key), the line the progress sink prints
+without a terminal (its whole-run ETA), a tracker whose package is missing saying how to
+install it, and TensorBoard imported only when its sink is built."""
 
 from __future__ import annotations
 
@@ -42,8 +45,9 @@ def test_log_sinks_less_the_switched_off_ones(overrides: tuple[str, ...], want: 
 def test_an_unknown_sink_gets_did_you_mean() -> None:
     with pytest.raises(RecipeError) as e:
         sinks.check(_log("log.sinks=[jsonl,tensorbord]"))
-    assert str(e.value) == ("log.sinks: 'tensorbord' is not a log sink (the sinks are jsonl, "
-                            "progress, tensorboard); did you mean 'tensorboard'?")
+    assert str(e.value) == ("log.sinks: 'tensorbord' is not a log sink (the sinks are csv, "
+                            "jsonl, mlflow, progress, tensorboard, wandb); did you mean "
+                            "'tensorboard'?")
     sinks.check(_log())  # the default names are all registered
 
 
@@ -59,8 +63,8 @@ def test_train_refuses_an_unknown_sink_before_the_run_directory(tmp_path: Path) 
                           env=env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == [
-        "ffdist: error: log.sinks: 'progres' is not a log sink (the sinks are jsonl, progress, "
-        "tensorboard); did you mean 'progress'?"]
+        "ffdist: error: log.sinks: 'progres' is not a log sink (the sinks are csv, jsonl, "
+        "mlflow, progress, tensorboard, wandb); did you mean 'progress'?"]
     assert not out.exists()
 
 
@@ -183,3 +187,95 @@ for switch in ("false", "true"):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["['jsonl', 'progress'] False",
                                         "['jsonl', 'tensorboard', 'progress'] True"]
+
+
+class Ending(Fine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def end(self, status: str) -> None:
+        self.calls.append(f"end {status}")
+
+    def close(self) -> None:
+        self.calls.append("close")
+
+
+@pytest.mark.parametrize("status", ["finished", "stopped", "failed"])
+def test_close_tells_every_sink_how_the_run_ended_then_closes_it(status: str) -> None:
+    a, b = Ending(), Ending()
+    monitor = Monitor({"a": a, "b": b})
+    monitor.close(status)
+    monitor.close(status)  # a second close reaches no sink
+    assert a.calls == b.calls == [f"end {status}", "close"]
+    with pytest.raises(ValueError, match="use one of finished, stopped, failed"):
+        Monitor({}).close("done")
+
+
+def _csv(path: Path) -> list[list[str]]:
+    import csv
+
+    with open(path, newline="") as f:
+        return list(csv.reader(f))
+
+
+def test_csv_writes_a_file_per_split_and_widens_its_header_for_a_new_key(tmp_path: Path) -> None:
+    from ffdist.sinks.csv import CsvSink
+
+    rcp = recipe_load.load(RECIPES / "digits.yaml", [f"output_dir={tmp_path}"])
+    sink = CsvSink(SinkSetup(tmp_path, None, rcp))
+    train = {"split": "train", "epoch": 0, "world_size": 1, "time": 1.5}
+    sink.record({**train, "step": 5, "loss": 0.5, "lr": 0.1})
+    sink.record({"split": "val", "epoch": 0, "step": 10, "world_size": 1, "time": 2.0,
+                 "top1": 0.75, "n": 360})
+    sink.record({**train, "step": 10, "loss": 0.25, "lr": 0.1, "skipped_steps": 1})
+    sink.record({**train, "step": 15, "loss": 0.125, "lr": 0.05, "skipped_steps": 2})
+    sink.record({"event": "end", "step": 15, "world_size": 1, "time": 3.0, "best_top1": 0.75})
+    assert _csv(tmp_path / "csv" / "train.csv") == [
+        ["step", "epoch", "time", "world_size", "loss", "lr", "skipped_steps"],
+        ["5", "0", "1.5", "1", "0.5", "0.1", ""],
+        ["10", "0", "1.5", "1", "0.25", "0.1", "1"],
+        ["15", "0", "1.5", "1", "0.125", "0.05", "2"]]
+    assert _csv(tmp_path / "csv" / "val.csv") == [
+        ["step", "epoch", "time", "world_size", "top1", "n"], ["10", "0", "2.0", "1", "0.75", "360"]]
+    assert _csv(tmp_path / "csv" / "end.csv")[1] == ["15", "3.0", "1", "0.75"]
+
+    # resumed from the checkpoint of step 10: later rows and the end go, the header stays
+    again = CsvSink(SinkSetup(tmp_path, 10, rcp))
+    again.record({**train, "step": 15, "loss": 0.0625, "lr": 0.05})
+    rows = _csv(tmp_path / "csv" / "train.csv")
+    assert [r[0] for r in rows[1:]] == ["5", "10", "15"] and rows[-1][4] == "0.0625"
+    assert rows[0][-1] == "skipped_steps" and len(_csv(tmp_path / "csv" / "end.csv")) == 1
+    CsvSink(SinkSetup(tmp_path, None, rcp))  # a fresh run starts the files again
+    assert list((tmp_path / "csv").iterdir()) == []
+
+
+def test_progress_without_a_terminal_prints_a_line_per_training_record(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    from ffdist.sinks import progress
+
+    rcp = recipe_load.load(RECIPES / "digits.yaml", [f"output_dir={tmp_path}"])
+    clock = iter([100.0, 130.0])  # the segment starts at 100 s; step 40's line comes at 130 s
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
+    sink = progress.ProgressSink(SinkSetup(tmp_path, 10, rcp, total_steps=100))  # resumed at 10
+    assert not sink.bars  # pytest's stdout is no terminal
+    sink.progress(0, 10, 50)
+    with caplog.at_level(logging.INFO, logger="ffdist"):
+        sink.record({"split": "val", "step": 10, "epoch": 0, "loss": 1.0})  # no line
+        sink.record({"split": "train", "epoch": 0, "step": 40, "loss": 0.51234, "lr": 0.1,
+                     "images_per_s": 812.4, "data_wait_fraction": 0.031})
+    # 30 steps in 30 s: the 60 left take 60 s
+    assert [r.getMessage() for r in caplog.records] == [
+        "step 40/100 (40%)  epoch 0  loss 0.5123  lr 0.1  812 img/s  data wait 3.1%  ETA 0:01:00"]
+    assert progress.clock(3 * 3600 + 65.4) == "3:01:05"
+
+
+@pytest.mark.parametrize("name", ["mlflow", "wandb"])
+def test_a_tracker_whose_package_is_missing_says_how_to_install_it(
+        name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, name, None)  # `import name` raises ImportError
+    rcp = recipe_load.load(RECIPES / "digits.yaml", [f"output_dir={tmp_path}"])
+    with pytest.raises(ImportError) as e:
+        sinks.build(name, SinkSetup(tmp_path, None, rcp))
+    assert str(e.value) == (f"the {name} sink needs the {name} package: pip install {name} "
+                            f'(or pip install -e ".[{name}]" in a checkout of ffdist)')
