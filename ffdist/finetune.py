@@ -64,7 +64,7 @@ def local_weights(path: str) -> dict[str, torch.Tensor]:
     if not Path(path).is_file():
         raise RecipeError(f"model.pretrained={path!r}: no such file; use 'true' (torchvision's "
                           "weights), null, or the path of a .pt/.pth file.")
-    return state_dict_from(path)
+    return state_dict_from(path, weights=None)  # a best.pt: the weights it was picked by
 
 
 def _adapt_input_conv(key: str, weight: torch.Tensor, want: torch.Size) -> torch.Tensor | None:
