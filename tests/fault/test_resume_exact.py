@@ -66,10 +66,8 @@ def test_killed_in_save_then_corrupt_newest_resumes_bit_exact(ref1: Path, tmp_pa
 
 
 def test_a_kill_between_log_lines_resumes_the_log_window_and_counts_both_segments(
-        tmp_path: Path):
-    window = "log.every_steps=4"  # lines at 4, 8, 12, ...; checkpoints at 5, 10, ...
-    ref = tmp_path / "ref"
-    assert kit.run(kit.python_cmd(ref, window)).returncode == 0
+        ref1_window4: Path, tmp_path: Path):
+    ref, window = ref1_window4, kit.WINDOW4  # lines at 4, 8, 12, ...; checkpoints at 5, 10
     out = tmp_path / "run"
     killed = kit.run(kit.python_cmd(out, window), FFDIST_FAULT="kill:step=13")
     assert killed.returncode == -signal.SIGKILL, kit.explain(killed)
