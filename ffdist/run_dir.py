@@ -285,8 +285,8 @@ def _finished(recipe: Recipe, found: tuple[str, Checkpoint] | None) -> Start:
                                                             can_extend=found is not None))
     step = f" (step {found[1].step})" if found else ""
     return Start(done=True, message=(
-        f"ffdist: {run_dir} already holds the finished run{step}; nothing to do. Use a new "
-        "output_dir (or name) for a new run."))
+        f"ffdist: {run_dir} already holds the finished run{step}; nothing to do. A new run "
+        f"needs its own folder: {resume_rules.new_place(recipe)}."))
 
 
 def _saved_recipe_file(run_dir: Path) -> dict | None:

@@ -44,6 +44,7 @@ def test_a_finished_run_prints_result_folder_files_and_next_commands(tmp_path: P
     again = train("digits.yaml", *TINY, f"output_dir={out}")  # same recipe: nothing to do
     lines = [ln for ln in again.stdout.splitlines() if ln.strip()]
     assert len(lines) == 2 and "nothing to do" in lines[0], again.stdout
+    assert lines[0].endswith(f"A new run needs its own folder: output_dir={out}_2.")
     assert lines[1] == (f"  next: ffdist eval {out}  |  ffdist predict {out} samples --out "
                         f"preds.csv  |  tensorboard --logdir {out}/tb")
 
