@@ -48,8 +48,9 @@ def run_options() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None, metavar="PATH",
                    help="weights other than RUN_DIR/model.pt, e.g. RUN_DIR/checkpoints/best.pt")
     p.add_argument("--weights", default=None, choices=["raw", "ema"],
-                   help="of a checkpoint: raw or EMA weights (default: the run's "
-                        "checkpoint.final_weights, what model.pt holds)")
+                   help="of a checkpoint: raw or EMA weights (default: for best.pt the "
+                        "weights it was picked by, checkpoint.best_weights; otherwise the "
+                        "run's checkpoint.final_weights, what model.pt holds)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="recipe override, e.g. --set data.root=/new/place (repeatable)")
     return p

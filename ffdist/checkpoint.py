@@ -1,7 +1,9 @@
 """Atomic checkpoints with auto-resume, keep-last-k and best.
 
 Files: <run>/checkpoints/step_00000420.pt ..., `latest` (a one-line text file naming the
-newest complete checkpoint, itself replaced atomically) and best.pt. The manager decides
+newest complete checkpoint, itself replaced atomically) and best.pt (the consolidated
+weights of the best evaluation so far, written by the Trainer whenever an evaluation sets
+a new best, whatever the checkpoint interval: `save_best`). The manager decides
 WHEN and WHERE; the strategy decides WHO writes WHAT, through the layout it declares
 (ffdist.ckpt_format.Layout): one file, which the primary rank writes from the strategy's
 state_dict(); or per-rank shards, a folder step_00000420/ in which every rank writes its
@@ -14,7 +16,6 @@ strategies' declaration (ffdist.strategies.check_resume).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import random
@@ -27,9 +28,10 @@ import numpy as np
 import torch
 
 from ffdist.ckpt_format import (
+    BEST,
+    BEST_FILE,
     SHARDED_STATE,
     SHARDS,
-    WEIGHTS,
     Checkpoint,
     decode,
     encode,
@@ -183,11 +185,11 @@ class CheckpointManager:
     def path_for(self, step: int) -> Path:
         return self.dir / f"step_{step:08d}.pt"
 
-    def save(self, ckpt: Checkpoint, strategy: Strategy, is_best: bool = False) -> Path:
+    def save(self, ckpt: Checkpoint, strategy: Strategy) -> Path:
         """Write `ckpt` (of step ckpt.step) in its layout: per-rank shards (EVERY rank calls
         this, each writes its own), or one file (the writer, rank 0, writes it)."""
         if ckpt.layout.kind == SHARDS:
-            return self._save_shards(ckpt, strategy, is_best)
+            return self._save_shards(ckpt, strategy)
         path = self.path_for(ckpt.step)
         if self.is_writer:
             data = encode(ckpt)
@@ -195,13 +197,10 @@ class CheckpointManager:
                 self.before_write(path, data, ckpt.step)
             save_torch(path, data)
             save_text(self.dir / "latest", path.name + "\n")
-            if is_best and self.cfg.keep_best:
-                shutil.copyfile(path, self.dir / ".best.pt.tmp")
-                os.replace(self.dir / ".best.pt.tmp", self.dir / "best.pt")
             self._prune()
         return path
 
-    def _save_shards(self, ckpt: Checkpoint, strategy: Strategy, is_best: bool) -> Path:
+    def _save_shards(self, ckpt: Checkpoint, strategy: Strategy) -> Path:
         from ffdist.dist import barrier
 
         path = self.dir / f"step_{ckpt.step:08d}"
@@ -211,15 +210,32 @@ class CheckpointManager:
         if self.is_writer:
             save_torch(path / SHARDED_STATE, encode(ckpt))
             save_text(self.dir / "latest", path.name + "\n")
-        if is_best and self.cfg.keep_best:
-            weights = strategy.model_state_dict()  # collective: all ranks
-            if self.is_writer:  # the consolidated weights: what eval/predict/export read
-                best = dataclasses.replace(ckpt, kind=WEIGHTS, rng=[], model=weights)
-                save_torch(self.dir / "best.pt", encode(best))
-        if self.is_writer:
             self._prune()
         barrier()
         return path
+
+    @property
+    def best_path(self) -> Path:
+        return self.dir / BEST_FILE
+
+    def save_best(self, ckpt: Checkpoint) -> None:
+        """best.pt (the writer only): `ckpt` is a weights file (kind WEIGHTS, consolidated
+        weights, its `best` section). Written atomically: a kill mid-write leaves the
+        previous best.pt and a temp file `.best.pt.tmp.<pid>`, removed at the next start."""
+        if self.is_writer:
+            data = encode(ckpt)
+            if self.before_write is not None:
+                self.before_write(self.best_path, data, ckpt.step)
+            save_torch(self.best_path, data)
+
+    def best_so_far(self) -> dict[str, Any] | None:
+        """The `best` section of this run's best.pt (what it holds: step, split, metric,
+        value), read without its tensors; None without a readable one."""
+        from ffdist.ckpt_peek import peek
+
+        found = peek(self.best_path, (BEST,)) if self.best_path.is_file() else None
+        best = (found or {}).get(BEST)
+        return best if isinstance(best, dict) else None
 
     @staticmethod
     def restore(ckpt: Checkpoint, strategy: Strategy) -> None:
@@ -280,8 +296,8 @@ def check_compatible(ckpt: Checkpoint, model: torch.nn.Module, source: str | Pat
 
     if not is_resumable(ckpt):
         raise CheckpointError(
-            f"checkpoint {source} holds weights only (no optimizer state or RNG; the best.pt "
-            "of a sharded run is such a file); resume from a step checkpoint, or start a new "
+            f"checkpoint {source} holds weights only (no optimizer state or RNG, as every "
+            "best.pt); resume from a step checkpoint, or start a new "
             f"run from these weights with model.pretrained={source}.")
     strategies.check_resume(ckpt.layout, ckpt.step, source, recipe, resolved)
     if ckpt.model is not None:  # shards keep the weights in their own files

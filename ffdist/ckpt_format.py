@@ -8,17 +8,28 @@ Files (see docs/architecture.md):
                                    partitions, ...), then the primary rank wrote
                                    ffdist_state.pt LAST, a Checkpoint without model/optimizer
                                    (they are in the shards): a folder without it is incomplete
-    checkpoints/best.pt            one file: a copy of the best step file (resumable);
-                                   shards: a Checkpoint with the consolidated fp32 `model`,
-                                   no optimizer and no RNG (weights only, not resumable)
+    checkpoints/best.pt            the best evaluation so far, whatever the layout: a
+                                   WEIGHTS Checkpoint with the consolidated fp32 `model` (and
+                                   its `ema`), no optimizer, no RNG (not resumable), and the
+                                   `best` section saying which evaluation it is
     model.pt                       the final weights: a PLAIN state dict (no format, no
                                    prefixes), so a stock torchvision model loads it
 
 A checkpoint is one flat dict of plain types (tensors, numbers, strings, lists, dicts) so
 that `torch.load(path, weights_only=True)` reads it, with "format": FORMAT_VERSION and the
 model's weights under "model" without `module.`/`_orig_mod.` prefixes (a stock model loads
-`ckpt["model"]`). Optional sections (e.g. "ema" for an exponential moving average of the
-weights) are further top-level keys, kept in `Checkpoint.sections`.
+`ckpt["model"]`). Optional sections are further top-level keys, kept in
+`Checkpoint.sections` (a reader that does not know one ignores it, so adding one keeps the
+format):
+    "data"     the train stream's state_dict()
+    "ema"      the exponential moving average of the weights (ffdist.ema's state_dict)
+    "totals"   {"seconds", "images", "segments"}: the run's training time and images over
+               all its segments (a segment: one process lifetime; a resume starts the next)
+    "window"   per rank, the partial log window at the checkpoint (the device sums of the
+               loss since the last log line and its host counters), so that the first log
+               line after a resume covers the same steps as in a run never stopped
+    "best"     best.pt only: {"step", "epoch", "split" (val | val_ema), "weights" (raw |
+               ema), "metric" (top1), "value", "n"}: the evaluation that made it best
 
 A checkpoint records its LAYOUT, not the name of the strategy that wrote it: whether it is
 one file or per-rank shards, the format id of what is inside (which strategies can read
@@ -44,6 +55,8 @@ FORMAT_VERSION = 3
 OLDEST_READ = 2  # format 2 files are read (their layout derived from what they name)
 SHARDED_STATE = "ffdist_state.pt"  # inside a folder of shards; written last
 RESUMABLE, WEIGHTS = "resumable", "weights"
+BEST_FILE = "best.pt"  # in checkpoints/
+BEST, TOTALS, WINDOW = "best", "totals", "window"  # optional sections (see above)
 ONE_FILE, SHARDS = "file", "shards"  # Layout.kind
 
 
@@ -85,7 +98,7 @@ class Checkpoint:
     layout: Layout                  # how the strategy's state lies on disk, who wrote it
     recipe: dict[str, Any]          # the resolved recipe (Recipe.to_dict())
     classes: list[str]              # class names, in label order
-    kind: str = RESUMABLE           # resumable | weights (the consolidated best.pt of shards)
+    kind: str = RESUMABLE           # resumable | weights (best.pt: consolidated weights)
     best_top1: float = -1.0
     skipped_steps: int = 0          # non-finite steps skipped (nan_policy=skip), in total
     bad_in_a_row: int = 0           # ... consecutively, up to `step`
@@ -93,7 +106,7 @@ class Checkpoint:
     model: dict[str, Any] | None = None      # plain state dict; None in shards' marker
     optimizer: dict[str, Any] | None = None  # None with shards and in WEIGHTS
     scaler: dict[str, Any] | None = None     # fp16's GradScaler ({} when unused)
-    sections: dict[str, Any] = field(default_factory=dict)  # optional: {"ema": ...}
+    sections: dict[str, Any] = field(default_factory=dict)  # optional, see above
     shards: Path | None = None      # NOT stored: the folder of shards this was read from
 
     @property

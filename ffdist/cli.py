@@ -15,10 +15,11 @@ from ffdist.errors import EXIT_USER_ERROR, guard
 # command -> (module with main(argv), one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("ffdist.train", "train a recipe: ffdist train RECIPE [key=value ...]"),
-    "models": ("ffdist.models.cli", "list the model names a recipe can use"),
+    "models": ("ffdist.model_names", "list the model names a recipe can use"),
     "eval": ("ffdist.evaluate", "evaluate a run: ffdist eval RUN_DIR [--checkpoint PATH] [--set K=V]"),
     "predict": ("ffdist.predict", "classify images: ffdist predict RUN_DIR IMAGES... --out preds.csv"),
     "export": ("ffdist.export", "export a run: ffdist export RUN_DIR --format torchscript|onnx"),
+    "runs": ("ffdist.runs", "list and compare runs: ffdist runs [FOLDER] [--json]"),
     "plan": ("ffdist.plan", "memory/batch plan: ffdist plan RECIPE [key=value ...] [--gpu-mem 24GiB]"),
     "launch": ("ffdist.launch", "run a recipe under torchrun/accelerate/deepspeed/sbatch"),
     "bench": ("ffdist.bench", "throughput of a recipe: ffdist bench RECIPE [k=v ...] [--synthetic]"),

@@ -42,7 +42,7 @@ from ffdist import checkpoint as ckpt_io
 from ffdist import ema as ema_mod
 from ffdist import mixup
 from ffdist.checkpoint import CheckpointManager
-from ffdist.ckpt_format import Checkpoint
+from ffdist.ckpt_format import BEST, TOTALS, WEIGHTS, WINDOW, Checkpoint
 from ffdist.data import DevicePrefetcher, Streams
 from ffdist.dist import DistInfo, all_reduce_sum
 from ffdist.errors import NonFiniteLoss
@@ -59,6 +59,8 @@ if TYPE_CHECKING:
     from ffdist.resolved import Resolved
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+SPLITS = {"raw": "val", "ema": "val_ema"}
+"""The split each kind of weights (checkpoint.best_weights / final_weights) is logged as."""
 
 
 def forward(model: nn.Module, x: torch.Tensor, numerics: Numerics) -> torch.Tensor:
@@ -96,6 +98,12 @@ class Progress:
     last_top1: dict[str, float] = field(default_factory=dict)  # raw (and ema): last top-1
     skipped_steps: int = 0    # non-finite steps skipped (nan_policy=skip), in total
     bad_in_a_row: int = 0     # ... consecutively, up to now
+    best: dict[str, Any] = field(default_factory=dict)  # what best.pt holds (its section)
+    # Totals over the run's segments (a segment: one process; a resume starts the next).
+    # Time after a killed segment's last checkpoint is not counted: that work is redone.
+    seconds_before: float = 0.0  # training time of the earlier segments
+    images: int = 0           # training images in total (global batches of the steps done)
+    segments: int = 1         # this segment's number
 
 
 @dataclass
@@ -127,6 +135,17 @@ class StatsWindow:
     def __init__(self, device: torch.device):
         self.device = device
         self.reset()
+
+    def state(self) -> dict[str, Any]:
+        """This rank's partial window, plain (a sync point: the sums come to the host)."""
+        return {"loss": self.loss.tolist(), "steps": self.steps, "images": self.images,
+                "step_time": self.step_time, "data_wait": self.data_wait}
+
+    def load(self, state: dict[str, Any]) -> None:
+        """A partial window back from a checkpoint: the same float32 sums, bit for bit."""
+        self.loss = torch.tensor(state["loss"], dtype=torch.float32, device=self.device)
+        self.steps, self.images = int(state["steps"]), int(state["images"])
+        self.step_time, self.data_wait = float(state["step_time"]), float(state["data_wait"])
 
     def reset(self) -> None:
         # [sum of finite losses, how many]: on the device, read once per log line
@@ -176,22 +195,28 @@ class Trainer:
         self._saved_step = -1
         self.hooks: StepHooks | None = None
         self.profiler: StepWindow | None = None  # log.profile_steps (ffdist.train sets it)
+        # when this segment started (time.perf_counter): ffdist.train sets its process start
+        self.segment_started = time.perf_counter()
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint(self) -> Checkpoint:
-        """This moment as a Checkpoint (a collective: every rank's RNG is gathered)."""
-        rng = [ckpt_io.rng_state()]
-        if tdist.is_initialized():  # every rank's RNG, so each resumes its own stream
+        """This moment as a Checkpoint (a collective: every rank's RNG and partial log
+        window are gathered)."""
+        mine = (ckpt_io.rng_state(), self.window.state())
+        ranks = [mine]
+        if tdist.is_initialized():  # every rank's, so each resumes its own stream and sums
             # sync point: a collective, once per checkpoint (not per step)
-            rng = [None] * self.info.world_size
-            tdist.all_gather_object(rng, ckpt_io.rng_state())
+            ranks = [None] * self.info.world_size
+            tdist.all_gather_object(ranks, mine)
         p = self.progress
+        sections = {**self._sections(), TOTALS: self.totals(),
+                    WINDOW: [window for _, window in ranks]}
         return Checkpoint(
             step=p.step, epoch=p.epoch, step_in_epoch=p.step_in_epoch,
             layout=self.strategy.layout(self.recipe, self.resolved),
             recipe=self.recipe.to_dict(), classes=list(self.data.spec.classes),
             best_top1=p.best_top1, skipped_steps=p.skipped_steps, bad_in_a_row=p.bad_in_a_row,
-            rng=rng, sections=self._sections(), **self.strategy.state_dict())
+            rng=[rng for rng, _ in ranks], sections=sections, **self.strategy.state_dict())
 
     def _sections(self) -> dict[str, Any]:
         """The checkpoint's optional sections: the data stream's state (its position is the
@@ -201,9 +226,42 @@ class Trainer:
             sections["ema"] = self.ema.state_dict()
         return sections
 
-    def save(self, is_best: bool = False) -> None:
+    def totals(self) -> dict[str, Any]:
+        """The run's training time and images over all its segments, up to now."""
+        p = self.progress
+        now = time.perf_counter() - self.segment_started
+        return {"seconds": round(p.seconds_before + now, 3), "images": p.images,
+                "segments": p.segments}
+
+    def save_best(self, split: str, result: dict[str, Any]) -> None:
+        """best.pt: the weights just evaluated as `split`, a new best (checkpoint.keep_best).
+        Every layout writes the same file: the consolidated weights (a collective under
+        sharded layouts: every rank calls it) and their EMA, no optimizer, no RNG."""
+        if not self.recipe.checkpoint.keep_best:
+            return
+        weights = self.strategy.model_state_dict()
+        ema = None
+        if self.ema is not None and (self.info.is_primary or self.ema.collective):
+            ema = self.ema.state_dict()
+        p = self.progress
+        p.best = {"step": p.step, "epoch": p.epoch, "split": split,
+                  "weights": self.recipe.checkpoint.best_weights, "metric": "top1",
+                  "value": result["top1"], "n": result["n"]}
+        if not self.info.is_primary:
+            return
+        sections: dict[str, Any] = {BEST: dict(p.best)}
+        if ema is not None:
+            sections["ema"] = ema
+        self.manager.save_best(Checkpoint(
+            step=p.step, epoch=p.epoch, step_in_epoch=p.step_in_epoch,
+            layout=self.strategy.layout(self.recipe, self.resolved),
+            recipe=self.recipe.to_dict(), classes=list(self.data.spec.classes),
+            kind=WEIGHTS, best_top1=result["top1"], skipped_steps=p.skipped_steps,
+            model=ckpt_io.cpu_state(weights), sections=sections))
+
+    def save(self) -> None:
         self.settle_flags()  # the checkpoint's skip counts include every step it holds
-        self.manager.save(self.checkpoint(), self.strategy, is_best=is_best)
+        self.manager.save(self.checkpoint(), self.strategy)
         self._saved_step = self.progress.step
 
     def restore(self, ckpt: Checkpoint) -> None:
@@ -211,6 +269,8 @@ class Trainer:
         self.progress = Progress(ckpt.epoch, ckpt.step, ckpt.step_in_epoch, ckpt.best_top1,
                                  skipped_steps=ckpt.skipped_steps, bad_in_a_row=ckpt.bad_in_a_row)
         self._saved_step = ckpt.step
+        self._restore_totals(ckpt)
+        self._restore_best()
         if "data" in ckpt.sections:  # the position comes back through set_epoch
             self.data.train.load_state_dict(ckpt.sections["data"])
         if self.ema is not None and not self.ema.restore(ckpt.sections.get("ema"),
@@ -221,6 +281,30 @@ class Trainer:
             ckpt_io.set_rng_state(ckpt.rng[self.info.rank])
         else:  # another world size: a fresh but deterministic stream per rank
             torch.manual_seed(self.recipe.seed + 1000 * self.info.rank + ckpt.step)
+
+    def _restore_totals(self, ckpt: Checkpoint) -> None:
+        """The run's totals and this rank's partial log window, from the checkpoint. One
+        written before they were kept: its images follow from its steps, its time is unknown
+        (counted as 0) and it was at least one segment."""
+        p, totals = self.progress, ckpt.sections.get(TOTALS) or {}
+        p.seconds_before = float(totals.get("seconds", 0.0))
+        p.images = int(totals.get("images", ckpt.step * self.plan.global_batch))
+        p.segments = int(totals.get("segments", 1)) + 1
+        windows = ckpt.sections.get(WINDOW) or []
+        if len(windows) == self.info.world_size:
+            self.window.load(windows[self.info.rank])
+        elif windows:  # another world size: rank 0 holds the sums, every rank the counters
+            sums = [sum(w["loss"][i] for w in windows) for i in (0, 1)]
+            self.window.load(dict(windows[0], loss=sums if self.info.is_primary else [0.0, 0.0]))
+
+    def _restore_best(self) -> None:
+        """The bar a new best must pass: also best.pt's own value when it is of the weights
+        this run picks by (an evaluation after the checkpoint may have written it, and a
+        replay of it need not give the same number: another world size, GPU kernels)."""
+        best = self.manager.best_so_far()
+        if best and best.get("weights") == self.recipe.checkpoint.best_weights:
+            self.progress.best = best
+            self.progress.best_top1 = max(self.progress.best_top1, float(best["value"]))
 
     # ------------------------------------------------------------------ training
     def lr_at(self, step: int) -> float:
@@ -238,12 +322,11 @@ class Trainer:
             if self._stop:
                 break
             finished = p.step >= self.total_steps or p.epoch + 1 >= sched.epochs
-            is_best = False
             if finished or (p.epoch + 1) % sched.eval_every_epochs == 0:
-                is_best = self.evaluate()
+                self.evaluate()
             p.epoch, p.step_in_epoch = p.epoch + 1, 0
             if finished or p.epoch % self.recipe.checkpoint.every_epochs == 0:
-                self.save(is_best)
+                self.save()
         if self._stop:  # preempted: the caller exits with EXIT_PREEMPTED
             if self._saved_step != p.step:
                 self.save()
@@ -253,8 +336,12 @@ class Trainer:
         if not p.last_eval:  # resumed a run whose last checkpoint came after its last eval
             self.evaluate()
         by_weights = {f"final_top1_{k}": v for k, v in p.last_top1.items()} if self.ema else {}
-        return {"best_top1": p.best_top1, "final_top1": p.last_eval["top1"], **by_weights,
-                "seconds": round(time.perf_counter() - started, 3),
+        best = {"best_step": p.best["step"]} if p.best else {}
+        totals = self.totals()
+        return {"best_top1": p.best_top1, **best, "final_top1": p.last_eval["top1"],
+                **by_weights, "seconds": totals["seconds"], "segments": totals["segments"],
+                "images": totals["images"],
+                "segment_seconds": round(time.perf_counter() - started, 3),
                 "world_size": self.info.world_size, "step": p.step}
 
     def final_weights(self) -> dict[str, torch.Tensor] | None:
@@ -270,26 +357,28 @@ class Trainer:
         self.strategy.model.train()
         self.monitor.start_epoch(p.epoch, self.steps_per_epoch, p.step_in_epoch)
         batches = iter(self.train_batches)
-        self.window.reset()
+        # The log window is NOT reset here: the previous epoch logged and emptied it, and a
+        # resumed run's partial window came back from its checkpoint (Trainer.restore).
         while p.step_in_epoch < self.steps_per_epoch and p.step < self.total_steps:
             lr = self.lr_at(p.step)
             self.window.add(self.train_step(batches, lr), self.plan.global_batch)
             p.step += 1
             p.step_in_epoch += 1
+            p.images += self.plan.global_batch
             self.monitor.advance()
             if self.profiler is not None:  # starts and stops its recording between steps
                 self.profiler.after_step(p.step)
             if p.step % self.recipe.log.every_steps == 0:
-                self._log_train(lr)
+                self._log_train()
             if self.recipe.checkpoint.every_steps and p.step % self.recipe.checkpoint.every_steps == 0:
                 self.save()
             if self.hooks is not None:
                 self.hooks.after_step(p.step, self.info.rank)
             if self._stop:
                 break
-        if self.window.steps:
-            self._log_train(lr)
         self.settle_flags()  # sync point, once per epoch: a stop acts before evaluating
+        if self.window.steps and not self._stop:  # a stop saves its partial window instead
+            self._log_train()
         self.monitor.end_epoch()
 
     def train_step(self, batches: Iterator[Batch], lr: float) -> StepStats:
@@ -372,8 +461,10 @@ class Trainer:
                                 f"{sched.max_bad_steps}); {last}; lower optim.lr or set "
                                 "optim.grad_clip.")
 
-    def _log_train(self, lr: float) -> None:
+    def _log_train(self) -> None:
+        """The log line of the window's steps; `lr` is its last step's."""
         window, p = self.window, self.progress
+        lr = self.lr_at(p.step - 1)
         self.settle_flags()  # the record's skipped_steps is exact; a NaN-stop raises first
         # sync point: once per interval; the sum and count over every rank's finite losses
         loss_sum, loss_steps = all_reduce_sum(window.loss.clone()).tolist()
@@ -394,22 +485,25 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> bool:
         """Evaluate on every rank's shard: the raw weights (split val) and, with an EMA, the
-        EMA weights (split val_ema); returns whether the top-1 of the weights
-        checkpoint.best_weights names is a new best."""
+        EMA weights (split val_ema). When the top-1 of the weights checkpoint.best_weights
+        names is a new best, best.pt gets these weights at once (`save_best`), whatever the
+        checkpoint interval. Returns whether it was a new best."""
         p, cfg = self.progress, self.recipe.checkpoint
-        results = {"raw": self._evaluate("val")}
+        results = {"raw": self._evaluate(SPLITS["raw"])}
         if self.ema is not None:
             with self.ema.swapped(self.strategy.unwrap()):  # the raw weights come back exactly
-                results["ema"] = self._evaluate("val_ema")
+                results["ema"] = self._evaluate(SPLITS["ema"])
         final, confusion = results[cfg.final_weights]
         p.last_eval = {**final, "confusion": confusion}
         p.last_top1 = {k: r["top1"] for k, (r, _) in results.items()}
-        best = results[cfg.best_weights][0]["top1"]
-        is_best = best > p.best_top1
-        p.best_top1 = max(p.best_top1, best)
-        line = "  ".join(f"{'val' if k == 'raw' else 'val_ema'} loss {r['loss']:.4f}  top1 "
-                         f"{r['top1']:.4f}  top5 {r['top5']:.4f}" for k, (r, _) in results.items())
+        best = results[cfg.best_weights][0]
+        is_best = best["top1"] > p.best_top1
+        p.best_top1 = max(p.best_top1, best["top1"])
+        line = "  ".join(f"{SPLITS[k]} loss {r['loss']:.4f}  top1 {r['top1']:.4f}  top5 "
+                         f"{r['top5']:.4f}" for k, (r, _) in results.items())
         self.monitor.info("epoch %d step %d  %s  (n=%d)", p.epoch, p.step, line, final["n"])
+        if is_best:
+            self.save_best(SPLITS[cfg.best_weights], best)
         return is_best
 
     def _evaluate(self, split: str) -> tuple[dict[str, Any], torch.Tensor]:

@@ -3,9 +3,10 @@ evaluate a run's weights on its val split and write RUN_DIR/eval/{report.json,
 confusion.csv, confusion.png}.
 
 The weights: model.pt (what checkpoint.final_weights named), or --checkpoint PATH; of a
-checkpoint, its raw weights or their EMA (--weights raw|ema, default the run's
-checkpoint.final_weights, so that a checkpoint and model.pt evaluate the same kind). The
-options are ffdist predict's and export's (ffdist.argv.run_options).
+checkpoint, its raw weights or their EMA (--weights raw|ema; default: for best.pt the
+weights it was picked by, so that it gives the best value the run reported, and for any
+other checkpoint the run's checkpoint.final_weights, so that it and model.pt evaluate the
+same kind). The options are ffdist predict's and export's (ffdist.argv.run_options).
 
 Runs under any launcher, like training: `torchrun --nproc_per_node 2 -m ffdist.evaluate
 RUN_DIR` (or `-m ffdist.cli eval RUN_DIR`) gives every rank a disjoint shard of the val set

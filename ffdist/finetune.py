@@ -54,17 +54,20 @@ def torchvision_weights(cfg: ModelConfig) -> dict[str, torch.Tensor]:
     try:
         return weights.get_state_dict(progress=False, check_hash=False)
     except OSError as e:  # URLError is an OSError: no network, proxy, DNS ...
+        # the folder torch itself reads (torch.hub.get_dir honours TORCH_HOME and set_dir)
+        cache = Path(torch.hub.get_dir()) / "checkpoints"
+        name = weights.url.rsplit("/", 1)[-1]
         raise FfdistError(f"model.pretrained=true: downloading {weights} failed ({e}); this "
-                          "needs a network. Download it where there is one (torch hub cache "
-                          "~/.cache/torch/hub/checkpoints) or set model.pretrained to a local "
-                          ".pt/.pth path.") from None
+                          f"needs a network. Download {name} where there is one and put it "
+                          f"into {cache}, or set model.pretrained to a local .pt/.pth "
+                          "path.") from None
 
 
 def local_weights(path: str) -> dict[str, torch.Tensor]:
     if not Path(path).is_file():
         raise RecipeError(f"model.pretrained={path!r}: no such file; use 'true' (torchvision's "
                           "weights), null, or the path of a .pt/.pth file.")
-    return state_dict_from(path)
+    return state_dict_from(path, weights=None)  # a best.pt: the weights it was picked by
 
 
 def _adapt_input_conv(key: str, weight: torch.Tensor, want: torch.Size) -> torch.Tensor | None:

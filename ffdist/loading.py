@@ -16,7 +16,7 @@ from ffdist import recipe_load
 from ffdist.assemble import build_model, eval_image_size
 from ffdist.errors import CheckpointError
 from ffdist.recipe import Recipe
-from ffdist.weights import state_dict_from
+from ffdist.weights import read_weights
 
 
 def load_recipe(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
@@ -31,11 +31,11 @@ def load_recipe(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()
 def run_weights(rcp: Recipe, path: str | Path, weights: str | None = None
                 ) -> tuple[dict[str, torch.Tensor], str]:
     """The weights eval, predict and export use from a run's file, and which they are:
-    `weights` (raw | ema) or, unset, the run's checkpoint.final_weights (what model.pt
-    holds), so that a checkpoint and model.pt give the same model by default."""
-    final = rcp.checkpoint.final_weights
-    kind = weights or final
-    return state_dict_from(path, kind, plain_holds=final), kind
+    `weights` (raw | ema) or, unset, those best.pt was picked by (checkpoint.best_weights:
+    it then gives the run's best value) and for any other file the run's
+    checkpoint.final_weights (what model.pt holds), so that a checkpoint and model.pt
+    give the same model by default."""
+    return read_weights(path, weights, plain_holds=rcp.checkpoint.final_weights)
 
 
 def weights_path(run_dir: Path, checkpoint: str | None) -> Path:

@@ -182,16 +182,18 @@ def recommend(est: MemoryEstimate, gpu_mem: int | None, per_rank: int, micro: in
     states = need - est.activations
     fits = [m for m in range(per_rank, 0, -1)
             if per_rank % m == 0 and states + est.per_sample * m <= budget]
+    from ffdist.strategies import row_overrides
+
+    switch = row_overrides()
     if need <= budget:
+        also = _also_fit(est, row, budget, micro, switch)
         if fits and fits[0] > micro:
             m = fits[0]
             return (f"{head}: it fits, and so does micro batch {m}: data.micro_batch_size={m} "
                     f"gives {per_rank // m} accumulation step(s) instead of {accum} (the same "
-                    "global batch and schedule, fewer and larger steps).")
-        return f"{head}: it fits (under {USABLE:.0%} of the memory); no change needed."
-    from ffdist.strategies import row_overrides
-
-    fixes, names, switch = [], list(est.rows), row_overrides()
+                    f"global batch and schedule, fewer and larger steps).{also}")
+        return f"{head}: it fits (under {USABLE:.0%} of the memory); no change needed.{also}"
+    fixes, names = [], list(est.rows)
     for name in names[names.index(row) + 1:]:
         if est.rows[name]["total"] <= budget:
             fixes.append(switch.get(name, name))
@@ -204,6 +206,21 @@ def recommend(est: MemoryEstimate, gpu_mem: int | None, per_rank: int, micro: in
         return (f"{head}: even {names[-1]} with micro batch 1 does not fit; use more GPUs, a "
                 "smaller model or smaller images.")
     return f"{head}: use {' or '.join(fixes)}."
+
+
+def _also_fit(est: MemoryEstimate, row: str, budget: float, micro: int,
+              switch: dict[str, str]) -> str:
+    """The other rows that would fit too although they keep more per device than the
+    recipe's (less sharding, less communication), with the overrides that train as them;
+    rows that keep less fit anyway and go unsaid."""
+    need = est.rows[row]["total"]
+    more = [name for name, r in est.rows.items()
+            if name != row and need < r["total"] <= budget]
+    if not more:
+        return ""
+    named = [f"{name} ({switch.get(name, name)})" for name in more]
+    named = ", ".join(named[:-1]) + " or " + named[-1] if len(named) > 1 else named[0]
+    return f" {named} would also fit at micro batch {micro}."
 
 
 def recipe_row(rcp: Recipe, resolved: Resolved) -> str:

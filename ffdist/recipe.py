@@ -50,8 +50,8 @@ class ModelConfig:
     """ResNets only: 3x3 stride-1 conv1 and no max-pool, for 32x32 images."""
     pretrained: str | None = None
     """null, 'true' (torchvision's weights, needs a network) or a path to a local .pt/.pth
-    (ffdist checkpoint, model.pt or a plain state dict). The head is replaced when the
-    class count differs."""
+    (ffdist checkpoint: its raw weights, of a best.pt the ones it was picked by; model.pt;
+    or a plain state dict). The head is replaced when the class count differs."""
     freeze: list[str] = field(default_factory=list)
     """Parameters not trained: [] (none), [backbone] (all but the head) or name prefixes.
     Frozen BatchNorm layers stay in eval mode."""
@@ -438,7 +438,9 @@ class CheckpointConfig:
     keep_last: int = 3
     """Step checkpoints kept; older ones are deleted (best.pt is kept apart)."""
     keep_best: bool = True
-    """Keep checkpoints/best.pt, the one with the best val top-1."""
+    """Write checkpoints/best.pt at every evaluation that sets a new best val top-1 (of the
+    weights checkpoint.best_weights names), whatever every_epochs says: the consolidated
+    weights of that step (and their EMA), with the step, split and value they scored."""
     resume: str = "auto"
     """auto: continue an unfinished run from its newest complete checkpoint (a finished one
     with the same recipe: nothing to do) | never: start fresh, refuse an output_dir that

@@ -173,16 +173,18 @@ def weights_of(source: str) -> str:
 
 
 def new_place(recipe: Recipe) -> str:
-    """An override naming a folder that does not exist yet: name=<name>_2 or
-    output_dir=<dir>_2."""
-    base = recipe.run_dir
-    for i in range(2, 1000):
-        candidate = base.with_name(f"{base.name}_{i}")
-        if not candidate.exists():
-            break
-    if recipe.output_dir:
-        return f"output_dir={candidate}"
-    return f"name={candidate.name}"
+    """The override that gives a new run its own folder, the one way every message
+    suggests it: output_dir=<run dir>_N, the first N >= 2 that does not exist yet
+    (runs/digits -> output_dir=runs/digits_2)."""
+    return f"output_dir={next_run_dir(recipe.run_dir)}"
+
+
+def next_run_dir(run: Path) -> Path:
+    """A folder next to `run` that holds nothing yet: <run>_2, <run>_3, ..."""
+    i = 2
+    while (candidate := run.with_name(f"{run.name}_{i}")).exists():
+        i += 1
+    return candidate
 
 
 def finished_refusal(run_dir: Path, recipe: Recipe, diffs: list[tuple[str, Any, Any]],

@@ -135,6 +135,27 @@ def lock(run_dir: Path) -> RunLock:
     return RunLock(path, fd)
 
 
+def holder(run_dir: Path) -> str | None:
+    """Who holds the run directory's lock now (the text its holder wrote: pid, host, since
+    when), or None when no process holds it. Asks the kernel with a non-blocking try that,
+    when it succeeds, lets go at once: a run starting meanwhile waits LOCK_WAIT_S for it."""
+    import fcntl
+
+    try:
+        fd = os.open(Path(run_dir) / LOCK_FILE, os.O_RDONLY)
+    except OSError:  # no lock file: no run ever held it (or it cleaned up after itself)
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _read_holder(fd)
+    except OSError:  # a file system without locks: nobody can be seen holding it
+        return None
+    finally:
+        os.close(fd)  # closing lets go of a lock this process took
+    return None
+
+
 def _read_holder(fd: int) -> str:
     try:
         text = os.pread(fd, 200, 0).decode(errors="replace").strip()
@@ -264,8 +285,8 @@ def _finished(recipe: Recipe, found: tuple[str, Checkpoint] | None) -> Start:
                                                             can_extend=found is not None))
     step = f" (step {found[1].step})" if found else ""
     return Start(done=True, message=(
-        f"ffdist: {run_dir} already holds the finished run{step}; nothing to do. Use a new "
-        "output_dir (or name) for a new run."))
+        f"ffdist: {run_dir} already holds the finished run{step}; nothing to do. A new run "
+        f"needs its own folder: {resume_rules.new_place(recipe)}."))
 
 
 def _saved_recipe_file(run_dir: Path) -> dict | None:

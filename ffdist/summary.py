@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ffdist.resume_rules import new_place
 from ffdist.sinks import selected
 from ffdist.sinks.tensorboard import command as tb_command
 
@@ -39,20 +40,24 @@ def _result_line(rcp: Recipe, result: dict[str, Any], n: int | None) -> str:
     return f"val top-1{of}: {best}, {final}"
 
 
-def _files(run: Path) -> str:
-    """The run's main files that exist, in the order people look for them."""
-    names = [("model.pt", run / "model.pt"), ("checkpoints/best.pt", run / "checkpoints" / "best.pt"),
+def _files(run: Path, result: dict[str, Any]) -> str:
+    """The run's main files that exist, in the order people look for them; best.pt with
+    the evaluation it holds."""
+    best = "checkpoints/best.pt"
+    if "best_step" in result:
+        best += f" (step {result['best_step']}, top-1 {result['best_top1']:.4f})"
+    names = [("model.pt", run / "model.pt"), (best, run / "checkpoints" / "best.pt"),
              ("metrics.jsonl", run / "metrics.jsonl"), ("tb/", run / "tb"),
              ("recipe.yaml", run / "recipe.yaml")]
     return ", ".join(name for name, path in names if path.exists())
 
 
-def next_run_dir(run: Path) -> Path:
-    """A folder next to `run` that holds nothing yet (runs/digits -> runs/digits-2)."""
-    i = 2
-    while (candidate := run.with_name(f"{run.name}-{i}")).exists():
-        i += 1
-    return candidate
+def took(seconds: float, segments: int) -> str:
+    """How long a run trained: "1 min 57 s", or "3 segments, 1 h 02 min in all" for a run
+    that was resumed (ffdist.engine's totals over its segments)."""
+    if segments > 1:
+        return f"{segments} segments, {duration(seconds)} in all"
+    return duration(seconds)
 
 
 def _examples(rcp: Recipe) -> tuple[str, str, str] | None:
@@ -76,7 +81,7 @@ def next_commands(rcp: Recipe, recipe_path: str | None, world_size: int) -> list
         rows.append((tb_command(f"{run}/tb"), "curves, every evaluation's confusion matrix"))
     width = max(len(cmd) for cmd, _ in rows)
     lines = [f"  {cmd:<{width}}  # {what}" for cmd, what in rows]
-    again = f"KEY=VALUE ... output_dir={next_run_dir(run)}"
+    again = f"KEY=VALUE ... {new_place(rcp)}"
     cmd = f"ffdist train {recipe_path} {again}" if world_size == 1 and recipe_path else \
         f"the same command + {again}"
     return [*lines, f"  {cmd}  # train again with a change ({run} keeps this run)"]
@@ -86,9 +91,9 @@ def finished(rcp: Recipe, result: dict[str, Any], seconds: float, recipe_path: s
              world_size: int, n: int | None = None) -> str:
     """The block printed when a run has finished: ~8 lines."""
     run = rcp.run_dir
-    lines = [f"ffdist: {rcp.name} finished in {duration(seconds)}, {result['step']} steps; "
-             + _result_line(rcp, result, n),
-             f"  run folder {run}/: {_files(run)}",
+    lines = [f"ffdist: {rcp.name} finished in {took(seconds, result.get('segments', 1))}, "
+             f"{result['step']} steps; " + _result_line(rcp, result, n),
+             f"  run folder {run}/: {_files(run, result)}",
              "next:", *next_commands(rcp, recipe_path, world_size)]
     return "\n".join(lines)
 

@@ -62,6 +62,7 @@ def run(recipe_path: str | None, overrides: list[str]) -> dict:
             if info.is_primary:
                 print(summary.already_finished(start.message, rcp, recipe_path), flush=True)
             return {"already_finished": True}
+        trainer.segment_started = started  # the run's time counts this whole process
         signals.install(trainer)  # SIGTERM/SIGUSR1/Ctrl-C: checkpoint at the next step, exit 75
         startup.resume_gc()  # the run is built; from here on its own garbage is collected
         try:
@@ -78,7 +79,7 @@ def run(recipe_path: str | None, overrides: list[str]) -> dict:
         trainer.monitor.close("stopped" if result.get("stopped") else "finished")
         dist.barrier()  # every rank is done before any of them tears its process group down
         if info.is_primary and not result.get("stopped"):  # after model.pt and every rank
-            print(summary.finished(rcp, result, time.perf_counter() - started, recipe_path,
+            print(summary.finished(rcp, result, result["seconds"], recipe_path,
                                    info.world_size, trainer.progress.last_eval.get("n")),
                   flush=True)
         return result

@@ -2,8 +2,8 @@
 the EMA of the full fp32 weights, the same as DDP's, whether ZeRO-2 fragments or ZeRO-3
 partitions hold the master (ZeRO-3 with persistent and partitioned parameters, offloaded);
 evaluating it leaves the raw weights as they were; checkpoints and model.pt hold it
-consolidated; ZeRO-2 and ZeRO-3 runs resume it bit for bit; under bf16 it averages the fp32 master,
-not the bf16 module.
+consolidated; ZeRO-2's best.pt evaluates to the best top-1 it reported; ZeRO-2 and ZeRO-3 runs
+resume it bit for bit; under bf16 it averages the fp32 master, not the bf16 module.
 
 Tolerances: as tests/integration/test_launchers.py (fp32, same data, same micro-batches;
 DDP and ZeRO differ only in the order of floating-point sums; measured bit-identical with
@@ -82,6 +82,25 @@ def test_zero_ema_is_ddps_ema_of_the_full_fp32_weights(runs: dict[str, Path], ze
     assert all(torch.equal(state["ema"]["shadow"][k], got[k]) for k in got)
     best = torch.load(ds / "checkpoints" / "best.pt", weights_only=True)
     assert set(best["ema"]["shadow"]) == set(got)  # ZeRO's best.pt: consolidated, both
+
+
+def test_zero2_best_pt_gives_back_the_best_value(runs: dict[str, Path]):
+    """ZeRO-2's best.pt, gathered from the partitions at the best evaluation (of the EMA:
+    checkpoint.best_weights=ema), evaluates in one process to exactly that top-1 and n;
+    its raw weights to the raw evaluation of the same step."""
+    from ffdist.cli import main as cli
+
+    out = runs["zero2"]
+    end = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    best = torch.load(out / "checkpoints" / "best.pt", weights_only=True)["best"]
+    ema = next(e for e in events(out, "val_ema") if e["step"] == best["step"])
+    raw = next(e for e in events(out, "val") if e["step"] == best["step"])
+    assert best["value"] == ema["top1"] == end["best_top1"] and best["split"] == "val_ema"
+    for args, want in (([], ema), (["--weights", "ema"], ema), (["--weights", "raw"], raw)):
+        assert cli(["eval", str(out), "--checkpoint", str(out / "checkpoints" / "best.pt"),
+                    "--set", "log.tensorboard=false", *args]) == 0
+        report = json.loads((out / "eval" / "report.json").read_text())
+        assert (report["top1"], report["n"]) == (want["top1"], 360), args
 
 
 @pytest.mark.parametrize("zero", ["zero2", "zero3"])

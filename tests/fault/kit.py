@@ -23,6 +23,10 @@ ARGS = (CPU, "precision=fp32", "schedule.epochs=2", f"schedule.max_steps={STEPS}
         "log.tensorboard=false", "log.progress=false")
 
 
+WINDOW4 = "log.every_steps=4"
+"""Log lines at steps 4, 8, 12, ... (and the epoch's end): checkpoints fall between them."""
+
+
 def python_cmd(out: Path, *overrides: str) -> list[str]:
     return [sys.executable, "-m", "ffdist.train", str(RECIPES / "digits.yaml"), *ARGS,
             f"output_dir={out}", *overrides]

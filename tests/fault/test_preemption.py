@@ -43,6 +43,25 @@ def test_sigterm_checkpoints_exits_75_and_resumes_bit_exact(ref1: Path, tmp_path
     kit.same_weights(out / "model.pt", ref1 / "model.pt")
 
 
+def test_a_stop_between_log_lines_saves_the_window_instead_of_logging_a_short_line(
+        ref1_window4: Path, tmp_path: Path):
+    """Log lines every 4 steps: the stop's checkpoint keeps the steps since the last line,
+    and the resumed run logs the lines of a run never stopped, no extra one at the stop."""
+    out = tmp_path / "run"
+    # 0.3 s steps from step 8: the stop lands a step or two after the line at 12
+    proc = kit.start(kit.python_cmd(out, kit.WINDOW4), FFDIST_FAULT="slow:step=8-30:ms=300")
+    kit.wait_for_step(out, 12, proc)
+    kit.send(proc.pid, signal.SIGTERM)
+    text = proc.communicate(timeout=60)[0]
+    assert proc.returncode == EXIT_PREEMPTED, kit.explain(proc, text)
+    step = int(kit.latest(out)[5:13])
+    assert max(kit.train_losses(out)) == 12 < step < 16, "a line logged at the stop"
+    resumed = kit.run(kit.python_cmd(out, kit.WINDOW4))
+    assert resumed.returncode == 0, kit.explain(resumed)
+    assert f"resumed from step {step}" in resumed.stdout
+    assert kit.train_losses(out) == kit.train_losses(ref1_window4)
+
+
 # make test-all only; the fast tier covers its path: test_sbatch's two-node preemption,
 # test_ctrl_c's stop of both torchrun ranks at the same step
 @pytest.mark.extended

@@ -7,6 +7,9 @@ One scenario, three guarantees:
    the previous one (step 5) is used (corrupt checkpoint);
 3. the resumed run logs the same per-step losses and writes the same final weights, bit
    for bit, as a run never stopped; metrics.jsonl and TensorBoard hold every step once.
+A run killed between two log lines (a log window of 4 steps, checkpoints every 5) logs, after
+its resume, the same lines as a run never stopped (the partial window travels in the
+checkpoint), and counts its time and images over both segments.
 And a run whose checkpoint was written by the previous format (2) resumes as exactly.
 """
 
@@ -60,6 +63,27 @@ def test_killed_in_save_then_corrupt_newest_resumes_bit_exact(ref1: Path, tmp_pa
     kit.same_weights(out / "model.pt", ref1 / "model.pt")
     assert tb_steps(out, "train/loss") == list(range(1, kit.STEPS + 1))
     assert len([e for e in kit.metrics(out) if e.get("event") == "end"]) == 1
+
+
+def test_a_kill_between_log_lines_resumes_the_log_window_and_counts_both_segments(
+        ref1_window4: Path, tmp_path: Path):
+    ref, window = ref1_window4, kit.WINDOW4  # lines at 4, 8, 12, ...; checkpoints at 5, 10
+    out = tmp_path / "run"
+    killed = kit.run(kit.python_cmd(out, window), FFDIST_FAULT="kill:step=13")
+    assert killed.returncode == -signal.SIGKILL, kit.explain(killed)
+    resumed = kit.run(kit.python_cmd(out, window))
+    assert resumed.returncode == 0, kit.explain(resumed)
+    assert "resumed from step 10" in resumed.stdout
+    # the line at step 12 covers steps 9..12, two of them from before the kill
+    want, got = kit.train_losses(ref), kit.train_losses(out)
+    assert sorted(got) == [4, 8, 12, 16, 20, 22, 24, 28, 30]
+    assert got == want, "the log lines differ from the uninterrupted run's"
+    end, single = kit.metrics(out)[-1], kit.metrics(ref)[-1]
+    assert end["event"] == "end" and end["segments"] == 2 and single["segments"] == 1
+    assert end["images"] == single["images"] == kit.STEPS * 64
+    # the first segment's time up to its step-10 checkpoint counts too
+    assert end["seconds"] > end["segment_seconds"] > 0
+    assert "finished in 2 segments, " in resumed.stdout and " in all, 30 steps" in resumed.stdout
 
 
 # make test-all: test_ckpt_format.py's format-2 test covers the reading in the fast tier

@@ -29,12 +29,13 @@ def test_a_finished_run_prints_result_folder_files_and_next_commands(tmp_path: P
     assert f"{end['step']} steps" in head and "of 360 images" in head
     assert f"best {end['best_top1']:.4f}" in head and f"final {end['final_top1']:.4f}" in head
     assert re.search(r"finished in \d+\.\d s", head)
-    assert lines[1] == (f"  run folder {out}/: model.pt, checkpoints/best.pt, metrics.jsonl, "
+    assert lines[1] == (f"  run folder {out}/: model.pt, checkpoints/best.pt (step "
+                        f"{end['best_step']}, top-1 {end['best_top1']:.4f}), metrics.jsonl, "
                         "tb/, recipe.yaml")
     text = "\n".join(lines)
     for cmd in (f"ffdist eval {out} ", "ffdist samples --out samples",
                 f"ffdist predict {out} samples --out preds.csv", f"tensorboard --logdir {out}/tb",
-                f"output_dir={out}-2"):
+                f"output_dir={out}_2"):
         assert cmd in text, cmd
     # the path printed is the one to use: eval of it gives the final top-1
     ev = run([sys.executable, "-m", "ffdist.cli", "eval", str(out)])
@@ -43,6 +44,7 @@ def test_a_finished_run_prints_result_folder_files_and_next_commands(tmp_path: P
     again = train("digits.yaml", *TINY, f"output_dir={out}")  # same recipe: nothing to do
     lines = [ln for ln in again.stdout.splitlines() if ln.strip()]
     assert len(lines) == 2 and "nothing to do" in lines[0], again.stdout
+    assert lines[0].endswith(f"A new run needs its own folder: output_dir={out}_2.")
     assert lines[1] == (f"  next: ffdist eval {out}  |  ffdist predict {out} samples --out "
                         f"preds.csv  |  tensorboard --logdir {out}/tb "
                         "--samples_per_plugin images=1000")

@@ -86,15 +86,48 @@ def _ckpt(step: int) -> Checkpoint:
 STRATEGY = Strategy()  # a one-file checkpoint's state is in the file: the manager asks it nothing
 
 
+def _best(step: int, value: float) -> Checkpoint:
+    from ffdist.ckpt_format import WEIGHTS
+
+    best = {"step": step, "split": "val", "weights": "raw", "metric": "top1", "value": value}
+    return Checkpoint(step=step, epoch=0, step_in_epoch=step, kind=WEIGHTS,
+                      layout=Layout(ONE_FILE, "torch-file", 1), recipe={}, classes=["a", "b"],
+                      model={"w": torch.full((2,), float(step))}, sections={"best": best})
+
+
 def test_keep_last_latest_and_best(tmp_path: Path) -> None:
     m = _manager(tmp_path)
+    assert m.best_so_far() is None
     for step in (10, 20, 30):
-        m.save(_ckpt(step), STRATEGY, is_best=step == 20)
+        m.save(_ckpt(step), STRATEGY)
+        if step == 20:
+            m.save_best(_best(step, 0.75))
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert names == ["best.pt", "latest", "step_00000020.pt", "step_00000030.pt"]
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_00000030.pt"
     assert load_torch(tmp_path / "checkpoints" / "best.pt")["step"] == 20
+    assert m.best_so_far() == {"step": 20, "split": "val", "weights": "raw", "metric": "top1",
+                               "value": 0.75}  # read without its tensors (ffdist.ckpt_peek)
     assert m.load_latest()[1].step == 30
+
+
+def test_a_kill_while_best_pt_is_written_leaves_the_previous_one(tmp_path: Path) -> None:
+    """best.pt goes through the atomic write: a save that dies mid-write leaves the
+    previous best.pt, whole."""
+    m = _manager(tmp_path)
+    m.save_best(_best(10, 0.5))
+
+    def die(path: Path, data: dict, step: int) -> None:
+        def half(f) -> None:
+            f.write(b"PK\x03\x04 half a zip")
+            raise KeyboardInterrupt  # the process goes away mid-write
+        atomic_write(path, half)
+
+    m.before_write = die
+    with pytest.raises(KeyboardInterrupt):
+        m.save_best(_best(20, 0.9))
+    assert load_torch(tmp_path / "checkpoints" / "best.pt")["step"] == 10
+    assert m.best_so_far()["value"] == 0.5
 
 
 def test_corrupt_newest_checkpoint_falls_back(tmp_path: Path) -> None:
@@ -164,25 +197,22 @@ class _Shards(Strategy):
 
 
 def test_a_layout_of_shards_is_a_folder_the_strategy_fills_and_the_manager_marks(tmp_path):
-    """The manager decides when and where (step folder, marker last, latest, keep-last,
-    best.pt as consolidated weights); the strategy writes what is inside."""
-    from ffdist.ckpt_format import SHARDS, WEIGHTS
+    """The manager decides when and where (step folder, marker last, latest, keep-last);
+    the strategy writes what is inside."""
+    from ffdist.ckpt_format import SHARDS
 
     m, strategy = _manager(tmp_path), _Shards()
     for step in (10, 20, 30):
         ckpt = _ckpt(step)
         ckpt.layout, ckpt.model, ckpt.optimizer = Layout(SHARDS, "test-shards", 1), None, None
-        m.save(ckpt, strategy, is_best=step == 20)
+        m.save(ckpt, strategy)
     ckpts = tmp_path / "checkpoints"
     assert [p.name for p in strategy.saved] == ["step_00000010", "step_00000020",
                                                 "step_00000030"]
-    assert sorted(p.name for p in ckpts.iterdir()) == ["best.pt", "latest", "step_00000020",
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_00000020",
                                                         "step_00000030"]
     assert sorted(p.name for p in (ckpts / "step_00000030").iterdir()) == [
         "ffdist_state.pt", "rank_0.bin"]
-    best = load_torch(ckpts / "best.pt")
-    assert best["kind"] == WEIGHTS and best["step"] == 20 and torch.equal(best["model"]["w"],
-                                                                          torch.ones(2))
     path, found = m.load_latest()
     assert path == ckpts / "step_00000030" and found.shards == path
     assert found.layout == Layout(SHARDS, "test-shards", 1)

@@ -1,6 +1,7 @@
 """The model registry (ffdist.models): torchvision's and our models build and give class
 logits for their channels and sizes, the CIFAR stem keeps 32x32, GeM replaces average
-pooling, an unknown name gets a suggestion, the classifier head is found by name."""
+pooling, an unknown name gets a suggestion, the classifier head is found by name; `ffdist
+models` lists the same names, naturally sorted, without importing torch."""
 
 import pytest
 import torch
@@ -29,6 +30,27 @@ def test_registry_lists_torchvision_and_our_models() -> None:
     for n in ("lenet", "small_cnn", "resnet50", "vit_b_16", "convnext_tiny", "efficientnet_b0",
               "densenet121", "vgg16"):
         assert n in names
+
+
+def test_the_listing_is_the_registry_in_natural_order_without_torch() -> None:
+    """`ffdist models` reads torchvision's names from its source files (no import): the
+    same names as the registry, digits sorted as numbers."""
+    import subprocess
+    import sys
+
+    from ffdist import model_names
+    from tests.helpers import REPO, env
+
+    listed = model_names.listed()
+    assert set(listed) == set(models.available()) and set(model_names.OWN) == set(models.OWN)
+    assert [n for n in listed if n.startswith("resnet")] == [
+        "resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
+    code = ("import sys; from ffdist.cli import main; rc = main(['models', 'resnet']); "
+            "assert 'torch' not in sys.modules and 'torchvision' not in sys.modules")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env(),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split()[:3] == ["resnet18", "resnet34", "resnet50"]
 
 
 def test_cifar_stem_keeps_32x32_resolution() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from ffdist import recipe_load, resume_rules
@@ -70,8 +72,9 @@ def test_new_place_names_a_folder_that_does_not_exist(tmp_path):
     (tmp_path / "run_2").mkdir()
     rcp = recipe_load.load(None, [f"output_dir={tmp_path / 'run'}"])
     assert resume_rules.new_place(rcp) == f"output_dir={tmp_path / 'run_3'}"
+    # one convention, whether the recipe set output_dir or only a name (runs/<name>)
     assert resume_rules.new_place(recipe_load.load(None, ["name=fresh_name_xyz"])) == \
-        "name=fresh_name_xyz_2"
+        f"output_dir={Path('runs') / 'fresh_name_xyz_2'}"
 
 
 def test_the_docs_hold_exactly_this_table():

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torchvision
 
 from ffdist import finetune, recipe_load
 from ffdist.errors import CheckpointError, FfdistError, RecipeError
@@ -59,8 +60,13 @@ def test_pretrained_true_offline_is_a_clear_error(tmp_path: Path, monkeypatch):
     monkeypatch.delenv("no_proxy", raising=False)
     monkeypatch.delenv("NO_PROXY", raising=False)
     cfg = _cfg("model.name=resnet18", "model.pretrained=true")
-    with pytest.raises(FfdistError, match="needs a network"):
+    with pytest.raises(FfdistError, match="needs a network") as refused:
         finetune.prepare(build(cfg), cfg)
+    # the folder torch reads its cache from, under this TORCH_HOME, and the file to put there
+    cache = tmp_path / "hub" / "checkpoints"
+    assert f"put it into {cache}," in str(refused.value)
+    assert f"Download {torchvision.models.ResNet18_Weights.DEFAULT.url.rsplit('/', 1)[-1]} " \
+        in str(refused.value)
     cfg = _cfg("model.pretrained=true")  # small_cnn: no torchvision weights at all
     with pytest.raises(RecipeError, match="no weights"):
         finetune.prepare(build(cfg), cfg)

@@ -130,6 +130,14 @@ def test_a_zero_recipe_is_judged_on_its_own_row():
     text = plan.recommend(p, 16 * gib, per_rank=128, micro=128, row="ZeRO-2")
     assert text.startswith("ZeRO-2 needs 20 GiB per GPU") and "zero_stage=3" in text
     assert "zero_stage=1" not in text  # never a stage below the recipe's
+    # it fits: the rows that keep more per device and fit too are named, with their overrides
+    text = plan.recommend(p, 30 * gib, per_rank=128, micro=128, row="ZeRO-3")
+    assert text.endswith("no change needed. ZeRO-1 (strategy.name=deepspeed "
+                         "strategy.zero_stage=1) or ZeRO-2 (strategy.name=deepspeed "
+                         "strategy.zero_stage=2) would also fit at micro batch 128."), text
+    text = plan.recommend(p, 40 * gib, per_rank=128, micro=128, row="ZeRO-2")
+    assert "DDP (strategy.name=ddp) or ZeRO-1 (" in text and "ZeRO-3 (" not in text
+    assert "would also fit" not in plan.recommend(p, 40 * gib, per_rank=128, micro=128)
     rcp = recipe_load.load("recipes/digits_zero2.yaml")
     from ffdist.assemble import resolve
 

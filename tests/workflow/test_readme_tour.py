@@ -95,6 +95,14 @@ def check_lr005(cwd: Path, out: str) -> None:
     assert end_of(cwd / "runs/digits")["step"] == 22  # the first run is left as it was
 
 
+def check_runs(cwd: Path, out: str) -> None:
+    lines = out.splitlines()
+    assert "optim.lr" in lines[0].split(), out  # the key in which the runs differ
+    states = {ln.split()[0]: ln.split()[1] for ln in lines[1:]}
+    assert states == {"digits": "finished", "digits_2ranks": "finished",
+                      "digits_lr005": "finished"}, out
+
+
 def check_activate(cwd: Path, out: str) -> None:
     found = Path(out.strip().splitlines()[-1])
     assert found.resolve() == (cwd / ".venv" / "bin" / "ffdist").resolve(), out
@@ -151,6 +159,7 @@ CHECKS: list[tuple[str, Callable[[Path, str], None]]] = [
     ("torchrun --nproc_per_node 2 -m ffdist.train recipes/digits.yaml",
      check_trained("runs/digits_2ranks", world_size=2)),
     ("ffdist bench recipes/digits.yaml", check_bench),
+    ("ffdist runs", check_runs),
 ]
 
 
@@ -169,7 +178,7 @@ def test_tour_block_is_found() -> None:
     assert commands[:2] == ["make train", ". .venv/bin/activate"], commands
     joined = "\n".join(commands)
     for needed in ("ffdist eval", "ffdist predict", "ffdist export", "torchrun", "ffdist bench",
-                   "tensorboard --logdir runs"):
+                   "ffdist runs", "tensorboard --logdir runs"):
         assert needed in joined, needed
     for command in commands:
         if not command.startswith("tensorboard"):

@@ -69,7 +69,8 @@ def test_digits_with_ema_mixup_cutmix_and_trivialaugment_end_to_end(tmp_path: Pa
                                                                     capsys) -> None:
     """A short digits_regularized run (the full one is measured in docs/regularization.md):
     raw and EMA evaluated every epoch, best.pt and model.pt from the EMA, no training
-    top-1 with soft targets, and `ffdist eval` evaluating the weights model.pt holds."""
+    top-1 with soft targets, `ffdist eval` evaluating the weights model.pt holds, and
+    best.pt giving back the best EMA top-1."""
     out = tmp_path / "run"
     train("digits_regularized.yaml", "schedule.epochs=5", "optim.ema_warmup_epochs=1",
           "checkpoint.every_epochs=5", f"output_dir={out}", *FAST)
@@ -95,6 +96,17 @@ def test_digits_with_ema_mixup_cutmix_and_trivialaugment_end_to_end(tmp_path: Pa
         report = json.loads((out / "eval" / "report.json").read_text())
         assert abs(report["top1"] - want["top1"]) < 1e-9, args
     assert report["weights_kind"] == "raw"
+    # best.pt: picked by the EMA's top-1 (checkpoint.best_weights=ema), which it gives
+    # back, by default (the weights it was picked by) as with --weights ema
+    best = next(e for e in ema if e["top1"] == end["best_top1"])
+    for args in ([], ["--weights", "ema"]):
+        assert cli(["eval", str(out), "--checkpoint", str(out / "checkpoints" / "best.pt"),
+                    *args]) == 0
+        report = json.loads((out / "eval" / "report.json").read_text())
+        assert report["top1"] == end["best_top1"] and report["n"] == best["n"], args
+        assert report["weights_kind"] == "ema"
+    saved = torch.load(out / "checkpoints" / "best.pt", weights_only=True)["best"]
+    assert (saved["step"], saved["split"], saved["weights"]) == (best["step"], "val_ema", "ema")
     capsys.readouterr()
     assert cli(["eval", str(out), "--weights", "raw"]) == 2  # model.pt holds the EMA only
     err = capsys.readouterr().err.strip()
