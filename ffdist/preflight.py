@@ -45,7 +45,7 @@ def _resizable(data: DataConfig) -> bool:
     one place that decides it, so the advice names a key that works."""
     from ffdist.assemble import image_size
 
-    other = image_size(data) + 1
+    other = 2 if image_size(data) == 1 else 1  # any other valid side
     return image_size(replace(data, image_size=other)) == other
 
 
