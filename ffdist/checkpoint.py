@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import pickle
 import random
 import shutil
 from collections.abc import Callable
@@ -94,11 +95,24 @@ def load_torch(path: str | Path) -> Any:
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path} does not exist; give the path of a .pt "
                               "file or a run directory.") from None
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):
+            raise CheckpointError(f"checkpoint {path} cannot be read ({shorten(_first(e))}); it "
+                                  "is truncated, corrupt or not a checkpoint.") from None
+        # torch's message advises weights_only=False: never repeat advice to turn it off.
+        raise CheckpointError(f"{path} is not a safe checkpoint: it holds Python objects "
+                              "that only unpickling (running code from the file) could rebuild, "
+                              "and ffdist reads tensors and plain values only; in an environment "
+                              "you trust, re-save its weights as a plain state dict "
+                              "(torch.save(model.state_dict(), PATH)) and give that file.") from None
     except Exception as e:  # torn or foreign files raise many different errors
-        first = shorten((str(e).splitlines() or [""])[0])  # some errors have no message at all
         raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: "
-                              f"{first}); it is truncated, corrupt or "
+                              f"{shorten(_first(e))}); it is truncated, corrupt or "
                               "not a checkpoint.") from None
+
+
+def _first(e: Exception) -> str:
+    return (str(e).splitlines() or [""])[0]  # some errors have no message at all
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:

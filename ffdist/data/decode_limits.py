@@ -17,7 +17,6 @@ Pillow. Other files are not images to ffdist.
 
 from __future__ import annotations
 
-import importlib
 import io
 import os
 from dataclasses import dataclass
@@ -28,7 +27,6 @@ TORCHVISION_FORMATS = ("JPEG", "MPO", "PNG", "WEBP")
 """Pillow's names of the formats torchvision.io decodes (MPO: a camera JPEG with a preview)."""
 PIL_FORMATS = ("GIF", "BMP", "TIFF")
 """Decoded by Pillow: the first frame or page only."""
-PLUGINS = ("Jpeg", "Png", "WebP", "Gif", "Bmp", "Tiff")
 SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 """File names `ffdist predict` looks for in a folder (lower-cased)."""
 KINDS = "JPEG, PNG, WebP, GIF, BMP or TIFF"
@@ -88,10 +86,15 @@ def open_lazy(fp: BinaryIO) -> Any:
     """A Pillow image of `fp` with its header parsed and nothing decoded, of one of the
     formats ffdist reads. Pillow's `Image.open` is not used: it warns, then raises, at its
     own global pixel threshold (Image.MAX_IMAGE_PIXELS), which would override ours."""
-    from PIL import Image
-
-    for plugin in PLUGINS:  # registers its format in Image.OPEN (once; then a dict look-up)
-        importlib.import_module(f"PIL.{plugin}ImagePlugin")
+    from PIL import (  # noqa: F401 (importing a plugin registers its format in Image.OPEN)
+        BmpImagePlugin,
+        GifImagePlugin,
+        Image,
+        JpegImagePlugin,
+        PngImagePlugin,
+        TiffImagePlugin,
+        WebPImagePlugin,
+    )
     prefix = fp.read(16)
     for name in (*TORCHVISION_FORMATS, *PIL_FORMATS):
         if name not in Image.OPEN:

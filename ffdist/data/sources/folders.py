@@ -154,8 +154,13 @@ def read_list(path: Path, root: Path, sep: str) -> Samples:
     if not path.is_file():
         raise DataError(f"data.train_list/val_list: {path} does not exist; give a text file of "
                         f"'relative/path{sep}label' lines.")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not a text file (byte {e.start} is not UTF-8); a file list "
+                        f"holds 'relative/path{sep}label' lines.") from None
     samples = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         rel, _, label = line.rpartition(sep)

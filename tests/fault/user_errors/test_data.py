@@ -251,7 +251,7 @@ def test_an_image_size_the_model_pools_away_is_refused_by_the_command(tmp_path):
                              f"output_dir={out}"), out)
     assert line.startswith("ffdist: error: model.name=small_cnn cannot take 1x1 images "
                            "(data.image_size=1) (")
-    assert line.endswith("; use a larger data.image_size.")
+    assert line.endswith("; set data.image_size=2 or larger.")
 
 
 def test_an_eval_size_the_model_cannot_take_is_refused_before_training(capfd, tmp_path):
@@ -262,4 +262,4 @@ def test_an_eval_size_the_model_cannot_take_is_refused_before_training(capfd, tm
                               "data.image_size=16", "data.eval_image_size=4",
                               f"output_dir={out}"), out)
     assert "model.name=lenet cannot take 4x4 images (data.eval_image_size=4)" in line
-    assert line.endswith("; use a larger data.eval_image_size.")
+    assert line.endswith("; set data.eval_image_size=16 or larger.")
