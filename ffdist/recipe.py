@@ -249,8 +249,8 @@ class DataConfig:
         for key in ("image_size", "eval_image_size", "eval_resize_size"):
             value = getattr(self, key)
             _check(value is None or 1 <= value <= MAX_IMAGE_SIDE, f"data.{key}", value,
-                   f"use a side from 1 to {MAX_IMAGE_SIDE} pixels, or null (larger images "
-                   "do not fit a batch in memory)")
+                   f"use a side from 1 to {MAX_IMAGE_SIDE} pixels (larger images do not fit "
+                   f"a batch in memory), e.g. data.{key}=224, or null")
         self._check_augmentation()
         self._check_mixing()
 
@@ -390,7 +390,7 @@ class ScheduleConfig:
         m = self.milestones
         _check(all(e >= 1 for e in m) and all(a < b for a, b in zip(m, m[1:])),
                "schedule.milestones", m, "list epochs from 1 upwards, each later than the one "
-               "before, e.g. [30,60,80]")
+               "before, e.g. schedule.milestones=[30,60,80]")
         _check(self.eval_every_epochs >= 1, "schedule.eval_every_epochs",
                self.eval_every_epochs, "use 1 or more")
         _check(self.nan_policy in ("stop", "skip"), "schedule.nan_policy", self.nan_policy,
@@ -475,14 +475,15 @@ class LaunchConfig:
         _check(self.device in ("auto", "cuda", "cpu"), "launch.device", self.device,
                "use auto, cuda or cpu")
         _check(self.nproc is None or 1 <= self.nproc <= MAX_NPROC, "launch.nproc", self.nproc,
-               f"use 1 to {MAX_NPROC} processes per node, or null (one per GPU; one on the CPU)")
+               f"use 1 to {MAX_NPROC} processes per node, e.g. launch.nproc=2, or null (one "
+               "per GPU; one on the CPU)")
         _check(1 <= self.nnodes <= MAX_NNODES, "launch.nnodes", self.nnodes,
-               f"use 1 to {MAX_NNODES} nodes")
+               f"use 1 to {MAX_NNODES} nodes, e.g. launch.nnodes=1")
         _check(0 <= self.node_rank < self.nnodes, "launch.node_rank", self.node_rank,
                "use 0 .. nnodes-1")
         _check(_port_of(self.rdzv_endpoint) is not None, "launch.rdzv_endpoint",
                self.rdzv_endpoint, "use host:port with a port from 1 to 65535, e.g. "
-               "localhost:29500")
+               "launch.rdzv_endpoint=localhost:29500")
         _check(self.pg_timeout >= 1, "launch.pg_timeout", self.pg_timeout, "use 1 or more")
         _check(self.max_restarts >= 0, "launch.max_restarts", self.max_restarts, "use 0 or more")
 
@@ -595,8 +596,8 @@ class Recipe:
                 raise Invalid(key, value, f"use a finite number, e.g. {key}={example} (the "
                               "default)")
         _check(self.schedule.min_lr <= self.optim.lr, "schedule.min_lr", self.schedule.min_lr,
-               f"the final learning rate cannot exceed optim.lr={self.optim.lr}; use a value "
-               f"from 0 to {self.optim.lr}")
+               f"the final learning rate cannot exceed optim.lr={self.optim.lr}; set "
+               f"schedule.min_lr=0 or another value up to {self.optim.lr}")
         for key in ("best_weights", "final_weights"):
             value = getattr(self.checkpoint, key)
             _check(value == "raw" or self.optim.ema_decay > 0, f"checkpoint.{key}", value,
