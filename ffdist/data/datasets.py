@@ -210,13 +210,12 @@ def decode_error(e: Exception) -> str:
 
 
 def collate(batch: object) -> object:
-    """Batches from `__getitems__` arrive already stacked; per-sample lists get stacked."""
+    """Batches from `__getitems__` arrive already stacked; per-sample lists get stacked.
+    None when every image of the batch was skipped as unreadable: the stream decides
+    (ffdist.data.mapstyle: eval runs an empty batch, training stops)."""
     if isinstance(batch, tuple):
         return batch
     from torch.utils.data import default_collate
 
     kept = [b for b in batch if b is not None]  # None: an unreadable file skipped
-    if not kept:
-        raise DataError(f"all {len(batch)} images of a batch are unreadable; check the dataset "
-                        "files (data.bad_images=skip skipped them).")
-    return default_collate(kept)
+    return default_collate(kept) if kept else None
