@@ -35,6 +35,9 @@ def run_weights(rcp: Recipe, path: str | Path, weights: str | None = None
     holds), so that a checkpoint and model.pt give the same model by default."""
     final = rcp.checkpoint.final_weights
     kind = weights or final
+    if kind == "ema" and rcp.optim.ema_decay == 0:  # no file of the run holds an EMA
+        raise CheckpointError(f"--weights ema, but the run of {path} trained without an EMA "
+                              "of its weights (optim.ema_decay=0); use --weights raw.")
     return state_dict_from(path, kind, plain_holds=final), kind
 
 

@@ -166,7 +166,8 @@ def _plus(key: str, text: str) -> str:
         return f"{said}; write {printable(bare)}={printable(text)}."
     hint = suggest(bare)
     fix = f"did you mean '{printable(hint)}'?" if hint else \
-        "every key is listed in docs/recipe-reference.md."
+        f"leave out '{printable(key)}={printable(text)}' (every key is listed in " \
+        "docs/recipe-reference.md)."
     return f"{said}, and '{printable(bare)}' is not a recipe key; {fix}"
 
 
