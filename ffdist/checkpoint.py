@@ -96,10 +96,12 @@ def load_torch(path: str | Path) -> Any:
         raise CheckpointError(f"checkpoint {path} does not exist; give the path of a .pt "
                               "file or a run directory.") from None
     except pickle.UnpicklingError as e:
-        if "Weights only load failed" not in str(e):
-            raise CheckpointError(f"checkpoint {path} cannot be read ({shorten(_first(e))}); it "
-                                  "is truncated, corrupt or not a checkpoint.") from None
-        # torch's message advises weights_only=False: never repeat advice to turn it off.
+        # torch's refusal advises weights_only=False "if you trust the source": a refusal
+        # made for safety never repeats advice to turn the protection off.
+        if "unsupported global" not in str(e).lower():  # a class or function to import
+            why = "" if "Weights only load failed" in str(e) else f": {shorten(_first(e))}"
+            raise CheckpointError(f"checkpoint {path} cannot be read (UnpicklingError{why}); "
+                                  "it is truncated, corrupt or not a checkpoint.") from None
         raise CheckpointError(f"{path} is not a safe checkpoint: it holds Python objects "
                               "that only unpickling (running code from the file) could rebuild, "
                               "and ffdist reads tensors and plain values only; in an environment "
