@@ -94,8 +94,9 @@ def find_images(inputs: list[str]) -> tuple[list[Path], list[Path]]:
         else:
             raise DataError(f"{item}: no such file or folder; give image files or folders.")
     if not found:
-        raise DataError(f"no {KINDS} images under {', '.join(inputs)}; give image files or "
-                        "folders that hold some.")
+        other = f" (only {len(skipped)} other file(s), e.g. {skipped[0].name})" if skipped else ""
+        raise DataError(f"no {KINDS} images under {', '.join(inputs)}{other}; give image files "
+                        "or folders that hold some.")
     return found, skipped
 
 

@@ -171,7 +171,9 @@ def _pillow_decode(data: memoryview, channels: int) -> torch.Tensor:
             image = Image.fromarray(arr)
         arr = np.asarray(image.convert("L" if channels == 1 else "RGB"))
     x = torch.from_numpy(arr.copy())
-    return x[None] if x.dim() == 2 else x.permute(2, 0, 1).contiguous()
+    # HWC in memory, a CHW view: as torchvision.io decodes (torch's uint8 antialiased resize
+    # fails an internal assert on some plain-contiguous tiny images, e.g. 3x2x2 -> 1x1)
+    return x[None] if x.dim() == 2 else x.permute(2, 0, 1)
 
 
 def as_uint8_image(x: torch.Tensor, channels: int) -> torch.Tensor:

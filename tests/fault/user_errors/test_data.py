@@ -180,11 +180,12 @@ def test_too_many_broken_jpegs_fail_naming_the_fraction(capfd, tmp_path):
 def test_decode_errors_are_whole_words_without_source_locations(capfd, tmp_path):
     root = imagefolder(tmp_path / "data")
     bad = root / "train" / "1" / "3.jpg"
-    Image.new("RGB", (8, 8)).save(bad, format="TIFF")  # a TIFF named .jpg
+    bad.write_bytes(b"%PDF-1.4\n" + bytes(200))  # a PDF named .jpg
     out = tmp_path / "out"
     line = refused(train_main(capfd, *FOLDER, f"data.root={root}", "data.bad_images=error",
                               f"output_dir={out}"))
-    assert f"{bad}: cannot be decoded as an image (not a JPEG, PNG, WebP or GIF image)" in line
+    assert f"{bad}: cannot be decoded as an image (not a JPEG, PNG, WebP, GIF, BMP or TIFF " \
+           "image)" in line
     assert ".cpp" not in line
 
 
