@@ -143,14 +143,13 @@ def decode(path: str, channels: int = 3, max_pixels: int = MAX_IMAGE_PIXELS) -> 
     """An image file -> uint8 CHW tensor with `channels` channels. Its header is read
     first (ffdist.data.decode_limits): more than `max_pixels` pixels, or no header of a
     format ffdist reads, raise a ValueError before any decoder allocates. JPEG and WebP are
-    decoded by torchvision.io; PNG, GIF (first frame), BMP and TIFF (first page) by Pillow:
-    torchvision 0.29's PNG decoder crashes the process (SIGSEGV) on corrupt image data,
-    which no `except` can catch, where Pillow raises."""
+    decoded by torchvision.io; PNG, GIF (first frame), BMP and TIFF (first page) by Pillow
+    (ffdist.data.decode_limits says why)."""
     from torchvision.io import ImageReadMode, decode_image, read_file
 
     data = read_file(path)
     header = decode_limits.check(memoryview(data.numpy()), max_pixels)
-    if header.format not in ("JPEG", "MPO", "WEBP"):
+    if not header.by_torchvision:
         return as_uint8_image(_pillow_decode(memoryview(data.numpy()), channels), channels)
     # WebP has no grey decoding (torchvision warns on every file): decode RGB, convert below
     mode = ImageReadMode.GRAY if channels == 1 and header.format != "WEBP" else ImageReadMode.RGB

@@ -4,15 +4,16 @@ pixel limit every decode path enforces (data.max_image_pixels, `ffdist predict
 
 A decoder allocates what the header says: a 109 KB palette PNG that claims 30000x30000
 pixels takes 2.7 GB as RGB (4.8 GB at peak) and 20 s before anything can object, and a
-JPEG header can claim 65500x65500 in a few hundred bytes. `read_header` parses only the
+JPEG header can claim 65000x65000 in a few hundred bytes. `read_header` parses only the
 header (Pillow's format plugins, without their pixel data) and `check` refuses more pixels
 than the limit; both take the file's bytes or its path and import no torch, so the
 training loaders, eval, predict and a GPU-decode pipeline all call the same function.
 
-The formats ffdist reads, and who decodes them (ffdist.data.datasets.decode): JPEG, PNG and
-WebP by torchvision.io (libjpeg-turbo, libpng, libwebp); GIF (its first frame only: an
-animated GIF's frames would each take the full size), BMP and TIFF (its first page) by
-Pillow. Other files are not images to ffdist.
+The formats ffdist reads, and who decodes them (ffdist.data.datasets.decode): JPEG and WebP
+by torchvision.io (libjpeg-turbo, libwebp); PNG (torchvision 0.29's PNG decoder dies of
+SIGSEGV on corrupt image data), GIF (its first frame only: torchvision decodes every frame
+of an animated GIF, each at full size), BMP and TIFF (its first page) by Pillow. Other
+files are not images to ffdist.
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-TORCHVISION_FORMATS = ("JPEG", "MPO", "PNG", "WEBP")
+TORCHVISION_FORMATS = ("JPEG", "MPO", "WEBP")
 """Pillow's names of the formats torchvision.io decodes (MPO: a camera JPEG with a preview)."""
-PIL_FORMATS = ("GIF", "BMP", "TIFF")
+PIL_FORMATS = ("PNG", "GIF", "BMP", "TIFF")
 """Decoded by Pillow: the first frame or page only."""
 SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 """File names `ffdist predict` looks for in a folder (lower-cased)."""
@@ -95,6 +96,7 @@ def open_lazy(fp: BinaryIO) -> Any:
         TiffImagePlugin,
         WebPImagePlugin,
     )
+
     prefix = fp.read(16)
     for name in (*TORCHVISION_FORMATS, *PIL_FORMATS):
         if name not in Image.OPEN:
@@ -114,7 +116,7 @@ def open_lazy(fp: BinaryIO) -> Any:
 
 
 class _opened:
-    """A binary file object over bytes (no copy of bytes) or a path, closed on exit."""
+    """A binary file object over the bytes, or the file at the path; closed on exit."""
 
     def __init__(self, data: bytes | bytearray | memoryview | str | os.PathLike[str]):
         self.data = data
