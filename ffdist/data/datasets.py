@@ -168,8 +168,9 @@ def _pillow_decode(data: memoryview, channels: int) -> torch.Tensor:
         if image.mode.startswith("I"):  # 16-bit grey: 65535 -> 255, as for torchvision's
             arr = (np.asarray(image).astype(np.int64).clip(0, 65535) // 257).astype(np.uint8)
             image = Image.fromarray(arr)
-        arr = np.asarray(image.convert("L" if channels == 1 else "RGB"))
-    x = torch.from_numpy(arr.copy())
+        mode = "L" if channels == 1 else "RGB"
+        arr = np.array(image if image.mode == mode else image.convert(mode))  # one copy
+    x = torch.from_numpy(arr)
     # HWC in memory, a CHW view: as torchvision.io decodes (torch's uint8 antialiased resize
     # fails an internal assert on some plain-contiguous tiny images, e.g. 3x2x2 -> 1x1)
     return x[None] if x.dim() == 2 else x.permute(2, 0, 1)
