@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import random
 import shutil
 from collections.abc import Callable
@@ -96,11 +97,26 @@ def load_torch(path: str | Path) -> Any:
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path} does not exist; give the path of a .pt "
                               "file or a run directory.") from None
+    except pickle.UnpicklingError as e:
+        # torch's refusal advises weights_only=False "if you trust the source": a refusal
+        # made for safety never repeats advice to turn the protection off.
+        if "unsupported global" not in str(e).lower():  # a class or function to import
+            why = "" if "Weights only load failed" in str(e) else f": {shorten(_first(e))}"
+            raise CheckpointError(f"checkpoint {path} cannot be read (UnpicklingError{why}); "
+                                  "it is truncated, corrupt or not a checkpoint.") from None
+        raise CheckpointError(f"{path} is not a safe checkpoint: it holds Python objects "
+                              "that only unpickling (running code from the file) could rebuild, "
+                              "and ffdist reads tensors and plain values only; in an environment "
+                              "you trust, re-save its weights as a plain state dict "
+                              "(torch.save(model.state_dict(), PATH)) and give that file.") from None
     except Exception as e:  # torn or foreign files raise many different errors
-        first = shorten((str(e).splitlines() or [""])[0])  # some errors have no message at all
         raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: "
-                              f"{first}); it is truncated, corrupt or "
+                              f"{shorten(_first(e))}); it is truncated, corrupt or "
                               "not a checkpoint.") from None
+
+
+def _first(e: Exception) -> str:
+    return (str(e).splitlines() or [""])[0]  # some errors have no message at all
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:

@@ -35,6 +35,9 @@ def run_weights(rcp: Recipe, path: str | Path, weights: str | None = None
     it then gives the run's best value) and for any other file the run's
     checkpoint.final_weights (what model.pt holds), so that a checkpoint and model.pt
     give the same model by default."""
+    if weights == "ema" and rcp.optim.ema_decay == 0:  # no file of the run holds an EMA
+        raise CheckpointError(f"--weights ema, but the run of {path} trained without an EMA "
+                              "of its weights (optim.ema_decay=0); use --weights raw.")
     return read_weights(path, weights, plain_holds=rcp.checkpoint.final_weights)
 
 

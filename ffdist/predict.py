@@ -1,5 +1,10 @@
-"""`ffdist predict RUN_DIR IMAGES... --out preds.csv`: classify JPEG/PNG files with a run's
+"""`ffdist predict RUN_DIR IMAGES... --out preds.csv`: classify image files with a run's
 model; one CSV row per image, and a picture of captioned thumbnails next to the CSV.
+
+Folders are searched for the formats ffdist reads (JPEG, PNG, WebP, GIF, BMP, TIFF: by
+suffix); the other files there are counted and named in one line, never dropped silently.
+A file whose header claims more than --max-image-pixels (default: the run's
+data.max_image_pixels) is not decoded: it gets an error row, like a file that cannot be read.
 
 Images get the run's eval preprocessing: folder datasets resize the short side to
 data.eval_resize_size (default size/0.875) and center-crop data.eval_image_size (default
@@ -36,6 +41,7 @@ import torch
 
 from ffdist import outputs
 from ffdist.argv import run_options
+from ffdist.data.decode_limits import KINDS, SUFFIXES, TooManyPixels
 from ffdist.errors import DataError, guard
 
 if TYPE_CHECKING:
@@ -43,7 +49,7 @@ if TYPE_CHECKING:
 
     from ffdist.precision import Numerics
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
+SKIPPED_LISTED = 5  # names in the line about files that are not images; the count is whole
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,25 +71,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", type=int, default=36,
                    help="thumbnails in the picture next to the CSV (default 36; 0: no picture)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--max-image-pixels", type=int, default=None, metavar="N",
+                   help="files whose header claims more pixels (width x height) are not decoded "
+                        "but reported (default: the run's data.max_image_pixels)")
     return p
 
 
-def find_images(inputs: list[str]) -> list[Path]:
-    """Files as given (whatever their suffix: a bad one becomes an error row) and the
-    JPEG/PNG files under folders, sorted."""
+def find_images(inputs: list[str]) -> tuple[list[Path], list[Path]]:
+    """(images, skipped): files as given (whatever their suffix: a bad one becomes an error
+    row) and the files under folders whose suffix is a format ffdist reads, sorted; and the
+    other files under those folders, which are not tried."""
     found: list[Path] = []
+    skipped: list[Path] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            files = sorted(p for p in path.rglob("*") if p.is_file())
+            found += [p for p in files if p.suffix.lower() in SUFFIXES]
+            skipped += [p for p in files if p.suffix.lower() not in SUFFIXES]
         elif path.exists():
             found.append(path)
         else:
             raise DataError(f"{item}: no such file or folder; give image files or folders.")
     if not found:
-        raise DataError(f"no .jpg/.jpeg/.png images under {', '.join(inputs)}; give image "
-                        "files or folders that hold some.")
-    return found
+        other = f" (only {len(skipped)} other file(s), e.g. {skipped[0].name})" if skipped else ""
+        raise DataError(f"no {KINDS} images under {', '.join(inputs)}{other}; give image files "
+                        "or folders that hold some.")
+    return found, skipped
+
+
+def skipped_line(skipped: list[Path], inputs: list[str]) -> str:
+    """One line: how many files under the folders are not images ffdist reads, and the
+    first few names (relative to the folder given)."""
+    folders = [Path(i) for i in inputs if Path(i).is_dir()]
+
+    def name(p: Path) -> str:
+        root = next((f for f in folders if p.is_relative_to(f)), p.parent)
+        return str(p.relative_to(root))
+    names = ", ".join(name(p) for p in skipped[:SKIPPED_LISTED])
+    more = f" and {len(skipped) - SKIPPED_LISTED} more" if len(skipped) > SKIPPED_LISTED else ""
+    return f"skipped {len(skipped)} file(s) that are not {KINDS} images: {names}{more}"
 
 
 def make_transform(folder_data: bool, size: int, resize: int | None = None,
@@ -105,16 +132,18 @@ class Row:
     thumb: torch.Tensor | None = None
 
 
-def load_batch(paths: list[Path], channels: int, transform) -> tuple[list[Row], torch.Tensor | None]:
-    from ffdist.data.datasets import decode
+def load_batch(paths: list[Path], channels: int, transform, max_pixels: int
+               ) -> tuple[list[Row], torch.Tensor | None]:
+    from ffdist.data.datasets import decode, decode_error
 
     rows, tensors = [], []
     for path in paths:
         try:
-            image = transform(decode(str(path), channels))
+            image = transform(decode(str(path), channels, max_pixels))
+        except TooManyPixels as e:  # refused from its header: nothing was decoded
+            rows.append(Row(str(path), error=f"not decoded ({e.describe('--max-image-pixels')})"))
+            continue
         except Exception as e:  # corrupt, truncated or not an image: report it, go on
-            from ffdist.data.datasets import decode_error
-
             rows.append(Row(str(path), error=f"unreadable image ({decode_error(e)})"))
             continue
         rows.append(Row(str(path), thumb=image))
@@ -221,6 +250,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.topk < 1 or args.batch_size < 1:
         raise DataError("--topk and --batch-size must be at least 1.")
+    if args.max_image_pixels is not None and args.max_image_pixels < 1:
+        raise DataError(f"--max-image-pixels {args.max_image_pixels}: give a positive pixel "
+                        "count (width x height), or leave it out for the run's "
+                        "data.max_image_pixels.")
     loaded = load_run(args.run_dir, args.overrides, args.checkpoint, args.weights)
     # The device is decided once: CUDA when there is one (or asked for), else the CPU.
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -234,13 +267,17 @@ def run(args: argparse.Namespace) -> int:
     std = torch.tensor(loaded.std, device=device).view(1, -1, 1, 1)
     transform = make_transform(loaded.folder_data, resolved.eval_image_size, loaded.eval_resize,
                                loaded.interpolation)
-    paths = find_images(args.images)
+    paths, skipped = find_images(args.images)
     out, picture = _output_paths(args, loaded, paths)
+    max_pixels = args.max_image_pixels or loaded.recipe.data.max_image_pixels
+    if skipped:
+        print(skipped_line(skipped, args.images), flush=True)
     k = min(args.topk, len(loaded.classes))
     rows: list[Row] = []
     thumbs = 0
     for start in range(0, len(paths), args.batch_size):
-        batch_rows, x = load_batch(paths[start:start + args.batch_size], loaded.channels, transform)
+        batch_rows, x = load_batch(paths[start:start + args.batch_size], loaded.channels,
+                                   transform, max_pixels)
         if x is not None:
             probs = probabilities(model, x.to(device), mean, std, args.tta, numerics)
             for r, p in zip([r for r in batch_rows if r.thumb is not None], probs):
@@ -272,7 +309,7 @@ def run(args: argparse.Namespace) -> int:
 def _output_paths(args: argparse.Namespace, loaded, images: list[Path]) -> tuple[Path, Path | None]:
     """The CSV and the picture beside it, checked by ffdist.outputs before any work."""
     out = Path(args.out)
-    if out.suffix.lower() in IMAGE_SUFFIXES:
+    if out.suffix.lower() in SUFFIXES:
         raise outputs.OutputError(f"--out {out}: --out names the CSV file, and the picture is "
                                   f"written next to it; use e.g. --out {out.with_suffix('.csv')}.")
     picture = outputs.picture_path(out) if args.grid else None

@@ -45,7 +45,7 @@ def _resizable(data: DataConfig) -> bool:
     one place that decides it, so the advice names a key that works."""
     from ffdist.assemble import image_size
 
-    other = image_size(data) + 1
+    other = 2 if image_size(data) == 1 else 1  # any other valid side
     return image_size(replace(data, image_size=other)) == other
 
 
@@ -67,22 +67,35 @@ def check_input_size(model: nn.Module, cfg: ModelConfig, size: int, key: str | N
     was_training = model.training
     model.eval()  # BatchNorm statistics untouched; one image is enough
     try:
-        with torch.no_grad():
-            model(torch.zeros(1, cfg.in_channels, size, size))
-    except (RuntimeError, ValueError, AssertionError) as e:
-        why = shorten(str(e) or type(e).__name__, 140)
+        why = _fails(model, cfg.in_channels, size)
+        if why is None:
+            return
+        # the advice names a size that was tried: the smallest power of two that passes
+        works = next((s for s in (2, 4, 8, 16, 32, PROBE_BELOW) if s > size
+                      and _fails(model, cfg.in_channels, s) is None), None) if key else None
         raise DataError(f"model.name={name} cannot take {given} ({why}); "
-                        f"{_small_fix(name, key)}.") from None
+                        f"{_small_fix(name, key, works)}.")
     finally:
         model.train(was_training)
 
 
-def _small_fix(name: str, key: str | None) -> str:
-    """The advice for images too small for the model: a larger size where a key sets it,
-    else (or also) a model made for small images other than this one."""
+def _fails(model: nn.Module, channels: int, size: int) -> str | None:
+    """Why one zero image of `size` does not pass through `model`, or None when it does."""
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, channels, size, size))
+    except (RuntimeError, ValueError, AssertionError) as e:
+        return shorten(str(e) or type(e).__name__, 140)
+    return None
+
+
+def _small_fix(name: str, key: str | None, works: int | None = None) -> str:
+    """The advice for images too small for the model: a size that was tried and works, where
+    a key sets it, else (or also) a model made for small images other than this one."""
     others = [m for m in SMALL if m != name]
     models = f"a model made for small images ({', '.join(others)}; ResNets with " \
              "model.cifar_stem=true)"
     if key is None:
         return f"use {models}"
-    return f"use a larger {key}" + ("" if name in SMALL else f", or {models}")
+    larger = f"set {key}={works} or larger" if works else f"use a larger {key}"
+    return larger + ("" if name in SMALL else f", or {models}")

@@ -11,6 +11,7 @@ Nothing here names a rank or a device index: the environment says *where* (ffdis
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,48 @@ class Invalid(ValueError):
 def _check(ok: bool, key: str, value: Any, fix: str) -> None:
     if not ok:
         raise Invalid(key, value, fix)
+
+
+MAX_IMAGE_SIDE = 4096
+"""Largest data.image_size / eval_image_size / eval_resize_size. One 4096x4096 RGB image is
+50 MB as uint8 and 200 MB as the fp32 the model sees, so a batch of 32 needs 6.4 GB before
+the first layer; classification trains at 224 to 600 (EfficientNet-B7) and high-resolution
+fine-tuning stays below 2048. A larger side is a slip (a pixel count, a file size) that would
+otherwise run for a minute and die in the allocator."""
+
+MAX_IMAGE_PIXELS = 89_478_485
+"""Default of data.max_image_pixels: Pillow's own decompression-bomb threshold (its
+MAX_IMAGE_PIXELS, 0.25 GiB of 24-bit pixels), which photo tools already respect. A file
+claiming more (a 109 KB PNG can claim 30000x30000 = 900 M pixels, 2.7 GB decoded) is refused
+from its header, before any decoder allocates; a 100-megapixel camera raises the key."""
+
+MAX_NPROC = 512
+"""Largest launch.nproc: processes on ONE node. A GPU node has at most 16 GPUs (one process
+each); CPU ranks go up to the cores of the largest nodes (2 x 192 today). Every process
+imports torch (about 0.5 GB), so 100000 is a typo, not a plan."""
+
+MAX_NNODES = 16384
+"""Largest launch.nnodes: 131,072 GPUs at 8 per node, beyond the largest clusters built."""
+
+
+def _port_of(endpoint: str) -> int | None:
+    """The port of 'host:port' (an IPv6 host in brackets), or None when it is not 1..65535."""
+    host, _, port = endpoint.rpartition(":")
+    if not host or not port.isascii() or not port.isdigit():
+        return None
+    return int(port) if 1 <= int(port) <= 65535 else None
+
+
+def _non_finite(section: Any, prefix: str) -> tuple[str, Any, Any] | None:
+    """(key, value, default) of the first float (or list of floats) field of `section` that
+    is inf or NaN: no recipe number is right at infinity, and NaN passes no comparison."""
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        items = value if isinstance(value, list) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in items):
+            default = f.default_factory() if callable(f.default_factory) else f.default
+            return prefix + f.name, value, default
+    return None
 
 
 @dataclass
@@ -101,8 +144,8 @@ class DataConfig:
     eval_batch_size: int | None = None
     """Global eval batch (default: batch_size)."""
     image_size: int | None = None
-    """Side of the (square) training crop; default: the dataset's native size (224 for
-    folders)."""
+    """Side of the (square) training crop, at most 4096; default: 224 for folders, 32 for
+    synthetic data. Datasets of their own size (digits, mnist, cifar) refuse it."""
     num_workers: int = 0
     """DataLoader worker processes per rank (0: load in the training process)."""
     prefetch_factor: int = 2
@@ -124,9 +167,14 @@ class DataConfig:
     synthetic_size: int = 2048
     """synthetic: number of generated images."""
     bad_images: str = "skip"
-    """Unreadable images in a folder dataset: skip (count, warn once) or error."""
+    """Unreadable images in a folder dataset (corrupt, not an image, or more pixels than
+    data.max_image_pixels): skip (count, warn once) or error."""
     max_bad_fraction: float = 0.01
     """With bad_images=skip: fail when more than this fraction of a split is unreadable."""
+    max_image_pixels: int = MAX_IMAGE_PIXELS
+    """Largest image (width x height) decoded, read from the file's header before any
+    decoder runs: a larger one counts as unreadable (data.bad_images). Default: Pillow's
+    decompression-bomb threshold, 89,478,485 (0.27 GB as RGB)."""
     auto_augment: str | None = None
     """Policy augmentation of training images (torchvision.transforms.v2 on uint8, seeded
     per sample): ra (RandAugment) | ta_wide (TrivialAugmentWide) | augmix | imagenet,
@@ -149,7 +197,7 @@ class DataConfig:
     nearest | bilinear | bicubic (policies use bilinear then: torchvision's tensor
     rotations and shears have no bicubic)."""
     eval_image_size: int | None = None
-    """Folder datasets: side of the eval center crop (default: image_size). Training at a
+    """Folder datasets: side of the eval center crop, at most 4096 (default: image_size). Training at a
     smaller crop than evaluation is torchvision's FixRes mitigation (176 / 224)."""
     eval_resize_size: int | None = None
     """Folder datasets: short side the eval image is resized to before the center crop
@@ -196,6 +244,13 @@ class DataConfig:
                "use skip or error")
         _check(0.0 <= self.max_bad_fraction <= 1.0, "data.max_bad_fraction",
                self.max_bad_fraction, "use a fraction between 0 and 1")
+        _check(self.max_image_pixels >= 1, "data.max_image_pixels", self.max_image_pixels,
+               f"use a positive pixel count, e.g. {MAX_IMAGE_PIXELS}")
+        for key in ("image_size", "eval_image_size", "eval_resize_size"):
+            value = getattr(self, key)
+            _check(value is None or 1 <= value <= MAX_IMAGE_SIDE, f"data.{key}", value,
+                   f"use a side from 1 to {MAX_IMAGE_SIDE} pixels (larger images do not fit "
+                   f"a batch in memory), e.g. data.{key}=224, or null")
         self._check_augmentation()
         self._check_mixing()
 
@@ -217,9 +272,6 @@ class DataConfig:
                self.random_erase_mode, "use mean or pixel")
         _check(self.interpolation in ("nearest", "bilinear", "bicubic"), "data.interpolation",
                self.interpolation, "use nearest, bilinear or bicubic")
-        for key in ("eval_image_size", "eval_resize_size"):
-            value = getattr(self, key)
-            _check(value is None or value >= 1, f"data.{key}", value, "use a positive size or null")
         _check(self.repeated_augmentation >= 1, "data.repeated_augmentation",
                self.repeated_augmentation, "use 1 (off) or more repeats per image")
 
@@ -308,11 +360,11 @@ class ScheduleConfig:
     step_size: int = 30
     """step: epochs between decays."""
     milestones: list[int] = field(default_factory=lambda: [30, 60, 80])
-    """multistep: epochs at which lr is multiplied by gamma."""
+    """multistep: epochs at which lr is multiplied by gamma, positive and increasing."""
     gamma: float = 0.1
     """step/multistep decay factor."""
     min_lr: float = 0.0
-    """cosine: final learning rate."""
+    """cosine: final learning rate, from 0 to optim.lr."""
     eval_every_epochs: int = 1
     """Evaluate every N epochs (and always after the last)."""
     evaluate_before_train: bool = False
@@ -335,6 +387,10 @@ class ScheduleConfig:
         _check(self.step_size >= 1, "schedule.step_size", self.step_size, "use 1 or more")
         _check(0.0 < self.gamma <= 1.0, "schedule.gamma", self.gamma, "use 0 < gamma <= 1")
         _check(self.min_lr >= 0, "schedule.min_lr", self.min_lr, "use 0 or more")
+        m = self.milestones
+        _check(all(e >= 1 for e in m) and all(a < b for a, b in zip(m, m[1:])),
+               "schedule.milestones", m, "list epochs from 1 upwards, each later than the one "
+               "before, e.g. schedule.milestones=[30,60,80]")
         _check(self.eval_every_epochs >= 1, "schedule.eval_every_epochs",
                self.eval_every_epochs, "use 1 or more")
         _check(self.nan_policy in ("stop", "skip"), "schedule.nan_policy", self.nan_policy,
@@ -391,15 +447,15 @@ class LaunchConfig:
     """GPU ids for `ffdist launch` on each node (-> CUDA_VISIBLE_DEVICES); [] = all visible.
     Ignored with launch.device=cpu."""
     nproc: int | None = None
-    """Processes per node. null: one per GPU (one per launch.gpus id, else per visible GPU)
+    """Processes per node (at most 512). null: one per GPU (one per launch.gpus id, else per visible GPU)
     when ranks run on GPUs, one process on the CPU. A number: exactly that many, on GPUs
     (at most one per GPU; more is an error) or on the CPU (launch.device=cpu, or no GPU)."""
     nnodes: int = 1
-    """Number of nodes."""
+    """Number of nodes (at most 16384)."""
     node_rank: int = 0
     """This node's rank (bare torchrun across nodes)."""
     rdzv_endpoint: str = "localhost:29500"
-    """host:port of the c10d rendezvous (the head node)."""
+    """host:port of the c10d rendezvous (the head node); port 1..65535."""
     rdzv_timeout: int = 900
     """Seconds the rendezvous waits for all nodes."""
     socket_ifname: str | None = None
@@ -418,13 +474,16 @@ class LaunchConfig:
                "list each GPU id once")
         _check(self.device in ("auto", "cuda", "cpu"), "launch.device", self.device,
                "use auto, cuda or cpu")
-        _check(self.nproc is None or self.nproc >= 1, "launch.nproc", self.nproc,
-               "use 1 or more, or null (one per GPU; one on the CPU)")
-        _check(self.nnodes >= 1, "launch.nnodes", self.nnodes, "use 1 or more")
+        _check(self.nproc is None or 1 <= self.nproc <= MAX_NPROC, "launch.nproc", self.nproc,
+               f"use 1 to {MAX_NPROC} processes per node, e.g. launch.nproc=2, or null (one "
+               "per GPU; one on the CPU)")
+        _check(1 <= self.nnodes <= MAX_NNODES, "launch.nnodes", self.nnodes,
+               f"use 1 to {MAX_NNODES} nodes, e.g. launch.nnodes=1")
         _check(0 <= self.node_rank < self.nnodes, "launch.node_rank", self.node_rank,
                "use 0 .. nnodes-1")
-        _check(":" in self.rdzv_endpoint, "launch.rdzv_endpoint", self.rdzv_endpoint,
-               "use host:port")
+        _check(_port_of(self.rdzv_endpoint) is not None, "launch.rdzv_endpoint",
+               self.rdzv_endpoint, "use host:port with a port from 1 to 65535, e.g. "
+               "launch.rdzv_endpoint=localhost:29500")
         _check(self.pg_timeout >= 1, "launch.pg_timeout", self.pg_timeout, "use 1 or more")
         _check(self.max_restarts >= 0, "launch.max_restarts", self.max_restarts, "use 0 or more")
 
@@ -547,6 +606,16 @@ class Recipe:
         _check(0 <= self.seed <= MAX_SEED, "seed", self.seed, f"use an integer from 0 to {MAX_SEED}")
         _check(self.precision in ("fp32", "bf16", "fp16", "auto"), "precision",
                self.precision, "use fp32, bf16, fp16 or auto")
+        for name in SECTIONS:
+            bad = _non_finite(getattr(self, name), f"{name}.")
+            if bad:
+                key, value, default = bad
+                example = "null" if default is None else default
+                raise Invalid(key, value, f"use a finite number, e.g. {key}={example} (the "
+                              "default)")
+        _check(self.schedule.min_lr <= self.optim.lr, "schedule.min_lr", self.schedule.min_lr,
+               f"the final learning rate cannot exceed optim.lr={self.optim.lr}; set "
+               f"schedule.min_lr=0 or another value up to {self.optim.lr}")
         for key in ("best_weights", "final_weights"):
             value = getattr(self.checkpoint, key)
             _check(value == "raw" or self.optim.ema_decay > 0, f"checkpoint.{key}", value,

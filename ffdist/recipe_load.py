@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -56,7 +57,32 @@ def from_dict(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = (),
     except OmegaConfBaseException as e:
         raise RecipeError(_explain(e, source, origin)) from None
     _check_values(rcp, source, cli_keys)
+    _expand_home(rcp, source, cli_keys)
     return rcp
+
+
+PATH_KEYS = ("output_dir", "data.root", "data.train_list", "data.val_list", "model.pretrained",
+             "strategy.deepspeed_config", "checkpoint.resume")
+"""Recipe keys that name a file or folder. A leading `~` is expanded here, the one place,
+whether the value came from YAML (where no shell expands it) or the command line (where a
+quoted one is not): otherwise `output_dir: ~/runs/x` would create a folder named `~` in the
+working directory. The run's recipe.yaml records the expanded path."""
+
+
+def _expand_home(rcp: Recipe, source: str, cli_keys: list[str]) -> None:
+    for key in PATH_KEYS:
+        *sections, last = key.split(".")
+        owner = functools.reduce(getattr, sections, rcp)
+        value = getattr(owner, last)
+        if not (isinstance(value, str) and value.startswith("~")):
+            continue
+        expanded = os.path.expanduser(value)
+        if expanded.startswith("~"):
+            where = "command line" if _from_cli(key, cli_keys) else source
+            user = value.split("/", 1)[0]
+            raise RecipeError(f"{where}: {key}={printable(value)}: {printable(user)} is not a "
+                              "user's home folder here; write the whole path.")
+        setattr(owner, last, expanded)
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -106,6 +132,8 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> list[tuple[str, A
     for item in overrides:
         key, eq, text = item.partition("=")
         key = key.strip()
+        if key.startswith("+") and eq:
+            raise RecipeError(_plus(key, text))
         if not eq or not key:
             raise RecipeError(f"command line: override '{printable(item)}' is not key=value; "
                               "write e.g. optim.lr=0.05.")
@@ -126,6 +154,21 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> list[tuple[str, A
                                   "list as [a,b].") from None
         parsed.append((key, value))
     return parsed
+
+
+def _plus(key: str, text: str) -> str:
+    """Hydra's `+key=value` (add a key) or `++key=value`: ffdist's keys all exist, so the
+    prefix adds nothing; say whether the key without it is one."""
+    bare = key.lstrip("+")
+    said = f"command line: {printable(key)}={printable(text)}: ffdist has no '+' prefix (every " \
+           "recipe key exists already)"
+    if bare in leaf_types():
+        return f"{said}; write {printable(bare)}={printable(text)}."
+    hint = suggest(bare)
+    fix = f"did you mean '{printable(hint)}'?" if hint else \
+        f"leave out '{printable(key)}={printable(text)}' (every key is listed in " \
+        "docs/recipe-reference.md)."
+    return f"{said}, and '{printable(bare)}' is not a recipe key; {fix}"
 
 
 def _nest(cli: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -34,14 +34,17 @@ class BatchPlan:
 def plan_batches(global_batch: int, micro_batch: int | None, world_size: int) -> BatchPlan:
     """The batch arithmetic above; a run calls it once, through ffdist.assemble.resolve."""
     if global_batch % world_size:
+        up = -(-global_batch // world_size) * world_size
         raise RecipeError(f"data.batch_size={global_batch} is the global batch and does not "
-                          f"divide over {world_size} processes; use a multiple of {world_size}.")
+                          f"divide over {world_size} processes; set data.batch_size={up} (or "
+                          f"another multiple of {world_size}).")
     per_rank = global_batch // world_size
     micro = min(micro_batch or per_rank, per_rank)
     if per_rank % micro:
+        fits = max(d for d in range(1, micro + 1) if per_rank % d == 0)
         raise RecipeError(f"data.micro_batch_size={micro_batch} does not divide the per-rank "
                           f"batch {per_rank} (= {global_batch} / {world_size} processes); "
-                          "use a divisor of it.")
+                          f"set data.micro_batch_size={fits} (or another divisor of it).")
     return BatchPlan(global_batch, world_size, per_rank, micro, per_rank // micro)
 
 

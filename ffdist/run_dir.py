@@ -207,7 +207,8 @@ def check_writable(run_dir: Path) -> None:
         except OSError as e:
             what = "" if folder == run_dir else f": its {folder.name}/ folder"
             raise CheckpointError(f"output_dir={run_dir}{what} is not writable ({e.strerror}); "
-                                  "choose another output_dir or fix its permissions.") from None
+                                  "set output_dir=PATH to a folder you can write, or fix its "
+                                  "permissions.") from None
 
 
 @dataclass

@@ -51,6 +51,11 @@ def build(recipe: Recipe, rank: int, plan: BatchPlan, device: torch.device, *,
 
 def check_spec(spec: DataSpec, name: str, num_classes: int, channels: int) -> None:
     """The data and the model must agree on classes and channels."""
+    if len(spec.classes) < 2:  # model.num_classes=1 is refused by the schema: say what is
+        raise DataError(f"data.name={name} has {len(spec.classes)} class(es) "
+                        f"({', '.join(spec.classes[:3]) or 'none'}); a classifier needs at least "
+                        "2: add the images of another class (imagefolder: another class "
+                        "folder under train/ and val/).")
     if len(spec.classes) != num_classes:
         raise DataError(f"model.num_classes={num_classes} but data.name={name} has "
                         f"{len(spec.classes)} classes; set model.num_classes={len(spec.classes)}.")

@@ -3,9 +3,9 @@ int label).
 
 `TensorImages`: images in memory as one uint8 tensor (digits, MNIST, CIFAR, synthetic): a
 batch is one indexing operation (`__getitems__`), with batched augmentation, no per-sample
-Python. `FileImages`: (path, label) pairs (image folders, file lists) decoded from
-JPEG/PNG/WebP/GIF straight to uint8 tensors with torchvision.io, augmented with
-transforms v2.
+Python. `FileImages`: (path, label) pairs (image folders, file lists) decoded to uint8
+tensors (`decode`: the header's pixel count checked first, ffdist.data.decode_limits),
+augmented with transforms v2.
 """
 
 from __future__ import annotations
@@ -17,8 +17,10 @@ from collections.abc import Callable
 import torch
 from torch.utils.data import Dataset
 
+from ffdist.data import decode_limits
 from ffdist.data import transforms as T
 from ffdist.errors import DataError
+from ffdist.recipe import MAX_IMAGE_PIXELS
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +74,9 @@ class TensorImages(Dataset):
 class FileImages(Dataset):
     """(path, label) pairs decoded with torchvision.io to uint8 tensors.
 
-    Unreadable files (truncated, corrupt, not an image) follow data.bad_images: `error`
-    raises a DataError naming the file; `skip` returns None for the sample (the collate
+    Unreadable files (truncated, corrupt, not an image, or more pixels than
+    data.max_image_pixels) follow data.bad_images: `error` raises a DataError naming the
+    file; `skip` returns None for the sample (the collate
     drops it, so that batch is smaller), warns once per file (the first 10 files), and
     fails once more than max_bad_fraction of the split has proven unreadable. Files are
     found bad when read, not by a scan up front (that would decode a whole ImageNet before
@@ -84,9 +87,9 @@ class FileImages(Dataset):
 
     def __init__(self, samples: list[tuple[str, int]], transform: Callable, channels: int,
                  seed: int = 0, bad_images: str = "skip", max_bad_fraction: float = 0.01,
-                 split: str = "train"):
+                 split: str = "train", max_pixels: int = MAX_IMAGE_PIXELS):
         self.samples, self.transform, self.channels = samples, transform, channels
-        self.seed = seed
+        self.seed, self.max_pixels = seed, max_pixels
         self.bad_images, self.max_bad_fraction, self.split = bad_images, max_bad_fraction, split
         self.bad: dict[str, str] = {}  # path -> why it could not be read
 
@@ -97,8 +100,8 @@ class FileImages(Dataset):
         epoch, idx, rep = _split_keys([key])
         path, label = self.samples[int(idx[0])]
         try:
-            image = decode(path, self.channels)
-        except (RuntimeError, OSError, ValueError) as e:  # torchvision.io on broken files
+            image = decode(path, self.channels, self.max_pixels)
+        except (RuntimeError, OSError, ValueError) as e:  # broken, foreign or too large
             return self._unreadable(path, e)  # type: ignore[return-value]
         # transforms v2 draw from torch's global CPU RNG: seed it per sample, restore it
         # after. default_generator only: torch.manual_seed also seeds every accelerator,
@@ -109,7 +112,14 @@ class FileImages(Dataset):
 
 
     def _unreadable(self, path: str, e: Exception) -> None:
-        reason = decode_error(e)
+        if isinstance(e, decode_limits.TooManyPixels):
+            reason = e.describe("data.max_image_pixels")
+            if self.bad_images == "error":
+                raise DataError(f"{path}: not decoded: {reason}; resize or remove the file, or "
+                                "set data.bad_images=skip to skip such files (or raise "
+                                "data.max_image_pixels if images this large are expected).")
+        else:
+            reason = decode_error(e)
         if self.bad_images == "error":
             raise DataError(f"{path}: cannot be decoded as an image ({reason}); replace or "
                             "remove the file, or set data.bad_images=skip to skip such files.")
@@ -129,15 +139,41 @@ class FileImages(Dataset):
         return None
 
 
-def decode(path: str, channels: int = 3) -> torch.Tensor:
-    """JPEG/PNG/WebP/GIF file -> uint8 CHW tensor with `channels` channels."""
+def decode(path: str, channels: int = 3, max_pixels: int = MAX_IMAGE_PIXELS) -> torch.Tensor:
+    """An image file -> uint8 CHW tensor with `channels` channels. Its header is read
+    first (ffdist.data.decode_limits): more than `max_pixels` pixels, or no header of a
+    format ffdist reads, raise a ValueError before any decoder allocates. JPEG and WebP are
+    decoded by torchvision.io; PNG, GIF (first frame), BMP and TIFF (first page) by Pillow
+    (ffdist.data.decode_limits says why)."""
     from torchvision.io import ImageReadMode, decode_image, read_file
 
     data = read_file(path)
-    webp = bytes(data[:4].tolist()) == b"RIFF" and bytes(data[8:12].tolist()) == b"WEBP"
+    header = decode_limits.check(memoryview(data.numpy()), max_pixels)
+    if not header.by_torchvision:
+        return as_uint8_image(_pillow_decode(memoryview(data.numpy()), channels), channels)
     # WebP has no grey decoding (torchvision warns on every file): decode RGB, convert below
-    mode = ImageReadMode.RGB if channels == 3 or webp else ImageReadMode.GRAY
+    mode = ImageReadMode.GRAY if channels == 1 and header.format != "WEBP" else ImageReadMode.RGB
     return as_uint8_image(decode_image(data, mode=mode), channels)
+
+
+def _pillow_decode(data: memoryview, channels: int) -> torch.Tensor:
+    """The first frame (page) of an image through Pillow, as uint8 CHW."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    with io.BytesIO(data) as fp:
+        image = decode_limits.open_lazy(fp)  # the header again: no pixel threshold of Pillow's
+        if image.mode.startswith("I"):  # 16-bit grey: 65535 -> 255, as for torchvision's
+            arr = (np.asarray(image).astype(np.int64).clip(0, 65535) // 257).astype(np.uint8)
+            image = Image.fromarray(arr)
+        mode = "L" if channels == 1 else "RGB"
+        arr = np.array(image if image.mode == mode else image.convert(mode))  # one copy
+    x = torch.from_numpy(arr)
+    # HWC in memory, a CHW view: as torchvision.io decodes (torch's uint8 antialiased resize
+    # fails an internal assert on some plain-contiguous tiny images, e.g. 3x2x2 -> 1x1)
+    return x[None] if x.dim() == 2 else x.permute(2, 0, 1)
 
 
 def as_uint8_image(x: torch.Tensor, channels: int) -> torch.Tensor:
@@ -169,20 +205,19 @@ def decode_error(e: Exception) -> str:
     text = " ".join(str(e).split()) or type(e).__name__
     text = re.sub(r"^\w+, \S+:\d+, ", "", text)
     if text.startswith("Unsupported image file"):
-        return "not a JPEG, PNG, WebP or GIF image"
+        return f"not a {decode_limits.KINDS} image"
     if text.startswith("Expected a non empty file"):
         return "the file is empty"
     return shorten(text, 160)
 
 
 def collate(batch: object) -> object:
-    """Batches from `__getitems__` arrive already stacked; per-sample lists get stacked."""
+    """Batches from `__getitems__` arrive already stacked; per-sample lists get stacked.
+    None when every image of the batch was skipped as unreadable: the stream decides
+    (ffdist.data.mapstyle: eval runs an empty batch, training stops)."""
     if isinstance(batch, tuple):
         return batch
     from torch.utils.data import default_collate
 
     kept = [b for b in batch if b is not None]  # None: an unreadable file skipped
-    if not kept:
-        raise DataError(f"all {len(batch)} images of a batch are unreadable; check the dataset "
-                        "files (data.bad_images=skip skipped them).")
-    return default_collate(kept)
+    return default_collate(kept) if kept else None

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ffdist.data.datasets import collate
 from ffdist.data.stream import DataSpec, StreamRequest, Streams, shard_bounds
-from ffdist.errors import RecipeError
+from ffdist.errors import DataError, RecipeError
 from ffdist.recipe import DataConfig
 from ffdist.resolved import BatchPlan
 
@@ -136,7 +136,12 @@ class MapTrainStream:
         self.sampler.set_epoch(epoch, skip_steps)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        return iter(self.loader)
+        for batch in self.loader:
+            if batch is None:  # a micro-batch of skipped files: a step cannot be made of it
+                raise DataError(f"all {self.plan.micro} images of a micro-batch are "
+                                "unreadable (data.bad_images=skip skipped them); check the "
+                                "dataset files.")
+            yield batch
 
     def state_dict(self) -> dict[str, Any]:
         return {"samples": self.sampler.n}
@@ -150,13 +155,19 @@ class MapTrainStream:
 
 
 class MapEvalStream:
-    """An eval stream over a map-style dataset: this rank's ShardSampler shard, batched."""
+    """An eval stream over a map-style dataset: this rank's ShardSampler shard, batched. A
+    batch whose files were all skipped as unreadable is an empty batch (it counts nothing),
+    so that the stream still has len() batches."""
 
-    def __init__(self, dataset: Dataset, loader: DataLoader):
-        self.dataset, self.loader = dataset, loader
+    def __init__(self, dataset: Dataset, loader: DataLoader, spec: DataSpec):
+        self.dataset, self.loader, self.spec = dataset, loader, spec
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        return iter(self.loader)
+        side = self.spec.eval_size
+        for batch in self.loader:
+            yield batch if batch is not None else (
+                torch.empty(0, self.spec.channels, side, side, dtype=torch.uint8),
+                torch.empty(0, dtype=torch.long))
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -181,4 +192,4 @@ def map_streams(data: MapData, cfg: DataConfig, req: StreamRequest) -> Streams:
     shard = ShardSampler(len(data.val), req.rank, req.world)  # type: ignore[arg-type]
     val = _loader(data.val, shard, req.eval_batch, cfg, req.pin_memory, drop_last=False)
     return Streams(MapTrainStream(data.train, data.spec, sampler, train),
-                   MapEvalStream(data.val, val))
+                   MapEvalStream(data.val, val, data.spec))

@@ -123,9 +123,29 @@ def test_checkpoint_that_runs_code_is_refused(tmp_path: Path):
     _Boom.marker = marker
     evil = tmp_path / "step_00000001.pt"
     torch.save({"model": {}, "x": _Boom()}, evil)
-    with pytest.raises(CheckpointError, match="cannot be read"):
+    with pytest.raises(CheckpointError, match="is not a safe checkpoint") as e:
         checkpoint.load_torch(evil)
     assert not marker.exists()
+    said = str(e.value)
+    assert "torch.save(model.state_dict(), PATH)" in said  # what to do instead
+    assert not [p for p in DISARMING if p in said.lower()], said
+
+
+# Phrases of advice that turns a protection off (torch's own refusal of a pickle says to
+# re-run with weights_only=False "if you trust the source"): a refusal never repeats them.
+DISARMING = ("weights_only=false", "weights_only set to false", "trust the source",
+             "trusted source", "if you trust", "add_safe_globals", "safe_globals(",
+             "--no-verify", "allow_pickle")
+
+
+def test_no_message_suggests_turning_a_protection_off():
+    """Every string constant in the package (the messages are built from them): no advice
+    to disable weights_only or to trust a file, whatever error a message wraps."""
+    for path in SOURCES:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                found = [p for p in DISARMING if p in node.value.lower()]
+                assert not found, f"{path}:{node.lineno}: {found}"
 
 
 def test_recipe_with_python_tag_is_refused(tmp_path: Path):

@@ -121,8 +121,8 @@ def cases(draw: st.DrawFn) -> dict:
     base = [f"data.name={data}"]
     layout = draw(S.image_folders()) if data in ("imagefolder", "filelist") else None
     if rnd.random() < 0.85:  # mostly a consistent recipe for the data
-        if data != "digits":
-            base += ["model.in_channels=3", "data.image_size=8"]
+        if data != "digits":  # mnist is 28x28 whatever the recipe says: no image_size
+            base += ["model.in_channels=3"] + (["data.image_size=8"] if data != "mnist" else [])
         if layout is not None:
             n = len(layout["train"])
             base += [f"model.num_classes={max(n, 2)}", "data.batch_size=2",

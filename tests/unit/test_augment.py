@@ -15,7 +15,7 @@ from ffdist.data import build, sources
 from ffdist.data import transforms as T
 from ffdist.data.datasets import decode
 from ffdist.data.mapstyle import TrainSampler
-from ffdist.errors import DataError
+from ffdist.errors import RecipeError
 from ffdist.resolved import plan_batches
 
 BILINEAR, BICUBIC = v2.InterpolationMode.BILINEAR, v2.InterpolationMode.BICUBIC
@@ -142,9 +142,11 @@ def test_folder_pipeline_is_torchvisions_compose_and_eval_has_its_own_size(tmp_p
     assert next(iter(streams.eval))[0].shape[-2:] == (20, 20)
 
 
-def test_eval_size_is_refused_for_in_memory_data():
-    r = recipe_load.load(None, ["data.eval_image_size=16"])
-    with pytest.raises(DataError, match="data.eval_image_size=16 applies to folder datasets"):
+@pytest.mark.parametrize("key", ["image_size", "eval_image_size", "eval_resize_size"])
+def test_size_keys_are_refused_for_data_of_its_own_size(key):
+    r = recipe_load.load(None, [f"data.{key}=16"])
+    with pytest.raises(RecipeError, match=f"data.{key}=16 does not apply to data.name=digits, "
+                                          "whose images are 8x8"):
         build(r, 0, plan_batches(r.data.batch_size, None, 1), torch.device("cpu"), pairs=False)
 
 

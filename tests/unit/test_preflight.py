@@ -67,6 +67,6 @@ def test_a_tiny_image_names_the_key_and_the_models_mode_is_kept():
         check(model, "data.name=synthetic", "data.image_size=1")
     assert str(e.value).startswith("model.name=small_cnn cannot take 1x1 images "
                                    "(data.image_size=1) (")
-    assert str(e.value).endswith("; use a larger data.image_size.")
+    assert str(e.value).endswith("; set data.image_size=2 or larger.")
     assert model.training  # probed in eval mode, then put back
-    check(model, "data.name=synthetic", "data.image_size=2")
+    check(model, "data.name=synthetic", "data.image_size=2")  # the advice, followed

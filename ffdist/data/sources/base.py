@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ffdist.errors import DataError
+from ffdist.errors import DataError, RecipeError
 
 if TYPE_CHECKING:
     from ffdist.data.mapstyle import MapData
@@ -87,15 +87,16 @@ class Source:
         return [str(i) for i in range(num_classes)]
 
     def check_sizes(self, cfg: DataConfig) -> None:
-        """A source of native-size images trains and evaluates at that size: an eval size
-        would silently change nothing."""
+        """A source of native-size images trains and evaluates at that size: a size key would
+        silently change nothing (and the run's recipe.yaml would record it as if it had)."""
         if self.native_size is None:
             return
-        for key in ("eval_image_size", "eval_resize_size"):
+        for key in ("image_size", "eval_image_size", "eval_resize_size"):
             if getattr(cfg, key) is not None:
-                raise DataError(f"data.{key}={getattr(cfg, key)} applies to folder datasets "
-                                f"(imagefolder, filelist); data.name={self.name} is evaluated "
-                                "at its native size. Remove the key.")
+                raise RecipeError(f"data.{key}={getattr(cfg, key)} does not apply to data.name="
+                                f"{self.name}, whose images are {self.native_size}x"
+                                f"{self.native_size} (its own size, for training and "
+                                f"evaluation alike); remove it or set data.{key}=null.")
 
     # ------------------------------------------------------------------ torch
     def build(self, cfg: DataConfig, req: StreamRequest) -> Streams:

@@ -1,7 +1,8 @@
-"""data.name=imagefolder | filelist: image files of any size, decoded (torchvision.io) and
-augmented per sample. imagefolder: data.root/train/<class>/*.jpg and data.root/val/<class>/;
-filelist: text files of `relative/path<sep>label` lines (data.train_list, data.val_list),
-paths under data.root. Both evaluate on a resize + centre crop, ImageNet-style."""
+"""data.name=imagefolder | filelist: image files of any size (up to data.max_image_pixels),
+decoded (ffdist.data.datasets.decode) and augmented per sample. imagefolder:
+data.root/train/<class>/*.jpg and data.root/val/<class>/; filelist: text files of
+`relative/path<sep>label` lines (data.train_list, data.val_list), paths under data.root.
+Both evaluate on a resize + centre crop, ImageNet-style."""
 
 from __future__ import annotations
 
@@ -45,7 +46,8 @@ class FolderSource(MapSource):
         train_tf = T.folder_train(size, interp, T.sample_transforms(cfg, mean, std)) \
             if cfg.augment else T.folder_eval(size, interp=interp)
         val_tf = T.folder_eval(self.eval_size(cfg), cfg.eval_resize_size, interp)
-        bad = {"bad_images": cfg.bad_images, "max_bad_fraction": cfg.max_bad_fraction}
+        bad = {"bad_images": cfg.bad_images, "max_bad_fraction": cfg.max_bad_fraction,
+               "max_pixels": cfg.max_image_pixels}
         spec = DataSpec(classes, channels, size, mean, std, cfg.eval_image_size,
                         cfg.eval_resize_size)
         return MapData(FileImages(train, train_tf, channels, seed, split="train", **bad),
@@ -152,8 +154,13 @@ def read_list(path: Path, root: Path, sep: str) -> Samples:
     if not path.is_file():
         raise DataError(f"data.train_list/val_list: {path} does not exist; give a text file of "
                         f"'relative/path{sep}label' lines.")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not a text file (byte {e.start} is not UTF-8); a file list "
+                        f"holds 'relative/path{sep}label' lines.") from None
     samples = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         rel, _, label = line.rpartition(sep)

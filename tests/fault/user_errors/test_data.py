@@ -120,6 +120,29 @@ def test_class_folders_that_differ_are_named(capfd, tmp_path):
             f"{root / 'train'}: 1; only in {root / 'val'}: one)") in line
 
 
+def test_a_binary_file_list_is_one_sentence(capfd, tmp_path):
+    root = imagefolder(tmp_path / "data")
+    (tmp_path / "train.bin").write_bytes(bytes(range(256)) * 4)
+    (tmp_path / "val.txt").write_text("val/0/0.jpg 0\n")
+    out = tmp_path / "out"
+    line = refused(train_main(capfd, *FOLDER, "data.name=filelist", f"data.root={root}",
+                              f"data.train_list={tmp_path / 'train.bin'}",
+                              f"data.val_list={tmp_path / 'val.txt'}", f"output_dir={out}"), out)
+    assert f"{tmp_path / 'train.bin'}: not a text file (byte 128 is not UTF-8)" in line
+
+
+@pytest.mark.parametrize("key", ["image_size", "eval_image_size", "eval_resize_size"])
+def test_a_size_key_a_dataset_ignores_is_refused_before_anything_is_written(capfd, tmp_path,
+                                                                           key):
+    """digits are 8x8 whatever the recipe says: the key would be recorded in the run's
+    recipe.yaml as if it had been used. Refused before the run directory exists."""
+    out = tmp_path / "out"
+    line = refused(train_main(capfd, f"data.{key}=32", f"output_dir={out}"), out)
+    assert line == (f"ffdist: error: data.{key}=32 does not apply to data.name=digits, whose "
+                    "images are 8x8 (its own size, for training and evaluation alike); remove "
+                    f"it or set data.{key}=null.")
+
+
 def test_label_out_of_range_in_filelist(capfd, tmp_path):
     root = imagefolder(tmp_path / "data")
     (tmp_path / "train.txt").write_text("train/0/0.jpg 0\ntrain/1/0.jpg 5\n")
@@ -157,11 +180,12 @@ def test_too_many_broken_jpegs_fail_naming_the_fraction(capfd, tmp_path):
 def test_decode_errors_are_whole_words_without_source_locations(capfd, tmp_path):
     root = imagefolder(tmp_path / "data")
     bad = root / "train" / "1" / "3.jpg"
-    Image.new("RGB", (8, 8)).save(bad, format="TIFF")  # a TIFF named .jpg
+    bad.write_bytes(b"%PDF-1.4\n" + bytes(200))  # a PDF named .jpg
     out = tmp_path / "out"
     line = refused(train_main(capfd, *FOLDER, f"data.root={root}", "data.bad_images=error",
                               f"output_dir={out}"))
-    assert f"{bad}: cannot be decoded as an image (not a JPEG, PNG, WebP or GIF image)" in line
+    assert f"{bad}: cannot be decoded as an image (not a JPEG, PNG, WebP, GIF, BMP or TIFF " \
+           "image)" in line
     assert ".cpp" not in line
 
 
@@ -251,7 +275,7 @@ def test_an_image_size_the_model_pools_away_is_refused_by_the_command(tmp_path):
                              f"output_dir={out}"), out)
     assert line.startswith("ffdist: error: model.name=small_cnn cannot take 1x1 images "
                            "(data.image_size=1) (")
-    assert line.endswith("; use a larger data.image_size.")
+    assert line.endswith("; set data.image_size=2 or larger.")
 
 
 def test_an_eval_size_the_model_cannot_take_is_refused_before_training(capfd, tmp_path):
@@ -262,4 +286,4 @@ def test_an_eval_size_the_model_cannot_take_is_refused_before_training(capfd, tm
                               "data.image_size=16", "data.eval_image_size=4",
                               f"output_dir={out}"), out)
     assert "model.name=lenet cannot take 4x4 images (data.eval_image_size=4)" in line
-    assert line.endswith("; use a larger data.eval_image_size.")
+    assert line.endswith("; set data.eval_image_size=16 or larger.")

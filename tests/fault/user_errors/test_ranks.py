@@ -33,7 +33,8 @@ def test_batch_not_divisible_under_torchrun_is_one_line(existing_run):
     proc = kit.run(kit.torchrun_cmd(existing_run, "data.batch_size=63"), timeout=90)
     ours = [ln for ln in proc.stderr.splitlines() if ln.startswith("ffdist: error")]
     assert ours == ["ffdist: error: data.batch_size=63 is the global batch and does not divide "
-                    "over 2 processes; use a multiple of 2."], proc.stderr[-3000:]
+                    "over 2 processes; set data.batch_size=64 (or another multiple of 2)."], \
+        proc.stderr[-3000:]
     # torchrun exits 1 whatever its workers return; it reports theirs:
     assert proc.returncode == 1 and f"exitcode  : {EXIT_USER_ERROR}" in proc.stderr
     assert snapshot(existing_run) == before

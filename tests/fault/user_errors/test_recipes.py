@@ -190,3 +190,38 @@ def test_a_plain_reference_between_keys_still_interpolates(tmp_path):
     started = time.perf_counter()
     assert recipe_load.load(path, ["optim.lr=0.2"]).name == "lr_0.2"
     assert time.perf_counter() - started < 1.0
+
+
+# ------------------------------------------------------------------ numbers that cannot be right
+
+@pytest.mark.parametrize("overrides,expect", [
+    (["launch.nproc=100000"], "command line: launch.nproc=100000 is out of range: use 1 to 512 "
+                              "processes per node"),
+    (["launch.rdzv_endpoint=head:99999"], "command line: launch.rdzv_endpoint='head:99999' is "
+                                          "not valid: use host:port with a port from 1 to 65535"),
+    (["data.name=synthetic", "data.image_size=30000"],
+     "command line: data.image_size=30000 is out of range: use a side from 1 to 4096 pixels"),
+    (["optim.lr=inf"], "command line: optim.lr=inf is out of range: use a finite number"),
+], ids=["nproc", "port", "image-side", "inf"])
+def test_launch_dry_run_refuses_what_cannot_run(tmp_path, overrides, expect):
+    """`ffdist launch --dry-run` prints what it would start: never for a recipe that cannot
+    run. As a real process, in an empty working directory."""
+    work = empty_cwd(tmp_path)
+    line = refused([sys.executable, "-m", "ffdist.cli", "launch", "--dry-run", DIGITS, *overrides],
+                   work, cwd=work, timeout=60)
+    assert expect in line
+
+
+def test_tilde_in_a_yaml_output_dir_is_home_not_a_folder_named_tilde(tmp_path):
+    """`output_dir: ~/x` in a recipe file (no shell expands it): the run goes under $HOME and
+    its recipe.yaml says so; no `~` folder appears in the working directory."""
+    work, home = empty_cwd(tmp_path), tmp_path / "home"
+    path = recipe_file(tmp_path, "name: t\noutput_dir: ~/runs/t\nmodel:\n  in_channels: 1\n")
+    proc = subprocess.run(train_cmd(path, "schedule.max_steps=2", "schedule.epochs=1",
+                                    "log.tensorboard=false", "log.progress=false"),
+                          cwd=work, env=env(HOME=str(home)), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not (work / "~").exists() and list(work.iterdir()) == []
+    saved = (home / "runs" / "t" / "recipe.yaml").read_text()
+    assert f"output_dir: {home / 'runs' / 't'}" in saved
