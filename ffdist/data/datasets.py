@@ -84,8 +84,9 @@ class FileImages(Dataset):
 
     def __init__(self, samples: list[tuple[str, int]], transform: Callable, channels: int,
                  seed: int = 0, bad_images: str = "skip", max_bad_fraction: float = 0.01,
-                 split: str = "train"):
+                 split: str = "train", total: int | None = None):
         self.samples, self.transform, self.channels = samples, transform, channels
+        self.total = len(samples) if total is None else total  # the split's size
         self.seed = seed
         self.bad_images, self.max_bad_fraction, self.split = bad_images, max_bad_fraction, split
         self.bad: dict[str, str] = {}  # path -> why it could not be read
@@ -97,9 +98,21 @@ class FileImages(Dataset):
         epoch, idx, rep = _split_keys([key])
         path, label = self.samples[int(idx[0])]
         try:
-            image = decode(path, self.channels)
-        except (RuntimeError, OSError, ValueError) as e:  # torchvision.io on broken files
+            data = read_bytes(path)
+        except (RuntimeError, OSError, ValueError) as e:  # missing, unreadable, empty
             return self._unreadable(path, e)  # type: ignore[return-value]
+        return self.item(key, data, path, label)  # type: ignore[return-value]
+
+    def item(self, key: Key, data: torch.Tensor, name: str,
+             label: int) -> tuple[torch.Tensor, int] | None:
+        """The encoded image `data` (1-D uint8: a file's bytes, or a tar member's) decoded and
+        transformed as sample `key`; None when it cannot be decoded (data.bad_images=skip).
+        `name` says which file it was, in messages."""
+        epoch, idx, rep = _split_keys([key])
+        try:
+            image = decode_bytes(data, self.channels)
+        except (RuntimeError, OSError, ValueError) as e:  # torchvision.io on broken files
+            return self._unreadable(name, e)
         # transforms v2 draw from torch's global CPU RNG: seed it per sample, restore it
         # after. default_generator only: torch.manual_seed also seeds every accelerator,
         # ~0.5 ms per image here (about 6% of decode + augment).
@@ -107,18 +120,17 @@ class FileImages(Dataset):
             torch.default_generator.manual_seed(int(T.sample_seeds(self.seed, epoch, idx, rep)[0]))
             return self.transform(image), label
 
-
-    def _unreadable(self, path: str, e: Exception) -> None:
-        reason = decode_error(e)
+    def _unreadable(self, path: str, e: Exception | str) -> None:
+        reason = e if isinstance(e, str) else decode_error(e)
         if self.bad_images == "error":
             raise DataError(f"{path}: cannot be decoded as an image ({reason}); replace or "
                             "remove the file, or set data.bad_images=skip to skip such files.")
         if path in self.bad:
             return None
         self.bad[path] = reason
-        n, limit = len(self.bad), self.max_bad_fraction * len(self.samples)
+        n, limit = len(self.bad), self.max_bad_fraction * self.total
         if n > limit:
-            raise DataError(f"{n} of {len(self.samples)} {self.split} images cannot be decoded "
+            raise DataError(f"{n} of {self.total} {self.split} images cannot be decoded "
                             f"(more than data.max_bad_fraction={self.max_bad_fraction}), e.g. "
                             f"{path} ({reason}); replace or remove them, or raise "
                             "data.max_bad_fraction.")
@@ -129,11 +141,24 @@ class FileImages(Dataset):
         return None
 
 
+def read_bytes(path: str) -> torch.Tensor:
+    """A file's bytes as a 1-D uint8 tensor (what decode_bytes takes)."""
+    from torchvision.io import read_file
+
+    return read_file(path)
+
+
 def decode(path: str, channels: int = 3) -> torch.Tensor:
     """JPEG/PNG/WebP/GIF file -> uint8 CHW tensor with `channels` channels."""
-    from torchvision.io import ImageReadMode, decode_image, read_file
+    return decode_bytes(read_bytes(path), channels)
 
-    data = read_file(path)
+
+def decode_bytes(data: torch.Tensor, channels: int = 3) -> torch.Tensor:
+    """An encoded JPEG/PNG/WebP/GIF image (1-D uint8 tensor: a file's bytes or a tar shard
+    member's) -> uint8 CHW tensor with `channels` channels. Every training, eval and predict
+    decode of an encoded image comes through here: image folders, file lists and tar shards."""
+    from torchvision.io import ImageReadMode, decode_image
+
     webp = bytes(data[:4].tolist()) == b"RIFF" and bytes(data[8:12].tolist()) == b"WEBP"
     # WebP has no grey decoding (torchvision warns on every file): decode RGB, convert below
     mode = ImageReadMode.RGB if channels == 3 or webp else ImageReadMode.GRAY
