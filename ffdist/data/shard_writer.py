@@ -87,16 +87,19 @@ class BadImage(Exception):
 
 # ------------------------------------------------------------------------------ one sample
 
-def open_image(data: bytes, reduce: bool = True) -> Any:
-    """Decode an encoded image with Pillow (the one decode `ffdist shard` does); `reduce`:
-    a JPEG at 1/8 scale, which still reads every byte (a truncated file fails)."""
+def open_image(data: bytes, at_least: int = 1) -> Any:
+    """Decode an encoded image with Pillow (the one decode `ffdist shard` does). A JPEG is
+    decoded at the smallest scale (1/2 .. 1/8) that keeps both sides >= `at_least`, which
+    still reads every byte (a truncated file fails); `info["size"]` is its full size."""
     from PIL import Image
 
     try:
         image = Image.open(io.BytesIO(data))
-        if reduce and image.format == "JPEG":
-            image.draft(image.mode, (max(1, image.width // 8), max(1, image.height // 8)))
+        size = image.size
+        if image.format == "JPEG":
+            image.draft(image.mode, (at_least, at_least))
         image.load()
+        image.info["size"] = size
         return image
     except Exception as e:  # Pillow raises many kinds (OSError, SyntaxError, ValueError, ...)
         raise BadImage(" ".join(str(e).split()) or type(e).__name__) from None
@@ -120,10 +123,9 @@ def encode(split: Split, i: int, opts: Options) -> tuple[str, bytes]:
             data = Path(split.paths[i]).read_bytes()
         except OSError as e:
             raise BadImage(tars.reason(e)) from None
-        resize = opts.max_size is not None
-        image = open_image(data, reduce=True)
-        if resize and max(image.size) > opts.max_size:  # type: ignore[operator]
-            return "jpg", _reencoded(open_image(data, reduce=False), opts)
+        image = open_image(data, opts.max_size or 1)
+        if opts.max_size is not None and max(image.info["size"]) > opts.max_size:
+            return "jpg", _reencoded(image, opts)
         if image.format in FIELDS:
             return FIELDS[image.format], data
         return "png", _png(image)  # a format the loaders do not decode (BMP, TIFF)
