@@ -2,7 +2,8 @@
 training entry point with one source added, `shards_probe`: the shards source, whose train
 stream also appends the sample ids of every micro-batch it hands out to
 $FFDIST_PROBE/rank<r>.jsonl, one line {"epoch", "step", "rank", "ids"} each (ids read from
-the images: tests/shards/kit.py). Test-only: nothing in ffdist's path records anything.
+the images: tests/shards/kit.py) when FFDIST_PROBE is set. Test-only: nothing in
+ffdist's path records anything.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ class Recording:
 class ProbeShards(Shards):
     def build(self, cfg: Any, req: Any) -> Any:
         streams = super().build(cfg, req)
-        streams.train = Recording(streams.train, req.rank)
+        if os.environ.get("FFDIST_PROBE"):  # ffdist eval of a probe's run records nothing
+            streams.train = Recording(streams.train, req.rank)
         return streams
 
 
