@@ -129,9 +129,13 @@ def location(spec: str, index: str | None) -> str | None:
     return str(tars.local_path(first).parent / INDEX)
 
 
+class Unreachable(DataError):
+    """The server of an index URL does not answer."""
+
+
 def read(where: str, timeout: float = 10.0) -> dict[str, Any] | None:
     """The index at `where` (a path or URL); None when there is none; DataError when it is
-    unreadable or not an ffdist shard index."""
+    unreadable or not an ffdist shard index (Unreachable: its server does not answer)."""
     try:
         if tars.kind(where) == "http":
             import urllib.error
@@ -144,6 +148,10 @@ def read(where: str, timeout: float = 10.0) -> dict[str, Any] | None:
                 if e.code == 404:
                     return None
                 raise
+            except OSError as e:  # refused, timed out, no such host
+                raise Unreachable(f"shard index {where} cannot be reached ({tars.reason(e)}, "
+                                  f"{timeout:.0f} s timeout); check the server and the URL.") \
+                    from None
         else:
             path = tars.local_path(where)
             if not path.is_file():

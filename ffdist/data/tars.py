@@ -93,7 +93,10 @@ def open_shard(url: str, timeout: float = TIMEOUT) -> IO[bytes]:
 
 def reason(e: BaseException) -> str:
     """An I/O error in a few words (no errno prefix, no traceback)."""
-    text = getattr(e, "strerror", None) or getattr(e, "reason", None) or str(e) or type(e).__name__
+    inner = getattr(e, "reason", None)
+    if isinstance(inner, BaseException):  # urllib's URLError around the socket's error
+        return reason(inner)
+    text = getattr(e, "strerror", None) or inner or str(e) or type(e).__name__
     code = getattr(e, "code", None)
     return f"HTTP {code} {text}" if isinstance(code, int) else " ".join(str(text).split())
 

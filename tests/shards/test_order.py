@@ -153,19 +153,25 @@ def test_foreign_shards_are_scanned_and_read_labels_from_json(tmp_path, caplog):
         epoch_steps(train, 1, 0, 0, 0, f"data.val_shards={val}", "data.bad_images=error")
 
 
-def test_a_shard_lost_mid_run_is_a_counted_skip_or_one_sentence(shards, tmp_path, caplog):
+@pytest.mark.parametrize("served", [False, True], ids=["local", "http"])
+def test_a_shard_lost_mid_run_is_a_counted_skip_or_one_sentence(shards, tmp_path, caplog,
+                                                                 served):
     copy = shutil.copytree(shards, tmp_path / "copy")
-    s = streams(copy, 1, 0, "data.bad_images=skip", "data.max_bad_fraction=0.5")
-    (copy / "train-000003.tar").unlink()  # after the presence check, before the epoch
-    s.train.set_epoch(0)
-    with caplog.at_level(logging.WARNING):
-        got = [i for x, _ in s.train for i in kit.ids_of(x)]
-    lost = set(range(sum(kit.TRAIN_COUNTS[:3]), sum(kit.TRAIN_COUNTS[:4])))
-    assert not lost & set(got) and len(got) == STEPS * kit.BATCH - len(lost & set(
-        s.train.order.permutation()[:STEPS * kit.BATCH].tolist()))
-    assert "skipping unreadable train image" in caplog.text and "train-000003.tar" in caplog.text
-    s = streams(copy, 1, 0, "data.bad_images=error")
-    s.train.set_epoch(0)
-    with pytest.raises(DataError, match=r"data\.train_shards: .*train-000003\.tar \(sample \d+\) "
-                                        r"cannot be read: No such file or directory; fix"):
-        list(s.train)
+    with kit.http_server(copy) as url:
+        where = f"{url}/{kit.pattern('train')}" if served else str(copy)
+        s = streams(where, 1, 0, "data.bad_images=skip", "data.max_bad_fraction=0.5")
+        (copy / "train-000003.tar").rename(copy / "gone.tar")  # after the presence check
+        s.train.set_epoch(0)
+        with caplog.at_level(logging.WARNING):
+            got = [i for x, _ in s.train for i in kit.ids_of(x)]
+        lost = set(range(sum(kit.TRAIN_COUNTS[:3]), sum(kit.TRAIN_COUNTS[:4])))
+        used = set(s.train.order.permutation()[:STEPS * kit.BATCH].tolist())
+        assert sorted(got) == sorted(used - lost)
+        assert "skipping unreadable train image" in caplog.text and "train-000003.tar" in \
+            caplog.text
+        s = streams(where, 1, 0, "data.bad_images=error")
+        s.train.set_epoch(0)
+        why = "HTTP 404 File not found" if served else "No such file or directory"
+        with pytest.raises(DataError, match=rf"data\.train_shards: .*train-000003\.tar \(sample "
+                                            rf"\d+\) cannot be read: {why}; fix"):
+            list(s.train)

@@ -105,7 +105,10 @@ def check_split(of: str, key: str, spec: str, split: str, index: str | None) -> 
                 not spec.endswith(".tar") and not Path(spec).exists():
             raise DataMissing(f"{of}{key}={where(spec)} does not exist; give {FORMS}; {fix}.")
         at = shard_index.location(spec, index)
-        raw = shard_index.read(at) if at else None
+        try:
+            raw = shard_index.read(at) if at else None
+        except shard_index.Unreachable as e:
+            raise DataMissing(f"{of}{key}: {str(e)[:-1]}, {SMOKE}.") from None
         by_name = {r["name"]: r for p in (raw or {}).get("splits", {}).values()
                    for r in p["shards"]}
         rows = {u: by_name.get(tars.name_of(u)) for u in tars.expand(spec)}
