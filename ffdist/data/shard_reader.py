@@ -19,7 +19,6 @@ tars.Unreadable for each of its samples asked for; the caller counts them
 
 from __future__ import annotations
 
-import io
 import os
 from collections import Counter, OrderedDict, defaultdict
 from collections.abc import Iterable, Iterator
@@ -97,8 +96,7 @@ class SampleReader:
         if len(data) != end - start:
             raise tars.Unreadable(f"truncated: {len(data)} of the {end - start} bytes of sample "
                                   f"{pos} at offset {start}")
-        tar = tars.open_tar(io.BytesIO(data))
-        sample = next(tars.walk(tar, want=lambda p: True), None)
+        sample = tars.parse_sample(data)
         if sample is None:
             raise tars.Unreadable(f"no sample at offset {start}, where the index puts sample "
                                   f"{pos}: the shard was rewritten; index it again")

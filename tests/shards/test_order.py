@@ -175,3 +175,30 @@ def test_a_shard_lost_mid_run_is_a_counted_skip_or_one_sentence(shards, tmp_path
         with pytest.raises(DataError, match=rf"data\.train_shards: .*train-000003\.tar \(sample "
                                             rf"\d+\) cannot be read: {why}; fix"):
             list(s.train)
+
+
+def test_offset_reads_handle_long_names_and_notice_a_rewritten_shard(tmp_path):
+    """A key longer than a ustar header holds (a pax header) reads through tarfile; a shard
+    rewritten after it was indexed is unreadable at the indexed offsets, not misread."""
+    import io
+    import tarfile
+
+    from ffdist.data.shard_reader import SampleReader
+
+    path = tmp_path / "long.tar"
+    keys = ["short", "x" * 150, "n01440764/n01440764_10026"]
+    with tarfile.open(path, "w") as tar:
+        for k, key in enumerate(keys):
+            for field, data in (("jpg", kit.png(k)), ("cls", str(k).encode())):
+                info = tarfile.TarInfo(f"{key}.{field}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    found = shard_index.ShardSet("train", [shard_index.scan_shard(str(path))])
+    reader = SampleReader(found)
+    got = [reader.read(i)[1] for i in range(3)]
+    assert [s.key for s in got] == keys and [s.fields["cls"] for s in got] == [b"0", b"1", b"2"]
+    assert got[1].fields["jpg"] == kit.png(1)
+    data = path.read_bytes()
+    path.write_bytes(data[:100] + data[612:])  # everything moved by 512 bytes
+    with pytest.raises(tars.Unreadable, match="the shard changed since it was indexed"):
+        SampleReader(found).read(2)
