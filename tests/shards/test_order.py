@@ -71,6 +71,23 @@ def test_each_sample_once_per_epoch_same_batches_at_any_world_and_worker_count(s
             {k: sorted(v) for k, v in reference.items()}, (world, workers)
 
 
+def test_persistent_workers_follow_set_epoch(shards):
+    """The loader workers outlive an iteration (data.persistent_workers): each new epoch and
+    resume step reaches them, through the stream's shared position."""
+    s = streams(shards, 2, 1, "data.num_workers=2", "data.persistent_workers=true")
+    got = []
+    for epoch, skip in ((0, 0), (1, 3), (1, 3), (2, 9)):
+        s.train.set_epoch(epoch, skip)
+        got.append([kit.ids_of(x) for x, _ in s.train])
+    fresh = []
+    for epoch, skip in ((0, 0), (1, 3), (2, 9)):
+        f = streams(shards, 2, 1)
+        f.train.set_epoch(epoch, skip)
+        fresh.append([kit.ids_of(x) for x, _ in f.train])
+    assert got == [fresh[0], fresh[1], fresh[1], fresh[2]]
+    assert [len(b) for b in got] == [STEPS, STEPS - 3, STEPS - 3, 1]
+
+
 def test_the_order_depends_on_seed_and_epoch_only(shards):
     a, _ = epoch_steps(shards, 1, 0, epoch=0)
     b, _ = epoch_steps(shards, 1, 0, epoch=1)
