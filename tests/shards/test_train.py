@@ -156,3 +156,24 @@ def test_shards_the_webdataset_package_wrote_train(tmp_path):
     assert "no shard index, so each process scanned the 3 shards once" in proc.stdout
     assert [e["n"] for e in helpers.events(out, "val")] == [30]
     assert sorted(fault.train_losses(out)) == [1, 2, 3, 4]
+
+
+# make test-all: the order with pairs and repeats is in the fast tier through
+# tests/shards/test_order.py (test_pairs_and_repeats_keep_global_batches_at_any_world_size);
+# the regularization and ZeRO-2 themselves through tests/workflow/test_regularization.py and
+# tests/integration/test_launchers.py (ZeRO-2)
+@pytest.mark.extended
+def test_mixup_repeats_policies_ema_and_zero2_train_from_shards(shards, tmp_path):
+    out = tmp_path / "run"
+    proc = fault.run([str(helpers.BIN / "torchrun"), "--nproc_per_node", "2", "--master_port",
+                      str(helpers.free_port()), "-m", "ffdist.train", RECIPE, *kit.args(
+                          str(shards), str(shards), out, "schedule.max_steps=4",
+                          "data.mixup_alpha=0.2", "data.cutmix_alpha=1.0",
+                          "data.repeated_augmentation=2", "data.auto_augment=ta_wide",
+                          "data.random_erase=0.25", "optim.ema_decay=0.9",
+                          "strategy.name=deepspeed", "strategy.zero_stage=2")], timeout=400)
+    assert proc.returncode == 0, fault.explain(proc)
+    assert sorted(fault.train_losses(out)) == [1, 2, 3, 4]
+    vals = {e["split"]: e["n"] for e in helpers.metrics(out) if e.get("split", "").startswith("val")}
+    assert vals == {"val": sum(kit.VAL_COUNTS), "val_ema": sum(kit.VAL_COUNTS)}
+
