@@ -124,7 +124,8 @@ class DataConfig:
     train_shards: str | None = None
     """shards: the training tar shards (WebDataset layout: key.jpg + key.cls): a folder
     written by `ffdist shard`, a brace pattern (/data/in1k/train-{000000..000146}.tar),
-    http(s):// URLs or a `pipe:` command; several joined with `::` (docs/data.md)."""
+    http(s):// URLs or a `pipe:` command (run only with FFDIST_ALLOW_PIPE=1 in the
+    environment); several joined with `::` (docs/data.md)."""
     val_shards: str | None = None
     """shards: the validation shards, as train_shards (default: the val split of the
     train_shards folder)."""

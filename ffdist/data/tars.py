@@ -13,7 +13,9 @@ can be read at a sample's byte offset (ffdist.data.shard_reader).
 from __future__ import annotations
 
 import io
+import os
 import re
+import shlex
 import subprocess
 import tarfile
 from collections.abc import Callable, Iterator
@@ -25,6 +27,8 @@ IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp", "gif")
 """Fields that hold the image (the first one a sample has), as torchvision decodes them."""
 TIMEOUT = 60.0
 """Seconds a shard's server may stay silent before a read fails."""
+ALLOW_PIPE = "FFDIST_ALLOW_PIPE"
+"""The environment variable (=1) that lets `pipe:` shards run their program."""
 _META = re.compile(r"__[^/]*__($|/)")
 _KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext
 
@@ -76,6 +80,12 @@ def name_of(url: str) -> str:
     return url.rstrip("/").rsplit("/", 1)[-1].split("?", 1)[0]
 
 
+def pipe_allowed() -> bool:
+    """A `pipe:` shard runs a program: only where the run's environment says so, never on
+    a recipe's word alone (docs/failure-and-recovery.md, Security)."""
+    return os.environ.get(ALLOW_PIPE) == "1"
+
+
 def open_shard(url: str, timeout: float = TIMEOUT) -> IO[bytes]:
     """A binary stream of the shard's bytes (seekable for a local file). Unreadable with
     the reason when it cannot be opened."""
@@ -87,8 +97,11 @@ def open_shard(url: str, timeout: float = TIMEOUT) -> IO[bytes]:
             import urllib.request
 
             return urllib.request.urlopen(url, timeout=timeout)
+        if not pipe_allowed():
+            raise Unreadable(f"pipe: shards run a program, which ffdist does only with "
+                             f"{ALLOW_PIPE}=1 in the environment")
         return PipeStream(url[5:])
-    except OSError as e:
+    except (OSError, ValueError) as e:  # ValueError: a command shlex cannot split
         raise Unreadable(reason(e)) from None
 
 
@@ -103,12 +116,13 @@ def reason(e: BaseException) -> str:
 
 
 class PipeStream:
-    """The standard output of a shell command (WebDataset's `pipe:` shards); closing it
-    waits for the command, and a command that failed makes the read fail."""
+    """The standard output of a command (WebDataset's `pipe:` shards, e.g. `pipe:curl -s
+    URL`), run as an argv list (shlex-split, no shell: no pipes or redirections); closing
+    it stops the command, and a command that failed makes the read fail."""
 
     def __init__(self, command: str) -> None:
         self.command = command
-        self.proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE,
+        self.proc = subprocess.Popen(shlex.split(command), stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE)
 
     def read(self, n: int = -1) -> bytes:

@@ -1,7 +1,9 @@
 """Absent shards are one sentence before training (data.name=shards' torch-free presence
 check): an unset key, a folder without an index, a missing shard, a shard truncated since it
 was indexed, a foreign shard that does not end as a tar ends, an unreachable URL; and under
-`ffdist train` that sentence is all it prints, exit 2, with no run directory left behind."""
+`ffdist train` that sentence is all it prints, exit 2, with no run directory left behind. A
+`pipe:` shard runs a program only where the environment allows it, never on a recipe's
+word."""
 
 from __future__ import annotations
 
@@ -10,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from ffdist.data import tars
 from ffdist.data.presence import DataMissing, check_present
+from ffdist.errors import RecipeError
 from ffdist.recipe import DataConfig
 from tests import helpers
 from tests.shards import kit
@@ -83,3 +87,25 @@ def test_ffdist_train_prints_the_sentence_alone_and_writes_nothing(shards, tmp_p
                             "digits.yaml"), *kit.args(str(shards / "train-{000000..000009}.tar"),
                                                       str(shards), out)], out)
     assert "data.train_shards: shard" in line and "(3 of 10 shards missing)" in line
+
+
+def test_a_pipe_command_runs_only_where_the_environment_allows_it(shards, tmp_path,
+                                                                   monkeypatch):
+    marker = tmp_path / "ran"
+    cfg = DataConfig(name="shards", train_shards=f"pipe:touch {marker}",
+                     val_shards=str(shards / kit.pattern("val")))
+    monkeypatch.delenv(tars.ALLOW_PIPE, raising=False)
+    with pytest.raises(RecipeError, match=r"data\.train_shards: pipe: shards run a program "
+                                          r"\(touch\), and a recipe alone never makes ffdist run "
+                                          r"one; set FFDIST_ALLOW_PIPE=1"):
+        check_present(cfg)
+    with pytest.raises(tars.Unreadable, match="FFDIST_ALLOW_PIPE=1"):
+        tars.open_shard(cfg.train_shards)  # the reader refuses too, whoever asks it
+    assert not marker.exists()
+    monkeypatch.setenv(tars.ALLOW_PIPE, "1")
+    check_present(cfg)  # allowed now; the presence check still runs nothing
+    assert not marker.exists()
+    stream = tars.open_shard(f"pipe:cat {shards / 'val-000000.tar'}")  # argv, no shell
+    assert stream.read(512)[:12] == b"s000000.png\0"[:12]
+    stream.close()
+

@@ -7,7 +7,8 @@ resume and the eval shards are ffdist.data.shard_streams'; docs/data.md tells it
 The presence check reads no image: for each shard, that the file is there and has the size
 the index records (else, without an index, that it ends with a tar's end-of-archive
 blocks), or for a URL that a HEAD request answers (with the recorded size) within a few
-seconds. A `pipe:` command is not run before training.
+seconds. A `pipe:` command is not run before training, and runs at all only with
+FFDIST_ALLOW_PIPE=1 in the environment: a recipe alone never makes ffdist run a program.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from ffdist.data import shard_index, tars
 from ffdist.data.sources.base import SMOKE, DataMissing, Source, where
-from ffdist.errors import DataError
+from ffdist.errors import DataError, RecipeError, printable
 
 if TYPE_CHECKING:
     from ffdist.data.stream import StreamRequest, Streams
@@ -52,6 +53,13 @@ class Shards(Source):
                     " (it defaults to the val split of a data.train_shards folder)"
                 raise DataMissing(f"{of}data.name=shards needs {key}{more}: {FORMS}; set "
                                   f"{key}=..., {SMOKE}.")
+            pipes = [u for u in tars.expand(spec) if tars.kind(u) == "pipe"]
+            if pipes and not tars.pipe_allowed():
+                program = (pipes[0][5:].split() or ["?"])[0]
+                raise RecipeError(
+                    f"{of}{key}: pipe: shards run a program ({printable(program)}), and a recipe "
+                    f"alone never makes ffdist run one; set {tars.ALLOW_PIPE}=1 in the "
+                    "environment of the run to allow it, or give the shards as a path or URL.")
             check_split(of, key, spec, split, cfg.shard_index)
 
     def classes(self, cfg: DataConfig, num_classes: int) -> list[str]:
