@@ -161,3 +161,19 @@ def test_an_unreadable_image_stops_or_is_skipped_with_a_count(tmp_path, capfd):
     captured = capfd.readouterr()
     assert "skipped unreadable image" in captured.err and "1 unreadable images skipped" in \
         captured.out
+
+
+def test_a_file_list_is_written_through_its_recipe_keys(tmp_path):
+    root = write_folder(tmp_path / "imgs", 3, 4, 2)
+    for split in ("train", "val"):
+        files = sorted((root / split).rglob("*.jpg"))
+        (tmp_path / f"{split}.txt").write_text("".join(
+            f"{p.relative_to(root)} {int(p.parent.name[-2:])}\n" for p in files))
+    out = tmp_path / "shards"
+    assert cli(["shard", str(root), "data.name=filelist", f"data.train_list={tmp_path / 'train.txt'}",
+                f"data.val_list={tmp_path / 'val.txt'}", "model.num_classes=3", "--out", str(out),
+                "--workers", "1"]) == 0
+    index = json.loads((out / "index.json").read_text())
+    assert index["source"].startswith("data.name=filelist")
+    assert [index["splits"][s]["samples"] for s in ("train", "val")] == [12, 6]
+    assert index["classes"] == ["0", "1", "2"]
