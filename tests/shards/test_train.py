@@ -22,6 +22,7 @@ from tests.fault import kit as fault
 from tests.shards import kit
 from tests.shards.probe import ProbeShards
 
+pytestmark = pytest.mark.slow
 RECIPE = str(helpers.RECIPES / "digits.yaml")
 STEPS = sum(kit.TRAIN_COUNTS) // kit.BATCH  # 10 a epoch, 20 in all
 
