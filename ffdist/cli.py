@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "launch": ("ffdist.launch", "run a recipe under torchrun/accelerate/deepspeed/sbatch"),
     "bench": ("ffdist.bench", "throughput of a recipe: ffdist bench RECIPE [k=v ...] [--synthetic]"),
     "samples": ("ffdist.samples", "write digit PNGs to try predict on: ffdist samples [--out samples]"),
+    "shard": ("ffdist.shard", "write tar shards: ffdist shard SOURCE --out FOLDER [--max-size PX]"),
 }
 
 

@@ -130,7 +130,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     name: str = "digits"
-    """digits | mnist | fashion_mnist | cifar10 | cifar100 | imagefolder | filelist |
+    """digits | mnist | fashion_mnist | cifar10 | cifar100 | imagefolder | filelist | shards |
     synthetic."""
     root: str | None = None
     """Folder of the data: torchvision's files, or train/ and val/ class folders for
@@ -164,6 +164,24 @@ class DataConfig:
     """filelist: separator between path and label."""
     classes: list[str] = field(default_factory=list)
     """filelist: class names in label order (default: the labels as strings)."""
+    train_shards: str | None = None
+    """shards: the training tar shards (WebDataset layout: key.jpg + key.cls): a folder
+    written by `ffdist shard`, a brace pattern (/data/in1k/train-{000000..000146}.tar),
+    http(s):// URLs or a `pipe:` command (run only with FFDIST_ALLOW_PIPE=1 in the
+    environment); several joined with `::` (docs/data.md)."""
+    val_shards: str | None = None
+    """shards: the validation shards, as train_shards (default: the val split of the
+    train_shards folder)."""
+    shard_index: str | None = None
+    """shards: the index.json (path or URL) that lists the shards, their sample counts and
+    offsets (default: index.json beside them; without one, every process scans the shards
+    once at start)."""
+    label_key: str | None = None
+    """shards: read each label from this key of the sample's .json member (samples without a
+    .cls member)."""
+    shuffle_buffer: int = 10000
+    """shards: the shuffle window in samples: each epoch shuffles the shards, then moves each
+    sample fewer than this many places (a seeded shuffle buffer); 0 or 1: shard order only."""
     synthetic_size: int = 2048
     """synthetic: number of generated images."""
     bad_images: str = "skip"
@@ -251,6 +269,9 @@ class DataConfig:
             _check(value is None or 1 <= value <= MAX_IMAGE_SIDE, f"data.{key}", value,
                    f"use a side from 1 to {MAX_IMAGE_SIDE} pixels (larger images do not fit "
                    f"a batch in memory), e.g. data.{key}=224, or null")
+
+        _check(self.shuffle_buffer >= 0, "data.shuffle_buffer", self.shuffle_buffer,
+               "use 0 (shard order only) or a window in samples, e.g. 10000")
         self._check_augmentation()
         self._check_mixing()
 

@@ -77,6 +77,11 @@ RULES: tuple[Rule, ...] = (
     Rule("schedule.max_bad_steps", True, False, "what to do about a NaN loss"),
     # may change on resume, but make another result
     Rule("data.root", True, True, "the same data may have moved (e.g. to node-local disk)"),
+    Rule("data.train_shards", True, True, "the same shards may have moved (to node-local disk, "
+                                          "a server); the stream's state holds their index's "
+                                          "fingerprint and says when they differ"),
+    Rule("data.val_shards", True, True, "the same shards may have moved"),
+    Rule("data.shard_index", True, True, "the same index may have moved"),
     Rule("schedule.epochs", True, True, "the run's length: the schedule follows the new "
                                         "length from the resumed step on"),
     Rule("schedule.max_steps", True, True, "the run's length"),

@@ -87,8 +87,10 @@ class FileImages(Dataset):
 
     def __init__(self, samples: list[tuple[str, int]], transform: Callable, channels: int,
                  seed: int = 0, bad_images: str = "skip", max_bad_fraction: float = 0.01,
-                 split: str = "train", max_pixels: int = MAX_IMAGE_PIXELS):
+                 split: str = "train", max_pixels: int = MAX_IMAGE_PIXELS,
+                 total: int | None = None):
         self.samples, self.transform, self.channels = samples, transform, channels
+        self.total = len(samples) if total is None else total  # the split's size
         self.seed, self.max_pixels = seed, max_pixels
         self.bad_images, self.max_bad_fraction, self.split = bad_images, max_bad_fraction, split
         self.bad: dict[str, str] = {}  # path -> why it could not be read
@@ -100,9 +102,21 @@ class FileImages(Dataset):
         epoch, idx, rep = _split_keys([key])
         path, label = self.samples[int(idx[0])]
         try:
-            image = decode(path, self.channels, self.max_pixels)
-        except (RuntimeError, OSError, ValueError) as e:  # broken, foreign or too large
+            data = read_bytes(path)
+        except (RuntimeError, OSError, ValueError) as e:  # missing, unreadable, empty
             return self._unreadable(path, e)  # type: ignore[return-value]
+        return self.item(key, data, path, label)  # type: ignore[return-value]
+
+    def item(self, key: Key, data: torch.Tensor, name: str,
+             label: int) -> tuple[torch.Tensor, int] | None:
+        """The encoded image `data` (1-D uint8: a file's bytes, or a tar member's) decoded and
+        transformed as sample `key`; None when it cannot be decoded (data.bad_images=skip).
+        `name` says which file it was, in messages."""
+        epoch, idx, rep = _split_keys([key])
+        try:
+            image = decode_bytes(data, self.channels, self.max_pixels)
+        except (RuntimeError, OSError, ValueError) as e:  # broken, foreign or too large
+            return self._unreadable(name, e)
         # transforms v2 draw from torch's global CPU RNG: seed it per sample, restore it
         # after. default_generator only: torch.manual_seed also seeds every accelerator,
         # ~0.5 ms per image here (about 6% of decode + augment).
@@ -110,8 +124,7 @@ class FileImages(Dataset):
             torch.default_generator.manual_seed(int(T.sample_seeds(self.seed, epoch, idx, rep)[0]))
             return self.transform(image), label
 
-
-    def _unreadable(self, path: str, e: Exception) -> None:
+    def _unreadable(self, path: str, e: Exception | str) -> None:
         if isinstance(e, decode_limits.TooManyPixels):
             reason = e.describe("data.max_image_pixels")
             if self.bad_images == "error":
@@ -119,16 +132,16 @@ class FileImages(Dataset):
                                 "set data.bad_images=skip to skip such files (or raise "
                                 "data.max_image_pixels if images this large are expected).")
         else:
-            reason = decode_error(e)
+            reason = e if isinstance(e, str) else decode_error(e)
         if self.bad_images == "error":
             raise DataError(f"{path}: cannot be decoded as an image ({reason}); replace or "
                             "remove the file, or set data.bad_images=skip to skip such files.")
         if path in self.bad:
             return None
         self.bad[path] = reason
-        n, limit = len(self.bad), self.max_bad_fraction * len(self.samples)
+        n, limit = len(self.bad), self.max_bad_fraction * self.total
         if n > limit:
-            raise DataError(f"{n} of {len(self.samples)} {self.split} images cannot be decoded "
+            raise DataError(f"{n} of {self.total} {self.split} images cannot be decoded "
                             f"(more than data.max_bad_fraction={self.max_bad_fraction}), e.g. "
                             f"{path} ({reason}); replace or remove them, or raise "
                             "data.max_bad_fraction.")
@@ -139,15 +152,29 @@ class FileImages(Dataset):
         return None
 
 
-def decode(path: str, channels: int = 3, max_pixels: int = MAX_IMAGE_PIXELS) -> torch.Tensor:
-    """An image file -> uint8 CHW tensor with `channels` channels. Its header is read
-    first (ffdist.data.decode_limits): more than `max_pixels` pixels, or no header of a
-    format ffdist reads, raise a ValueError before any decoder allocates. JPEG and WebP are
-    decoded by torchvision.io; PNG, GIF (first frame), BMP and TIFF (first page) by Pillow
-    (ffdist.data.decode_limits says why)."""
-    from torchvision.io import ImageReadMode, decode_image, read_file
+def read_bytes(path: str) -> torch.Tensor:
+    """A file's bytes as a 1-D uint8 tensor (what decode_bytes takes)."""
+    from torchvision.io import read_file
 
-    data = read_file(path)
+    return read_file(path)
+
+
+def decode(path: str, channels: int = 3, max_pixels: int = MAX_IMAGE_PIXELS) -> torch.Tensor:
+    """An image file -> uint8 CHW tensor with `channels` channels (decode_bytes)."""
+    return decode_bytes(read_bytes(path), channels, max_pixels)
+
+
+def decode_bytes(data: torch.Tensor, channels: int = 3,
+                 max_pixels: int = MAX_IMAGE_PIXELS) -> torch.Tensor:
+    """An encoded image (1-D uint8 tensor: a file's bytes or a tar shard member's) -> uint8
+    CHW tensor with `channels` channels. Every training, eval and predict decode of an
+    encoded image comes through here: image folders, file lists and tar shards. Its header
+    is read first (ffdist.data.decode_limits): more than `max_pixels` pixels, or no header
+    of a format ffdist reads, raise a ValueError before any decoder allocates. JPEG and WebP
+    are decoded by torchvision.io; PNG, GIF (first frame), BMP and TIFF (first page) by
+    Pillow (ffdist.data.decode_limits says why)."""
+    from torchvision.io import ImageReadMode, decode_image
+
     header = decode_limits.check(memoryview(data.numpy()), max_pixels)
     if not header.by_torchvision:
         return as_uint8_image(_pillow_decode(memoryview(data.numpy()), channels), channels)

@@ -63,13 +63,18 @@ class TrainSampler(Sampler[tuple]):
     def set_epoch(self, epoch: int, skip_steps: int = 0) -> None:
         self.epoch, self.skip = epoch, skip_steps
 
+    def permutation(self) -> torch.Tensor:
+        """The epoch's order of the n sample indices, a function of (seed, epoch, n) only: a
+        uniform shuffle (or none). A subclass may order them otherwise (tar shards keep
+        reads local: ffdist.data.shard_streams)."""
+        if not self.shuffle:
+            return torch.arange(self.n)
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return torch.randperm(self.n, generator=g)
+
     def epoch_order(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(index, copy) of every sample of the epoch, in global-batch order."""
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            perm = torch.randperm(self.n, generator=g)
-        else:
-            perm = torch.arange(self.n)
+        perm = self.permutation()
         used = self.steps_per_epoch * self.plan.global_batch
         if self.repeats > 1:
             index = perm.repeat_interleave(self.repeats)[:used]

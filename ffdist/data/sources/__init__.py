@@ -22,6 +22,7 @@ REGISTRY: dict[str, str | Callable[[], Source]] = {
     "cifar100": "ffdist.data.sources.torchvision_sets:CIFAR100",
     "imagefolder": "ffdist.data.sources.folders:ImageFolder",
     "filelist": "ffdist.data.sources.folders:FileList",
+    "shards": "ffdist.data.sources.shards:Shards",
     "synthetic": "ffdist.data.sources.synthetic:Synthetic",
 }
 

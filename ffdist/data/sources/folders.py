@@ -6,14 +6,16 @@ Both evaluate on a resize + centre crop, ImageNet-style."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ffdist.data.sources.base import SMOKE, DataMissing, MapSource, where
+from ffdist.data.sources.base import SMOKE, DataMissing, MapSource, Source, where
 from ffdist.errors import DataError
 
 if TYPE_CHECKING:
     from ffdist.data.mapstyle import MapData
+    from ffdist.data.stream import DataSpec
     from ffdist.recipe import DataConfig
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG")
@@ -34,24 +36,34 @@ class FolderSource(MapSource):
         raise NotImplementedError
 
     def datasets(self, cfg: DataConfig, seed: int, num_classes: int, channels: int) -> MapData:
-        from ffdist.data import transforms as T
         from ffdist.data.datasets import FileImages
         from ffdist.data.mapstyle import MapData
-        from ffdist.data.stream import DataSpec
 
         train, val, classes = self.splits(cfg, num_classes)
-        size = self.train_size(cfg)
-        mean, std = self.normalization(channels)
-        interp = cfg.interpolation
-        train_tf = T.folder_train(size, interp, T.sample_transforms(cfg, mean, std)) \
-            if cfg.augment else T.folder_eval(size, interp=interp)
-        val_tf = T.folder_eval(self.eval_size(cfg), cfg.eval_resize_size, interp)
+        train_tf, val_tf, spec = photo_pipeline(self, cfg, channels, classes)
         bad = {"bad_images": cfg.bad_images, "max_bad_fraction": cfg.max_bad_fraction,
                "max_pixels": cfg.max_image_pixels}
-        spec = DataSpec(classes, channels, size, mean, std, cfg.eval_image_size,
-                        cfg.eval_resize_size)
         return MapData(FileImages(train, train_tf, channels, seed, split="train", **bad),
                        FileImages(val, val_tf, channels, split="val", **bad), spec)
+
+
+def photo_pipeline(source: Source, cfg: DataConfig, channels: int, classes: list[str]
+                   ) -> tuple[Callable, Callable, DataSpec]:
+    """(train transform, eval transform, spec) of photographs of any size, decoded per
+    sample (folders, file lists, tar shards): random resized crops (+ the policy and
+    erasing) for training, resize + centre crop for evaluation."""
+    from ffdist.data import transforms as T
+    from ffdist.data.stream import DataSpec
+
+    size = source.train_size(cfg)
+    mean, std = source.normalization(channels)
+    interp = cfg.interpolation
+    train_tf = T.folder_train(size, interp, T.sample_transforms(cfg, mean, std)) \
+        if cfg.augment else T.folder_eval(size, interp=interp)
+    val_tf = T.folder_eval(source.eval_size(cfg), cfg.eval_resize_size, interp)
+    spec = DataSpec(classes, channels, size, mean, std, cfg.eval_image_size,
+                    cfg.eval_resize_size)
+    return train_tf, val_tf, spec
 
 
 class ImageFolder(FolderSource):
