@@ -62,11 +62,13 @@ def from_dict(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = (),
 
 
 PATH_KEYS = ("output_dir", "data.root", "data.train_list", "data.val_list", "model.pretrained",
-             "strategy.deepspeed_config", "checkpoint.resume")
+             "strategy.deepspeed_config", "checkpoint.resume", "data.train_shards",
+             "data.val_shards", "data.shard_index")
 """Recipe keys that name a file or folder. A leading `~` is expanded here, the one place,
 whether the value came from YAML (where no shell expands it) or the command line (where a
 quoted one is not): otherwise `output_dir: ~/runs/x` would create a folder named `~` in the
-working directory. The run's recipe.yaml records the expanded path."""
+working directory. The run's recipe.yaml records the expanded path. (A shard location that
+is a URL or a `pipe:` command does not start with `~` and is left as it is.)"""
 
 
 def _expand_home(rcp: Recipe, source: str, cli_keys: list[str]) -> None:
