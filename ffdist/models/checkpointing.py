@@ -43,7 +43,7 @@ class Checkpointed:
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         from torch.utils.checkpoint import checkpoint
 
-        extra = {"context_fn": _selective_contexts} if self.ffdist_selective else {}
+        extra = _selective_kwargs() if self.ffdist_selective else {}
         return checkpoint(super().forward, *args, use_reentrant=False,  # type: ignore[misc]
                           preserve_rng_state=True, **extra, **kwargs)
 
@@ -73,6 +73,21 @@ def _policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> Any:
     from torch.utils.checkpoint import CheckpointPolicy
 
     return CheckpointPolicy.MUST_SAVE if op in _save_ops() else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+@functools.cache
+def _selective_kwargs() -> dict[str, Any]:
+    """checkpoint()'s arguments for selective checkpointing. What it saves goes through the
+    saved-tensor hooks around it (torch 2.14's respect_saved_tensors_hooks; older ones
+    route them so already): the hooks `ffdist plan` measures activations with see them."""
+    import inspect
+
+    from torch.utils.checkpoint import checkpoint
+
+    kwargs: dict[str, Any] = {"context_fn": _selective_contexts}
+    if "respect_saved_tensors_hooks" in inspect.signature(checkpoint).parameters:
+        kwargs["respect_saved_tensors_hooks"] = True
+    return kwargs
 
 
 def _selective_contexts() -> Any:

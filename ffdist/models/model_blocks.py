@@ -11,9 +11,10 @@ otherwise they are found by the model's family, first rule that matches:
     stages.*               timm ConvNeXt (and other timm stage models) stages
     features.*             torchvision ConvNeXt / EfficientNet / Swin / MobileNet / DenseNet:
                            the stem, the stages and the layers between them
-Children without parameters (pools, activations) are no block. A model none of these
-fits (lenet, small_cnn) has no blocks: FSDP shards it as one unit, and activation
-checkpointing is refused with a sentence naming model.blocks.
+Children without parameters (pools, activations) are no block (lenet's and small_cnn's
+blocks are the convolutions of their `features`). A model none of these fits (googlenet,
+inception_v3) has no blocks: FSDP shards it as one unit, and activation checkpointing is
+refused with a sentence naming model.blocks.
 """
 
 from __future__ import annotations

@@ -112,8 +112,9 @@ class Strategy:
     def row_bytes(cls, row: str, num_params: int, trainable: int, recipe: Recipe,
                   resolved: Resolved, block_params: tuple[int, ...] = ()) -> dict[str, int]:
         """Bytes per device of params / grads / optimizer and their total, for its row `row`
-        (one of memory_rows). `block_params`: the parameters of each of the model's blocks
-        (for a strategy that gathers one block at a time)."""
+        (one of memory_rows). A strategy that declares `uses_blocks` is also given
+        `block_params=`: the parameter count of each of the model's blocks (FSDP gathers one
+        at a time)."""
         raise NotImplementedError(f"{cls.__name__} declares no memory rows")
 
     @classmethod

@@ -111,7 +111,7 @@ class DeepSpeed(Strategy):
 
     @classmethod
     def row_bytes(cls, row: str, num_params: int, trainable: int, recipe: Recipe,
-                  resolved: Resolved, block_params: tuple[int, ...] = ()) -> dict[str, int]:
+                  resolved: Resolved) -> dict[str, int]:
         return cls.model_state_bytes(num_params, trainable, recipe.optim.name,
                                      resolved.precision, resolved.plan.world_size,
                                      recipe.optim.momentum > 0, int(row.split("-")[1]))

@@ -21,9 +21,11 @@ The optimizer step. Fused AdamW runs on DTensors (torch has its sharding rule), 
 step with a non-finite loss is skipped on the device (found_inf, ffdist.optim.step_unless).
 torch has no DTensor rule for the fused SGD kernel: SGD is foreach here, and its skip is
 decided on the host (a sync point per step). Gradient clipping is clip_grad_norm_ on the
-DTensor gradients (the norm is all-reduced over the shards). fp16 (GPUs only: fp16 on
-the CPU is refused) scales the loss with torch.amp.GradScaler; its overflow flag is
+DTensor gradients (the norm is all-reduced over the shards). fp16 scales the loss with
+torch.amp.GradScaler (its unscale_ runs on DTensor gradients); its overflow flag is
 all-reduced (MAX) over the ranks on the device, since each rank checks only its shards.
+fp16 runs on the CPU too (emulated and slow: ffdist.precision warns), which is where the
+tests exercise its loss scaling.
 
 Checkpoints: per-rank shards of format "torch-dcp", a torch.distributed.checkpoint (DCP)
 folder of get_state_dict(model, optimizer): every rank writes its `__<rank>_0.distcp`,
@@ -55,7 +57,7 @@ from torch import nn
 from ffdist import memory, optim
 from ffdist.ckpt_format import SHARDS
 from ffdist.dist import DistInfo, ensure_process_group
-from ffdist.errors import LaunchError, RecipeError
+from ffdist.errors import CheckpointError, RecipeError, shorten
 from ffdist.optim import build_optimizer, set_lr
 from ffdist.recipe import Recipe
 from ffdist.state_dicts import clean_state_dict
@@ -80,12 +82,6 @@ class FSDP(Strategy):
     skips_on_device = True  # fused AdamW; foreach SGD reads the flag (optim.step_unless)
 
     # ---------------------------------------------------------------- declarations
-    @classmethod
-    def check_precision(cls, precision: str, device: torch.device) -> None:
-        if precision == "fp16" and device.type != "cuda":
-            raise LaunchError("precision=fp16 with FSDP needs a GPU (fp16 on the CPU is emulated "
-                              "and its loss scaling untested here); use precision=bf16 or fp32.")
-
     @classmethod
     def row_bytes(cls, row: str, num_params: int, trainable: int, recipe: Recipe,
                   resolved: Resolved, block_params: tuple[int, ...] = ()) -> dict[str, int]:
@@ -237,7 +233,12 @@ class FSDP(Strategy):
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
         state = self._dcp_state()  # templates: this world size's shards (optimizer initialised)
-        dcp.load(state, storage_reader=dcp.FileSystemReader(os.fspath(path)))
+        try:
+            dcp.load(state, storage_reader=dcp.FileSystemReader(os.fspath(path)))
+        except Exception as e:  # a marked folder whose shards were damaged afterwards
+            why = shorten((str(e).strip().splitlines() or [type(e).__name__])[-1])
+            raise CheckpointError(f"the DCP shards in {path} cannot be read ({why}); remove "
+                                  "that folder to resume from the checkpoint before it.") from None
         set_state_dict(self.raw, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optim"])
         optim.init_momentum_buffers(self.optimizer)

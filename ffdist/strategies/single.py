@@ -52,7 +52,7 @@ class SingleDevice(Strategy):
 
     @classmethod
     def row_bytes(cls, row: str, num_params: int, trainable: int, recipe: Recipe,
-                  resolved: Resolved, block_params: tuple[int, ...] = ()) -> dict[str, int]:
+                  resolved: Resolved) -> dict[str, int]:
         return cls.model_state_bytes(num_params, trainable, recipe.optim.name,
                                      resolved.precision, resolved.plan.world_size,
                                      momentum=recipe.optim.momentum > 0)
