@@ -22,8 +22,9 @@ step with a non-finite loss is skipped on the device (found_inf, ffdist.optim.st
 torch has no DTensor rule for the fused SGD kernel: SGD is foreach here, and its skip is
 decided on the host (a sync point per step). Gradient clipping is clip_grad_norm_ on the
 DTensor gradients (the norm is all-reduced over the shards). fp16 scales the loss with
-torch.amp.GradScaler (its unscale_ runs on DTensor gradients); its overflow flag is
-all-reduced (MAX) over the ranks on the device, since each rank checks only its shards.
+torch.amp.GradScaler: its unscale_ runs on the DTensor gradients, and torch's DTensor rule
+for the inf check reports an overflow in any rank's shard on every rank, so all ranks
+skip together (on the device).
 fp16 runs on the CPU too (emulated and slow: ffdist.precision warns), which is where the
 tests exercise its loss scaling.
 
@@ -129,7 +130,7 @@ class FSDP(Strategy):
         self.model = self.raw
         self.optimizer = build_optimizer(self.raw, recipe.optim, device, sharded=True)
         self.offload = cfg.fsdp_offload
-        # fp16: loss scaling; each rank checks its own shards, so the flag is all-reduced
+        # fp16: loss scaling (the overflow check covers every rank's shards: see step)
         self.scaler = torch.amp.GradScaler(device.type) if resolved.precision == "fp16" else None
 
     def _shard(self, model: nn.Module, blocks: list[str], recipe: Recipe) -> None:
@@ -178,12 +179,10 @@ class FSDP(Strategy):
         set_lr(self.optimizer, lr)
         found = skip
         if self.scaler is not None:
-            import torch.distributed as tdist
-
+            # unscale_'s inf check on DTensor gradients reports an overflow in ANY rank's
+            # shard on every rank (tests/distributed/test_fsdp_step.py): all skip together
             self.scaler.unscale_(self.optimizer)
-            overflow = _overflow(self.scaler, self.optimizer).to(found.device)
-            tdist.all_reduce(overflow, op=tdist.ReduceOp.MAX)  # device-side, no host read
-            found = torch.maximum(found, overflow)
+            found = torch.maximum(found, _overflow(self.scaler, self.optimizer).to(found.device))
         if self.grad_clip is not None:  # (non-finite grads make a NaN norm: skipped anyway)
             params = [p for p in self.raw.parameters() if p.grad is not None]
             torch.nn.utils.clip_grad_norm_(params, self.grad_clip, foreach=True)

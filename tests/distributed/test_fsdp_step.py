@@ -51,6 +51,9 @@ def _worker(rank: int, world: int, port: int, out: dict) -> None:
     zero = torch.zeros(())
     # 1. fp16: an inf in rank 1's shard only; every rank must skip (the flag is all-reduced)
     s = _strategy(rank, world, port, "precision=fp16", "optim.name=adamw")
+    s.scaler = torch.amp.GradScaler("cpu", init_scale=1.0)  # (2**16 would overflow anyway)
+    _backward(s, rank)
+    out[f"fp16_clean_{rank}"] = float(s.step(1e-3, zero))  # no overflow: applied
     _backward(s, rank)
     if rank == 1:
         next(p for p in s.unwrap().parameters() if p.grad is not None).grad.to_local()[0] = \
@@ -98,7 +101,7 @@ def test_fsdp_step_skips_clips_and_averages_on_the_shards():
     out = mp.Manager().dict()
     mp.spawn(_worker, args=(2, free_port(), out), nprocs=2, join=True)
     for rank in (0, 1):  # rank 0's shards were finite: it skipped because rank 1 overflowed
-        assert out[f"fp16_{rank}"] == (0.0, True)
+        assert out[f"fp16_clean_{rank}"] == 1.0 and out[f"fp16_{rank}"] == (0.0, True)
         for name in ("adamw", "sgd"):
             assert out[f"skip_{name}_{rank}"] == (0.0, True, 1.0, True), name
         norm, full = out[f"clip_{rank}"]
