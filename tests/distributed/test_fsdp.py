@@ -324,3 +324,15 @@ def test_vit_in_bf16_trains_like_ddp_and_one_process(tmp_path):
     assert_close_runs(out["fsdp"], out["ddp"], 2e-3, 1e-1, common)
     assert_close_runs(out["fsdp"], out["one"], 2e-3, 1e-1, common)
 
+
+
+# make test-all: model.compile is a second configuration of the FSDP step
+# (test_fsdp_with_activation_checkpointing_trains_like_ddp_and_one_process)
+@pytest.mark.extended
+def test_compiled_blocks_train_like_the_eager_ones(runs, tmp_path):
+    """model.compile under FSDP compiles each block before it is sharded (with activation
+    checkpointing inside); aot_eager runs the same kernels, so within fp32 rounding."""
+    out = tmp_path / "compiled"
+    trained(torchrun_cmd(out, *FSDP, "model.compile=true", "model.compile_backend=aot_eager"),
+            timeout=600)
+    assert_close_runs(out, runs["fsdp"], loss_rtol=1e-5, weight_tol=1e-4)
