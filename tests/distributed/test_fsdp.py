@@ -249,6 +249,9 @@ def test_eval_predict_and_export_read_an_fsdp_run(runs, tmp_path, capsys):
     assert "max abs difference" in capsys.readouterr().out
 
 
+# make test-all: the real launcher; the fast tier checks the same refusal from the same
+# environment (tests/unit/test_launcher_env.py::test_accelerate_use_fsdp_is_refused_in_one_sentence)
+@pytest.mark.extended
 def test_accelerate_launch_use_fsdp_is_refused_in_one_sentence(tmp_path):
     """ffdist shards the model itself: accelerate's FSDP flags would be silently ignored.
     The process accelerate starts refuses them (exit 2, its one sentence, nothing written;

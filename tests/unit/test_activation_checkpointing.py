@@ -29,8 +29,16 @@ def _grads(model: torch.nn.Module, size: int = 32) -> list[torch.Tensor]:
     return [p.grad.clone() for p in model.parameters()]
 
 
-@pytest.mark.parametrize("name", ["vit_tiny", "resnet18"])
-@pytest.mark.parametrize("mode", ["blocks", "every_n", "selective"])
+# make test-all runs every model x mode; the fast tier one of each mode and model
+EXTENDED = pytest.mark.extended
+
+
+@pytest.mark.parametrize("name,mode", [
+    ("vit_tiny", "blocks"), ("vit_tiny", "selective"), ("resnet18", "every_n"),
+    pytest.param("vit_tiny", "every_n", marks=EXTENDED),
+    pytest.param("resnet18", "blocks", marks=EXTENDED),
+    pytest.param("resnet18", "selective", marks=EXTENDED),
+])
 def test_gradients_are_bit_identical_with_drop_path_on(name: str, mode: str):
     reference = _grads(_model(name, "model.drop_path_rate=0.2"))
     model = _model(name, "model.drop_path_rate=0.2")
@@ -83,10 +91,11 @@ def test_a_model_without_blocks_is_refused_naming_model_blocks():
 
 @pytest.mark.parametrize("name,first,count", [
     ("resnet18", "layer1", 4),
-    ("vit_b_16", "encoder.layers.encoder_layer_0", 12),
-    ("convnext_tiny", "features.0", 8),            # stem, 4 stages, 3 downsamplers
+    # make test-all: the larger models (vit_tiny covers the `blocks` rule in the fast tier)
+    pytest.param("vit_b_16", "encoder.layers.encoder_layer_0", 12, marks=EXTENDED),
+    pytest.param("convnext_tiny", "features.0", 8, marks=EXTENDED),  # stem, stages, between
     ("vit_tiny", "blocks.0", 6),
-    ("timm/vit_tiny_patch16_224", "blocks.0", 12),
+    pytest.param("timm/vit_tiny_patch16_224", "blocks.0", 12, marks=EXTENDED),
     ("timm/convnext_atto", "stages.0", 4),
     ("small_cnn", "features.0", 3),                # its three convolutions
     ("googlenet", None, 0),                        # no family rule: name them
