@@ -340,3 +340,25 @@ def test_compiled_blocks_train_like_the_eager_ones(runs, tmp_path):
     trained(torchrun_cmd(out, *FSDP, "model.compile=true", "model.compile_backend=aot_eager"),
             timeout=600)
     assert_close_runs(out, runs["fsdp"], loss_rtol=1e-5, weight_tol=1e-4)
+
+
+# make test-all: activation checkpointing under the other strategies (the fast tier runs it
+# under FSDP, test_fsdp_with_activation_checkpointing_trains_like_ddp_and_one_process, and
+# its gradients are bit-identical in tests/unit/test_activation_checkpointing.py)
+@pytest.mark.extended
+def test_activation_checkpointing_under_ddp_and_zero3_trains_like_without(tmp_path):
+    """Drop-path on (the recompute must draw the same masks): DDP and ZeRO-3 with every
+    block checkpointed log the losses of DDP without checkpointing (measured: identical
+    for DDP, within 1e-7 for ZeRO-3's other reduction order)."""
+    common = ("model.drop_path_rate=0.1", "optim.ema_decay=0", "checkpoint.every_steps=0",
+              "schedule.max_steps=4")
+    ac = "model.activation_checkpointing=blocks"
+    plain, ddp, zero3 = tmp_path / "plain", tmp_path / "ddp", tmp_path / "zero3"
+    trained(torchrun_cmd(plain, *common))
+    trained(torchrun_cmd(ddp, *common, ac))
+    trained(torchrun_cmd(zero3, *common, ac, "strategy.name=deepspeed", "strategy.zero_stage=3"))
+    want = kit.train_losses(plain)
+    assert sorted(want) == [1, 2, 3, 4]
+    assert kit.train_losses(ddp) == want
+    for step, loss in kit.train_losses(zero3).items():
+        assert loss == pytest.approx(want[step], rel=1e-5), step
