@@ -95,6 +95,21 @@ def build_model(recipe: Recipe, load_weights: bool = True) -> nn.Module:
     return model
 
 
+def prepare_blocks(model: nn.Module, recipe: Recipe) -> list[str]:
+    """The model's blocks (model.blocks, else found by its family: ffdist.models.blocks),
+    with model.activation_checkpointing applied to them in place: the ONE place both are
+    decided, for training (build_trainer) and for `ffdist plan`'s measurement. Returns the
+    block names (FSDP's units)."""
+    from ffdist import models
+    from ffdist.models import checkpointing
+
+    cfg = recipe.model
+    names = models.blocks(model, cfg.blocks)
+    checkpointing.apply(model, cfg.activation_checkpointing, cfg.activation_checkpointing_every,
+                        names, cfg.name)
+    return names
+
+
 def param_counts(model: nn.Module) -> tuple[int, int]:
     """(all, trainable) parameters; ZeRO-3 placeholders count with their full size."""
     def size(p: Any) -> int:
@@ -118,7 +133,8 @@ def build_trainer(recipe: Recipe, info: DistInfo, resolved: Resolved, *,
                   data: Streams | None = None, model: nn.Module | None = None,
                   open_monitor: Callable[[], Monitor] | None = None,
                   manager: CheckpointManager | None = None) -> Trainer:
-    """The one assembly of a Trainer: data, model (build_model), strategy, Trainer.
+    """The one assembly of a Trainer: data, model (build_model), its blocks and activation
+    checkpointing (prepare_blocks), strategy, Trainer.
 
     What is not given is built here: the data streams (build_data); the model (with its
     pretrained weights left out: ffdist train passes the model it built and vetted); a
@@ -137,8 +153,9 @@ def build_trainer(recipe: Recipe, info: DistInfo, resolved: Resolved, *,
         data = build_data(recipe, resolved, info.rank)
     if model is None:
         model = build_model(recipe, load_weights=False)
+    blocks = prepare_blocks(model, recipe)
     torch.manual_seed(recipe.seed + 1000 * info.rank)  # per-rank dropout/augmentation
-    strategy = strategies.build(model, recipe, resolved, info)
+    strategy = strategies.build(model, recipe, resolved, info, blocks=blocks)
     monitor = open_monitor() if open_monitor else Monitor.off()
     if manager is None:
         manager = CheckpointManager(recipe.run_dir, recipe.checkpoint, is_writer=False)

@@ -191,8 +191,8 @@ class CheckpointManager:
     def __init__(self, run_dir: Path, cfg: CheckpointConfig, is_writer: bool):
         self.dir = Path(run_dir) / "checkpoints"
         self.cfg, self.is_writer = cfg, is_writer
-        # (path, encoded checkpoint, step) before a step file is written: tests' fault
-        # injection (ffdist.faults, under FFDIST_FAULT); None otherwise
+        # (path, encoded checkpoint, step) before a step file (or a folder's marker) is
+        # written: tests' fault injection (ffdist.faults, under FFDIST_FAULT); None otherwise
         self.before_write: Callable[[Path, dict[str, Any], int], None] | None = None
         if is_writer:  # temp files of a save that was killed: never complete, never read
             for stale in self.dir.glob(".*.tmp.*"):
@@ -220,11 +220,17 @@ class CheckpointManager:
         from ffdist.dist import barrier
 
         path = self.dir / f"step_{ckpt.step:08d}"
+        if self.is_writer and path.is_dir() and not (path / SHARDED_STATE).is_file():
+            _remove(path)  # debris of a killed save: its files must not mix with these
+        barrier()
         path.mkdir(parents=True, exist_ok=True)  # every rank: whoever comes first
         strategy.save_shards(path)
         barrier()  # every shard is on disk before the folder is marked complete
         if self.is_writer:
-            save_torch(path / SHARDED_STATE, encode(ckpt))
+            data = encode(ckpt)
+            if self.before_write is not None:
+                self.before_write(path / SHARDED_STATE, data, ckpt.step)
+            save_torch(path / SHARDED_STATE, data)
             save_text(self.dir / "latest", path.name + "\n")
             self._prune()
         barrier()

@@ -8,7 +8,8 @@ entry point accepts and ignores). `accelerate launch --multi_gpu` IS torchrun un
 so it joins the real process group on CPUs too (a plain `Accelerator()` on a CPU-only
 machine would silently make N independent processes). Of accelerate's variables we honour
 ACCELERATE_USE_CPU (stay on the CPU although GPUs exist) and ACCELERATE_MIXED_PRECISION
-(`launcher_precision`, checked against the recipe by ffdist.precision).
+(`launcher_precision`, checked against the recipe by ffdist.precision), and refuse
+ACCELERATE_USE_FSDP (`--use_fsdp`: ffdist's own strategy.name=fsdp shards the model).
 A bare `srun` task has only SLURM_* variables and an `mpirun` task only OMPI_* / PMI_*
 ones; for those we derive the rendezvous ourselves.
 No launcher at all means one process on one device: the single-device fallback.
@@ -61,6 +62,19 @@ def launcher_precision() -> str | None:
     ACCELERATE_MIXED_PRECISION; "no" is also its silent default, so it means "not asked"."""
     value = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").strip().lower()
     return None if value in ("", "no") else value
+
+
+def refuse_launcher_sharding() -> None:
+    """`accelerate launch --use_fsdp` (or `distributed_type: FSDP` in its config) exports
+    ACCELERATE_USE_FSDP for an Accelerator to shard the model; ffdist builds none and shards
+    the model itself (strategy.name=fsdp), so the flag and its FSDP_* options would be
+    silently ignored: refused instead, before any process group exists."""
+    if _truthy("ACCELERATE_USE_FSDP"):
+        raise LaunchError("accelerate launch --use_fsdp (ACCELERATE_USE_FSDP) has no effect on "
+                          "ffdist, which shards the model itself: drop the flag (or "
+                          "distributed_type: FSDP in the accelerate config) and set "
+                          "strategy.name=fsdp in the recipe (strategy.reshard_after_forward, "
+                          "strategy.fsdp_offload replace accelerate's FSDP options).")
 
 
 def _rendezvous_for(launcher: str) -> None:
@@ -248,6 +262,7 @@ def init(launch: LaunchConfig | None = None) -> DistInfo:
 
         launch = LaunchConfig()
     rank, local_rank, world, local_world, launcher = world_from_env()
+    refuse_launcher_sharding()
     device = pick_device(local_rank, local_world, launch.device, launch.gpus, launcher)
     if device.type == "cpu":
         _deepspeed_on_cpu()

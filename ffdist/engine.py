@@ -20,8 +20,8 @@ repeats it); each is marked "sync point" where it happens:
 5. the end of an epoch (pending flags read: a stop request acts before evaluation);
 6. DeepSpeed: the flags of the current step, read before its step (`_settle(lag=0)`):
    its engine decides fp16 overflow on the host anyway (strategies/deepspeed.py);
-7. optimizers without a fused kernel on the device (none on CUDA or the CPU): their skip
-   is decided on the host (ffdist.optim.step_unless);
+7. optimizers without a fused kernel on the device (none on CUDA or the CPU; FSDP's SGD,
+   foreach on DTensors): their skip is decided on the host (ffdist.optim.step_unless);
 8. the first step: lazy initialisation (cuDNN autotuning, compile, GradScaler's scale).
 Loss sums, hit counts, GradScaler's scale update and the skip itself stay on the device.
 """

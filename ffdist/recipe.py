@@ -23,6 +23,7 @@ SECTIONS = (
     "model", "data", "optim", "schedule", "strategy", "launch", "checkpoint", "log",
 )
 AUTO_AUGMENT = ("ra", "ta_wide", "augmix", "imagenet", "cifar10", "svhn")
+AC_MODES = ("none", "blocks", "every_n", "selective")
 
 
 class Invalid(ValueError):
@@ -114,6 +115,20 @@ class ModelConfig:
     from 0 over depth (torchvision's stochastic_depth_prob for convnext, efficientnet, swin,
     maxvit; timm's drop_path_rate; ResNets: a drop-path on each residual branch). null:
     the architecture's own default (0.1 for convnext_tiny, none for ResNets)."""
+    blocks: list[str] = field(default_factory=list)
+    """The model's blocks, by module name (e.g. [layer1, layer2, layer3, layer4]): the units
+    strategy.name=fsdp shards and model.activation_checkpointing wraps. []: found by the
+    model's family (ResNet stages layer1..4, torchvision ViT encoder layers, the children
+    of `features` for ConvNeXt/EfficientNet/Swin, timm's `blocks` or `stages`, vit_tiny's
+    blocks); `ffdist models --blocks NAME` lists them."""
+    activation_checkpointing: str = "none"
+    """Recompute activations in backward instead of keeping them (any strategy): none |
+    blocks (every block) | every_n (every model.activation_checkpointing_every-th block) |
+    selective (every block, but the outputs of matmuls and convolutions are kept and only
+    the cheap ops between them are recomputed). The gradients are the same; the memory of
+    the activations of a checkpointed block is traded for a second forward of it."""
+    activation_checkpointing_every: int = 2
+    """With activation_checkpointing=every_n: checkpoint blocks N, 2N, ... (1-based)."""
 
     def __post_init__(self) -> None:
         _check(self.num_classes >= 2, "model.num_classes", self.num_classes,
@@ -125,6 +140,12 @@ class ModelConfig:
                "model.drop_path_rate", self.drop_path_rate, "use 0 <= p < 1 or null")
         _check(not self.name.startswith("timm/") or len(self.name) > 5, "model.name", self.name,
                "name a timm architecture after the prefix, e.g. timm/resnet50")
+        _check(self.activation_checkpointing in AC_MODES, "model.activation_checkpointing",
+               self.activation_checkpointing, f"use {', '.join(AC_MODES)}")
+        _check(self.activation_checkpointing_every >= 1, "model.activation_checkpointing_every",
+               self.activation_checkpointing_every, "use 1 or more")
+        _check(len(set(self.blocks)) == len(self.blocks) and all(self.blocks), "model.blocks",
+               self.blocks, "list each module name once, e.g. [layer1, layer2]")
 
 
 @dataclass
@@ -423,8 +444,8 @@ class ScheduleConfig:
 @dataclass
 class StrategyConfig:
     name: str = "auto"
-    """auto (ddp when several processes, else single) | single | ddp | deepspeed, or another
-    registered strategy (ffdist.strategies.names(); an unknown name is refused when the
+    """auto (ddp when several processes, else single) | single | ddp | deepspeed | fsdp, or
+    another registered strategy (ffdist.strategies.names(); an unknown name is refused when the
     run is resolved)."""
     sync_bn: bool = False
     """DDP: convert BatchNorm to SyncBatchNorm (statistics over the global batch)."""
@@ -442,17 +463,30 @@ class StrategyConfig:
     deepspeed_config: str | None = None
     """deepspeed: JSON file with extra settings, merged onto the config derived from the
     recipe; contradicting the recipe is an error."""
+    reshard_after_forward: bool = True
+    """fsdp: free each block's gathered parameters after its forward and gather them again
+    for its backward (less memory, one more all-gather per block); false keeps them
+    between forward and backward (ZeRO-2-like traffic). The root's are always kept."""
+    fsdp_offload: bool = False
+    """fsdp: keep the sharded parameters, gradients and optimizer states in CPU memory
+    (torch's CPUOffloadPolicy; the optimizer steps on the CPU). GPUs only."""
+    fsdp_reduce_dtype: str = "fp32"
+    """fsdp with bf16/fp16: the dtype gradients are reduce-scattered in. fp32 (the safe
+    default: a sum over many ranks in bf16 loses low bits) | compute (the precision's own
+    dtype: half the traffic)."""
 
     def __post_init__(self) -> None:
         # the strategy registry (ffdist.strategies) decides which names exist
         _check(bool(re.fullmatch(r"[a-z][a-z0-9_]*", self.name)), "strategy.name", self.name,
-               "use auto, single, ddp or deepspeed")
+               "use auto, single, ddp, deepspeed or fsdp")
         _check(self.zero_stage in (0, 1, 2, 3), "strategy.zero_stage", self.zero_stage,
                "use 0, 1, 2 or 3")
         _check(not self.offload_params or self.zero_stage == 3, "strategy.offload_params",
                self.offload_params, "parameter offload needs strategy.zero_stage=3")
         _check(self.bucket_cap_mb >= 1, "strategy.bucket_cap_mb", self.bucket_cap_mb,
                "use 1 or more")
+        _check(self.fsdp_reduce_dtype in ("fp32", "compute"), "strategy.fsdp_reduce_dtype",
+               self.fsdp_reduce_dtype, "use fp32 or compute")
 
 
 @dataclass

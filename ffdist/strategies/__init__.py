@@ -1,4 +1,4 @@
-"""Strategies wrap model + optimizer: single device, DDP, DeepSpeed ZeRO; and their registry.
+"""Strategies wrap model + optimizer: single device, DDP, DeepSpeed ZeRO, FSDP; their registry.
 
 The registry maps a name (recipe key strategy.name) to a class, imported when first asked
 for: `"module:Class"` strings, so that importing ffdist imports no strategy's heavy library
@@ -35,6 +35,7 @@ REGISTRY: dict[str, str | type[Strategy]] = {
     "single": "ffdist.strategies.single:SingleDevice",
     "ddp": "ffdist.strategies.ddp:DDP",
     "deepspeed": "ffdist.strategies.deepspeed:DeepSpeed",
+    "fsdp": "ffdist.strategies.fsdp:FSDP",
 }
 AUTO = ("single", "ddp")
 """strategy.name=auto: the first for one process, the second for several."""
@@ -91,8 +92,14 @@ def resolve_name(recipe: Recipe, world_size: int, check: bool = True) -> str:
     return name
 
 
-def build(model: nn.Module, recipe: Recipe, resolved: Resolved, info: DistInfo) -> Strategy:
-    return get(resolved.strategy)(model, recipe, resolved, info)
+def build(model: nn.Module, recipe: Recipe, resolved: Resolved, info: DistInfo,
+          blocks: list[str] | None = None) -> Strategy:
+    """The run's strategy; `blocks` (the model's blocks, ffdist.models.blocks) goes to a
+    strategy that declares `uses_blocks`."""
+    cls = get(resolved.strategy)
+    if cls.uses_blocks:
+        return cls(model, recipe, resolved, info, blocks=list(blocks or []))  # type: ignore[call-arg]
+    return cls(model, recipe, resolved, info)
 
 
 def layout_format_of(name: str) -> str:
