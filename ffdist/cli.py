@@ -43,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"ffdist: error: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return EXIT_USER_ERROR
+    if argv is None:  # `ffdist ...`: the process ends with the command (ffdist.signals)
+        from ffdist import signals
+
+        signals.owns_process()
     module = importlib.import_module(COMMANDS[name][0])
     return guard(module.main, rest)
 

@@ -554,7 +554,9 @@ class Recipe:
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.output_dir) if self.output_dir else Path("runs") / self.name
+        path = Path(self.output_dir) if self.output_dir else Path("runs") / self.name
+        # "." or "..": a folder with no name of its own here; its full path has one
+        return path.resolve() if path.name in ("", "..") else path
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
