@@ -35,6 +35,7 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    owns_process = argv is None  # `ffdist ...`: the process ends with the command
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"ffdist: error: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return EXIT_USER_ERROR
-    if argv is None:  # `ffdist ...`: the process ends with the command (ffdist.signals)
+    if owns_process:  # what that means after a finished run: ffdist.signals
         from ffdist import signals
 
         signals.owns_process()

@@ -16,7 +16,8 @@ when it starts writing; a folder written before the marker existed counts as a r
 holds ffdist's own files (`older_run`). Anything else is refused in one sentence naming a
 file there, before anything is written; so is a recipe that lies where the run writes.
 What ffdist itself may have put into a folder before the run (`.ffdist*`, its temp files,
-sbatch's slurm-*.out, bench.json) does not make it someone else's.
+sbatch's slurm-*.out, bench.json), and empty files or folders where the run writes, do not
+make it someone else's.
 
 Never replaced (whatever state the checkpoints are in):
 - a finished run (its model.pt exists) is not trained again: the same recipe prints
@@ -222,7 +223,8 @@ def check_owner(run_dir: Path, recipe_path: str | Path | None = None) -> None:
                          "output_dir (or name).")
     if (run_dir / MARKER).is_file():
         return
-    foreign = sorted(p.name for p in run_dir.iterdir() if not _ffdist_before_run(p))
+    foreign = sorted(p.name for p in run_dir.iterdir() if not _ffdist_before_run(p)
+                     and not _empty_run_file(p))
     if not foreign or older_run(run_dir):
         return
     replaced = [n for n in RUN_FILES if n in foreign]
@@ -257,6 +259,17 @@ def _ffdist_before_run(p: Path) -> bool:
 
     return bool(FFDIST_BEFORE_RUN.fullmatch(p.name) or WRITE_TEST.fullmatch(p.name)
                 or is_temp_of(p.name, ATOMIC_FILES))
+
+
+def _empty_run_file(p: Path) -> bool:
+    """An empty file or folder where a run writes: nothing to lose (a start killed before
+    it wrote anything left it)."""
+    if p.name not in RUN_FILES:
+        return False
+    try:
+        return not any(p.iterdir()) if p.is_dir() else p.stat().st_size == 0
+    except OSError:
+        return False
 
 
 def older_run(run_dir: Path) -> bool:
