@@ -399,9 +399,13 @@ class LaunchConfig:
     node_rank: int = 0
     """This node's rank (bare torchrun across nodes)."""
     rdzv_endpoint: str = "localhost:29500"
-    """host:port of the c10d rendezvous (the head node)."""
+    """host:port of the c10d rendezvous (the head node); with nnodes > 1 an address every
+    node reaches (`ffdist launch` refuses a loopback one)."""
     rdzv_timeout: int = 900
-    """Seconds the rendezvous waits for all nodes."""
+    """Seconds ranks wait for each other at start: torchrun's rendezvous of the nodes, and
+    ffdist's own meeting of the ranks (all arrived, the same recipe, the run directory's
+    verdict, the shared output_dir), which says what it waits for while it waits and
+    ends with one sentence naming the rank that never came."""
     socket_ifname: str | None = None
     """Network interface for NCCL/gloo traffic (NCCL_SOCKET_IFNAME/GLOO_SOCKET_IFNAME)."""
     max_restarts: int = 0
@@ -426,6 +430,7 @@ class LaunchConfig:
         _check(":" in self.rdzv_endpoint, "launch.rdzv_endpoint", self.rdzv_endpoint,
                "use host:port")
         _check(self.pg_timeout >= 1, "launch.pg_timeout", self.pg_timeout, "use 1 or more")
+        _check(self.rdzv_timeout >= 1, "launch.rdzv_timeout", self.rdzv_timeout, "use 1 or more")
         _check(self.max_restarts >= 0, "launch.max_restarts", self.max_restarts, "use 0 or more")
 
 

@@ -55,7 +55,7 @@ LOCK_FILE = ".ffdist.lock"
 MARKER = ".ffdist-run"
 RUN_FILES = ("recipe.yaml", "metrics.jsonl", "model.pt", "tb", "checkpoints")
 """What a run writes into its folder (and would replace)."""
-ATOMIC_FILES = re.compile(r"recipe\.yaml|model\.pt|report\.json|\.ffdist-run")
+ATOMIC_FILES = re.compile(r"recipe\.yaml|model\.pt|\.ffdist-run")
 """What ffdist writes into a run folder through checkpoint.atomic_write."""
 WRITE_TEST = re.compile(r"\.write_test\.\d+")
 FFDIST_BEFORE_RUN = re.compile(r"\.ffdist.*|slurm-\d+\.out|bench\.json")
@@ -341,12 +341,11 @@ def check_writable(run_dir: Path) -> None:
 def _unwritable(run_dir: Path, folder: Path, e: OSError) -> str:
     if e.errno == errno.ENAMETOOLONG:
         return _path_error(run_dir, e)
-    blocker = next((p for p in (folder, *folder.parents) if p.is_file()), None)
-    if blocker is not None:
-        why = "it is a file" if blocker == run_dir else f"{blocker} is a file, not a folder"
-        return (f"output_dir={run_dir} is not writable ({why}); choose another output_dir "
-                "(or name).")
     what = "" if folder == run_dir else f": its {folder.name}/ folder"
+    blocker = next((p for p in (folder, *folder.parents) if p.is_file()), None)
+    if blocker is not None:  # a file where a folder must go
+        why = "it is a file" if blocker == folder else f"{blocker} is a file, not a folder"
+        return f"output_dir={run_dir}{what} is not writable ({why}); choose another output_dir."
     return (f"output_dir={run_dir}{what} is not writable ({e.strerror}); choose another "
             "output_dir or fix its permissions.")
 

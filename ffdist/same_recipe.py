@@ -68,8 +68,8 @@ def differences(per_rank: list[dict[str, str]]) -> str:
         by_value: dict[str, list[int]] = {}
         for rank, values in enumerate(per_rank):
             by_value.setdefault(values.get(key, "(absent)"), []).append(rank)
-        parts.append(f"{key}: " + ", ".join(f"{value} on {_ranks(ranks)}"
-                                             for value, ranks in by_value.items()))
+        each = [f"{value} on {_ranks(ranks)}" for value, ranks in by_value.items()]
+        parts.append(f"{key} is {', '.join(each[:-1])} and {each[-1]}")
     more = len(differing) - SHOWN_KEYS
     tail = f" (and {more} more key{'s' if more > 1 else ''})" if more > 0 else ""
     return (f"the ranks were started with different recipes: {'; '.join(parts)}{tail}; start "

@@ -285,7 +285,8 @@ def test_checkpoints_folder_that_cannot_be_written_is_found_before_training(capf
     (out / run_dir.MARKER).write_text("{}")  # a run's folder (else it is not ffdist's)
     (out / "checkpoints").write_text("a file where the folder goes")  # fails even for root
     line = refused_in_process(capfd, out)
-    assert f"output_dir={out}: its checkpoints/ folder is not writable (File exists)" in line
+    assert line.endswith(f"output_dir={out}: its checkpoints/ folder is not writable (it is a "
+                         "file); choose another output_dir.")
     assert not (out / "metrics.jsonl").exists(), "it trained before finding out"
 
 

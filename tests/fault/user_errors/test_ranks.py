@@ -144,8 +144,8 @@ def test_ffdist_launch_checks_the_data_before_starting_torchrun(tmp_path):
 # ------------------------------------------------------------------ ranks that disagree
 
 @pytest.mark.parametrize("override,differs", [
-    ("optim.lr=0.2", "optim.lr: 0.1 on rank 0, 0.2 on rank 1"),  # else: diverged replicas
-    ("data.batch_size=32", "data.batch_size: 64 on rank 0, 32 on rank 1"),  # else: gloo aborts
+    ("optim.lr=0.2", "optim.lr is 0.1 on rank 0 and 0.2 on rank 1"),  # else: diverged replicas
+    ("data.batch_size=32", "data.batch_size is 64 on rank 0 and 32 on rank 1"),  # else: gloo aborts
 ])
 def test_ranks_started_with_different_recipes_stop_before_any_step(tmp_path, override, differs):
     out = tmp_path / "run"
