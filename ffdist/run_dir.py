@@ -184,18 +184,20 @@ def _read_holder(fd: int) -> str:
     return text or "a process that has not written its name yet"
 
 
-def claim(run_dir: Path, info: Any, recipe_path: str | Path | None = None) -> RunLock:
+def claim(run_dir: Path, info: Any, recipe_path: str | Path | None = None,
+          recipe_yaml: str | None = None) -> RunLock:
     """The primary rank checks that the run directory is new, empty or an ffdist run, that
-    the recipe does not lie where the run writes, that it takes files, and takes its lock;
-    every rank learns the verdict (ffdist.dist.decide: a deadline, no collective), so that
-    all of them stop with the same sentence."""
+    the recipe (at recipe_path; the run would write recipe_yaml) is not replaced by the
+    run, that it takes files, and takes its lock; every rank learns the verdict
+    (ffdist.dist.decide: a deadline, no collective), so that all of them stop with the same
+    sentence."""
     from ffdist import dist
 
     held, refusal = RunLock(Path(run_dir) / LOCK_FILE, None), None
     if info.is_primary:
         run_dir = Path(run_dir)
         try:
-            check_owner(run_dir, recipe_path)
+            check_owner(run_dir, recipe_path, recipe_yaml)
             new = tuple(d for d in (run_dir, run_dir / "checkpoints") if not d.exists())
             check_writable(run_dir)
             held = lock(run_dir)
@@ -211,11 +213,12 @@ def claim(run_dir: Path, info: Any, recipe_path: str | Path | None = None) -> Ru
 
 # ----------------------------------------------------------------------------- ownership rule
 
-def check_owner(run_dir: Path, recipe_path: str | Path | None = None) -> None:
+def check_owner(run_dir: Path, recipe_path: str | Path | None = None,
+                recipe_yaml: str | None = None) -> None:
     """Refuse (one sentence, naming a file) a folder that is neither new, nor empty, nor an
-    ffdist run, and a recipe that lies where the run writes; before anything is written."""
+    ffdist run, and a recipe that the run would replace; before anything is written."""
     if recipe_path is not None:
-        _check_recipe_outside(run_dir, Path(recipe_path))
+        _check_recipe_outside(run_dir, Path(recipe_path), recipe_yaml)
     if not _exists(run_dir):
         return
     if not run_dir.is_dir():
@@ -298,13 +301,17 @@ def _ffdist_metrics(path: Path) -> bool:
     return isinstance(first, dict) and "step" in first and ("split" in first or "event" in first)
 
 
-def _check_recipe_outside(run_dir: Path, recipe: Path) -> None:
-    """The recipe being trained is never among the files the run writes."""
+def _check_recipe_outside(run_dir: Path, recipe: Path, recipe_yaml: str | None) -> None:
+    """The recipe being trained is never replaced by the run: it may not lie where the run
+    writes, except a run's own recipe.yaml trained again as it is (`begin` leaves a
+    recipe.yaml that already holds what it would write untouched)."""
     try:
         where = recipe.resolve()
         folder = run_dir.resolve()
-    except OSError:
-        return  # a path the run cannot use either: the other checks name it
+        if where == folder / "recipe.yaml" and recipe.read_text() == recipe_yaml:
+            return
+    except (OSError, UnicodeDecodeError):
+        return  # a path the run cannot read: the recipe loader or the other checks say so
     written = [folder / n for n in RUN_FILES]
     if not any(where == w or where.is_relative_to(w) for w in written):
         return
@@ -465,7 +472,9 @@ def begin(recipe: Recipe) -> None:
         save_text(run_dir / MARKER, json.dumps({
             "ffdist": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
     remove_leftovers(run_dir)
-    save_text(run_dir / "recipe.yaml", recipe.to_yaml())
+    text, path = recipe.to_yaml(), run_dir / "recipe.yaml"
+    if not (path.is_file() and path.read_text() == text):  # (the recipe trained, maybe)
+        save_text(path, text)
 
 
 def remove_leftovers(run_dir: Path) -> list[Path]:

@@ -57,7 +57,7 @@ def run(recipe_path: str | None, overrides: list[str]) -> dict:
         from ffdist.monitor import setup_logging
 
         setup_logging(info.is_primary)
-        owner = run_dir.claim(rcp.run_dir, info, recipe_path)  # ours to write, ours alone
+        owner = run_dir.claim(rcp.run_dir, info, recipe_path, rcp.to_yaml())  # ours alone
         trainer, start = build(rcp, info)
         if trainer is None:
             if info.is_primary:

@@ -1,4 +1,5 @@
-"""Preemption: SIGTERM / SIGUSR1 -> finish the step, checkpoint, exit 75, resume exactly.
+"""Preemption: SIGTERM / SIGUSR1 -> finish the step, checkpoint, exit 75, resume exactly;
+and a signal after the run finished (while it tears down) changes nothing: exit 0.
 
 Real signals sent from outside to real processes. The `slow` fault only makes steps after
 step 10 take 0.1 s longer, so that the signal surely lands mid-training; it changes no

@@ -82,6 +82,20 @@ def test_cd_into_the_folder_and_output_dir_dot(tmp_path):
     assert f"output_dir={tmp_path / 'empty-2'}" in proc.stdout  # the next run's folder
 
 
+def test_a_runs_own_recipe_trained_again_is_left_as_it_is(capfd, tmp_path):
+    """recipe.yaml of a run, trained again as it is: the file the run would write is the
+    file already there (nothing to do here); with an override it would be replaced."""
+    out = tmp_path / "run"
+    trains(capfd, f"output_dir={out}")
+    saved = out / "recipe.yaml"
+    before = snapshot(out)
+    assert "nothing to do" in trains(capfd, f"output_dir={out}") and snapshot(out) == before
+    code = train.main([str(saved)])  # its overrides are in it already
+    assert code == 0 and "nothing to do" in capfd.readouterr().out and snapshot(out) == before
+    line = refused(in_process(capfd, train.main, str(saved), "optim.lr=0.05"), out)
+    assert line.startswith(f"ffdist: error: the recipe {saved} lies where this run writes")
+
+
 def test_what_may_be_there_before_a_run(capfd, tmp_path):
     """New, empty, or holding only what ffdist put there (sbatch's log, bench.json, an
     empty checkpoints/ of a start killed early): claimed, and marked as the run's."""
