@@ -53,7 +53,6 @@ TEMP_OF = re.compile(r"\.(?P<target>.+)\.tmp\.\d+")
 """The name of atomic_write's temp file for <target> (`temp_path`)."""
 CHECKPOINT_FILES = re.compile(r"step_\d{8}\.pt|latest|best\.pt")
 """What the manager writes into checkpoints/ through atomic_write."""
-BEST_TMP = ".best.pt.tmp"
 
 
 def temp_path(path: Path) -> Path:

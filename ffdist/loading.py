@@ -31,8 +31,9 @@ def _not_a_run(run_dir: Path) -> str:
     """Why `run_dir` is not a run folder, and where the runs are."""
     parent = run_dir.parent
     if not run_dir.exists():
-        listing = ("`ls` shows what is here" if str(parent) == "." else f"`ls {parent}` shows "
-                   "what is there" if parent.is_dir() else f"{parent} does not exist either")
+        command = "ffdist runs" if parent == Path("runs") else f"ffdist runs {parent}"
+        listing = (f"`{command}` lists the runs there" if parent.is_dir()
+                   else f"{parent} does not exist either")
         return f"{run_dir} does not exist; give the folder of a training run ({listing})."
     if not run_dir.is_dir():
         return f"{run_dir} is a file; give the folder of a training run (runs/<name>)."

@@ -53,11 +53,15 @@ if TYPE_CHECKING:  # torch is imported by train anyway; `lock` alone stays light
 log = logging.getLogger("ffdist")
 LOCK_FILE = ".ffdist.lock"
 MARKER = ".ffdist-run"
-RUN_FILES = ("recipe.yaml", "metrics.jsonl", "model.pt", "tb", "checkpoints")
-"""What a run writes into its folder (and would replace)."""
+RUN_FILES = ("recipe.yaml", "metrics.jsonl", "model.pt", "tb", "checkpoints", "csv", "profile",
+             "wandb", "mlflow-run.json", "wandb-run.json")
+"""What a run and its log sinks write into its folder (and would replace)."""
 ATOMIC_FILES = re.compile(r"recipe\.yaml|model\.pt|\.ffdist-run")
 """What ffdist writes into a run folder through checkpoint.atomic_write."""
 WRITE_TEST = re.compile(r"\.write_test\.\d+")
+OLD_BEST_COPY = ".best.pt.tmp"
+"""checkpoints/: the temp name of best.pt's copy before best.pt went through atomic_write
+(a run started by an earlier ffdist may hold one)."""
 FFDIST_BEFORE_RUN = re.compile(r"\.ffdist.*|slurm-\d+\.out|bench\.json")
 """What ffdist (its lock, checks, sbatch's log, `ffdist bench`) may put into an output_dir
 before a run starts there: it does not make the folder someone else's."""
@@ -238,7 +242,7 @@ def check_owner(run_dir: Path, recipe_path: str | Path | None = None,
     raise RunRefused(
         f"output_dir={run_dir} is not an ffdist run folder: it holds {run_dir / named}{what}"
         f"{others}; ffdist trains only into a new or empty folder or into its own run: "
-        f"choose another output_dir (e.g. output_dir={run_dir / 'run'}).")
+        f"choose another: output_dir={resume_rules.next_run_dir(run_dir)}.")
 
 
 def _exists(path: Path) -> bool:
@@ -317,8 +321,8 @@ def _check_recipe_outside(run_dir: Path, recipe: Path, recipe_yaml: str | None) 
         return
     raise RunRefused(
         f"the recipe {recipe} lies where this run writes (output_dir={run_dir}), and would "
-        "be replaced by the run's own copy; train a copy of it kept elsewhere, or choose "
-        f"another output_dir (e.g. output_dir={run_dir / 'run'}).")
+        "be replaced by the run's own copy; train a copy of it kept elsewhere, or give the "
+        f"run another folder: output_dir={resume_rules.next_run_dir(run_dir)}.")
 
 
 # ----------------------------------------------------------------------------- contents
@@ -480,7 +484,7 @@ def begin(recipe: Recipe) -> None:
 def remove_leftovers(run_dir: Path) -> list[Path]:
     """Delete the temp files of writes that never finished (a kill, a full disk): in the
     run folder and checkpoints/, the names ffdist's own writes use, nothing else."""
-    from ffdist.checkpoint import BEST_TMP, CHECKPOINT_FILES, is_temp_of
+    from ffdist.checkpoint import CHECKPOINT_FILES, is_temp_of
 
     removed = []
     for folder, targets in ((run_dir, ATOMIC_FILES), (run_dir / "checkpoints", CHECKPOINT_FILES)):
@@ -488,7 +492,7 @@ def remove_leftovers(run_dir: Path) -> list[Path]:
             continue
         for p in folder.iterdir():
             if (is_temp_of(p.name, targets) or WRITE_TEST.fullmatch(p.name)
-                    or (folder.name == "checkpoints" and p.name == BEST_TMP)) and p.is_file():
+                    or (folder.name == "checkpoints" and p.name == OLD_BEST_COPY)) and p.is_file():
                 p.unlink(missing_ok=True)
                 removed.append(p)
     return removed

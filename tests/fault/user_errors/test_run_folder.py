@@ -46,7 +46,8 @@ def test_a_folder_that_is_not_a_run_is_never_trained_into(capfd, tmp_path):
     exp = mine(tmp_path / "exp")
     line = refused(in_process(capfd, train.main, str(exp / "recipe.yaml"), *TINY,
                               f"output_dir={exp}"), exp)
-    assert "lies where this run writes" in line and f"output_dir={exp / 'run'}" in line
+    assert "lies where this run writes" in line and line.endswith(
+        f"give the run another folder: output_dir={tmp_path / 'exp_2'}.")
     # the same recipe from elsewhere: the folder is someone else's, named by a file in it
     copy = tmp_path / "copy.yaml"
     shutil.copy(exp / "recipe.yaml", copy)
@@ -54,16 +55,16 @@ def test_a_folder_that_is_not_a_run_is_never_trained_into(capfd, tmp_path):
     assert line == (f"ffdist: error: output_dir={exp} is not an ffdist run folder: it holds "
                     f"{exp / 'recipe.yaml'} (which a run would replace) and 1 other entry; "
                     "ffdist trains only into a new or empty folder or into its own run: choose "
-                    f"another output_dir (e.g. output_dir={exp / 'run'}).")
+                    f"another: output_dir={tmp_path / 'exp_2'}.")
     notes = tmp_path / "notes"
     notes.mkdir()
     (notes / "todo.txt").write_text("mine")
     line = refused(train_main(capfd, *TINY, f"output_dir={notes}"), notes)
     assert f"it holds {notes / 'todo.txt'};" in line
-    # the advice works: a new folder inside it, and the notes stay as they were
+    # the advice works (a new folder beside it), and the notes stay as they were
     before = snapshot(exp)
-    trains(capfd, f"output_dir={exp / 'run'}")
-    assert {k: v for k, v in snapshot(exp).items() if not k.startswith("run")} == before
+    trains(capfd, f"output_dir={tmp_path / 'exp_2'}")
+    assert snapshot(exp) == before and (tmp_path / "exp_2" / "model.pt").is_file()
 
 
 def test_cd_into_the_folder_and_output_dir_dot(tmp_path):
@@ -79,7 +80,7 @@ def test_cd_into_the_folder_and_output_dir_dot(tmp_path):
                           cwd=empty, env=env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "finished in" in proc.stdout and (empty / "model.pt").is_file()
-    assert f"output_dir={tmp_path / 'empty-2'}" in proc.stdout  # the next run's folder
+    assert f"output_dir={tmp_path / 'empty_2'}" in proc.stdout  # the next run's folder
 
 
 def test_a_runs_own_recipe_trained_again_is_left_as_it_is(capfd, tmp_path):

@@ -110,7 +110,7 @@ def test_eval_of_a_folder_that_does_not_exist_says_so(capfd, tmp_path):
                     f"({tmp_path / 'runs'} does not exist either).")
     (tmp_path / "runs").mkdir()
     line = refused(in_process(capfd, cli, "eval", str(gone)), tmp_path)
-    assert line.endswith(f"(`ls {tmp_path / 'runs'}` shows what is there).")
+    assert line.endswith(f"(`ffdist runs {tmp_path / 'runs'}` lists the runs there).")
     line = refused(in_process(capfd, cli, "predict", str(DIGITS), DIGITS, "--out",
                               str(tmp_path / "p.csv")), tmp_path)
     assert line.startswith(f"ffdist: error: {DIGITS} is a file; give the folder of a training run")
