@@ -123,9 +123,10 @@ class Meeting:
         """Tell the ranks that came; before rank 0 goes on (and may exit, taking the store
         it hosts with it), they have read it: a few milliseconds, 5 s at most."""
         self.store.set(f"{key}/verdict", json.dumps(verdict))
-        readers, deadline = arrived - 1, time.monotonic() + 5.0
+        readers, deadline, pause = arrived - 1, time.monotonic() + 5.0, 0.0005
         while self.store.add(f"{key}/ack", 0) < readers and time.monotonic() < deadline:
-            time.sleep(0.005)
+            time.sleep(pause)
+            pause = min(pause * 1.5, 0.05)
 
     def _missing(self, key: str) -> list[int]:
         return [r for r in range(self.world) if not self.store.check([f"{key}/{r}"])]
@@ -149,7 +150,7 @@ def wait_for(ready: Callable[[], bool], progress: Callable[[str], str],
     every PROGRESS_S (a quarter of a shorter limit) when `speak`; raise failure() at limit_s."""
     start = time.monotonic()
     every = min(PROGRESS_S, max(1.0, limit_s / 4))
-    said, pause = 0, 0.002
+    said, pause = 0, 0.0005
     while not ready():
         waited = time.monotonic() - start
         if waited >= limit_s:
