@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from ffdist.world import report_to_launcher, world_from_env
+from ffdist.world import EnvError, report_to_launcher, world_from_env
 
 EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 3
@@ -87,6 +87,9 @@ def guard(main: Callable[..., Any], *args: Any) -> int:
     except FfdistError as e:
         report(e)
         return e.exit_code
+    except EnvError as e:  # a launcher variable that is not a number (ffdist.world)
+        report(LaunchError(str(e)))
+        return EXIT_USER_ERROR
     except BrokenPipeError:  # `ffdist models | head`: the reader left; no traceback
         import os
 
@@ -95,7 +98,7 @@ def guard(main: Callable[..., Any], *args: Any) -> int:
     except Exception as e:
         if not peer_lost(e):
             raise  # a bug: keep the traceback
-        rank, _, world, _, _ = world_from_env()
+        rank, _, world, _, _ = _world()
         why = next((s for s in PEER_LOST if s in str(e)), type(e).__name__)
         print(f"ffdist: rank {rank} of {world} stopped: it lost contact with another rank "
               f"({why}), which failed first: see that rank's message.", file=sys.stderr,
@@ -106,7 +109,7 @@ def guard(main: Callable[..., Any], *args: Any) -> int:
 def report(e: FfdistError) -> None:
     """One line on stderr. An error every rank raises alike is printed by rank 0 only, so
     that torchrun with N ranks shows it once; others are printed by each rank that hit it."""
-    rank, local_rank, world, _, _ = world_from_env()
+    rank, local_rank, world, _, _ = _world()
     where = f" (rank {rank} of {world})" if rank != 0 else ""
     line = f"ffdist: error{where}: {one_line(e)}"
     printer = local_rank == 0 if e.per_node else rank == 0
@@ -126,10 +129,19 @@ def report(e: FfdistError) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
+def _world() -> tuple[int, int, int, int, str]:
+    """Which rank is speaking; the printer must print even when the launcher's variables
+    are what it is reporting (WORLD_SIZE=two): then it speaks as the only process."""
+    try:
+        return world_from_env()
+    except EnvError:
+        return 0, 0, 1, 1, "none"
+
+
 def peer_lost(e: Exception) -> bool:
     """A collective failed because a peer process died: the fallout of another rank's
     error or crash (which reports itself), not a second bug; one line instead of N tracebacks."""
-    if world_from_env()[2] < 2:
+    if _world()[2] < 2:
         return False
     comm_error = type(e).__name__ in ("DistBackendError", "DistNetworkError")
     return comm_error or (isinstance(e, RuntimeError) and any(s in str(e) for s in PEER_LOST))

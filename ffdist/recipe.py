@@ -510,9 +510,13 @@ class LaunchConfig:
     node_rank: int = 0
     """This node's rank (bare torchrun across nodes)."""
     rdzv_endpoint: str = "localhost:29500"
-    """host:port of the c10d rendezvous (the head node); port 1..65535."""
+    """host:port of the c10d rendezvous (the head node); port 1..65535; with nnodes > 1 an
+    address every node reaches (`ffdist launch` refuses a loopback one)."""
     rdzv_timeout: int = 900
-    """Seconds the rendezvous waits for all nodes."""
+    """Seconds ranks wait for each other at start: torchrun's rendezvous of the nodes, and
+    ffdist's own meeting of the ranks (all arrived, the same recipe, the run directory's
+    verdict, the shared output_dir), which says what it waits for while it waits and
+    ends with one sentence naming the rank that never came."""
     socket_ifname: str | None = None
     """Network interface for NCCL/gloo traffic (NCCL_SOCKET_IFNAME/GLOO_SOCKET_IFNAME)."""
     max_restarts: int = 0
@@ -540,6 +544,7 @@ class LaunchConfig:
                self.rdzv_endpoint, "use host:port with a port from 1 to 65535, e.g. "
                "launch.rdzv_endpoint=localhost:29500")
         _check(self.pg_timeout >= 1, "launch.pg_timeout", self.pg_timeout, "use 1 or more")
+        _check(self.rdzv_timeout >= 1, "launch.rdzv_timeout", self.rdzv_timeout, "use 1 or more")
         _check(self.max_restarts >= 0, "launch.max_restarts", self.max_restarts, "use 0 or more")
 
 
@@ -678,7 +683,9 @@ class Recipe:
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.output_dir) if self.output_dir else Path("runs") / self.name
+        path = Path(self.output_dir) if self.output_dir else Path("runs") / self.name
+        # "." or "..": a folder with no name of its own here; its full path has one
+        return path.resolve() if path.name in ("", "..") else path
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

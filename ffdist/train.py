@@ -47,16 +47,17 @@ def run(recipe_path: str | None, overrides: list[str]) -> dict:
     check_present(rcp.data, recipe_path)  # absent data: before any process group or run dir
     sinks.check(rcp.log)  # unknown log.sinks: likewise
 
-    from ffdist import dist, signals, startup
+    from ffdist import dist, same_recipe, signals, startup
 
     info = dist.init(rcp.launch)  # device checks (launch.device/gpus), then the group
     trainer, owner = None, None
     try:
+        same_recipe.check(rcp)  # every rank the same recipe: before any collective
         from ffdist import run_dir, summary
         from ffdist.monitor import setup_logging
 
         setup_logging(info.is_primary)
-        owner = run_dir.claim(rcp.run_dir, info)  # writable, and ours alone for the run's life
+        owner = run_dir.claim(rcp.run_dir, info, recipe_path, rcp.to_yaml())  # ours alone
         trainer, start = build(rcp, info)
         if trainer is None:
             if info.is_primary:
@@ -72,6 +73,7 @@ def run(recipe_path: str | None, overrides: list[str]) -> dict:
             if trainer.profiler is not None:  # the run ended inside the window
                 trainer.profiler.finish(trainer.progress.step)
             if not result.get("stopped"):
+                signals.run_finished()  # a signal from here on has nothing to stop: exit 0
                 finish(trainer, result)
         except BaseException:
             trainer.monitor.close("failed")  # trackers mark the run failed; files flushed
@@ -144,7 +146,7 @@ def build(rcp: Recipe, info: DistInfo) -> tuple[Trainer | None, run_dir.Start]:
         trainer.restore(state)
         monitor.info("resumed from step %d (epoch %d)", state.step, state.epoch)
     if info.is_primary:
-        run_dir.write_recipe(rcp)
+        run_dir.begin(rcp)  # the marker, leftovers of killed starts gone, recipe.yaml
         p = resolved.plan
         monitor.info("%s: %s on %s x%d (%s), batch %d = %d/rank x %d accum, %s", rcp.name,
                      rcp.model.name, info.device.type, info.world_size, resolved.strategy,
@@ -179,7 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     if recipe_path is None:
         print(USAGE, file=sys.stderr)
         return EXIT_USER_ERROR
-    from ffdist import startup
+    from ffdist import signals, startup
+
+    if argv is None:  # this process's own command line: it ends when the run does
+        signals.owns_process()
 
     startup.pause_gc()  # while torch & co load: ~0.6 s of full collections (ffdist.startup)
     try:
