@@ -137,15 +137,16 @@ def test_folder_pipeline_is_torchvisions_compose_and_eval_has_its_own_size(tmp_p
     assert torch.equal(x, val_ref(decode(data.val.samples[0][0], 3)))
     assert data.spec.eval_size == 20 and data.spec.image_size == 16
     streams = build(r, 0, plan_batches(r.data.batch_size, None, 1), torch.device("cpu"),
-                    pairs=False)
+                    pairs=False, workers=0)
     assert next(iter(streams.train))[0].shape == (4, 3, 16, 16)
     assert next(iter(streams.eval))[0].shape[-2:] == (20, 20)
 
 
 def test_eval_size_is_refused_for_in_memory_data():
-    r = recipe_load.load(None, ["data.eval_image_size=16"])
+    r = recipe_load.load(None, ["data.eval_image_size=16", "model.in_channels=1"])
     with pytest.raises(DataError, match="data.eval_image_size=16 applies to folder datasets"):
-        build(r, 0, plan_batches(r.data.batch_size, None, 1), torch.device("cpu"), pairs=False)
+        build(r, 0, plan_batches(r.data.batch_size, None, 1), torch.device("cpu"), pairs=False,
+              workers=0)
 
 
 def test_synthetic_evaluates_at_the_eval_size():
