@@ -236,7 +236,6 @@ def check_gpus(gpus: list[int], ranks: int = 1) -> None:
 def init(launch: LaunchConfig | None = None) -> DistInfo:
     """Read the environment, pick the device (launch.device, launch.gpus), then join the
     process group if there is one: device errors come first, so every rank exits alike."""
-    import torch
     import torch.distributed as dist
 
     if launch is None:
@@ -263,9 +262,8 @@ def init(launch: LaunchConfig | None = None) -> DistInfo:
                                                     launch.rdzv_timeout, timeout)
         dist.init_process_group(backend=backend, rank=rank, world_size=world,
                                 timeout=timeout, **kwargs)
-    if device.type == "cpu" and world > 1 and "OMP_NUM_THREADS" not in os.environ:
-        # Without this, every rank starts one thread per core and they fight over cores.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
+    # Threads per rank (launch.threads) are decided with the rest of the run:
+    # ffdist.assemble.resolve_for, by ffdist.threads' rule.
     return DistInfo(rank, local_rank, world, local_world, device, launcher, launcher_precision())
 
 

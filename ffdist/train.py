@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from ffdist.dist import DistInfo
     from ffdist.engine import Trainer
     from ffdist.recipe import Recipe
+    from ffdist.resolved import Resolved
 
 USAGE = "usage: python -m ffdist.train RECIPE.yaml [key=value ...]"
 HELP = f"""{USAGE}
@@ -46,6 +47,9 @@ def run(recipe_path: str | None, overrides: list[str]) -> dict:
     rcp = recipe_load.load(recipe_path, overrides)  # before importing torch: recipe errors are fast
     check_present(rcp.data, recipe_path)  # absent data: before any process group or run dir
     sinks.check(rcp.log)  # unknown log.sinks: likewise
+    from ffdist import assemble
+
+    rcp = assemble.settle(rcp)  # model.num_classes / cifar_stem = auto: values, from the data
 
     from ffdist import dist, same_recipe, signals, startup
 
@@ -147,11 +151,20 @@ def build(rcp: Recipe, info: DistInfo) -> tuple[Trainer | None, run_dir.Start]:
         monitor.info("resumed from step %d (epoch %d)", state.step, state.epoch)
     if info.is_primary:
         run_dir.begin(rcp)  # the marker, leftovers of killed starts gone, recipe.yaml
-        p = resolved.plan
-        monitor.info("%s: %s on %s x%d (%s), batch %d = %d/rank x %d accum, %s", rcp.name,
-                     rcp.model.name, info.device.type, info.world_size, resolved.strategy,
-                     p.global_batch, p.micro, p.accum, resolved.precision)
+        monitor.info("%s", start_line(rcp, resolved))
+        if resolved.workers_note:
+            monitor.info("%s", resolved.workers_note)
     return trainer, start
+
+
+def start_line(rcp: Recipe, resolved: Resolved) -> str:
+    """What this run is and how it runs, in one line: 'digits: model small_cnn on cpu x1
+    (single), batch 64 = 64/rank x 1 accum, bf16, lr 0.1, 1 thread (auto: ...)'."""
+    p = resolved.plan
+    lr = f"lr {resolved.lr:.4g}" + (f" = {resolved.lr_why}" if resolved.lr_why else "")
+    return (f"{rcp.name}: model {rcp.model.name} on {resolved.device.type} x{p.world_size} "
+            f"({resolved.strategy}), batch {p.global_batch} = {p.micro}/rank x {p.accum} accum, "
+            f"{resolved.precision}, {lr}, {resolved.threads_why}")
 
 
 def finish(trainer: Trainer, end: dict) -> None:
