@@ -35,7 +35,9 @@ def streams(folder: Path | str, world: int, rank: int, *extra: str, pairs: bool 
             val: str | None = None):
     r = recipe_load.load(RECIPES / "digits.yaml", kit.args(
         str(folder), val or str(folder), Path("unused"), "data.augment=true", *extra))
-    return build(r, rank, plan_batches(kit.BATCH, None, world), torch.device("cpu"), pairs=pairs)
+    # the workers as the recipe gives them (a run resolves them: ffdist.assemble.resolve)
+    return build(r, rank, plan_batches(kit.BATCH, None, world), torch.device("cpu"), pairs=pairs,
+                 workers=r.data.num_workers)
 
 
 def epoch_steps(folder: Path | str, world: int, workers: int, epoch: int = 1, skip: int = 0,
