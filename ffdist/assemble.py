@@ -52,21 +52,27 @@ def batch_plan(recipe: Recipe, world_size: int) -> BatchPlan:
 
 
 def resolve(recipe: Recipe, world_size: int, device: torch.device,
-            launcher_precision: str | None = None, *, trains: bool = True) -> Resolved:
+            launcher_precision: str | None = None, *, trains: bool = True,
+            streams: bool = True) -> Resolved:
     """The derived facts of a run, or the one-sentence error that refuses it.
 
     `trains=False` (eval, predict): the refusals that concern only a training strategy
     (strategy.name=single with N processes, a precision the strategy cannot train in, as
-    DeepSpeed's fp16 without a GPU) are skipped, since those commands run the plain model."""
+    DeepSpeed's fp16 without a GPU) are skipped, since those commands run the plain model.
+    `streams=False` (predict): no data streams are built, so data.decode is not resolved
+    (it says "cpu")."""
     from ffdist import precision, strategies
+    from ffdist.data import decoding, sources
 
     plan = batch_plan(recipe, world_size)
     strategy = strategies.resolve_name(recipe, world_size, check=trains)
     prec = precision.resolve(recipe.precision, device, launcher_precision)
     if trains:
         strategies.get(strategy).check_precision(prec, device)
+    decode, why = decoding.resolve(recipe.data, recipe.model.in_channels, device,
+                                   sources.get(recipe.data.name).encoded) if streams else ("cpu", "")
     return Resolved(plan, prec, strategy, image_size(recipe.data), device,
-                    eval_image_size(recipe.data))
+                    eval_image_size(recipe.data), decode, why)
 
 
 def resolve_for(recipe: Recipe, info: DistInfo, *, trains: bool = True) -> Resolved:
@@ -111,7 +117,8 @@ def build_data(recipe: Recipe, resolved: Resolved, rank: int) -> Streams:
     from ffdist import data, mixup
 
     return data.build(recipe, rank, resolved.plan, resolved.device,
-                      pairs=mixup.enabled(recipe.data))
+                      pairs=mixup.enabled(recipe.data), decode=resolved.decode,
+                      decode_why=resolved.decode_why)
 
 
 def build_trainer(recipe: Recipe, info: DistInfo, resolved: Resolved, *,

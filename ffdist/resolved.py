@@ -64,6 +64,11 @@ class Resolved:
     """Where this process computes (decided by ffdist.dist; carried here for reports)."""
     eval_image_size: int
     """Side of the eval/predict/export images (data.eval_image_size, else image_size)."""
+    decode: str = "cpu"
+    """Who decodes and crops encoded images: cpu | gpu | boxes (data.decode, `auto`
+    resolved: ffdist.data.decoding)."""
+    decode_why: str = ""
+    """What decided it (data.decode=auto), or the GPU decoder's name."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values, for `ffdist plan --json` and bench.json."""
@@ -72,4 +77,4 @@ class Resolved:
                 "per_rank": p.per_rank, "micro": p.micro, "accum": p.accum,
                 "precision": self.precision, "strategy": self.strategy,
                 "image_size": self.image_size, "eval_image_size": self.eval_image_size,
-                "device": self.device.type}
+                "device": self.device.type, "decode": self.decode}

@@ -56,6 +56,10 @@ class Source:
     folder_like = False
     """Eval, predict and export resize the short side and centre-crop (photographs of any
     size); False: images are resized to the model's side as they are."""
+    encoded = False
+    """Its samples are encoded images (files, tar shard members): data.decode=gpu may move
+    their decoding and cropping to the device (ffdist.data.decoding); False: decoded images
+    in memory."""
     example_images: tuple[str, str, str] | None = None
     """(folder, command that writes it, what it holds): images to try `ffdist predict` on,
     suggested at the end of a run."""
