@@ -88,6 +88,9 @@ RULES: tuple[Rule, ...] = (
     Rule("optim.lr", True, True, "a lower lr after a divergence is the usual remedy; it "
                                  "applies from the resumed step on"),
     Rule("optim.grad_clip", True, True, "a remedy after a divergence, from the resumed step on"),
+    Rule("data.decode", True, True, "where images are decoded and cropped (e.g. a run moved "
+                                    "between GPU and CPU machines): the same samples, boxes "
+                                    "and flips; cpu and the box path resample differently"),
     Rule("precision", True, True, "optimizer state is fp32 in every precision (e.g. resume a "
                                   "bf16 run on hardware without bf16)"),
     # define the run: fixed for its life
