@@ -189,6 +189,8 @@ def measure(args: argparse.Namespace, rcp: Recipe, overrides: list[str],
     bench_timing.alternate([s for run in runs for s in run.sides()], args.steps, args.reps, args.warmup)
     trace = _profile(args, runs[0], info) if args.profile else None
     mine = [_rank_figures(run, args, info) for run in runs]
+    if not args.synthetic:  # the input pipeline alone and the step alone, side by side
+        mine[0][0]["pipeline"] = _pipeline(runs[0], args)
     ranks = [mine]
     if info.distributed:
         import torch.distributed as tdist
@@ -215,6 +217,16 @@ def _profile(args: argparse.Namespace, run: Run, info: DistInfo) -> Path | None:
         return None
     profiling.report(f"{args.steps} bench steps", *found)
     return found[0]
+
+
+def _pipeline(run: Run, args: argparse.Namespace) -> dict[str, Any]:
+    """This rank's input pipeline alone (images/s, CPU cores busy) and the step alone on
+    batches it made (images/s at the median step), after the timed steps."""
+    assert run.trainer is not None
+    pipe, kept = bench_timing.time_pipeline(run.trainer, args.steps * run.resolved.plan.accum)
+    step = bench_timing.time_step_alone(run.trainer, kept, args.steps, min(args.warmup, 2))
+    pipe["step_alone_images_per_s"] = run.resolved.plan.per_rank / step if step > 0 else 0.0
+    return pipe
 
 
 def out_path(args: argparse.Namespace, rcp: Recipe) -> Path:
@@ -261,6 +273,9 @@ def assemble_result(args: argparse.Namespace, runs: list[Run], ranks: list,
     assert trainer is not None
     result = {**out[0], **bench_report.describe(trainer, args),
               "ranks": [{"rank": k, **r[0][0]} for k, r in enumerate(ranks)]}
+    if "pipeline" in ranks[0][0][0]:
+        result["pipeline"] = bench_report.pipeline([r[0][0]["pipeline"] for r in ranks],
+                                                   trainer.resolved)
     if len(out) > 1:
         result["runs"] = out
     return result

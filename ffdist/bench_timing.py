@@ -208,6 +208,68 @@ def time_train(trainer: Trainer, steps: int, warmup: int,
             "gpu": side.gpu, "peak_mem": side.peak_mem}
 
 
+def cpu_seconds() -> float | None:
+    """CPU time (user + system) of this process and its live child processes (the loader
+    workers), from /proc; None where there is no /proc (not Linux)."""
+    import os
+    from pathlib import Path
+
+    def own(pid: str) -> float:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime stime
+
+    try:
+        pids, seen, total = [str(os.getpid())], set(), 0.0
+        while pids:
+            pid = pids.pop()
+            if pid in seen:
+                continue
+            seen.add(pid)
+            try:
+                total += own(pid)
+                for task in Path(f"/proc/{pid}/task").iterdir():
+                    pids += (task / "children").read_text().split()
+            except OSError:  # a child that just ended
+                continue
+        return total
+    except (OSError, ValueError):
+        return None
+
+
+def time_pipeline(trainer: Trainer, batches: int, keep: int = SYNTHETIC_BATCHES
+                  ) -> tuple[dict[str, Any], list[Batch]]:
+    """The input pipeline alone: `batches` micro-batches of the train stream through the
+    prefetcher (the box path's decode and crop on the device included), nothing else.
+    Its images/s and the CPU cores it kept busy (this process and its loader workers,
+    from /proc), and the first `keep` batches (on the device, to time the step alone)."""
+    device = trainer.info.device
+    source = epochs(trainer)
+    kept = [next(source)]  # workers up, first batch out: not timed
+    _sync(device)
+    cpu0, begin, images = cpu_seconds(), time.perf_counter(), 0
+    for _ in range(batches):
+        x, y = next(source)
+        images += len(x)
+        if len(kept) < keep:
+            kept.append((x, y))
+    _sync(device)
+    wall = time.perf_counter() - begin
+    cpu1 = cpu_seconds()
+    cores = (cpu1 - cpu0) / wall if cpu0 is not None and cpu1 is not None else None
+    decoder = getattr(trainer.train_batches, "box_decoder", None)
+    return {"images_per_s": images / wall, "cores": cores, "batches": batches,
+            "counts": dict(decoder.counts) if decoder is not None else None,
+            "decoder": decoder.decoder.name if decoder is not None else None}, kept
+
+
+def time_step_alone(trainer: Trainer, batches: list[Batch], steps: int, warmup: int) -> float:
+    """Median step (s) of the Trainer cycling `batches` already on the device: the step
+    without its input pipeline."""
+    side = trainer_side("step alone", trainer, itertools.cycle(batches))
+    alternate([side], steps, 1, warmup)
+    return percentile(side.step_s, 50)
+
+
 @torch.no_grad()
 def time_eval(trainer: Trainer, batches_max: int,
               batches: list[Batch] | None = None) -> tuple[int, float]:
