@@ -68,6 +68,15 @@ def pipeline(ranks: list[dict[str, Any]], resolved: Any) -> dict[str, Any]:
            "decoder": ranks[0]["decoder"]}
     if counts:
         out["decoded"] = {k: sum(c[k] for c in counts) for k in counts[0]}
+    other = [r["other"] for r in ranks if "other" in r]
+    if other and "refused" in other[0]:
+        out["other"] = other[0]
+    elif other:
+        rate = world * min(o["images_per_s"] for o in other)
+        cores = [o["cores"] for o in other]
+        out["other"] = {"decode": other[0]["decode"], "images_per_s": rate,
+                        "cores": sum(cores) if None not in cores else None,
+                        "decoder": other[0]["decoder"], "vs_run": rate / pipe if pipe else 0.0}
     return out
 
 
@@ -87,6 +96,16 @@ def _pipeline_rows(p: dict[str, Any], workers: int) -> list[tuple[str, str]]:
                                f"(training process + {workers} workers per rank){host}"),
             ("step alone", f"{p['step_alone_images_per_s']:.1f} images/s on batches already "
                            "on the device")]
+    other = p.get("other")
+    if other and "refused" in other:
+        rows.append((f"data.decode={other['decode']}", f"not measured: {other['refused']}"))
+    elif other:
+        busy = f"{other['cores']:.1f} CPU cores busy" if other["cores"] is not None else \
+            "CPU use unknown"
+        rows.append((f"data.decode={other['decode']}",
+                     f"{other['images_per_s']:.1f} images/s alone "
+                     f"({DECODE_WHERE[other['decode']]}), {busy}: x{other['vs_run']:.2f} of "
+                     f"data.decode={p['decode']}'s, measured in this run"))
     if p["bound_by"] == "input pipeline":
         rows.append(("bound by", "the input pipeline: more data.num_workers, data.decode=gpu "
                                  "or smaller stored images (docs/performance.md)"))

@@ -12,7 +12,7 @@ import itertools
 import resource
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -82,10 +82,16 @@ def percentile(values: list[float], q: float) -> float:
 
 def epochs(trainer: Trainer) -> Iterator[Batch]:
     """Training batches across epoch ends, as fit() would feed them."""
+    return stream_epochs(trainer.data.train, trainer.train_batches)
+
+
+def stream_epochs(stream: Any, prefetched: Iterable[Batch]) -> Iterator[Batch]:
+    """The batches of `prefetched` (a DevicePrefetcher over `stream`, a train stream of
+    ffdist.data.stream) across epoch ends."""
     epoch = 0
     while True:
-        trainer.data.train.set_epoch(epoch)
-        yield from trainer.train_batches
+        stream.set_epoch(epoch)
+        yield from prefetched
         epoch += 1
 
 
@@ -236,30 +242,38 @@ def cpu_seconds() -> float | None:
         return None
 
 
-def time_pipeline(trainer: Trainer, batches: int, keep: int = SYNTHETIC_BATCHES
-                  ) -> tuple[dict[str, Any], list[Batch]]:
-    """The input pipeline alone: `batches` micro-batches of the train stream through the
-    prefetcher (the box path's decode and crop on the device included), nothing else.
-    Its images/s and the CPU cores it kept busy (this process and its loader workers,
-    from /proc), and the first `keep` batches (on the device, to time the step alone)."""
-    device = trainer.info.device
+def draw(trainer: Trainer, n: int = SYNTHETIC_BATCHES) -> list[Batch]:
+    """The next `n` training micro-batches, on the device (to time the step alone)."""
     source = epochs(trainer)
-    kept = [next(source)]  # workers up, first batch out: not timed
+    return [next(source) for _ in range(n)]
+
+
+def time_pipeline(trainer: Trainer, batches: int) -> dict[str, Any]:
+    """The Trainer's input pipeline alone (time_input)."""
+    return time_input(trainer.data.train, trainer.train_batches, trainer.info.device, batches)
+
+
+def time_input(stream: Any, prefetched: Any, device: torch.device,
+               batches: int) -> dict[str, Any]:
+    """An input pipeline alone: `batches` micro-batches of a train stream through its
+    DevicePrefetcher (the box path's decode and crop on the device included), nothing else.
+    Its images/s and the CPU cores it kept busy (this process and its loader workers,
+    from /proc), and the box path's counts of device- and worker-decoded samples."""
+    source = stream_epochs(stream, prefetched)
+    next(source)  # workers up, first batch out: not timed
     _sync(device)
     cpu0, begin, images = cpu_seconds(), time.perf_counter(), 0
     for _ in range(batches):
-        x, y = next(source)
+        x, _y = next(source)
         images += len(x)
-        if len(kept) < keep:
-            kept.append((x, y))
     _sync(device)
     wall = time.perf_counter() - begin
     cpu1 = cpu_seconds()
     cores = (cpu1 - cpu0) / wall if cpu0 is not None and cpu1 is not None else None
-    decoder = getattr(trainer.train_batches, "box_decoder", None)
+    decoder = getattr(prefetched, "box_decoder", None)
     return {"images_per_s": images / wall, "cores": cores, "batches": batches,
             "counts": dict(decoder.counts) if decoder is not None else None,
-            "decoder": decoder.decoder.name if decoder is not None else None}, kept
+            "decoder": decoder.decoder.name if decoder is not None else None}
 
 
 def time_step_alone(trainer: Trainer, batches: list[Batch], steps: int, warmup: int) -> float:

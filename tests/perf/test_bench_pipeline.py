@@ -35,12 +35,12 @@ def jpegs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _bench(jpegs: Path, tmp_path: Path, decode: str) -> tuple[str, dict]:
+def _bench(jpegs: Path, tmp_path: Path, decode: str, *extra: str) -> tuple[str, dict]:
     out = tmp_path / "bench.json"
     proc = run([sys.executable, "-m", "ffdist.cli", "bench", str(RECIPES / "digits.yaml"), CPU,
                 "precision=fp32", "data.name=imagefolder", f"data.root={jpegs}",
                 "model.in_channels=3", f"model.num_classes={CLASSES}", "data.image_size=16",
-                "data.batch_size=4", "data.num_workers=1", f"data.decode={decode}", *TINY,
+                "data.batch_size=4", "data.num_workers=1", f"data.decode={decode}", *extra, *TINY,
                 "--out", str(out), f"output_dir={tmp_path / 'run'}"])
     return proc.stdout, json.loads(out.read_text())
 
@@ -63,3 +63,17 @@ def test_bench_reports_the_pipeline_alone_and_what_bounds_the_run(
         assert "decoded by the workers (not baseline RGB JPEGs)" in text
     else:
         assert "decoded" not in p and p["decoder"] is None
+    # the other setting, on a second stream of the same data, in the same run
+    other = p["other"]
+    assert other["decode"] == {"cpu": "boxes", "boxes": "cpu"}[decode]
+    assert other["images_per_s"] > 0
+    assert other["vs_run"] == pytest.approx(other["images_per_s"] / p["images_per_s"])
+    assert f"data.decode={other['decode']}" in text and "measured in this run" in text
+
+
+def test_bench_says_why_the_other_decode_setting_is_not_measured(jpegs: Path,
+                                                                 tmp_path: Path) -> None:
+    text, r = _bench(jpegs, tmp_path, "cpu", "data.auto_augment=ta_wide")
+    other = r["pipeline"]["other"]
+    assert other["decode"] == "boxes" and "data.auto_augment=ta_wide" in other["refused"]
+    assert "not measured: data.decode=boxes crops" in text
