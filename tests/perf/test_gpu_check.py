@@ -73,3 +73,23 @@ def test_write_adds_a_dated_section_above_the_earlier_ones(tmp_path: Path) -> No
     assert "#### m, n" in text and text.endswith("measured by hand\n")
     # the repository's file has the header write() keeps
     assert (REPO / "benchmarks" / "RESULTS-gpu.md").read_text().startswith(gpu_check.HEADER)
+
+
+def test_decode_ratios_pair_the_runs_of_one_run_and_judge_targets_on_a_gpu_only() -> None:
+    def fig(ips: float, wait: float) -> dict:
+        return {"train_images_per_s": ips, "data_wait_fraction": wait}
+
+    figures = {"cpu eager": fig(100, 0.3), "box eager": fig(150, 0.01),
+               "cpu compiled": fig(120, 0.4), "box compiled": fig(240, 0.01),
+               "box compiled 4w": fig(180, 0.05), "box compiled shards": fig(264, 0.01)}
+    dry = {r["check"]: r for r in gpu_check.decode_ratios(figures, gpu_check.DRY)}
+    assert dry["real JPEGs eager: decode=boxes / decode=cpu"]["result"] == "1.500"
+    assert dry["real JPEGs compiled: decode=boxes / decode=cpu"]["result"] == "2.000"
+    four = dry["real JPEGs compiled, decode=boxes: 4 workers / the recipe's"]
+    assert four["result"] == "0.750" and four["ok"] is None  # a CPU judges nothing
+    assert dry["real JPEGs compiled, decode=boxes: shards / files"]["result"] == "1.100"
+    gpu = {r["check"]: r for r in gpu_check.decode_ratios(figures, gpu_check.GPU)}
+    assert gpu["real JPEGs compiled, decode=gpu: 4 workers / the recipe's"]["ok"] is False
+    # a run that failed leaves its ratios out instead of inventing them
+    del figures["box compiled 4w"]
+    assert not any("4 workers" in r["check"] for r in gpu_check.decode_ratios(figures, gpu_check.DRY))
