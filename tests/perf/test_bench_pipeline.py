@@ -45,7 +45,9 @@ def _bench(jpegs: Path, tmp_path: Path, decode: str, *extra: str) -> tuple[str, 
     return proc.stdout, json.loads(out.read_text())
 
 
-@pytest.mark.parametrize("decode", ["cpu", "boxes"])
+# decode=cpu is make test-all only: the boxes case times cpu too (its other setting), and
+# test_bench_one_device_writes_bench_json_in_run_dir the cpu pipeline as a run's own
+@pytest.mark.parametrize("decode", [pytest.param("cpu", marks=pytest.mark.extended), "boxes"])
 def test_bench_reports_the_pipeline_alone_and_what_bounds_the_run(
         jpegs: Path, tmp_path: Path, decode: str) -> None:
     text, r = _bench(jpegs, tmp_path, decode)
