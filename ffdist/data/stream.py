@@ -95,6 +95,7 @@ class StreamRequest:
     pairs: bool              # mixup/cutmix pairs (see the module docstring)
     eval_batch: int          # this rank's eval batch
     pin_memory: bool = False  # CUDA: page-locked host batches for the async copy
+    workers: int = 0         # DataLoader workers (data.num_workers as resolved: ffdist.threads)
     decode: str = "cpu"      # cpu | gpu | boxes: ffdist.data.decoding, resolved
 
     @property
