@@ -65,7 +65,7 @@ def pipeline(ranks: list[dict[str, Any]], resolved: Any) -> dict[str, Any]:
            "cores": sum(cores) if None not in cores else None,
            "bound_by": "input pipeline" if pipe < step else "step",
            "decode": resolved.decode, "decode_why": resolved.decode_why,
-           "decoder": ranks[0]["decoder"]}
+           "decoder": ranks[0]["decoder"], "device": resolved.device.type}
     if counts:
         out["decoded"] = {k: sum(c[k] for c in counts) for k in counts[0]}
     other = [r["other"] for r in ranks if "other" in r]
@@ -107,11 +107,21 @@ def _pipeline_rows(p: dict[str, Any], workers: int) -> list[tuple[str, str]]:
                      f"({DECODE_WHERE[other['decode']]}), {busy}: x{other['vs_run']:.2f} of "
                      f"data.decode={p['decode']}'s, measured in this run"))
     if p["bound_by"] == "input pipeline":
-        rows.append(("bound by", "the input pipeline: more data.num_workers, data.decode=gpu "
-                                 "or smaller stored images (docs/performance.md)"))
+        rows.append(("bound by", f"the input pipeline: {_remedy(p)} (docs/performance.md)"))
     else:
         rows.append(("bound by", "the step (the input pipeline keeps up)"))
     return rows
+
+
+def _remedy(p: dict[str, Any]) -> str:
+    """What speeds up an input pipeline that bounds the run, for its data.decode setting."""
+    smaller = "smaller stored images (`ffdist shard --max-size`)"
+    if p["decode"] == "boxes":
+        return "data.decode=cpu (boxes decodes in the training process, on the CPU)"
+    if p["decode"] == "gpu":
+        return f"more data.num_workers (they read files and draw boxes) or {smaller}"
+    gpu = ", data.decode=gpu" if p.get("device") == "cuda" else ""
+    return f"more data.num_workers{gpu} or {smaller}"
 
 
 def flop_figures(flops_per_rank_step: int, step_ms: float, device: torch.device,

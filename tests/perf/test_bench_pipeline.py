@@ -79,3 +79,19 @@ def test_bench_says_why_the_other_decode_setting_is_not_measured(jpegs: Path,
     other = r["pipeline"]["other"]
     assert other["decode"] == "boxes" and "data.auto_augment=ta_wide" in other["refused"]
     assert "not measured: data.decode=boxes crops" in text
+
+
+@pytest.mark.parametrize(("decode", "device", "says", "never"), [
+    ("cpu", "cuda", "data.decode=gpu", "data.decode=cpu"),
+    ("cpu", "cpu", "more data.num_workers", "data.decode=gpu"),  # refused without a GPU
+    ("boxes", "cpu", "data.decode=cpu", "data.decode=gpu"),
+    ("gpu", "cuda", "more data.num_workers", "data.decode=gpu")])
+def test_an_input_bound_run_is_told_a_remedy_that_works_for_its_setting(
+        decode: str, device: str, says: str, never: str) -> None:
+    from ffdist import bench_report
+
+    p = {"images_per_s": 50.0, "step_alone_images_per_s": 200.0, "cores": 1.5,
+         "bound_by": "input pipeline", "decode": decode, "device": device, "decoder": None}
+    rows = dict(bench_report._pipeline_rows(p, workers=2))
+    assert rows["bound by"].startswith("the input pipeline: ") and says in rows["bound by"]
+    assert never not in rows["bound by"]
