@@ -403,8 +403,9 @@ def _decode_result(r: dict) -> str:
     if "images_per_s" in other:
         alone += (f"; decode={other['decode']}'s pipeline alone {other['images_per_s']:,.0f} "
                   f"images/s (x{other['vs_run']:.2f})")
-    decoder = p.get("decoder") or other.get("decoder")
-    decoder = f"; decoder: {decoder}" if decoder else ""
+    decoder = (f"; decoder: {p['decoder']}" if p.get("decoder") else
+               f"; decode={other['decode']}'s decoder: {other['decoder']}"
+               if other.get("decoder") else "")
     return (f"{r['train_images_per_s']:,.0f} images/s, data wait "
             f"{100 * r['data_wait_fraction']:.1f}%, host CPU {r['host_cores']:.1f} cores "
             f"(the bench process and its workers, start-up included){alone}{decoder}")

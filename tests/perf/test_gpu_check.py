@@ -110,3 +110,16 @@ def test_dry_run_fsdp_step_benches_fsdp_and_ddp_against_the_plan(tmp_path: Path)
     step = [ln for ln in rows if ln.startswith("| FSDP / DDP median step")]
     assert len(step) == 1 and " ms = " in step[0], rows
     assert "**NO**" not in out.read_text() and "[-] FSDP / DDP" in proc.stdout
+
+
+def test_a_decode_row_names_what_bench_measured_and_whose_decoder() -> None:
+    r = {"train_images_per_s": 4100.4, "data_wait_fraction": 0.031, "host_cores": 6.25,
+         "pipeline": {"images_per_s": 3900, "cores": 11.5, "step_alone_images_per_s": 5600,
+                      "bound_by": "input pipeline", "decoder": None,
+                      "other": {"decode": "gpu", "images_per_s": 7800, "vs_run": 2.0,
+                                "decoder": "TorchCodec 0.17.0 (nvjpeg) on cuda:0"}}}
+    text = gpu_check._decode_result(r)
+    assert text.startswith("4,100 images/s, data wait 3.1%, host CPU 6.2 cores")
+    assert "pipeline alone 3,900 images/s on 11.5 cores, step alone 5,600" in text
+    assert "bound by input pipeline" in text and "(x2.00)" in text
+    assert text.endswith("decode=gpu's decoder: TorchCodec 0.17.0 (nvjpeg) on cuda:0")
