@@ -14,6 +14,11 @@ What feeds the step:
 - `--synthetic`: a fixed set of batches made on the device and cycled (no DataLoader, no
   copy): the model step alone, at the recipe's image size, channels and classes.
 
+On the recipe's data, after the timed steps: the step alone on a few of its batches, the
+input pipeline alone (images/s, CPU cores busy), which of the two bounds the run, and, for
+encoded images, the other data.decode setting's pipeline alone on a second stream (cpu
+against the box path), so that both are measured in one run (`_pipeline`).
+
 `--profile` runs `--steps` more steps of the Trainer after the timed ones under
 torch.profiler (ffdist.profiling): rank 0's trace goes to profile/ beside bench.json, and
 the operators that took the most time are printed.
