@@ -76,7 +76,7 @@ def convert(folder: Path) -> Path:
     if not optim:
         raise CheckpointError(f"{folder} holds no DeepSpeed optimizer files; the checkpoint "
                               "is incomplete, remove that folder to resume from the one before.")
-    stage = int(optim[0]["zero_stage"])
+    stage = int(optim[0].get("zero_stage", 1))  # BF16_Optimizer (ZeRO-1 in bf16) omits it
     state = _stage3(folder, optim) if stage == 3 else _stage12(folder, optim)
     state["stage"], state["from_world"] = stage, len(optim)
     scaler = optim[0].get("loss_scaler")
@@ -245,13 +245,23 @@ def _load_stage3(opt: Any, named: dict[str, torch.nn.Parameter], state: dict[str
                 piece = padded.narrow(0, rank * n, n)
                 flats.setdefault(key, torch.zeros_like(flat_param)).narrow(
                     0, offset, n).copy_(piece)
-                if key == "fp32":  # the low-precision partition the forward all-gathers
-                    p.ds_tensor.data.copy_(piece.to(p.ds_tensor.dtype))
             offset += n
+            _set_full(p, state["params"][name_of[id(p)]]["fp32"])
         if "fp32" in flats:
             flat_param.data.copy_(flats.pop("fp32"))
         base.state[flat_param] = {**_scalar_state(state, opt.sub_group_to_group_id[i]),
                                   **flats}
+
+
+def _set_full(p: torch.nn.Parameter, value: torch.Tensor) -> None:
+    """A ZeRO-3 parameter's low-precision weights, through DeepSpeed's public way of
+    modifying one (gathered, changed, partitioned again): it also refreshes the copies that
+    stay gathered (parameters under stage3_param_persistence_threshold), which writing
+    the partition `ds_tensor` alone would leave stale."""
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+        p.data.copy_(value.view_as(p.data).to(p.dtype))
 
 
 def _scalar_state(state: dict[str, Any], group: int) -> dict[str, Any]:
@@ -267,11 +277,10 @@ def _set_module(module: torch.nn.Module, state: dict[str, Any]) -> None:
         if name in buffers and value is not None:
             buffers[name].copy_(value.to(buffers[name].dtype))
     if state["frozen"]:
-        import deepspeed
-
         params = dict(module.named_parameters())
         for name, value in state["frozen"].items():
             p = params[name]
-            with deepspeed.zero.GatheredParameters([p], modifier_rank=0,
-                                                   enabled=hasattr(p, "ds_id")):
+            if hasattr(p, "ds_id"):
+                _set_full(p, value)
+            else:
                 p.data.copy_(value.to(p.dtype))
