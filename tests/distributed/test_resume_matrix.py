@@ -12,11 +12,12 @@ steps 8-10.
 Tolerance: not bit-exact by nature. The resumed steps at world M average M per-rank
 gradients, as the uninterrupted world-M run does, but the weights they start from were
 trained at world 2, whose fp32 sums round differently. Measured on the development
-machine (2 CPU cores, torch 2.14, DeepSpeed 0.19): at most 2e-7 relative on any resumed
-step's loss and 2e-6 of the total update on the weights, for every strategy and world
+machine (2 CPU cores, torch 2.14, DeepSpeed 0.19): at most 7.0e-8 relative on any resumed
+step's loss and 3.4e-7 of the total update on the weights, for every strategy and world
 size. We allow 1e-5 relative on losses and 1e-4 of the update on the weights; a resume
 that lost an optimizer state (momentum restarted), a partition (a rank's slice of the
-master weights zeroed or shifted) or its place in the data moves them by 1e-3 or more.
+master weights zeroed or shifted) or its place in the data moves them by 1e-3 or more
+(ZeRO-2 with its momentum dropped on resume: 2e-2 on the losses).
 """
 
 from __future__ import annotations
@@ -47,7 +48,14 @@ STRATEGIES = {
     "zero2": ("strategy.name=deepspeed", "strategy.zero_stage=2"),
     "zero3": ("strategy.name=deepspeed", "strategy.zero_stage=3"),
     "fsdp": ("strategy.name=fsdp",),
+    # DeepSpeed's BF16_Optimizer (ZeRO-1 in bf16: other files) and the EMA of the shards
+    "zero1_bf16_ema": ("strategy.name=deepspeed", "strategy.zero_stage=1", "precision=bf16",
+                       "optim.ema_decay=0.9"),
 }
+TOLERANCE = {"zero1_bf16_ema": (3e-3, 3e-2)}
+"""(loss rtol, weights) where they are not (1e-5, 1e-4): in bf16 the runs of two world sizes
+round apart by far more than in fp32. Measured: 3.2e-4 on the losses, 1.3e-2 of the update
+on the weights, the same as between uninterrupted bf16 runs at 2 and at 3 ranks."""
 
 
 def cmd(out: Path, strategy: str, world: int) -> list[str]:
@@ -101,12 +109,18 @@ def check_resume(stopped: dict, strategy: str, world: int, tmp_path: Path) -> No
     assert sorted(got) == list(range(1, STEPS + 1))
     worst = max(abs(got[s] - want[s]) / abs(want[s]) for s in range(AT + 1, STEPS + 1))
     print(f"{strategy} 2 -> {world}: worst relative loss difference {worst:.2e}")
+    loss_rtol, weight_tol = TOLERANCE.get(strategy, (1e-5, 1e-4))
     for step in range(AT + 1, STEPS + 1):
-        assert got[step] == pytest.approx(want[step], rel=1e-5), f"step {step}"
+        assert got[step] == pytest.approx(want[step], rel=loss_rtol), f"step {step}"
     resumed_worlds = {e["world_size"] for e in kit.metrics(out)
                       if e.get("split") == "train" and e["step"] > AT}
     assert resumed_worlds == {world}
-    close_weights(out / "model.pt", ref / "model.pt", strategy)
+    close_weights(out / "model.pt", ref / "model.pt", strategy, weight_tol)
+    if "optim.ema_decay=0.9" in STRATEGIES[strategy]:  # the EMA, cut again for `world`
+        ema_got, ema_want = ([e["loss"] for e in kit.metrics(run)
+                              if e.get("split") == "val_ema"][-1] for run in (out, ref))
+        print(f"{strategy}: final val_ema loss {ema_got} against {ema_want}")
+        assert ema_got == pytest.approx(ema_want, rel=loss_rtol)
 
     # Samples of the interrupted epoch (steps 6..10): those of steps 6-7 from the killed
     # run, 8-10 from the resumed one; each of the 60 training images exactly once.
@@ -126,8 +140,8 @@ def check_resume(stopped: dict, strategy: str, world: int, tmp_path: Path) -> No
         assert batch == sorted(i for r in ref_taken if r["step"] == step for i in r["index"])
 
 
-def close_weights(got: Path, want: Path, strategy: str) -> None:
-    """||w_got - w_want|| <= 1e-4 x ||w_want - w0||: within a ten-thousandth of the whole
+def close_weights(got: Path, want: Path, strategy: str, tol: float) -> None:
+    """||w_got - w_want|| <= tol x ||w_want - w0||: within that share of the whole
     training update (w0: the initial weights of the run)."""
     from ffdist import recipe_load
     from ffdist.assemble import build_model
@@ -139,8 +153,9 @@ def close_weights(got: Path, want: Path, strategy: str) -> None:
     diff = torch.cat([(wa[k] - wb[k]).flatten() for k in wa])
     update = torch.cat([(wb[k] - w0[k]).flatten() for k in wa])
     assert update.norm() > 0.01, "the runs did not train"
-    print(f"{strategy}: weights differ by {float(diff.norm() / update.norm()):.2e} of the update")
-    assert diff.norm() <= 1e-4 * update.norm(), (diff.norm(), update.norm())
+    print(f"{strategy}: weights differ by {float(diff.norm() / update.norm()):.2e} of the "
+          "update")
+    assert diff.norm() <= tol * update.norm(), (diff.norm(), update.norm())
 
 
 # make test-all: every case; the fast tier keeps ZeRO-2 2 -> 1, the conversion of ZeRO
@@ -148,7 +163,7 @@ def close_weights(got: Path, want: Path, strategy: str) -> None:
 # tests/fault/test_world_size_resume.py (DDP) and tests/distributed/test_fsdp.py (FSDP)).
 CASES = [pytest.param(s, w, id=f"{s}-2to{w}",
                       marks=() if (s, w) == ("zero2", 1) else pytest.mark.extended)
-         for s in STRATEGIES for w in (1, 3)]
+         for s in STRATEGIES for w in ((3,) if "bf16" in s else (1, 3))]
 
 
 @pytest.mark.parametrize("strategy,world", CASES)
