@@ -17,8 +17,8 @@ its optimizer partition, rank 0 the module states), with the ZeRO stage as the l
 parameter; they resume at the same stage. ZeRO-1/2/3 shards also resume at another world
 size: ffdist converts them once into a world-size-free `resharded/` folder inside the
 checkpoint and every rank cuts its partitions out of it (ffdist.strategies.zero_reshard);
-ZeRO-0 resumes only at the world size that wrote it. Its EMA averages the fp32 master partitions
-(ffdist.strategies.deepspeed_ema).
+ZeRO-0 resumes only at the world size that wrote it. Its EMA averages the fp32 master
+partitions (ffdist.strategies.deepspeed_ema).
 
 Memory model (`ffdist plan`'s ZeRO rows): the module holds low-precision weights w = 2
 bytes (bf16/fp16) or 4 (fp32); the optimizer holds a fp32 master copy (4 bytes, made even

@@ -84,7 +84,10 @@ def convert(folder: Path) -> Path:
                             if isinstance(v, (int, float, bool))} if scaler is not None else {}
     tmp = folder / f".{FOLDER}.tmp.{os.getpid()}"
     tmp.mkdir()
-    torch.save(state, tmp / STATE)
+    with open(tmp / STATE, "wb") as f:  # on disk before the rename makes it count
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, out)
     return out / STATE
 
