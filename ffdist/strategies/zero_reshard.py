@@ -252,15 +252,15 @@ def _load_stage3(opt: Any, named: dict[str, torch.nn.Parameter], state: dict[str
             _set_full(p, state["params"][name_of[id(p)]]["fp32"])
         if "fp32" in flats:
             flat_param.data.copy_(flats.pop("fp32"))
-        base.state[flat_param] = {**_scalar_state(state, opt.sub_group_to_group_id[i]),
-                                  **flats}
+        base.state[flat_param] = {**_scalar_state(state, i), **flats}  # i: sub-group
 
 
 def _set_full(p: torch.nn.Parameter, value: torch.Tensor) -> None:
     """A ZeRO-3 parameter's low-precision weights, through DeepSpeed's public way of
-    modifying one (gathered, changed, partitioned again): it also refreshes the copies that
-    stay gathered (parameters under stage3_param_persistence_threshold), which writing
-    the partition `ds_tensor` alone would leave stale."""
+    modifying one (gathered, changed, partitioned again) rather than by writing its
+    partition `ds_tensor` behind DeepSpeed's back: that way also covers the parameters it
+    keeps gathered (stage3_param_persistence_threshold). A collective: every rank calls it
+    for the same parameters in the same order."""
     import deepspeed
 
     with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
