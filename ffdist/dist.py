@@ -20,9 +20,11 @@ from __future__ import annotations
 import datetime
 import os
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from ffdist import rendezvous
 from ffdist.errors import LaunchError
 from ffdist.world import int_env, world_from_env
 
@@ -90,7 +92,7 @@ def _rendezvous_for(launcher: str) -> None:
                               "script.") from None
         os.environ["MASTER_ADDR"] = out[0]
     if launcher == "slurm" and "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000)
+        os.environ["MASTER_PORT"] = str(20000 + (int_env("SLURM_JOB_ID") or 0) % 20000)
     if launcher == "mpi":
         os.environ.setdefault("MASTER_ADDR", "localhost")
         os.environ.setdefault("MASTER_PORT", "29500")
@@ -231,30 +233,9 @@ def check_gpus(gpus: list[int], ranks: int = 1) -> None:
                           f"set CUDA_VISIBLE_DEVICES={','.join(map(str, gpus))} yourself.")
 
 
-def _restart_store(world: int, local_world: int, timeout: datetime.timedelta) -> object | None:
-    """After a torchrun restart, a store of keys private to this attempt.
-
-    torchrun's agent keeps ONE TCPStore for the whole job, and the process group writes
-    its keys there under the same names at every attempt: a restarted rank can read the
-    address its dead peer published in the previous attempt and fail with "Gloo
-    connectFullMesh failed ... Connection refused" (seen here about one restart in three).
-    Prefixing the keys with the restart count fixes that. Only on one node, where every
-    worker has the same count; across nodes the agents' default behaviour is kept."""
-    restart = int_env("TORCHELASTIC_RESTART_COUNT") or 0
-    if (restart == 0 or world != local_world
-            or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"):
-        return None
-    import torch.distributed as dist
-
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
-                          is_master=False, timeout=timeout)
-    return dist.PrefixStore(f"ffdist/attempt_{restart}", store)
-
-
 def init(launch: LaunchConfig | None = None) -> DistInfo:
     """Read the environment, pick the device (launch.device, launch.gpus), then join the
     process group if there is one: device errors come first, so every rank exits alike."""
-    import torch
     import torch.distributed as dist
 
     if launch is None:
@@ -275,14 +256,14 @@ def init(launch: LaunchConfig | None = None) -> DistInfo:
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs = {"device_id": device} if device.type == "cuda" else {}
         timeout = datetime.timedelta(seconds=launch.pg_timeout)
-        store = _restart_store(world, local_world, timeout)
-        if store is not None:
-            kwargs["store"] = store
+        global _meeting
+        # every rank arrives (or one sentence after launch.rdzv_timeout), then the group
+        _meeting, kwargs["store"] = rendezvous.join(rank, world, local_rank, local_world,
+                                                    launch.rdzv_timeout, timeout)
         dist.init_process_group(backend=backend, rank=rank, world_size=world,
                                 timeout=timeout, **kwargs)
-    if device.type == "cpu" and world > 1 and "OMP_NUM_THREADS" not in os.environ:
-        # Without this, every rank starts one thread per core and they fight over cores.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
+    # Threads per rank (launch.threads) are decided with the rest of the run:
+    # ffdist.assemble.resolve_for, by ffdist.threads' rule.
     return DistInfo(rank, local_rank, world, local_world, device, launcher, launcher_precision())
 
 
@@ -311,8 +292,32 @@ def ensure_process_group(device: torch.device) -> None:
 def shutdown() -> None:
     import torch.distributed as dist
 
+    global _meeting
+    _meeting = None
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+_meeting: rendezvous.Meeting | None = None
+"""Where this process's ranks met (dist.init), for the decisions they take at start."""
+
+
+def decide(phase: str, value: Any, judge: Callable[[list[Any]], Any], what: str) -> Any:
+    """Every rank hands in `value`; rank 0 decides judge(values, in rank order); every rank
+    returns the decision. Through the store, with launch.rdzv_timeout and progress lines
+    (ffdist.rendezvous): for what the ranks settle at start, before any collective. One
+    process: judge([value])."""
+    import torch.distributed as dist
+
+    global _meeting
+    if _meeting is None and dist.is_initialized() and dist.get_world_size() > 1:
+        from ffdist.recipe import LaunchConfig  # a group built elsewhere (a test's own)
+
+        _meeting = rendezvous.on_default_store(dist.get_rank(), dist.get_world_size(),
+                                               LaunchConfig().rdzv_timeout)
+    if _meeting is None:
+        return judge([value])
+    return _meeting.decide(phase, value, judge, what)
 
 
 def barrier() -> None:
@@ -329,13 +334,3 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
-
-
-def broadcast_object(obj: object, src: int = 0) -> object:
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]

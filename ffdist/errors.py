@@ -15,10 +15,11 @@ point prints errors through `guard` (one printer, each error's own exit code).
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
-from ffdist.world import report_to_launcher, world_from_env
+from ffdist.world import EnvError, report_to_launcher, world_from_env
 
 EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 3
@@ -62,6 +63,45 @@ class NonFiniteLoss(FfdistError):
     same_on_all_ranks = True
 
 
+class Refusals(FfdistError):
+    """Several mistakes found by the checks that run before training (the data against the
+    model, the batch against the data, ...), reported together: one message, one line per
+    problem with its fix, so that a user fixes them in one go instead of one per start."""
+
+    def __init__(self, problems: list[FfdistError]):
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {one_line(p)}" for p in self.problems)
+        super().__init__(f"{len(self.problems)} problems stop this run; fix each:\n{lines}")
+        self.same_on_all_ranks = all(p.same_on_all_ranks for p in self.problems)
+        self.per_node = any(p.per_node for p in self.problems)
+
+
+class Problems:
+    """Collects the user errors of checks that can all run before one of them is fixed;
+    `raise_any` raises the one found as it is, or several as one Refusals."""
+
+    def __init__(self) -> None:
+        self.found: list[FfdistError] = []
+
+    def add(self, e: FfdistError) -> None:
+        if all(one_line(e) != one_line(f) for f in self.found):
+            self.found.append(e)
+
+    @contextmanager
+    def check(self) -> Iterator[None]:
+        """Run a check; its FfdistError is kept instead of raised (the block stops there)."""
+        try:
+            yield
+        except FfdistError as e:
+            self.add(e)
+
+    def raise_any(self) -> None:
+        if len(self.found) == 1:
+            raise self.found[0]
+        if self.found:
+            raise Refusals(self.found)
+
+
 def one_line(e: BaseException) -> str:
     """The message of a user error; a DataLoader worker re-raises ours with its traceback
     folded into the message, so keep only the original sentence."""
@@ -87,6 +127,9 @@ def guard(main: Callable[..., Any], *args: Any) -> int:
     except FfdistError as e:
         report(e)
         return e.exit_code
+    except EnvError as e:  # a launcher variable that is not a number (ffdist.world)
+        report(LaunchError(str(e)))
+        return EXIT_USER_ERROR
     except BrokenPipeError:  # `ffdist models | head`: the reader left; no traceback
         import os
 
@@ -95,7 +138,7 @@ def guard(main: Callable[..., Any], *args: Any) -> int:
     except Exception as e:
         if not peer_lost(e):
             raise  # a bug: keep the traceback
-        rank, _, world, _, _ = world_from_env()
+        rank, _, world, _, _ = _world()
         why = next((s for s in PEER_LOST if s in str(e)), type(e).__name__)
         print(f"ffdist: rank {rank} of {world} stopped: it lost contact with another rank "
               f"({why}), which failed first: see that rank's message.", file=sys.stderr,
@@ -106,7 +149,7 @@ def guard(main: Callable[..., Any], *args: Any) -> int:
 def report(e: FfdistError) -> None:
     """One line on stderr. An error every rank raises alike is printed by rank 0 only, so
     that torchrun with N ranks shows it once; others are printed by each rank that hit it."""
-    rank, local_rank, world, _, _ = world_from_env()
+    rank, local_rank, world, _, _ = _world()
     where = f" (rank {rank} of {world})" if rank != 0 else ""
     line = f"ffdist: error{where}: {one_line(e)}"
     printer = local_rank == 0 if e.per_node else rank == 0
@@ -126,10 +169,19 @@ def report(e: FfdistError) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
+def _world() -> tuple[int, int, int, int, str]:
+    """Which rank is speaking; the printer must print even when the launcher's variables
+    are what it is reporting (WORLD_SIZE=two): then it speaks as the only process."""
+    try:
+        return world_from_env()
+    except EnvError:
+        return 0, 0, 1, 1, "none"
+
+
 def peer_lost(e: Exception) -> bool:
     """A collective failed because a peer process died: the fallout of another rank's
     error or crash (which reports itself), not a second bug; one line instead of N tracebacks."""
-    if world_from_env()[2] < 2:
+    if _world()[2] < 2:
         return False
     comm_error = type(e).__name__ in ("DistBackendError", "DistNetworkError")
     return comm_error or (isinstance(e, RuntimeError) and any(s in str(e) for s in PEER_LOST))

@@ -124,9 +124,11 @@ def total_steps(sched: ScheduleConfig, steps_per_epoch: int) -> int:
 
 
 def lr_at(step: int, base_lr: float, sched: ScheduleConfig, steps_per_epoch: int) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warmup, then the decay."""
+    """Learning rate for optimizer step `step` (0-based): linear warmup (schedule.warmup_steps,
+    or warmup_epochs of steps_per_epoch), then the decay. `base_lr`: the run's peak lr
+    (Resolved.lr: optim.lr, scaled when optim.lr_reference_batch says so)."""
     total = total_steps(sched, steps_per_epoch)
-    warmup = int(round(sched.warmup_epochs * steps_per_epoch))
+    warmup = sched.warmup_steps or int(round(sched.warmup_epochs * steps_per_epoch))
     if step < warmup:
         f = sched.warmup_start_factor
         return base_lr * (f + (1.0 - f) * step / warmup)

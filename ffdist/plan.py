@@ -274,7 +274,7 @@ def facts(rcp: Recipe, args: argparse.Namespace) -> dict[str, Any]:
     return {
         "recipe": rcp.name, "model": rcp.model.name, "in_channels": rcp.model.in_channels,
         "num_classes": rcp.model.num_classes, "data": rcp.data.name, "optimizer": rcp.optim.name,
-        "lr": rcp.optim.lr, "epochs": rcp.schedule.epochs, "scheduler": rcp.schedule.scheduler,
+        "epochs": rcp.schedule.epochs, "scheduler": rcp.schedule.scheduler,
         "recipe_precision": rcp.precision, "launcher_precision": launcher,
         "world_source": why, **resolved.to_dict(), "params": n, "trainable_params": t,
         "activations_per_sample": est.per_sample, "activations": est.activations,
@@ -351,7 +351,9 @@ def main(argv: list[str] | None = None) -> int:
     import time
 
     started = time.perf_counter()
-    rcp = recipe_load.load(args.recipe, args.overrides)
+    from ffdist import assemble
+
+    rcp = assemble.settle(recipe_load.load(args.recipe, args.overrides))  # model.* = auto
     found = facts(rcp, args)
     progress(f"done in {time.perf_counter() - started:.1f} s")
     print(json.dumps(found, indent=1) if args.json else report(found))

@@ -25,6 +25,11 @@ SECTIONS = (
 AUTO_AUGMENT = ("ra", "ta_wide", "augmix", "imagenet", "cifar10", "svhn")
 AC_MODES = ("none", "blocks", "every_n", "selective")
 
+AUTO = "auto"
+"""The value of keys whose number is decided from the data or the machine."""
+MAX_CLASSES = 1_000_000
+MAX_THREADS = 4096
+
 
 class Invalid(ValueError):
     """Raised by __post_init__ checks; ffdist.recipe_load.load adds the file name."""
@@ -86,12 +91,16 @@ class ModelConfig:
     name: str = "small_cnn"
     """Registry name: a torchvision classification model (resnet50, vit_b_16, ...) or ours
     (lenet, small_cnn). `ffdist.models.available()` lists them."""
-    num_classes: int = 10
-    """Output classes; must match the dataset."""
+    num_classes: int | str = 10
+    """Output classes; must match the dataset. auto: the data's own count (its class
+    folders, or the dataset's fixed classes), written as a number into the run's
+    recipe.yaml."""
     in_channels: int = 3
     """Input channels (1 for grey digits/MNIST); torchvision stems are rebuilt for != 3."""
-    cifar_stem: bool = False
-    """ResNets only: 3x3 stride-1 conv1 and no max-pool, for 32x32 images."""
+    cifar_stem: bool | str = False
+    """ResNets only: 3x3 stride-1 conv1 and no max-pool, for 32x32 images. auto: on for a
+    ResNet trained on images of at most 64 px (ffdist.assemble.settle), written as true or
+    false into the run's recipe.yaml."""
     pretrained: str | None = None
     """null, 'true' (torchvision's weights, needs a network) or a path to a local .pt/.pth
     (ffdist checkpoint: its raw weights, of a best.pt the ones it was picked by; model.pt;
@@ -131,8 +140,12 @@ class ModelConfig:
     """With activation_checkpointing=every_n: checkpoint blocks N, 2N, ... (1-based)."""
 
     def __post_init__(self) -> None:
-        _check(self.num_classes >= 2, "model.num_classes", self.num_classes,
-               "a classifier needs at least 2 classes")
+        _check(self.num_classes == AUTO or (isinstance(self.num_classes, int)
+                                            and 2 <= self.num_classes <= MAX_CLASSES),
+               "model.num_classes", self.num_classes,
+               f"use auto (the data's classes) or a count from 2 to {MAX_CLASSES}")
+        _check(isinstance(self.cifar_stem, bool) or self.cifar_stem == AUTO,
+               "model.cifar_stem", self.cifar_stem, "use true, false or auto")
         _check(self.in_channels >= 1, "model.in_channels", self.in_channels, "use 1 or 3")
         _check(self.pool in ("avg", "gem"), "model.pool", self.pool, "use avg or gem")
         _check(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "use 0 <= p < 1")
@@ -155,7 +168,8 @@ class DataConfig:
     synthetic."""
     root: str | None = None
     """Folder of the data: torchvision's files, or train/ and val/ class folders for
-    imagefolder, or the image root for filelist. Default: data/<name>."""
+    imagefolder (or only the class folders: see val_fraction), or the image root for
+    filelist. Default: data/<name>."""
     download: bool = False
     """Let torchvision download mnist/cifar into `root` (needs a network)."""
     batch_size: int = 64
@@ -167,8 +181,10 @@ class DataConfig:
     image_size: int | None = None
     """Side of the (square) training crop, at most 4096; default: 224 for folders, 32 for
     synthetic data. Datasets of their own size (digits, mnist, cifar) refuse it."""
-    num_workers: int = 0
-    """DataLoader worker processes per rank (0: load in the training process)."""
+    num_workers: int | str = 0
+    """DataLoader worker processes per rank (0: load in the training process). A number is
+    capped at the cores this process may use (one line says so); auto: none for data held
+    in memory, else the cores of this rank but one, at most 8 (ffdist.threads)."""
     prefetch_factor: int = 2
     """Batches each worker keeps ready (only with num_workers > 0)."""
     persistent_workers: bool = True
@@ -176,7 +192,9 @@ class DataConfig:
     augment: bool = True
     """Training augmentation of the dataset's preset (crop/flip); eval never augments."""
     val_fraction: float = 0.2
-    """digits/synthetic: fraction held out for validation (stratified for digits)."""
+    """digits/synthetic, and imagefolder with one folder of class sub-folders (no train/ and
+    val/): the fraction held out for validation (per class for digits and folders; a
+    folder's files are chosen by a hash of their names, the same in every run)."""
     train_list: str | None = None
     """filelist: text file of `relative/path<sep>label` lines for training."""
     val_list: str | None = None
@@ -270,7 +288,9 @@ class DataConfig:
                "data.micro_batch_size", self.micro_batch_size, "use a positive value or null")
         _check(self.eval_batch_size is None or self.eval_batch_size >= 1,
                "data.eval_batch_size", self.eval_batch_size, "use a positive value or null")
-        _check(self.num_workers >= 0, "data.num_workers", self.num_workers, "use 0 or more")
+        _check(self.num_workers == AUTO or (isinstance(self.num_workers, int)
+                                            and self.num_workers >= 0),
+               "data.num_workers", self.num_workers, "use auto, 0 or more")
         _check(self.prefetch_factor >= 1, "data.prefetch_factor", self.prefetch_factor,
                "use 1 or more (batches each loader worker keeps ready)")
         _check(bool(self.list_sep) and not any(c.isalnum() or c in "/\\.\r\n" for c in
@@ -339,7 +359,12 @@ class OptimConfig:
     name: str = "sgd"
     """sgd | adamw."""
     lr: float = 0.1
-    """Peak learning rate (after warmup), for the global batch."""
+    """Peak learning rate (after warmup), for the global batch (or, with
+    lr_reference_batch, for that batch)."""
+    lr_reference_batch: int | None = None
+    """The global batch optim.lr is given for; the run's lr is scaled to data.batch_size:
+    linearly for sgd (Goyal et al. 2017, "Accurate, Large Minibatch SGD"), by the square
+    root of the ratio for adamw. null: optim.lr is the run's lr as given."""
     momentum: float = 0.9
     """SGD momentum."""
     nesterov: bool = False
@@ -369,6 +394,9 @@ class OptimConfig:
     def __post_init__(self) -> None:
         _check(self.name in ("sgd", "adamw"), "optim.name", self.name, "use sgd or adamw")
         _check(self.lr > 0, "optim.lr", self.lr, "use a positive learning rate, e.g. 0.1")
+        _check(self.lr_reference_batch is None or self.lr_reference_batch >= 1,
+               "optim.lr_reference_batch", self.lr_reference_batch,
+               "use the global batch optim.lr was tuned for, e.g. 256, or null")
         _check(0.0 <= self.momentum < 1.0, "optim.momentum", self.momentum, "use 0 <= m < 1")
         _check(len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas), "optim.betas",
                self.betas, "give two values in [0, 1), e.g. [0.9,0.999]")
@@ -397,6 +425,9 @@ class ScheduleConfig:
     """cosine | step | multistep | constant, after linear warmup."""
     warmup_epochs: float = 0.0
     """Linear warmup from warmup_start_factor*lr to lr, in (fractional) epochs."""
+    warmup_steps: int = 0
+    """The same warmup in optimizer steps (for small datasets, where an epoch is a few
+    steps); set warmup_epochs or warmup_steps, not both."""
     warmup_start_factor: float = 0.1
     """Warmup starts at this fraction of lr."""
     step_size: int = 30
@@ -416,6 +447,10 @@ class ScheduleConfig:
     max_bad_steps in a row)."""
     max_bad_steps: int = 5
     """With nan_policy=skip: consecutive skipped steps before stopping."""
+    stop_if_not_learning: bool = False
+    """A run that is not learning (val top-1 at chance for two evaluations in a row, or the
+    training loss 10x its first logged value) is reported once, with its likely causes;
+    true: it then stops with exit 2 (the last checkpoint is kept). ffdist.not_learning."""
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "schedule.epochs", self.epochs, "train at least 1 epoch")
@@ -424,6 +459,10 @@ class ScheduleConfig:
         _check(self.scheduler in ("cosine", "step", "multistep", "constant"),
                "schedule.scheduler", self.scheduler, "use cosine, step, multistep or constant")
         _check(self.warmup_epochs >= 0, "schedule.warmup_epochs", self.warmup_epochs, "use 0 or more")
+        _check(self.warmup_steps >= 0, "schedule.warmup_steps", self.warmup_steps, "use 0 or more")
+        _check(not (self.warmup_steps and self.warmup_epochs), "schedule.warmup_steps",
+               self.warmup_steps, f"schedule.warmup_epochs={self.warmup_epochs} is set too; "
+               "give the warmup in steps or in epochs, and set the other to 0")
         _check(0.0 < self.warmup_start_factor <= 1.0, "schedule.warmup_start_factor",
                self.warmup_start_factor, "use a factor in (0, 1]")
         _check(self.step_size >= 1, "schedule.step_size", self.step_size, "use 1 or more")
@@ -510,15 +549,25 @@ class LaunchConfig:
     node_rank: int = 0
     """This node's rank (bare torchrun across nodes)."""
     rdzv_endpoint: str = "localhost:29500"
-    """host:port of the c10d rendezvous (the head node); port 1..65535."""
+    """host:port of the c10d rendezvous (the head node); port 1..65535; with nnodes > 1 an
+    address every node reaches (`ffdist launch` refuses a loopback one)."""
     rdzv_timeout: int = 900
-    """Seconds the rendezvous waits for all nodes."""
+    """Seconds ranks wait for each other at start: torchrun's rendezvous of the nodes, and
+    ffdist's own meeting of the ranks (all arrived, the same recipe, the run directory's
+    verdict, the shared output_dir), which says what it waits for while it waits and
+    ends with one sentence naming the rank that never came."""
     socket_ifname: str | None = None
     """Network interface for NCCL/gloo traffic (NCCL_SOCKET_IFNAME/GLOO_SOCKET_IFNAME)."""
     max_restarts: int = 0
     """torchrun restarts of all local workers after a failure."""
     pg_timeout: int = 1800
     """Seconds a collective may wait for a peer before the process group fails."""
+    threads: int | str = "auto"
+    """Intra-op CPU threads of each process (torch.set_num_threads). A number: exactly that.
+    auto: OMP_NUM_THREADS when it is set; else, on the CPU, the cores this process may use
+    (affinity, cgroup quota) shared by the ranks of the node and the loader workers, and no
+    more than the model's work per step keeps busy (docs/performance.md); on a GPU, the
+    cores per rank. The start line says what was chosen and why."""
 
     def __post_init__(self) -> None:
         _check(self.launcher in ("torchrun", "accelerate", "deepspeed", "slurm"),
@@ -540,7 +589,11 @@ class LaunchConfig:
                self.rdzv_endpoint, "use host:port with a port from 1 to 65535, e.g. "
                "launch.rdzv_endpoint=localhost:29500")
         _check(self.pg_timeout >= 1, "launch.pg_timeout", self.pg_timeout, "use 1 or more")
+        _check(self.rdzv_timeout >= 1, "launch.rdzv_timeout", self.rdzv_timeout, "use 1 or more")
         _check(self.max_restarts >= 0, "launch.max_restarts", self.max_restarts, "use 0 or more")
+        _check(self.threads == AUTO or (isinstance(self.threads, int)
+                                        and 1 <= self.threads <= MAX_THREADS),
+               "launch.threads", self.threads, f"use auto or a count from 1 to {MAX_THREADS}")
 
 
 @dataclass
@@ -678,7 +731,9 @@ class Recipe:
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.output_dir) if self.output_dir else Path("runs") / self.name
+        path = Path(self.output_dir) if self.output_dir else Path("runs") / self.name
+        # "." or "..": a folder with no name of its own here; its full path has one
+        return path.resolve() if path.name in ("", "..") else path
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -82,6 +82,8 @@ RULES: tuple[Rule, ...] = (
     Rule("schedule.evaluate_before_train", True, False, "when to evaluate"),
     Rule("schedule.nan_policy", True, False, "what to do about a NaN loss"),
     Rule("schedule.max_bad_steps", True, False, "what to do about a NaN loss"),
+    Rule("schedule.stop_if_not_learning", True, False, "what to do about a run that does not "
+                                                   "learn"),
     # may change on resume, but make another result
     Rule("data.root", True, True, "the same data may have moved (e.g. to node-local disk)"),
     Rule("data.train_shards", True, True, "the same shards may have moved (to node-local disk, "
@@ -94,6 +96,8 @@ RULES: tuple[Rule, ...] = (
     Rule("schedule.max_steps", True, True, "the run's length"),
     Rule("optim.lr", True, True, "a lower lr after a divergence is the usual remedy; it "
                                  "applies from the resumed step on"),
+    Rule("optim.lr_reference_batch", True, True, "scales optim.lr: a change of lr, from the "
+                                                 "resumed step on"),
     Rule("optim.grad_clip", True, True, "a remedy after a divergence, from the resumed step on"),
     Rule("strategy.fsdp_reduce_dtype", True, True, "the precision of FSDP's gradient "
                                                    "reduction, from the resumed step on"),

@@ -103,8 +103,26 @@ def check_name(name: str) -> None:
         raise RecipeError(f"model.name={name!r} is not a known model; {hint}")
 
 
+def has_small_image_stem(name: str) -> bool:
+    """Whether model.cifar_stem applies to `name`: a torchvision ResNet (conv1 + max-pool)."""
+    if name in OWN or from_timm.is_timm(name):
+        return False
+    import torchvision
+
+    try:
+        builder = torchvision.models.get_model_builder(name)
+    except ValueError:
+        return False
+    return builder.__module__ == "torchvision.models.resnet"
+
+
 def build(cfg: ModelConfig) -> nn.Module:
     """A freshly initialised model for the recipe (pretrained weights: ffdist.finetune)."""
+    for key in ("num_classes", "cifar_stem"):
+        if getattr(cfg, key) == "auto":  # ffdist.assemble.settle decides it, from the data
+            raise RecipeError(f"model.{key}=auto is decided from the data when a run starts "
+                              "(ffdist train, bench, plan); give a value here, e.g. the one "
+                              "in the run's recipe.yaml.")
     check_name(cfg.name)
     if cfg.name in OWN:
         extra = {"drop_path_rate": cfg.drop_path_rate or 0.0} if cfg.name in WITH_DROP_PATH else {}

@@ -78,7 +78,8 @@ def _checked(cls: type[Strategy]) -> type[Strategy]:
 def resolve_name(recipe: Recipe, world_size: int, check: bool = True) -> str:
     """strategy.name with `auto` decided for the world size (called by ffdist.assemble
     only). `check` (commands that train): refuse a name that is not registered, and a
-    one-process strategy (single) when several processes were started. Without it (eval,
+    one-process strategy (single) when several processes were started; a strategy that
+    trains as another one alone (DDP: single) is named so for one process. Without it (eval,
     predict: they run the plain model) the name is only carried along, so a run trained
     with a strategy registered elsewhere still evaluates here."""
     name = recipe.strategy.name
@@ -86,10 +87,11 @@ def resolve_name(recipe: Recipe, world_size: int, check: bool = True) -> str:
         return AUTO[1] if world_size > 1 else AUTO[0]
     if not check:
         return name
-    if get(name).one_process and world_size > 1:
+    cls = get(name)
+    if cls.one_process and world_size > 1:
         raise RecipeError(f"strategy.name={name} but {world_size} processes were started; "
                           "use strategy.name=ddp (or auto), or start one process.")
-    return name
+    return cls.alone if world_size == 1 and cls.alone else name
 
 
 def build(model: nn.Module, recipe: Recipe, resolved: Resolved, info: DistInfo,

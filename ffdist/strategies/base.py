@@ -46,6 +46,10 @@ class Strategy:
     """What people call it, in messages ("DeepSpeed")."""
     one_process: ClassVar[bool] = False
     """True: refused when several processes were started (ffdist.strategies.resolve_name)."""
+    alone: ClassVar[str | None] = None
+    """The registered strategy one process of this one trains as, when it has nothing to
+    share with a single process (DDP: single); resolve_name then names that one, so the
+    start line, bench.json and plan say what runs. None: itself."""
     layout_kind: ClassVar[str] = ONE_FILE
     """ONE_FILE: the primary rank writes state_dict() into the checkpoint file; SHARDS:
     every rank writes its own shards through save_shards() into the checkpoint's folder

@@ -33,7 +33,7 @@ def test_asking_every_strategy_imports_no_heavy_library():
 
 
 @pytest.mark.parametrize("name,world,expected", [("auto", 1, "single"), ("auto", 2, "ddp"),
-                                                 ("ddp", 1, "ddp"), ("deepspeed", 4, "deepspeed")])
+                                                 ("ddp", 1, "single"), ("deepspeed", 4, "deepspeed")])
 def test_names_resolve(name: str, world: int, expected: str):
     rcp = recipe_load.load(None, [f"strategy.name={name}"])
     assert strategies.resolve_name(rcp, world) == expected
