@@ -77,6 +77,14 @@ def convert(folder: Path) -> Path:
         raise CheckpointError(f"{folder} holds no DeepSpeed optimizer files; the checkpoint "
                               "is incomplete, remove that folder to resume from the one before.")
     stage = int(optim[0].get("zero_stage", 1))  # BF16_Optimizer (ZeRO-1 in bf16) omits it
+    model = folder / ("zero_pp_rank_0_mp_rank_00_model_states.pt" if stage == 3
+                      else "mp_rank_00_model_states.pt")
+    wrote = _load(model).get("dp_world_size", len(optim)) if model.is_file() else None
+    if wrote != len(optim):
+        raise CheckpointError(f"{folder} holds {len(optim)} DeepSpeed optimizer files of the "
+                              f"{wrote or 'unknown number of'} ranks that wrote it; the "
+                              "checkpoint is incomplete, remove that folder to resume from "
+                              "the one before.")
     state = _stage3(folder, optim) if stage == 3 else _stage12(folder, optim)
     state["stage"], state["from_world"] = stage, len(optim)
     scaler = optim[0].get("loss_scaler")

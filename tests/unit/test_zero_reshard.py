@@ -47,7 +47,7 @@ def write_zero2(folder: Path) -> None:
                                  OrderedDict(c=torch.Size([4]))],
                 "module": {**FULL, "stat": torch.ones(2)}, "buffer_names": ["stat"],
                 "frozen_param_shapes": None, "global_steps": 7, "global_samples": 84,
-                "skipped_steps": 0}, folder / "mp_rank_00_model_states.pt")
+                "skipped_steps": 0, "dp_world_size": 2}, folder / "mp_rank_00_model_states.pt")
 
 
 def write_zero3(folder: Path) -> None:
@@ -66,7 +66,8 @@ def write_zero3(folder: Path) -> None:
                    folder / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt")
         torch.save({"param_shapes": [OrderedDict(a=torch.Size([3, 5]), b=torch.Size([7]))],
                     "module": {}, "buffer_names": [], "frozen_param_shapes": None,
-                    "global_steps": 7}, folder / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt")
+                    "global_steps": 7, "dp_world_size": 3},
+                   folder / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt")
 
 
 @pytest.mark.parametrize("stage", [2, 3])
@@ -101,10 +102,16 @@ def test_a_conversion_is_written_once_and_reused(tmp_path) -> None:
     assert zero_reshard.convert(folder) == path and path.stat().st_mtime_ns == before
 
 
-def test_a_folder_without_optimizer_files_is_refused(tmp_path) -> None:
+def test_a_folder_without_all_its_optimizer_files_is_refused(tmp_path) -> None:
     folder = tmp_path / "step_00000007"
     folder.mkdir()
     with pytest.raises(CheckpointError, match="holds no DeepSpeed optimizer files; the "
                                               "checkpoint is incomplete"):
+        zero_reshard.convert(folder)
+    folder = tmp_path / "step_00000008"
+    write_zero3(folder)
+    (folder / "zero_pp_rank_2_mp_rank_00_optim_states.pt").unlink()
+    with pytest.raises(CheckpointError, match="holds 2 DeepSpeed optimizer files of the 3 "
+                                              "ranks that wrote it; the checkpoint is incomplete"):
         zero_reshard.convert(folder)
     assert not (folder / "resharded").exists()
