@@ -44,7 +44,7 @@ from torch import nn
 from ffdist import memory
 from ffdist.ckpt_format import SHARDS, Layout
 from ffdist.dist import DistInfo, ensure_process_group
-from ffdist.errors import CheckpointError, LaunchError
+from ffdist.errors import CheckpointError, LaunchError, shorten
 from ffdist.optim import build_optimizer
 from ffdist.recipe import Recipe
 from ffdist.strategies import ds_config
@@ -230,7 +230,9 @@ class DeepSpeed(Strategy):
         from ffdist.strategies import zero_reshard
 
         path = Path(path)
-        if zero_reshard.saved_world_size(path) != self.info.world_size:
+        # (ZeRO-0 writes no partitions to count; check_resume kept it at its world size)
+        if self.zero_stage in STAGES and zero_reshard.saved_world_size(path) != \
+                self.info.world_size:
             self._load_resharded(path)
             return
         loaded, _ = self.engine.load_checkpoint(str(path.parent), tag=path.name,
@@ -257,7 +259,8 @@ class DeepSpeed(Strategy):
                 raise failed
             raise CheckpointError(
                 f"converting the DeepSpeed shards in {path} to this world size failed"
-                + (f" ({type(failed).__name__}: {failed})" if failed else " on rank 0")
+                + (f" ({type(failed).__name__}: {shorten(str(failed))})" if failed
+                   else " on rank 0")
                 + "; resume with the world size that wrote them, or remove that folder to "
                 "resume from the one before.") from failed
         zero_reshard.load(self.engine, path / zero_reshard.FOLDER / zero_reshard.STATE,
