@@ -356,9 +356,10 @@ def _unwritable(run_dir: Path, folder: Path, e: OSError) -> str:
     blocker = next((p for p in (folder, *folder.parents) if p.is_file()), None)
     if blocker is not None:  # a file where a folder must go
         why = "it is a file" if blocker == folder else f"{blocker} is a file, not a folder"
-        return f"output_dir={run_dir}{what} is not writable ({why}); choose another output_dir."
-    return (f"output_dir={run_dir}{what} is not writable ({e.strerror}); choose another "
-            "output_dir or fix its permissions.")
+        return (f"output_dir={run_dir}{what} is not writable ({why}); set output_dir=PATH to "
+                "another folder.")
+    return (f"output_dir={run_dir}{what} is not writable ({e.strerror}); set output_dir=PATH to "
+            "a folder you can write, or fix its permissions.")
 
 
 @dataclass
