@@ -13,7 +13,10 @@ Steps (each one's failure is recorded and the next still runs):
    cores), then `ffdist bench` on that folder (images/s and data-wait share). Without
    --data it writes a folder of 500x375 JPEGs cut from scikit-learn's sample photos;
 4. DeepSpeed ZeRO-2 and ZeRO-3 (recipes/digits_zero2.yaml) under torchrun on every GPU;
-5. the table, as a dated section at the top of benchmarks/RESULTS-gpu.md (earlier sections
+5. FSDP (recipes/vit_b16_fsdp.yaml, synthetic images): `ffdist bench` of FSDP and of DDP on
+   a model both can hold, under torchrun on every GPU (NCCL with 2 or more), their median
+   steps side by side, and each one's peak CUDA memory against `ffdist plan`'s row;
+6. the table, as a dated section at the top of benchmarks/RESULTS-gpu.md (earlier sections
    are kept; a dry run writes runs/gpu-check/ instead:
    its numbers are the CPU's at toy sizes, they only prove the script works).
 
@@ -46,13 +49,20 @@ GPU = {"bench": ["data.batch_size=256", "data.micro_batch_size=256", "model.chan
        "bench_args": ["--steps", "30", "--warmup", "10", "--reps", "3", "--eval-steps", "10"],
        "compile": ["model.compile=true"], "jpeg": (10, 400, (500, 375)), "jpeg_batch": 256,
        "jpeg_extra": [],
-       "zero": ["schedule.epochs=3", "launch.device=cuda"], "device": "cuda"}
+       "zero": ["schedule.epochs=3", "launch.device=cuda"],
+       "fsdp": ["launch.device=cuda", "data.image_size=224", "model.name=vit_b_16",
+                "data.batch_size_per_gpu=64"],
+       "fsdp_args": ["--steps", "20", "--warmup", "5", "--reps", "1", "--eval-steps", "2"],
+       "device": "cuda"}
 DRY = {"bench": ["model.name=resnet18", "data.image_size=32", "data.batch_size=8",
                  "data.micro_batch_size=8", "model.channels_last=true", "launch.device=cpu"],
        "bench_args": ["--steps", "2", "--warmup", "1", "--reps", "1", "--eval-steps", "1"],
        "compile": ["model.compile=true", "model.compile_backend=eager"],
        "jpeg": (4, 8, (64, 48)), "jpeg_batch": 8, "jpeg_extra": ["data.image_size=32"],
        "zero": ["schedule.max_steps=4", "schedule.epochs=1", "launch.device=cpu"],
+       "fsdp": ["launch.device=cpu", "data.image_size=32", "model.name=vit_tiny",
+                "data.batch_size_per_gpu=4"],
+       "fsdp_args": ["--steps", "2", "--warmup", "1", "--reps", "1", "--eval-steps", "1"],
        "device": "cpu"}
 
 
@@ -350,7 +360,57 @@ def _end(run_dir: Path) -> dict | None:
     return ends[-1] if ends else None
 
 
-# ------------------------------------------------------------------ 5. the write-up
+# ------------------------------------------------------------------ 5. FSDP
+
+def fsdp_rows(cfg: dict, work: Path) -> list[dict]:
+    """FSDP against DDP, the same recipe and model, every GPU (2 CPU ranks in a dry run):
+    the step (median ms, FSDP / DDP) and each one's peak memory against `ffdist plan`.
+    Peak memory is judged on a GPU only (CUDA's max_memory_allocated; a dry run's is RSS):
+    within 0.5x-1.5x of the plan's row (the plan leaves out the CUDA context, workspaces,
+    NCCL buffers and fragmentation, and counts one gathered block)."""
+    import torch
+
+    nproc = max(1, torch.cuda.device_count()) if cfg["device"] == "cuda" else 2
+    per_gpu = int(next(o for o in cfg["fsdp"] if "per_gpu" in o).split("=")[1])
+    common = [o for o in cfg["fsdp"] if "per_gpu" not in o] + [
+        "data.name=synthetic", f"data.batch_size={per_gpu * nproc}", "data.mix_group=null",
+        f"data.micro_batch_size={per_gpu}"]
+    rows, steps = [], {}
+    for name in ("ddp", "fsdp"):
+        out = work / f"bench-{name}-vit.json"
+        code, text, s = sh([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+                            str(nproc), "--master_port", str(_free_port()), "-m", "ffdist.bench",
+                            "recipes/vit_b16_fsdp.yaml", *common, f"strategy.name={name}",
+                            "--synthetic", *cfg["fsdp_args"], "--out", str(out),
+                            f"output_dir={work / ('run-' + name + '-vit')}"], 1800)
+        if code != 0 or not out.exists():
+            rows.append(row(f"{name.upper()} bench, vit x {nproc}", False, f"exit {code}", s,
+                            detail=text))
+            continue
+        r = json.loads(out.read_text())
+        steps[name] = r["step_ms_p50"]
+        code, plan_text, _ = sh([sys.executable, "-m", "ffdist.cli", "plan",
+                                 "recipes/vit_b16_fsdp.yaml", *common, f"strategy.name={name}",
+                                 "--gpus", str(nproc), "--json"], 900)
+        planned = None
+        if code == 0:  # the JSON object among plan's progress lines (stderr)
+            facts, _ = json.JSONDecoder().raw_decode(plan_text[plan_text.index("{"):])
+            planned = facts["rows"][name.upper()]["total"]
+        ratio = r["peak_mem_bytes"] / planned if planned else None
+        judged = cfg["device"] == "cuda" and ratio is not None
+        rows.append(row(
+            f"{name.upper()} vit x {nproc} ({cfg['device']}{', NCCL' if judged and nproc > 1 else ''}):"
+            " peak memory / plan", (0.5 <= ratio <= 1.5) if judged else None,
+            f"{r['peak_mem_bytes'] / 2**20:,.0f} MiB / {planned / 2**20:,.0f} MiB = {ratio:.2f}"
+            if ratio is not None else "no plan", s, "0.5 - 1.5" if judged else ""))
+    if len(steps) == 2:
+        rows.append(row(f"FSDP / DDP median step, vit x {nproc}", None,
+                        f"{steps['fsdp']:.1f} / {steps['ddp']:.1f} ms = "
+                        f"{steps['fsdp'] / steps['ddp']:.3f}", 0))
+    return rows
+
+
+# ------------------------------------------------------------------ 6. the write-up
 
 HEADER = """# Measured results (GPU)
 
@@ -414,7 +474,7 @@ def main(argv: list[str]) -> int:
                                             "(dry run: runs/gpu-check/RESULTS-gpu-dry-run.md)")
     p.add_argument("--work", type=Path, default=REPO / "runs" / "gpu-check",
                    help="scratch folder: bench.json files, run folders, the JPEGs")
-    p.add_argument("--only", nargs="*", choices=("tests", "bench", "jpeg", "zero"),
+    p.add_argument("--only", nargs="*", choices=("tests", "bench", "jpeg", "zero", "fsdp"),
                    help="run these steps only")
     args = p.parse_args(argv)
     deps = ensure_deps(args.wheels)
@@ -427,7 +487,7 @@ def main(argv: list[str]) -> int:
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     info = machine()
-    steps = args.only or ["tests", "bench", "jpeg", "zero"]
+    steps = args.only or ["tests", "bench", "jpeg", "zero", "fsdp"]
     rows: list[dict] = []
     tables: list[str] = []
     if "tests" in steps:
@@ -439,6 +499,8 @@ def main(argv: list[str]) -> int:
         rows += jpeg_rows(cfg, work, args.data)
     if "zero" in steps:
         rows += zero_rows(cfg, work)
+    if "fsdp" in steps:
+        rows += fsdp_rows(cfg, work)
     out = args.out or (work / "RESULTS-gpu-dry-run.md" if dry
                        else REPO / "benchmarks" / "RESULTS-gpu.md")
     write(out, info, rows, tables, dry, deps, argv)

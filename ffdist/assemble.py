@@ -12,11 +12,12 @@ freezing included). See docs/architecture.md.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ffdist.recipe import DataConfig, Recipe
-from ffdist.resolved import BatchPlan, Resolved, plan_batches
+from ffdist.resolved import BatchPlan, Resolved, plan_batches, scaled_lr
 
 if TYPE_CHECKING:
     import torch
@@ -52,27 +53,87 @@ def batch_plan(recipe: Recipe, world_size: int) -> BatchPlan:
 
 
 def resolve(recipe: Recipe, world_size: int, device: torch.device,
-            launcher_precision: str | None = None, *, trains: bool = True) -> Resolved:
+            launcher_precision: str | None = None, *, trains: bool = True,
+            local_world: int | None = None) -> Resolved:
     """The derived facts of a run, or the one-sentence error that refuses it.
 
     `trains=False` (eval, predict): the refusals that concern only a training strategy
     (strategy.name=single with N processes, a precision the strategy cannot train in, as
-    DeepSpeed's fp16 without a GPU) are skipped, since those commands run the plain model."""
-    from ffdist import precision, strategies
+    DeepSpeed's fp16 without a GPU) are skipped, since those commands run the plain model.
+    `local_world`: the ranks on this node, which share its cores (default: all of them)."""
+    from ffdist import precision, strategies, threads
+    from ffdist.data import sources
 
     plan = batch_plan(recipe, world_size)
     strategy = strategies.resolve_name(recipe, world_size, check=trains)
     prec = precision.resolve(recipe.precision, device, launcher_precision)
     if trains:
         strategies.get(strategy).check_precision(prec, device)
-    return Resolved(plan, prec, strategy, image_size(recipe.data), device,
-                    eval_image_size(recipe.data))
+    size = image_size(recipe.data)
+    o = recipe.optim
+    lr, lr_why = scaled_lr(o.lr, o.lr_reference_batch, plan.global_batch, o.name)
+    share = threads.decide(recipe.launch.threads, recipe.data.num_workers,
+                           cpu=device.type == "cpu", local_world=local_world or world_size,
+                           pixels=plan.micro * size * size,
+                           in_memory=sources.get(recipe.data.name).in_memory,
+                           omp=threads.omp_threads())
+    return Resolved(plan, prec, strategy, size, device, eval_image_size(recipe.data), lr,
+                    share.threads, share.workers, lr_why, share.why, share.workers_note)
 
 
 def resolve_for(recipe: Recipe, info: DistInfo, *, trains: bool = True) -> Resolved:
-    """`resolve` for this process, as ffdist.dist.init found it."""
-    return resolve(recipe, info.world_size, info.device, info.launcher_precision,
-                   trains=trains)
+    """`resolve` for this process, as ffdist.dist.init found it; this process then runs
+    with the intra-op threads it resolved (set here, before any data or model exists)."""
+    from ffdist import threads
+
+    resolved = resolve(recipe, info.world_size, info.device, info.launcher_precision,
+                       trains=trains, local_world=info.local_world_size)
+    threads.apply(resolved.threads)
+    return resolved
+
+
+def settle(recipe: Recipe) -> Recipe:
+    """The recipe with the model's `auto` keys replaced by what they mean for this data,
+    so that the run's recipe.yaml (and eval, predict, resume, which read it) hold values:
+    model.num_classes from the data source's classes (ffdist.data.sources), model.cifar_stem
+    on for a ResNet trained on images of at most SMALL_IMAGES px. The one place they are
+    decided; every command that builds a model from a recipe file calls it first."""
+    from ffdist.recipe import AUTO
+
+    model = recipe.model
+    if model.num_classes != AUTO and model.cifar_stem != AUTO:
+        return recipe
+    changes: dict[str, Any] = {}
+    if model.num_classes == AUTO:
+        changes["num_classes"] = class_count(recipe.data)
+    if model.cifar_stem == AUTO:
+        from ffdist import models
+
+        changes["cifar_stem"] = (image_size(recipe.data) <= SMALL_IMAGES
+                                 and models.has_small_image_stem(model.name))
+    return dataclasses.replace(recipe, model=dataclasses.replace(model, **changes))
+
+
+SMALL_IMAGES = 64
+"""model.cifar_stem=auto: images of at most this side get the small-image stem. A ResNet's
+ImageNet stem (7x7 stride-2 conv, then a stride-2 max-pool) leaves an 8x8 map of a 32 px
+image after its first block, and 1x1 after the last; the CIFAR stem keeps 32x32 there."""
+
+
+def class_count(data: DataConfig) -> int:
+    """The classes the data holds (model.num_classes=auto), as its source counts them."""
+    from ffdist.data import sources
+    from ffdist.errors import DataError
+
+    count = sources.get(data.name).class_count(data)
+    if count is None:
+        raise DataError(f"model.num_classes=auto: data.name={data.name} does not say how many "
+                        "classes it has; set model.num_classes=N.")
+    if count < 2:
+        raise DataError(f"model.num_classes=auto: data.name={data.name} has {count} class "
+                        f"(data.root={data.root}); a classifier needs at least 2 class "
+                        "folders.")
+    return count
 
 
 # ------------------------------------------------------------------------------ assembly
@@ -95,6 +156,21 @@ def build_model(recipe: Recipe, load_weights: bool = True) -> nn.Module:
     return model
 
 
+def prepare_blocks(model: nn.Module, recipe: Recipe) -> list[str]:
+    """The model's blocks (model.blocks, else found by its family: ffdist.models.blocks),
+    with model.activation_checkpointing applied to them in place: the ONE place both are
+    decided, for training (build_trainer) and for `ffdist plan`'s measurement. Returns the
+    block names (FSDP's units)."""
+    from ffdist import models
+    from ffdist.models import checkpointing
+
+    cfg = recipe.model
+    names = models.blocks(model, cfg.blocks)
+    checkpointing.apply(model, cfg.activation_checkpointing, cfg.activation_checkpointing_every,
+                        names, cfg.name)
+    return names
+
+
 def param_counts(model: nn.Module) -> tuple[int, int]:
     """(all, trainable) parameters; ZeRO-3 placeholders count with their full size."""
     def size(p: Any) -> int:
@@ -111,14 +187,15 @@ def build_data(recipe: Recipe, resolved: Resolved, rank: int) -> Streams:
     from ffdist import data, mixup
 
     return data.build(recipe, rank, resolved.plan, resolved.device,
-                      pairs=mixup.enabled(recipe.data))
+                      pairs=mixup.enabled(recipe.data), workers=resolved.workers)
 
 
 def build_trainer(recipe: Recipe, info: DistInfo, resolved: Resolved, *,
                   data: Streams | None = None, model: nn.Module | None = None,
                   open_monitor: Callable[[], Monitor] | None = None,
                   manager: CheckpointManager | None = None) -> Trainer:
-    """The one assembly of a Trainer: data, model (build_model), strategy, Trainer.
+    """The one assembly of a Trainer: data, model (build_model), its blocks and activation
+    checkpointing (prepare_blocks), strategy, Trainer.
 
     What is not given is built here: the data streams (build_data); the model (with its
     pretrained weights left out: ffdist train passes the model it built and vetted); a
@@ -137,8 +214,9 @@ def build_trainer(recipe: Recipe, info: DistInfo, resolved: Resolved, *,
         data = build_data(recipe, resolved, info.rank)
     if model is None:
         model = build_model(recipe, load_weights=False)
+    blocks = prepare_blocks(model, recipe)
     torch.manual_seed(recipe.seed + 1000 * info.rank)  # per-rank dropout/augmentation
-    strategy = strategies.build(model, recipe, resolved, info)
+    strategy = strategies.build(model, recipe, resolved, info, blocks=blocks)
     monitor = open_monitor() if open_monitor else Monitor.off()
     if manager is None:
         manager = CheckpointManager(recipe.run_dir, recipe.checkpoint, is_writer=False)

@@ -100,6 +100,17 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def settled_overrides(recipe_path: str, overrides: list[str]) -> list[str]:
+    """The model keys the recipe leaves to the data (auto), as the overrides that fix them
+    (ffdist.assemble.settle, from the recipe's own data: before --synthetic replaces it)."""
+    from ffdist import assemble, recipe_load
+
+    rcp = recipe_load.load(recipe_path, overrides)
+    done = assemble.settle(rcp)
+    return [f"model.{k}={getattr(done.model, k)}" for k in ("num_classes", "cifar_stem")
+            if getattr(done.model, k) != getattr(rcp.model, k)]
+
+
 def synthetic_overrides(recipe_path: str, overrides: list[str]) -> list[str]:
     """data.name=synthetic (a small in-memory set: the streams are built, as train builds
     them, but --synthetic never iterates them), keeping the recipe's image size and classes."""
@@ -274,7 +285,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from ffdist import dist, outputs, recipe_load
     from ffdist.monitor import setup_logging
 
-    overrides = list(args.overrides)
+    overrides = [*args.overrides, *settled_overrides(args.recipe, list(args.overrides))]
     if args.synthetic:
         overrides = synthetic_overrides(args.recipe, overrides)
     rcp = recipe_load.load(args.recipe, overrides)

@@ -87,7 +87,7 @@ def describe(trainer: Trainer, args: argparse.Namespace) -> dict[str, Any]:
             "synthetic": bool(getattr(args, "synthetic", False)),
             "image_size": res.image_size, "device": trainer.info.device.type,
             "steps": args.steps, "warmup": args.warmup, "reps": getattr(args, "reps", 1),
-            "num_workers": rcp.data.num_workers,
+            "num_workers": res.workers,
             # timed inside the step: the mixing of every micro-batch, the EMA update
             "mixup": trainer.mixer is not None, "ema": trainer.ema is not None,
             "ema_every_steps": rcp.optim.ema_every_steps if trainer.ema is not None else None,

@@ -20,6 +20,7 @@ import logging
 import os
 import pickle
 import random
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -50,11 +51,30 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+TEMP_OF = re.compile(r"\.(?P<target>.+)\.tmp\.\d+")
+"""The name of atomic_write's temp file for <target> (`temp_path`)."""
+CHECKPOINT_FILES = re.compile(r"step_\d{8}\.pt|latest|best\.pt")
+"""What the manager writes into checkpoints/ through atomic_write."""
+
+
+def temp_path(path: Path) -> Path:
+    """Where atomic_write writes `path` first: .<name>.tmp.<pid>, in the same folder."""
+    return path.with_name(f".{path.name}.tmp.{os.getpid()}")
+
+
+def is_temp_of(name: str, targets: re.Pattern[str]) -> bool:
+    """Whether `name` is atomic_write's temp file of one of `targets` (never a user's file
+    that only looks like one: another target, or no pid at the end)."""
+    m = TEMP_OF.fullmatch(name)
+    return bool(m and targets.fullmatch(m["target"]))
+
+
 def atomic_write(path: Path, write: Any) -> None:
     """Write through a temp file in the same folder, flush, fsync, then os.replace: a crash
-    at any point leaves either the old file or the new one, never a torn one."""
+    at any point leaves either the old file or the new one, never a torn one (and a temp
+    file that the run's next start deletes: ffdist.run_dir)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    tmp = temp_path(path)
     try:
         with open(tmp, "wb") as f:
             write(f)
@@ -195,12 +215,9 @@ class CheckpointManager:
     def __init__(self, run_dir: Path, cfg: CheckpointConfig, is_writer: bool):
         self.dir = Path(run_dir) / "checkpoints"
         self.cfg, self.is_writer = cfg, is_writer
-        # (path, encoded checkpoint, step) before a step file is written: tests' fault
-        # injection (ffdist.faults, under FFDIST_FAULT); None otherwise
+        # (path, encoded checkpoint, step) before a step file (or a folder's marker) is
+        # written: tests' fault injection (ffdist.faults, under FFDIST_FAULT); None otherwise
         self.before_write: Callable[[Path, dict[str, Any], int], None] | None = None
-        if is_writer:  # temp files of a save that was killed: never complete, never read
-            for stale in self.dir.glob(".*.tmp.*"):
-                stale.unlink(missing_ok=True)
 
     def path_for(self, step: int) -> Path:
         return self.dir / f"step_{step:08d}.pt"
@@ -224,11 +241,17 @@ class CheckpointManager:
         from ffdist.dist import barrier
 
         path = self.dir / f"step_{ckpt.step:08d}"
+        if self.is_writer and path.is_dir() and not (path / SHARDED_STATE).is_file():
+            _remove(path)  # debris of a killed save: its files must not mix with these
+        barrier()
         path.mkdir(parents=True, exist_ok=True)  # every rank: whoever comes first
         strategy.save_shards(path)
         barrier()  # every shard is on disk before the folder is marked complete
         if self.is_writer:
-            save_torch(path / SHARDED_STATE, encode(ckpt))
+            data = encode(ckpt)
+            if self.before_write is not None:
+                self.before_write(path / SHARDED_STATE, data, ckpt.step)
+            save_torch(path / SHARDED_STATE, data)
             save_text(self.dir / "latest", path.name + "\n")
             self._prune()
         barrier()

@@ -36,6 +36,7 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    owns_process = argv is None  # `ffdist ...`: the process ends with the command
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
@@ -44,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"ffdist: error: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return EXIT_USER_ERROR
+    if owns_process:  # what that means after a finished run: ffdist.signals
+        from ffdist import signals
+
+        signals.owns_process()
     module = importlib.import_module(COMMANDS[name][0])
     return guard(module.main, rest)
 

@@ -8,7 +8,8 @@ entry point accepts and ignores). `accelerate launch --multi_gpu` IS torchrun un
 so it joins the real process group on CPUs too (a plain `Accelerator()` on a CPU-only
 machine would silently make N independent processes). Of accelerate's variables we honour
 ACCELERATE_USE_CPU (stay on the CPU although GPUs exist) and ACCELERATE_MIXED_PRECISION
-(`launcher_precision`, checked against the recipe by ffdist.precision).
+(`launcher_precision`, checked against the recipe by ffdist.precision), and refuse
+ACCELERATE_USE_FSDP (`--use_fsdp`: ffdist's own strategy.name=fsdp shards the model).
 A bare `srun` task has only SLURM_* variables and an `mpirun` task only OMPI_* / PMI_*
 ones; for those we derive the rendezvous ourselves.
 No launcher at all means one process on one device: the single-device fallback.
@@ -19,9 +20,11 @@ from __future__ import annotations
 import datetime
 import os
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from ffdist import rendezvous
 from ffdist.errors import LaunchError
 from ffdist.world import int_env, world_from_env
 
@@ -63,6 +66,19 @@ def launcher_precision() -> str | None:
     return None if value in ("", "no") else value
 
 
+def refuse_launcher_sharding() -> None:
+    """`accelerate launch --use_fsdp` (or `distributed_type: FSDP` in its config) exports
+    ACCELERATE_USE_FSDP for an Accelerator to shard the model; ffdist builds none and shards
+    the model itself (strategy.name=fsdp), so the flag and its FSDP_* options would be
+    silently ignored: refused instead, before any process group exists."""
+    if _truthy("ACCELERATE_USE_FSDP"):
+        raise LaunchError("accelerate launch --use_fsdp (ACCELERATE_USE_FSDP) has no effect on "
+                          "ffdist, which shards the model itself: drop the flag (or "
+                          "distributed_type: FSDP in the accelerate config) and set "
+                          "strategy.name=fsdp in the recipe (strategy.reshard_after_forward, "
+                          "strategy.fsdp_offload replace accelerate's FSDP options).")
+
+
 def _rendezvous_for(launcher: str) -> None:
     """srun/mpirun do not export MASTER_ADDR/PORT the way torchrun does: derive them."""
     if launcher == "slurm" and "MASTER_ADDR" not in os.environ:
@@ -76,7 +92,7 @@ def _rendezvous_for(launcher: str) -> None:
                               "script.") from None
         os.environ["MASTER_ADDR"] = out[0]
     if launcher == "slurm" and "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000)
+        os.environ["MASTER_PORT"] = str(20000 + (int_env("SLURM_JOB_ID") or 0) % 20000)
     if launcher == "mpi":
         os.environ.setdefault("MASTER_ADDR", "localhost")
         os.environ.setdefault("MASTER_PORT", "29500")
@@ -217,30 +233,9 @@ def check_gpus(gpus: list[int], ranks: int = 1) -> None:
                           f"set CUDA_VISIBLE_DEVICES={','.join(map(str, gpus))} yourself.")
 
 
-def _restart_store(world: int, local_world: int, timeout: datetime.timedelta) -> object | None:
-    """After a torchrun restart, a store of keys private to this attempt.
-
-    torchrun's agent keeps ONE TCPStore for the whole job, and the process group writes
-    its keys there under the same names at every attempt: a restarted rank can read the
-    address its dead peer published in the previous attempt and fail with "Gloo
-    connectFullMesh failed ... Connection refused" (seen here about one restart in three).
-    Prefixing the keys with the restart count fixes that. Only on one node, where every
-    worker has the same count; across nodes the agents' default behaviour is kept."""
-    restart = int_env("TORCHELASTIC_RESTART_COUNT") or 0
-    if (restart == 0 or world != local_world
-            or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"):
-        return None
-    import torch.distributed as dist
-
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
-                          is_master=False, timeout=timeout)
-    return dist.PrefixStore(f"ffdist/attempt_{restart}", store)
-
-
 def init(launch: LaunchConfig | None = None) -> DistInfo:
     """Read the environment, pick the device (launch.device, launch.gpus), then join the
     process group if there is one: device errors come first, so every rank exits alike."""
-    import torch
     import torch.distributed as dist
 
     if launch is None:
@@ -248,6 +243,7 @@ def init(launch: LaunchConfig | None = None) -> DistInfo:
 
         launch = LaunchConfig()
     rank, local_rank, world, local_world, launcher = world_from_env()
+    refuse_launcher_sharding()
     device = pick_device(local_rank, local_world, launch.device, launch.gpus, launcher)
     if device.type == "cpu":
         _deepspeed_on_cpu()
@@ -260,14 +256,14 @@ def init(launch: LaunchConfig | None = None) -> DistInfo:
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs = {"device_id": device} if device.type == "cuda" else {}
         timeout = datetime.timedelta(seconds=launch.pg_timeout)
-        store = _restart_store(world, local_world, timeout)
-        if store is not None:
-            kwargs["store"] = store
+        global _meeting
+        # every rank arrives (or one sentence after launch.rdzv_timeout), then the group
+        _meeting, kwargs["store"] = rendezvous.join(rank, world, local_rank, local_world,
+                                                    launch.rdzv_timeout, timeout)
         dist.init_process_group(backend=backend, rank=rank, world_size=world,
                                 timeout=timeout, **kwargs)
-    if device.type == "cpu" and world > 1 and "OMP_NUM_THREADS" not in os.environ:
-        # Without this, every rank starts one thread per core and they fight over cores.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
+    # Threads per rank (launch.threads) are decided with the rest of the run:
+    # ffdist.assemble.resolve_for, by ffdist.threads' rule.
     return DistInfo(rank, local_rank, world, local_world, device, launcher, launcher_precision())
 
 
@@ -296,8 +292,32 @@ def ensure_process_group(device: torch.device) -> None:
 def shutdown() -> None:
     import torch.distributed as dist
 
+    global _meeting
+    _meeting = None
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+_meeting: rendezvous.Meeting | None = None
+"""Where this process's ranks met (dist.init), for the decisions they take at start."""
+
+
+def decide(phase: str, value: Any, judge: Callable[[list[Any]], Any], what: str) -> Any:
+    """Every rank hands in `value`; rank 0 decides judge(values, in rank order); every rank
+    returns the decision. Through the store, with launch.rdzv_timeout and progress lines
+    (ffdist.rendezvous): for what the ranks settle at start, before any collective. One
+    process: judge([value])."""
+    import torch.distributed as dist
+
+    global _meeting
+    if _meeting is None and dist.is_initialized() and dist.get_world_size() > 1:
+        from ffdist.recipe import LaunchConfig  # a group built elsewhere (a test's own)
+
+        _meeting = rendezvous.on_default_store(dist.get_rank(), dist.get_world_size(),
+                                               LaunchConfig().rdzv_timeout)
+    if _meeting is None:
+        return judge([value])
+    return _meeting.decide(phase, value, judge, what)
 
 
 def barrier() -> None:
@@ -314,13 +334,3 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
-
-
-def broadcast_object(obj: object, src: int = 0) -> object:
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]

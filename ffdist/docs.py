@@ -53,7 +53,8 @@ def table() -> str:
     """The Markdown table of every recipe key: key, type, default, meaning."""
     lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
     for key, typ, default, doc in field_docs():
-        typ = typ.replace(" | None", " or null")
+        # `str` beside a number or a flag is the word auto (ffdist.recipe.AUTO)
+        typ = typ.replace(" | None", " or null").replace(" | str", " or auto")
         default = "null" if default is None else default
         lines.append(f"| `{key}` | {typ} | `{default}` | {doc.replace('|', '/')} |")
     return "\n".join(lines)

@@ -20,8 +20,8 @@ repeats it); each is marked "sync point" where it happens:
 5. the end of an epoch (pending flags read: a stop request acts before evaluation);
 6. DeepSpeed: the flags of the current step, read before its step (`_settle(lag=0)`):
    its engine decides fp16 overflow on the host anyway (strategies/deepspeed.py);
-7. optimizers without a fused kernel on the device (none on CUDA or the CPU): their skip
-   is decided on the host (ffdist.optim.step_unless);
+7. optimizers without a fused kernel on the device (none on CUDA or the CPU; FSDP's SGD,
+   foreach on DTensors): their skip is decided on the host (ffdist.optim.step_unless);
 8. the first step: lazy initialisation (cuDNN autotuning, compile, GradScaler's scale).
 Loss sums, hit counts, GradScaler's scale update and the skip itself stay on the device.
 """
@@ -48,6 +48,7 @@ from ffdist.dist import DistInfo, all_reduce_sum
 from ffdist.errors import NonFiniteLoss
 from ffdist.metrics import EvalCounts
 from ffdist.monitor import Monitor
+from ffdist.not_learning import Watch
 from ffdist.optim import lr_at, total_steps
 from ffdist.precision import Numerics
 from ffdist.recipe import Recipe
@@ -184,6 +185,9 @@ class Trainer:
                                             channels_last)
         self.progress = Progress()
         self.window = StatsWindow(info.device)
+        # a run that does not learn says so once (from values read anyway: no new sync)
+        self.watch = Watch(recipe.model.num_classes, recipe.schedule.stop_if_not_learning,
+                           resolved.lr, self.plan.global_batch)
         self.flags = StepFlags(info.device)
         self._first_batch_pending = monitor.wants_first_batch  # pictures, once per run
         # stop_requested is set on THIS rank by ffdist.signals; `_stop` is what all ranks
@@ -309,7 +313,7 @@ class Trainer:
     # ------------------------------------------------------------------ training
     def lr_at(self, step: int) -> float:
         """The learning rate of optimizer step `step` (0-based)."""
-        return lr_at(step, self.recipe.optim.lr, self.recipe.schedule, self.steps_per_epoch)
+        return lr_at(step, self.resolved.lr, self.recipe.schedule, self.steps_per_epoch)
 
     def fit(self) -> dict[str, Any]:
         """Train to the end of the schedule (or a stop request); the summary of the run."""
@@ -480,7 +484,12 @@ class Trainer:
                              "world_size": self.info.world_size, **record})
         if not math.isfinite(loss):
             self.monitor.info("step %d: training loss is %s", p.step, loss)
+        self._say(self.watch.loss(loss, p.step))
         window.reset()
+
+    def _say(self, warning: str | None) -> None:
+        if warning:
+            self.monitor.info("%s", warning)
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> bool:
@@ -504,6 +513,7 @@ class Trainer:
         self.monitor.info("epoch %d step %d  %s  (n=%d)", p.epoch, p.step, line, final["n"])
         if is_best:
             self.save_best(SPLITS[cfg.best_weights], best)
+        self._say(self.watch.evaluation(results["raw"][0]["top1"], p.step))
         return is_best
 
     def _evaluate(self, split: str) -> tuple[dict[str, Any], torch.Tensor]:

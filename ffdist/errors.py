@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import errno
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,45 @@ class NonFiniteLoss(FfdistError):
 
     exit_code = EXIT_DIVERGED
     same_on_all_ranks = True
+
+
+class Refusals(FfdistError):
+    """Several mistakes found by the checks that run before training (the data against the
+    model, the batch against the data, ...), reported together: one message, one line per
+    problem with its fix, so that a user fixes them in one go instead of one per start."""
+
+    def __init__(self, problems: list[FfdistError]):
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {one_line(p)}" for p in self.problems)
+        super().__init__(f"{len(self.problems)} problems stop this run; fix each:\n{lines}")
+        self.same_on_all_ranks = all(p.same_on_all_ranks for p in self.problems)
+        self.per_node = any(p.per_node for p in self.problems)
+
+
+class Problems:
+    """Collects the user errors of checks that can all run before one of them is fixed;
+    `raise_any` raises the one found as it is, or several as one Refusals."""
+
+    def __init__(self) -> None:
+        self.found: list[FfdistError] = []
+
+    def add(self, e: FfdistError) -> None:
+        if all(one_line(e) != one_line(f) for f in self.found):
+            self.found.append(e)
+
+    @contextmanager
+    def check(self) -> Iterator[None]:
+        """Run a check; its FfdistError is kept instead of raised (the block stops there)."""
+        try:
+            yield
+        except FfdistError as e:
+            self.add(e)
+
+    def raise_any(self) -> None:
+        if len(self.found) == 1:
+            raise self.found[0]
+        if self.found:
+            raise Refusals(self.found)
 
 
 class StorageError(FfdistError):

@@ -42,6 +42,7 @@ def build(recipe_path: str, overrides: list[str], launcher: str | None = None,
         argv = [sys.executable, *launchers.train_args(recipe_path, overrides)]
         return launchers.Command(argv, launchers.device_env(procs),
                                  notes + ["one device: no launcher"])
+    launchers.check_rendezvous(rcp)  # several nodes: a head every node can reach
     make = {"torchrun": launchers.torchrun, "accelerate": launchers.accelerate,
             "deepspeed": launchers.deepspeed}[launcher]
     cmd = make(rcp, recipe_path, overrides, procs, dry_run=dry_run)

@@ -169,6 +169,22 @@ def _net_env(rcp: Recipe, dry_run: bool, notes: list[str]) -> tuple[dict[str, st
     return env, ["--local_addr", addr]
 
 
+def check_rendezvous(rcp: Recipe) -> None:
+    """Several nodes need a rendezvous host every node reaches: a loopback endpoint (the
+    default, localhost) reaches this machine only, and the first node would wait
+    launch.rdzv_timeout for nodes that can never come."""
+    lc = rcp.launch
+    host = lc.rdzv_endpoint.rsplit(":", 1)[0].strip("[]").lower()
+    if lc.nnodes > 1 and (host in ("localhost", "ip6-localhost", "::1")
+                          or host.startswith("127.")):
+        raise LaunchError(
+            f"launch.nnodes={lc.nnodes} but launch.rdzv_endpoint={lc.rdzv_endpoint} names this "
+            "machine only, so the other nodes cannot join and the first node would wait "
+            f"launch.rdzv_timeout={lc.rdzv_timeout} s for them; set launch.rdzv_endpoint="
+            "HOST:PORT (or --rdzv-endpoint) to the first node's address, the same on every "
+            "node.")
+
+
 def torchrun(rcp: Recipe, recipe_path: str, overrides: list[str], procs: Processes,
              dry_run: bool = False, rdzv_id: str | None = None,
              extra: tuple[str, ...] = ()) -> Command:

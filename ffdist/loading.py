@@ -22,10 +22,23 @@ from ffdist.weights import read_weights
 def load_recipe(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     path = Path(run_dir) / "recipe.yaml"
     if not path.is_file():
-        raise CheckpointError(f"{run_dir}: no recipe.yaml there; give the directory of a "
-                              "training run (runs/<name>).")
+        raise CheckpointError(_not_a_run(Path(run_dir)))
     # output_dir is the run's own folder, wherever it was moved to.
     return recipe_load.load(path, [*overrides, f"output_dir={Path(run_dir)}"])
+
+
+def _not_a_run(run_dir: Path) -> str:
+    """Why `run_dir` is not a run folder, and where the runs are."""
+    parent = run_dir.parent
+    if not run_dir.exists():
+        command = "ffdist runs" if parent == Path("runs") else f"ffdist runs {parent}"
+        listing = (f"`{command}` lists the runs there" if parent.is_dir()
+                   else f"{parent} does not exist either")
+        return f"{run_dir} does not exist; give the folder of a training run ({listing})."
+    if not run_dir.is_dir():
+        return f"{run_dir} is a file; give the folder of a training run (runs/<name>)."
+    return (f"{run_dir}: no recipe.yaml there; give the directory of a training run "
+            "(runs/<name>).")
 
 
 def run_weights(rcp: Recipe, path: str | Path, weights: str | None = None

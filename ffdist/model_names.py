@@ -1,6 +1,8 @@
 """`ffdist models [TEXT]`: the names `model.name` accepts, one a line, in natural order
 (resnet18, resnet34, resnet50, resnet101): ffdist's own small models and every torchvision
 classification model; `timm/<name>` for timm's (with the extra installed).
+`ffdist models --blocks NAME`: the blocks ffdist finds in model NAME (FSDP's units, what
+activation checkpointing wraps), with their parameter counts (this one builds the model).
 
 Listing them imports neither torch nor torchvision (~5 s together): torchvision's
 classification builders are the functions decorated `@register_model(...)` in the modules
@@ -18,7 +20,7 @@ import re
 import sys
 from pathlib import Path
 
-OWN = ("lenet", "small_cnn")
+OWN = ("lenet", "small_cnn", "vit_tiny")
 """ffdist's own models (ffdist.models.OWN; a test keeps the two the same)."""
 _BUILDER = re.compile(r"^@register_model\(([^)]*)\)", re.M)
 _DEF = re.compile(r"^def (\w+)", re.M)
@@ -65,11 +67,33 @@ def build_parser() -> argparse.ArgumentParser:
                                        "in a recipe or as an override")
     p.add_argument("text", nargs="?", default="",
                    help="show only the names that contain this text (case-insensitive)")
+    p.add_argument("--blocks", metavar="NAME", default=None,
+                   help="list the blocks of model NAME (model.blocks; FSDP's units and "
+                        "activation checkpointing's regions)")
     return p
+
+
+def show_blocks(name: str) -> int:
+    from ffdist import models
+    from ffdist.recipe import ModelConfig
+
+    model = models.build(ModelConfig(name=name))
+    found = models.blocks(model)
+    if not found:
+        print(f"{name}: no blocks ffdist knows; name them with model.blocks=[...] (module names "
+              f"of the model; its top-level modules: "
+              f"{', '.join(n for n, _ in model.named_children())}).")
+        return 0
+    for block in found:
+        count = sum(p.numel() for p in model.get_submodule(block).parameters())
+        print(f"{block:<40} {count:>14,} parameters")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if args.blocks:
+        return show_blocks(args.blocks)
     names = [n for n in listed() if args.text.lower() in n.lower()]
     if not names:
         print(f"ffdist: no model name contains {args.text!r}; `ffdist models` lists them all.",

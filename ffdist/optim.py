@@ -57,21 +57,24 @@ def _impl_kwargs(device: torch.device) -> dict:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device, *,
-                    skips_on_device: bool = True) -> torch.optim.Optimizer:
+                    skips_on_device: bool = True, sharded: bool = False) -> torch.optim.Optimizer:
     """The recipe's optimizer over the trainable parameters, fused where torch has the kernel.
 
-    `skips_on_device` (single device, DDP): SGD's momentum buffers are created now, so that
-    the fused kernel's found_inf skip is exact (see the module docstring). DeepSpeed passes
-    False: it skips on the host and re-partitions the param groups into flat shards, which
-    per-parameter buffers would only duplicate."""
+    `skips_on_device` (single device, DDP, FSDP): SGD's momentum buffers are created now, so
+    that the fused kernel's found_inf skip is exact (see the module docstring). DeepSpeed
+    passes False: it skips on the host and re-partitions the param groups into flat shards,
+    which per-parameter buffers would only duplicate. `sharded` (FSDP: DTensor parameters):
+    torch 2.14 has DTensor rules for the fused AdamW kernel but not for fused SGD, so SGD
+    is foreach there (its skip then decided on the host: step_unless)."""
     groups = param_groups(model, cfg.weight_decay)
     if not groups:
         from ffdist.errors import RecipeError
 
         raise RecipeError("model.freeze leaves no trainable parameter; freeze less.")
     if cfg.name == "sgd":
+        impl = {"foreach": True} if sharded else _impl_kwargs(device)
         opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
-                              nesterov=cfg.nesterov and cfg.momentum > 0, **_impl_kwargs(device))
+                              nesterov=cfg.nesterov and cfg.momentum > 0, **impl)
         if skips_on_device:
             init_momentum_buffers(opt)
         return opt
@@ -121,9 +124,11 @@ def total_steps(sched: ScheduleConfig, steps_per_epoch: int) -> int:
 
 
 def lr_at(step: int, base_lr: float, sched: ScheduleConfig, steps_per_epoch: int) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warmup, then the decay."""
+    """Learning rate for optimizer step `step` (0-based): linear warmup (schedule.warmup_steps,
+    or warmup_epochs of steps_per_epoch), then the decay. `base_lr`: the run's peak lr
+    (Resolved.lr: optim.lr, scaled when optim.lr_reference_batch says so)."""
     total = total_steps(sched, steps_per_epoch)
-    warmup = int(round(sched.warmup_epochs * steps_per_epoch))
+    warmup = sched.warmup_steps or int(round(sched.warmup_epochs * steps_per_epoch))
     if step < warmup:
         f = sched.warmup_start_factor
         return base_lr * (f + (1.0 - f) * step / warmup)

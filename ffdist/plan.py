@@ -9,10 +9,13 @@ parameter counts those of ffdist.assemble.build_model (model.freeze applied): th
 Model states (parameters, gradients, optimizer states) follow the ZeRO paper's accounting
 (Rajbhandari et al. 2020, section 3), per device: one row per memory model that a
 registered strategy declares (ffdist.strategies: `memory_rows`, `row_bytes`, `ema_bytes`),
-in registration order, which is the order of less memory: DDP (single device and DDP:
-fp32 weights, replicated; ffdist/strategies/single.py), then ZeRO-1, ZeRO-2, ZeRO-3
-(optimizer states, then gradients, then parameters sharded over the ranks;
-ffdist/strategies/deepspeed.py). The recipe is judged on its own strategy's row.
+in registration order: DDP (single device and DDP: fp32 weights, replicated;
+ffdist/strategies/single.py), then ZeRO-1, ZeRO-2, ZeRO-3 (optimizer states, then
+gradients, then parameters sharded over the ranks; ffdist/strategies/deepspeed.py), then
+FSDP (fp32 parameters, gradients and optimizer states sharded, plus the root's and the
+largest block's parameters gathered in the compute dtype; ffdist/strategies/fsdp.py). The
+recipe is judged on its own strategy's row; one that does not fit is told, for each
+other strategy after its own, the first of its rows that fits.
 
 Activations are MEASURED, not guessed: forward/backward of real batches of 2 and 4 on the
 CPU (at the resolved image size, under autocast with the resolved precision), summing the
@@ -20,7 +23,11 @@ bytes of every tensor autograd saves for backward (saved_tensors_hooks, each sto
 parameters excluded); the difference per sample is scaled linearly to the per-device micro
 batch. Real tensors (not the meta device) because storages can be deduplicated only when
 they exist (in-place ReLU and views share them); batches of 2+ because BatchNorm in
-training mode needs more than one sample.
+training mode needs more than one sample. The model is measured as it trains: with
+model.activation_checkpointing applied (ffdist.assemble.prepare_blocks), a checkpointed
+block saves only its input (and, selective, its matmul/conv outputs), and the hooks see
+exactly that. (Its recompute in backward briefly holds one block's activations again:
+not counted.)
 """
 
 from __future__ import annotations
@@ -146,19 +153,25 @@ class MemoryEstimate:
     per_sample: int
 
 
-def estimate(rcp: Recipe, model: nn.Module, resolved: Resolved) -> MemoryEstimate:
-    """Model states of every strategy's rows and measured activations, per device."""
+def estimate(rcp: Recipe, model: nn.Module, resolved: Resolved,
+             blocks: list[str] | None = None) -> MemoryEstimate:
+    """Model states of every strategy's rows and measured activations, per device.
+    `blocks`: the model's blocks (ffdist.assemble.prepare_blocks), for the rows of a
+    strategy that gathers one block at a time."""
     from ffdist import strategies
     from ffdist.assemble import param_counts
 
     n, t = param_counts(model)
+    block_params = tuple(sum(p.numel() for p in model.get_submodule(b).parameters())
+                         for b in blocks or [])
     world, micro, precision = resolved.plan.world_size, resolved.plan.micro, resolved.precision
     per_sample = activation_bytes_per_sample(model, rcp.model.in_channels, resolved.image_size,
                                              precision)
     acts = per_sample * micro
     rows = {}
     for name, strategy in strategies.memory_rows().items():
-        r = rows[name] = strategy.row_bytes(name, n, t, rcp, resolved)
+        by_block = {"block_params": block_params} if strategy.uses_blocks else {}
+        r = rows[name] = strategy.row_bytes(name, n, t, rcp, resolved, **by_block)
         r["activations"] = acts
         r["ema"] = strategy.ema_bytes(n, t, world) if rcp.optim.ema_decay > 0 else 0
         r["total"] += acts + r["ema"]
@@ -168,9 +181,10 @@ def estimate(rcp: Recipe, model: nn.Module, resolved: Resolved) -> MemoryEstimat
 def recommend(est: MemoryEstimate, gpu_mem: int | None, per_rank: int, micro: int,
               row: str = "DDP") -> str:
     """Judge the recipe's own strategy (`row` of est.rows) and its own micro batch x
-    accumulation against the GPU: what to change if it does not fit (the first row after
-    `row` that fits: rows come in the order of less memory, never one before the recipe's),
-    and whether a larger micro batch (less accumulation) would also fit when it does."""
+    accumulation against the GPU: what to change if it does not fit (for each strategy, the
+    first of its rows after `row` that fits: within a strategy rows come in the order of
+    less memory, and never one before the recipe's), and whether a larger micro batch (less
+    accumulation) would also fit when it does."""
     need, accum = est.rows[row]["total"], per_rank // micro
     recipe_batch = f"micro batch {micro} x {accum} accumulation"
     if gpu_mem is None:
@@ -193,11 +207,14 @@ def recommend(est: MemoryEstimate, gpu_mem: int | None, per_rank: int, micro: in
                     f"gives {per_rank // m} accumulation step(s) instead of {accum} (the same "
                     f"global batch and schedule, fewer and larger steps).{also}")
         return f"{head}: it fits (under {USABLE:.0%} of the memory); no change needed.{also}"
-    fixes, names = [], list(est.rows)
-    for name in names[names.index(row) + 1:]:
-        if est.rows[name]["total"] <= budget:
+    from ffdist.strategies import memory_rows
+
+    fixes, names, owner = [], list(est.rows), memory_rows()
+    tried: set = set()
+    for name in names[names.index(row) + 1:]:  # each other strategy's first row that fits
+        if owner.get(name) not in tried and est.rows[name]["total"] <= budget:
             fixes.append(switch.get(name, name))
-            break
+            tried.add(owner.get(name))
     smaller = [m for m in fits if m < micro]
     if smaller:
         fixes.append(f"data.micro_batch_size={smaller[0]} (gradient accumulation "
@@ -245,21 +262,23 @@ def facts(rcp: Recipe, args: argparse.Namespace) -> dict[str, Any]:
     progress(f"{rcp.name}: building {rcp.model.name} for {world} device(s) ...")
     model = assemble.build_model(rcp, load_weights=False)  # model.freeze applied
     preflight.check_sizes(model, rcp, resolved)  # before measuring activations at that size
+    blocks = assemble.prepare_blocks(model, rcp)  # activation checkpointing as in training
     n, t = assemble.param_counts(model)
     size = resolved.image_size
     progress(f"measuring {rcp.model.name} activations at {size}x{size} ({resolved.precision}, "
              "forward+backward of batches of 2 and 4 on the CPU) ...")
-    est = estimate(rcp, model, resolved)
+    est = estimate(rcp, model, resolved, blocks)
     gpu_mem = parse_size(args.gpu_mem) if args.gpu_mem else (min(sizes) if sizes else None)
     source = "--gpu-mem" if args.gpu_mem else f"NVML, smallest of {len(sizes or [])} GPU(s)"
     p = resolved.plan
     return {
         "recipe": rcp.name, "model": rcp.model.name, "in_channels": rcp.model.in_channels,
         "num_classes": rcp.model.num_classes, "data": rcp.data.name, "optimizer": rcp.optim.name,
-        "lr": rcp.optim.lr, "epochs": rcp.schedule.epochs, "scheduler": rcp.schedule.scheduler,
+        "epochs": rcp.schedule.epochs, "scheduler": rcp.schedule.scheduler,
         "recipe_precision": rcp.precision, "launcher_precision": launcher,
         "world_source": why, **resolved.to_dict(), "params": n, "trainable_params": t,
         "activations_per_sample": est.per_sample, "activations": est.activations,
+        "activation_checkpointing": rcp.model.activation_checkpointing, "blocks": len(blocks),
         "gpu_mem": gpu_mem, "gpu_mem_source": source if gpu_mem else None,
         "regularization": regularization(rcp, resolved.image_size), "ema": rcp.optim.ema_decay > 0,
         "rows": est.rows, "judged_row": recipe_row(rcp, resolved),
@@ -294,7 +313,8 @@ def report(f: dict[str, Any]) -> str:
         f"parameters {f['params']:,} total, {f['trainable_params']:,} trainable",
         f"regularize {f['regularization']}",
         f"activations measured: {gib(f['activations_per_sample'])}/sample x {f['micro']} = "
-        f"{gib(f['activations'])} per device",
+        f"{gib(f['activations'])} per device (activation checkpointing "
+        f"{f['activation_checkpointing']}, {f['blocks']} blocks)",
         f"GPU memory {gpu}",
         "",
         f"{'per device':<10} {'params':>11} {'grads':>11} {'optimizer':>11} {'activations':>12} "
@@ -331,7 +351,9 @@ def main(argv: list[str] | None = None) -> int:
     import time
 
     started = time.perf_counter()
-    rcp = recipe_load.load(args.recipe, args.overrides)
+    from ffdist import assemble
+
+    rcp = assemble.settle(recipe_load.load(args.recipe, args.overrides))  # model.* = auto
     found = facts(rcp, args)
     progress(f"done in {time.perf_counter() - started:.1f} s")
     print(json.dumps(found, indent=1) if args.json else report(found))

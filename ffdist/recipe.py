@@ -23,6 +23,12 @@ SECTIONS = (
     "model", "data", "optim", "schedule", "strategy", "launch", "checkpoint", "log",
 )
 AUTO_AUGMENT = ("ra", "ta_wide", "augmix", "imagenet", "cifar10", "svhn")
+AC_MODES = ("none", "blocks", "every_n", "selective")
+
+AUTO = "auto"
+"""The value of keys whose number is decided from the data or the machine."""
+MAX_CLASSES = 1_000_000
+MAX_THREADS = 4096
 
 
 class Invalid(ValueError):
@@ -85,12 +91,16 @@ class ModelConfig:
     name: str = "small_cnn"
     """Registry name: a torchvision classification model (resnet50, vit_b_16, ...) or ours
     (lenet, small_cnn). `ffdist.models.available()` lists them."""
-    num_classes: int = 10
-    """Output classes; must match the dataset."""
+    num_classes: int | str = 10
+    """Output classes; must match the dataset. auto: the data's own count (its class
+    folders, or the dataset's fixed classes), written as a number into the run's
+    recipe.yaml."""
     in_channels: int = 3
     """Input channels (1 for grey digits/MNIST); torchvision stems are rebuilt for != 3."""
-    cifar_stem: bool = False
-    """ResNets only: 3x3 stride-1 conv1 and no max-pool, for 32x32 images."""
+    cifar_stem: bool | str = False
+    """ResNets only: 3x3 stride-1 conv1 and no max-pool, for 32x32 images. auto: on for a
+    ResNet trained on images of at most 64 px (ffdist.assemble.settle), written as true or
+    false into the run's recipe.yaml."""
     pretrained: str | None = None
     """null, 'true' (torchvision's weights, needs a network) or a path to a local .pt/.pth
     (ffdist checkpoint: its raw weights, of a best.pt the ones it was picked by; model.pt;
@@ -114,10 +124,28 @@ class ModelConfig:
     from 0 over depth (torchvision's stochastic_depth_prob for convnext, efficientnet, swin,
     maxvit; timm's drop_path_rate; ResNets: a drop-path on each residual branch). null:
     the architecture's own default (0.1 for convnext_tiny, none for ResNets)."""
+    blocks: list[str] = field(default_factory=list)
+    """The model's blocks, by module name (e.g. [layer1, layer2, layer3, layer4]): the units
+    strategy.name=fsdp shards and model.activation_checkpointing wraps. []: found by the
+    model's family (ResNet stages layer1..4, torchvision ViT encoder layers, the children
+    of `features` for ConvNeXt/EfficientNet/Swin, timm's `blocks` or `stages`, vit_tiny's
+    blocks); `ffdist models --blocks NAME` lists them."""
+    activation_checkpointing: str = "none"
+    """Recompute activations in backward instead of keeping them (any strategy): none |
+    blocks (every block) | every_n (every model.activation_checkpointing_every-th block) |
+    selective (every block, but the outputs of matmuls and convolutions are kept and only
+    the cheap ops between them are recomputed). The gradients are the same; the memory of
+    the activations of a checkpointed block is traded for a second forward of it."""
+    activation_checkpointing_every: int = 2
+    """With activation_checkpointing=every_n: checkpoint blocks N, 2N, ... (1-based)."""
 
     def __post_init__(self) -> None:
-        _check(self.num_classes >= 2, "model.num_classes", self.num_classes,
-               "a classifier needs at least 2 classes")
+        _check(self.num_classes == AUTO or (isinstance(self.num_classes, int)
+                                            and 2 <= self.num_classes <= MAX_CLASSES),
+               "model.num_classes", self.num_classes,
+               f"use auto (the data's classes) or a count from 2 to {MAX_CLASSES}")
+        _check(isinstance(self.cifar_stem, bool) or self.cifar_stem == AUTO,
+               "model.cifar_stem", self.cifar_stem, "use true, false or auto")
         _check(self.in_channels >= 1, "model.in_channels", self.in_channels, "use 1 or 3")
         _check(self.pool in ("avg", "gem"), "model.pool", self.pool, "use avg or gem")
         _check(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "use 0 <= p < 1")
@@ -125,6 +153,12 @@ class ModelConfig:
                "model.drop_path_rate", self.drop_path_rate, "use 0 <= p < 1 or null")
         _check(not self.name.startswith("timm/") or len(self.name) > 5, "model.name", self.name,
                "name a timm architecture after the prefix, e.g. timm/resnet50")
+        _check(self.activation_checkpointing in AC_MODES, "model.activation_checkpointing",
+               self.activation_checkpointing, f"use {', '.join(AC_MODES)}")
+        _check(self.activation_checkpointing_every >= 1, "model.activation_checkpointing_every",
+               self.activation_checkpointing_every, "use 1 or more")
+        _check(len(set(self.blocks)) == len(self.blocks) and all(self.blocks), "model.blocks",
+               self.blocks, "list each module name once, e.g. [layer1, layer2]")
 
 
 @dataclass
@@ -134,7 +168,8 @@ class DataConfig:
     synthetic."""
     root: str | None = None
     """Folder of the data: torchvision's files, or train/ and val/ class folders for
-    imagefolder, or the image root for filelist. Default: data/<name>."""
+    imagefolder (or only the class folders: see val_fraction), or the image root for
+    filelist. Default: data/<name>."""
     download: bool = False
     """Let torchvision download mnist/cifar into `root` (needs a network)."""
     batch_size: int = 64
@@ -146,8 +181,10 @@ class DataConfig:
     image_size: int | None = None
     """Side of the (square) training crop, at most 4096; default: 224 for folders, 32 for
     synthetic data. Datasets of their own size (digits, mnist, cifar) refuse it."""
-    num_workers: int = 0
-    """DataLoader worker processes per rank (0: load in the training process)."""
+    num_workers: int | str = 0
+    """DataLoader worker processes per rank (0: load in the training process). A number is
+    capped at the cores this process may use (one line says so); auto: none for data held
+    in memory, else the cores of this rank but one, at most 8 (ffdist.threads)."""
     prefetch_factor: int = 2
     """Batches each worker keeps ready (only with num_workers > 0)."""
     persistent_workers: bool = True
@@ -155,7 +192,9 @@ class DataConfig:
     augment: bool = True
     """Training augmentation of the dataset's preset (crop/flip); eval never augments."""
     val_fraction: float = 0.2
-    """digits/synthetic: fraction held out for validation (stratified for digits)."""
+    """digits/synthetic, and imagefolder with one folder of class sub-folders (no train/ and
+    val/): the fraction held out for validation (per class for digits and folders; a
+    folder's files are chosen by a hash of their names, the same in every run)."""
     train_list: str | None = None
     """filelist: text file of `relative/path<sep>label` lines for training."""
     val_list: str | None = None
@@ -249,7 +288,9 @@ class DataConfig:
                "data.micro_batch_size", self.micro_batch_size, "use a positive value or null")
         _check(self.eval_batch_size is None or self.eval_batch_size >= 1,
                "data.eval_batch_size", self.eval_batch_size, "use a positive value or null")
-        _check(self.num_workers >= 0, "data.num_workers", self.num_workers, "use 0 or more")
+        _check(self.num_workers == AUTO or (isinstance(self.num_workers, int)
+                                            and self.num_workers >= 0),
+               "data.num_workers", self.num_workers, "use auto, 0 or more")
         _check(self.prefetch_factor >= 1, "data.prefetch_factor", self.prefetch_factor,
                "use 1 or more (batches each loader worker keeps ready)")
         _check(bool(self.list_sep) and not any(c.isalnum() or c in "/\\.\r\n" for c in
@@ -318,7 +359,12 @@ class OptimConfig:
     name: str = "sgd"
     """sgd | adamw."""
     lr: float = 0.1
-    """Peak learning rate (after warmup), for the global batch."""
+    """Peak learning rate (after warmup), for the global batch (or, with
+    lr_reference_batch, for that batch)."""
+    lr_reference_batch: int | None = None
+    """The global batch optim.lr is given for; the run's lr is scaled to data.batch_size:
+    linearly for sgd (Goyal et al. 2017, "Accurate, Large Minibatch SGD"), by the square
+    root of the ratio for adamw. null: optim.lr is the run's lr as given."""
     momentum: float = 0.9
     """SGD momentum."""
     nesterov: bool = False
@@ -348,6 +394,9 @@ class OptimConfig:
     def __post_init__(self) -> None:
         _check(self.name in ("sgd", "adamw"), "optim.name", self.name, "use sgd or adamw")
         _check(self.lr > 0, "optim.lr", self.lr, "use a positive learning rate, e.g. 0.1")
+        _check(self.lr_reference_batch is None or self.lr_reference_batch >= 1,
+               "optim.lr_reference_batch", self.lr_reference_batch,
+               "use the global batch optim.lr was tuned for, e.g. 256, or null")
         _check(0.0 <= self.momentum < 1.0, "optim.momentum", self.momentum, "use 0 <= m < 1")
         _check(len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas), "optim.betas",
                self.betas, "give two values in [0, 1), e.g. [0.9,0.999]")
@@ -376,6 +425,9 @@ class ScheduleConfig:
     """cosine | step | multistep | constant, after linear warmup."""
     warmup_epochs: float = 0.0
     """Linear warmup from warmup_start_factor*lr to lr, in (fractional) epochs."""
+    warmup_steps: int = 0
+    """The same warmup in optimizer steps (for small datasets, where an epoch is a few
+    steps); set warmup_epochs or warmup_steps, not both."""
     warmup_start_factor: float = 0.1
     """Warmup starts at this fraction of lr."""
     step_size: int = 30
@@ -395,6 +447,10 @@ class ScheduleConfig:
     max_bad_steps in a row)."""
     max_bad_steps: int = 5
     """With nan_policy=skip: consecutive skipped steps before stopping."""
+    stop_if_not_learning: bool = False
+    """A run that is not learning (val top-1 at chance for two evaluations in a row, or the
+    training loss 10x its first logged value) is reported once, with its likely causes;
+    true: it then stops with exit 2 (the last checkpoint is kept). ffdist.not_learning."""
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "schedule.epochs", self.epochs, "train at least 1 epoch")
@@ -403,6 +459,10 @@ class ScheduleConfig:
         _check(self.scheduler in ("cosine", "step", "multistep", "constant"),
                "schedule.scheduler", self.scheduler, "use cosine, step, multistep or constant")
         _check(self.warmup_epochs >= 0, "schedule.warmup_epochs", self.warmup_epochs, "use 0 or more")
+        _check(self.warmup_steps >= 0, "schedule.warmup_steps", self.warmup_steps, "use 0 or more")
+        _check(not (self.warmup_steps and self.warmup_epochs), "schedule.warmup_steps",
+               self.warmup_steps, f"schedule.warmup_epochs={self.warmup_epochs} is set too; "
+               "give the warmup in steps or in epochs, and set the other to 0")
         _check(0.0 < self.warmup_start_factor <= 1.0, "schedule.warmup_start_factor",
                self.warmup_start_factor, "use a factor in (0, 1]")
         _check(self.step_size >= 1, "schedule.step_size", self.step_size, "use 1 or more")
@@ -423,8 +483,8 @@ class ScheduleConfig:
 @dataclass
 class StrategyConfig:
     name: str = "auto"
-    """auto (ddp when several processes, else single) | single | ddp | deepspeed, or another
-    registered strategy (ffdist.strategies.names(); an unknown name is refused when the
+    """auto (ddp when several processes, else single) | single | ddp | deepspeed | fsdp, or
+    another registered strategy (ffdist.strategies.names(); an unknown name is refused when the
     run is resolved)."""
     sync_bn: bool = False
     """DDP: convert BatchNorm to SyncBatchNorm (statistics over the global batch)."""
@@ -442,17 +502,30 @@ class StrategyConfig:
     deepspeed_config: str | None = None
     """deepspeed: JSON file with extra settings, merged onto the config derived from the
     recipe; contradicting the recipe is an error."""
+    reshard_after_forward: bool = True
+    """fsdp: free each block's gathered parameters after its forward and gather them again
+    for its backward (less memory, one more all-gather per block); false keeps them
+    between forward and backward (ZeRO-2-like traffic). The root's are always kept."""
+    fsdp_offload: bool = False
+    """fsdp: keep the sharded parameters, gradients and optimizer states in CPU memory
+    (torch's CPUOffloadPolicy; the optimizer steps on the CPU). GPUs only."""
+    fsdp_reduce_dtype: str = "fp32"
+    """fsdp with bf16/fp16: the dtype gradients are reduce-scattered in. fp32 (the safe
+    default: a sum over many ranks in bf16 loses low bits) | compute (the precision's own
+    dtype: half the traffic)."""
 
     def __post_init__(self) -> None:
         # the strategy registry (ffdist.strategies) decides which names exist
         _check(bool(re.fullmatch(r"[a-z][a-z0-9_]*", self.name)), "strategy.name", self.name,
-               "use auto, single, ddp or deepspeed")
+               "use auto, single, ddp, deepspeed or fsdp")
         _check(self.zero_stage in (0, 1, 2, 3), "strategy.zero_stage", self.zero_stage,
                "use 0, 1, 2 or 3")
         _check(not self.offload_params or self.zero_stage == 3, "strategy.offload_params",
                self.offload_params, "parameter offload needs strategy.zero_stage=3")
         _check(self.bucket_cap_mb >= 1, "strategy.bucket_cap_mb", self.bucket_cap_mb,
                "use 1 or more")
+        _check(self.fsdp_reduce_dtype in ("fp32", "compute"), "strategy.fsdp_reduce_dtype",
+               self.fsdp_reduce_dtype, "use fp32 or compute")
 
 
 @dataclass
@@ -476,15 +549,25 @@ class LaunchConfig:
     node_rank: int = 0
     """This node's rank (bare torchrun across nodes)."""
     rdzv_endpoint: str = "localhost:29500"
-    """host:port of the c10d rendezvous (the head node); port 1..65535."""
+    """host:port of the c10d rendezvous (the head node); port 1..65535; with nnodes > 1 an
+    address every node reaches (`ffdist launch` refuses a loopback one)."""
     rdzv_timeout: int = 900
-    """Seconds the rendezvous waits for all nodes."""
+    """Seconds ranks wait for each other at start: torchrun's rendezvous of the nodes, and
+    ffdist's own meeting of the ranks (all arrived, the same recipe, the run directory's
+    verdict, the shared output_dir), which says what it waits for while it waits and
+    ends with one sentence naming the rank that never came."""
     socket_ifname: str | None = None
     """Network interface for NCCL/gloo traffic (NCCL_SOCKET_IFNAME/GLOO_SOCKET_IFNAME)."""
     max_restarts: int = 0
     """torchrun restarts of all local workers after a failure."""
     pg_timeout: int = 1800
     """Seconds a collective may wait for a peer before the process group fails."""
+    threads: int | str = "auto"
+    """Intra-op CPU threads of each process (torch.set_num_threads). A number: exactly that.
+    auto: OMP_NUM_THREADS when it is set; else, on the CPU, the cores this process may use
+    (affinity, cgroup quota) shared by the ranks of the node and the loader workers, and no
+    more than the model's work per step keeps busy (docs/performance.md); on a GPU, the
+    cores per rank. The start line says what was chosen and why."""
 
     def __post_init__(self) -> None:
         _check(self.launcher in ("torchrun", "accelerate", "deepspeed", "slurm"),
@@ -506,7 +589,11 @@ class LaunchConfig:
                self.rdzv_endpoint, "use host:port with a port from 1 to 65535, e.g. "
                "launch.rdzv_endpoint=localhost:29500")
         _check(self.pg_timeout >= 1, "launch.pg_timeout", self.pg_timeout, "use 1 or more")
+        _check(self.rdzv_timeout >= 1, "launch.rdzv_timeout", self.rdzv_timeout, "use 1 or more")
         _check(self.max_restarts >= 0, "launch.max_restarts", self.max_restarts, "use 0 or more")
+        _check(self.threads == AUTO or (isinstance(self.threads, int)
+                                        and 1 <= self.threads <= MAX_THREADS),
+               "launch.threads", self.threads, f"use auto or a count from 1 to {MAX_THREADS}")
 
 
 @dataclass
@@ -644,7 +731,9 @@ class Recipe:
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.output_dir) if self.output_dir else Path("runs") / self.name
+        path = Path(self.output_dir) if self.output_dir else Path("runs") / self.name
+        # "." or "..": a folder with no name of its own here; its full path has one
+        return path.resolve() if path.name in ("", "..") else path
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -383,6 +383,8 @@ def _type_phrase(key: str, annotation: str) -> str:
                   "(one value alone is a one-element list)")
     elif len(parts) == 1 and parts[0] in _WORDS:
         phrase = _WORDS[parts[0]]
+    elif len(parts) == 2 and parts[1] == "str" and parts[0] in _WORDS:  # a value or auto
+        phrase = "true, false or auto" if parts[0] == "bool" else f"{_WORDS[parts[0]]} or auto"
     else:
         return "the type given in docs/recipe-reference.md"
     return phrase + (" or null" if nullable else "")

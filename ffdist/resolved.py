@@ -31,6 +31,23 @@ class BatchPlan:
     accum: int
 
 
+def scaled_lr(lr: float, reference_batch: int | None, global_batch: int,
+              optimizer: str) -> tuple[float, str]:
+    """(the run's peak lr, how it was derived). optim.lr is given for reference_batch and
+    scaled to the global batch: linearly for SGD (Goyal et al. 2017, "Accurate, Large
+    Minibatch SGD: Training ImageNet in 1 Hour": lr x k for a k-times larger batch), by
+    the square root of the ratio for Adam-family optimizers (their update is normalized
+    by the gradient's second moment, whose noise shrinks as 1/sqrt(batch); Malladi et al.
+    2022, "On the SDEs and Scaling Rules for Adaptive Gradient Algorithms")."""
+    if reference_batch is None or reference_batch == global_batch:
+        return lr, ""
+    ratio = global_batch / reference_batch
+    if optimizer == "sgd":
+        return lr * ratio, f"optim.lr {lr:g} x {global_batch}/{reference_batch} (linear)"
+    return lr * ratio ** 0.5, (f"optim.lr {lr:g} x sqrt({global_batch}/{reference_batch}) "
+                               f"({optimizer}: square root)")
+
+
 def plan_batches(global_batch: int, micro_batch: int | None, world_size: int) -> BatchPlan:
     """The batch arithmetic above; a run calls it once, through ffdist.assemble.resolve."""
     if global_batch % world_size:
@@ -64,6 +81,19 @@ class Resolved:
     """Where this process computes (decided by ffdist.dist; carried here for reports)."""
     eval_image_size: int
     """Side of the eval/predict/export images (data.eval_image_size, else image_size)."""
+    lr: float
+    """The peak learning rate: optim.lr, scaled from optim.lr_reference_batch to the global
+    batch when that is set (`lr_why` says how)."""
+    threads: int
+    """Intra-op CPU threads of this process (launch.threads; ffdist.threads)."""
+    workers: int
+    """DataLoader workers per rank (data.num_workers, capped at the cores; ffdist.threads)."""
+    lr_why: str = ""
+    """How lr was derived, for the start line: '' (as given) or 'lr 0.1 x 64/256 (linear)'."""
+    threads_why: str = ""
+    """The start line's words on threads: '2 threads (auto: 2 cores, 1 rank)'."""
+    workers_note: str | None = None
+    """One sentence when data.num_workers was capped at the cores (printed once)."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values, for `ffdist plan --json` and bench.json."""
@@ -72,4 +102,5 @@ class Resolved:
                 "per_rank": p.per_rank, "micro": p.micro, "accum": p.accum,
                 "precision": self.precision, "strategy": self.strategy,
                 "image_size": self.image_size, "eval_image_size": self.eval_image_size,
-                "device": self.device.type}
+                "device": self.device.type, "lr": self.lr, "threads": self.threads,
+                "workers": self.workers}

@@ -70,11 +70,20 @@ RULES: tuple[Rule, ...] = (
     Rule("model.compile_backend", True, False, "the same model, compiled"),
     Rule("model.channels_last", True, False, "memory layout only"),
     Rule("strategy.bucket_cap_mb", True, False, "DDP communication only"),
+    Rule("strategy.reshard_after_forward", True, False, "FSDP memory and traffic only"),
+    Rule("strategy.fsdp_offload", True, False, "where FSDP keeps its shards"),
+    Rule("model.activation_checkpointing", True, False, "recomputes the same activations"),
+    Rule("model.activation_checkpointing_every", True, False,
+         "recomputes the same activations"),
+    Rule("model.blocks", True, False, "FSDP's units and what is recomputed; the same "
+                                      "weights and gradients"),
     Rule("strategy.find_unused_parameters", True, False, "DDP bookkeeping only"),
     Rule("schedule.eval_every_epochs", True, False, "when to evaluate"),
     Rule("schedule.evaluate_before_train", True, False, "when to evaluate"),
     Rule("schedule.nan_policy", True, False, "what to do about a NaN loss"),
     Rule("schedule.max_bad_steps", True, False, "what to do about a NaN loss"),
+    Rule("schedule.stop_if_not_learning", True, False, "what to do about a run that does not "
+                                                   "learn"),
     # may change on resume, but make another result
     Rule("data.root", True, True, "the same data may have moved (e.g. to node-local disk)"),
     Rule("data.train_shards", True, True, "the same shards may have moved (to node-local disk, "
@@ -87,7 +96,11 @@ RULES: tuple[Rule, ...] = (
     Rule("schedule.max_steps", True, True, "the run's length"),
     Rule("optim.lr", True, True, "a lower lr after a divergence is the usual remedy; it "
                                  "applies from the resumed step on"),
+    Rule("optim.lr_reference_batch", True, True, "scales optim.lr: a change of lr, from the "
+                                                 "resumed step on"),
     Rule("optim.grad_clip", True, True, "a remedy after a divergence, from the resumed step on"),
+    Rule("strategy.fsdp_reduce_dtype", True, True, "the precision of FSDP's gradient "
+                                                   "reduction, from the resumed step on"),
     Rule("precision", True, True, "optimizer state is fp32 in every precision (e.g. resume a "
                                   "bf16 run on hardware without bf16)"),
     # define the run: fixed for its life
@@ -100,7 +113,7 @@ RULES: tuple[Rule, ...] = (
     Rule("schedule.*", False, True, "the shape of the learning-rate schedule"),
     Rule("strategy.name", False, False, "names that write the same checkpoint layout count as "
                                         "one value (auto, single and ddp: one file); "
-                                        "deepspeed's are ZeRO shards"),
+                                        "deepspeed's are ZeRO shards, fsdp's DCP shards"),
     Rule("strategy.sync_bn", False, True, "BatchNorm statistics"),
     Rule("strategy.*", False, True, "DeepSpeed's shard layout and settings"),
 )

@@ -10,6 +10,15 @@ by the server for every node (NFSv4, or v3 with lockd); when a node crashes, NFS
 its locks when the lease expires (about 90 s). File systems without locks (Lustre mounted
 without `-o flock`) get a warning and no lock.
 
+Claimed, not assumed: a run goes only into a folder that is new, empty, or an ffdist run
+(`check_owner`). A run marks its folder with MARKER (.ffdist-run: ffdist's version, when)
+when it starts writing; a folder written before the marker existed counts as a run when it
+holds ffdist's own files (`older_run`). Anything else is refused in one sentence naming a
+file there, before anything is written; so is a recipe that lies where the run writes.
+What ffdist itself may have put into a folder before the run (`.ffdist*`, its temp files,
+sbatch's slurm-*.out, bench.json), and empty files or folders where the run writes, do not
+make it someone else's.
+
 Never replaced (whatever state the checkpoints are in):
 - a finished run (its model.pt exists) is not trained again: the same recipe prints
   "nothing to do" (exit 0); a recipe that would make another result is refused, naming
@@ -22,8 +31,10 @@ Continuing an unfinished run follows ffdist.resume_rules.
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
+import re
 import socket
 import time
 from dataclasses import dataclass
@@ -41,6 +52,19 @@ if TYPE_CHECKING:  # torch is imported by train anyway; `lock` alone stays light
 
 log = logging.getLogger("ffdist")
 LOCK_FILE = ".ffdist.lock"
+MARKER = ".ffdist-run"
+RUN_FILES = ("recipe.yaml", "metrics.jsonl", "model.pt", "tb", "checkpoints", "csv", "profile",
+             "wandb", "mlflow-run.json", "wandb-run.json")
+"""What a run and its log sinks write into its folder (and would replace)."""
+ATOMIC_FILES = re.compile(r"recipe\.yaml|model\.pt|\.ffdist-run")
+"""What ffdist writes into a run folder through checkpoint.atomic_write."""
+WRITE_TEST = re.compile(r"\.write_test\.\d+")
+OLD_BEST_COPY = ".best.pt.tmp"
+"""checkpoints/: the temp name of best.pt's copy before best.pt went through atomic_write
+(a run started by an earlier ffdist may hold one)."""
+FFDIST_BEFORE_RUN = re.compile(r"\.ffdist.*|slurm-\d+\.out|bench\.json")
+"""What ffdist (its lock, checks, sbatch's log, `ffdist bench`) may put into an output_dir
+before a run starts there: it does not make the folder someone else's."""
 LOCK_WAIT_S = 2.0
 """A holder in its last moments (flushing TensorBoard, exiting) gets this long to let go."""
 NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
@@ -164,27 +188,141 @@ def _read_holder(fd: int) -> str:
     return text or "a process that has not written its name yet"
 
 
-def claim(run_dir: Path, info: Any) -> RunLock:
-    """The primary rank checks that the run directory takes files and takes its lock;
-    every rank learns the verdict, so that all of them stop with the same sentence (none is
-    left waiting in a collective for a peer that gave up)."""
+def claim(run_dir: Path, info: Any, recipe_path: str | Path | None = None,
+          recipe_yaml: str | None = None) -> RunLock:
+    """The primary rank checks that the run directory is new, empty or an ffdist run, that
+    the recipe (at recipe_path; the run would write recipe_yaml) is not replaced by the
+    run, that it takes files, and takes its lock; every rank learns the verdict
+    (ffdist.dist.decide: a deadline, no collective), so that all of them stop with the same
+    sentence."""
     from ffdist import dist
 
     held, refusal = RunLock(Path(run_dir) / LOCK_FILE, None), None
     if info.is_primary:
         run_dir = Path(run_dir)
-        new = tuple(d for d in (run_dir, run_dir / "checkpoints") if not d.exists())
         try:
+            check_owner(run_dir, recipe_path, recipe_yaml)
+            new = tuple(d for d in (run_dir, run_dir / "checkpoints") if not d.exists())
             check_writable(run_dir)
             held = lock(run_dir)
             held.created = new
         except CheckpointError as e:
             refusal = str(e)
-    if info.world_size > 1:
-        refusal = dist.broadcast_object(refusal)
+    refusal = dist.decide("run-dir", refusal, lambda verdicts: verdicts[0],
+                          "the run directory check")
     if refusal:
         raise RunRefused(refusal)
     return held
+
+
+# ----------------------------------------------------------------------------- ownership rule
+
+def check_owner(run_dir: Path, recipe_path: str | Path | None = None,
+                recipe_yaml: str | None = None) -> None:
+    """Refuse (one sentence, naming a file) a folder that is neither new, nor empty, nor an
+    ffdist run, and a recipe that the run would replace; before anything is written."""
+    if recipe_path is not None:
+        _check_recipe_outside(run_dir, Path(recipe_path), recipe_yaml)
+    if not _exists(run_dir):
+        return
+    if not run_dir.is_dir():
+        raise RunRefused(f"output_dir={run_dir} is a file, not a folder; choose another "
+                         "output_dir (or name).")
+    if (run_dir / MARKER).is_file():
+        return
+    foreign = sorted(p.name for p in run_dir.iterdir() if not _ffdist_before_run(p)
+                     and not _empty_run_file(p))
+    if not foreign or older_run(run_dir):
+        return
+    replaced = [n for n in RUN_FILES if n in foreign]
+    named = replaced[0] if replaced else foreign[0]
+    what = " (which a run would replace)" if replaced else ""
+    more = len(foreign) - 1
+    others = f" and {more} other entr{'y' if more == 1 else 'ies'}" if more else ""
+    raise RunRefused(
+        f"output_dir={run_dir} is not an ffdist run folder: it holds {run_dir / named}{what}"
+        f"{others}; ffdist trains only into a new or empty folder or into its own run: "
+        f"choose another: output_dir={resume_rules.next_run_dir(run_dir)}.")
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError as e:  # ENAMETOOLONG and the like: Path.exists() lets them through
+        raise RunRefused(_path_error(path, e)) from None
+
+
+def _path_error(run_dir: Path, e: OSError) -> str:
+    shown = str(run_dir) if len(str(run_dir)) <= 80 else str(run_dir)[:77] + "..."
+    if e.errno == errno.ENAMETOOLONG:
+        return (f"output_dir={shown} is a longer name than the file system takes (a folder "
+                "name at most 255 bytes); choose a shorter output_dir (or name).")
+    return (f"output_dir={shown} cannot be used ({e.strerror}); choose another output_dir "
+            "(or name).")
+
+
+def _ffdist_before_run(p: Path) -> bool:
+    from ffdist.checkpoint import is_temp_of
+
+    return bool(FFDIST_BEFORE_RUN.fullmatch(p.name) or WRITE_TEST.fullmatch(p.name)
+                or is_temp_of(p.name, ATOMIC_FILES))
+
+
+def _empty_run_file(p: Path) -> bool:
+    """An empty file or folder where a run writes: nothing to lose (a start killed before
+    it wrote anything left it)."""
+    if p.name not in RUN_FILES:
+        return False
+    try:
+        return not any(p.iterdir()) if p.is_dir() else p.stat().st_size == 0
+    except OSError:
+        return False
+
+
+def older_run(run_dir: Path) -> bool:
+    """A run written before the marker existed: its checkpoints/ holds a checkpoint under
+    ffdist's names, or it holds ffdist's complete recipe.yaml with model.pt or a
+    metrics.jsonl of ffdist's records. (A checkpoint that only has the name is refused
+    later, when it is read, before anything is written.)"""
+    from ffdist.checkpoint import CHECKPOINT_FILES
+
+    ckpts = run_dir / "checkpoints"
+    if ckpts.is_dir() and any(CHECKPOINT_FILES.fullmatch(p.name) or re.fullmatch(
+            r"step_\d{8}", p.name) for p in ckpts.iterdir()):
+        return True
+    saved = _saved_recipe_file(run_dir)
+    if saved is None or not set(Recipe.__dataclass_fields__) <= set(saved):
+        return False
+    return (run_dir / "model.pt").is_file() or _ffdist_metrics(run_dir / "metrics.jsonl")
+
+
+def _ffdist_metrics(path: Path) -> bool:
+    try:
+        with open(path) as f:
+            first = json.loads(f.readline(1 << 16))
+    except (OSError, ValueError):
+        return False
+    return isinstance(first, dict) and "step" in first and ("split" in first or "event" in first)
+
+
+def _check_recipe_outside(run_dir: Path, recipe: Path, recipe_yaml: str | None) -> None:
+    """The recipe being trained is never replaced by the run: it may not lie where the run
+    writes, except a run's own recipe.yaml trained again as it is (`begin` leaves a
+    recipe.yaml that already holds what it would write untouched)."""
+    try:
+        where = recipe.resolve()
+        folder = run_dir.resolve()
+        if where == folder / "recipe.yaml" and recipe.read_text() == recipe_yaml:
+            return
+    except (OSError, UnicodeDecodeError):
+        return  # a path the run cannot read: the recipe loader or the other checks say so
+    written = [folder / n for n in RUN_FILES]
+    if not any(where == w or where.is_relative_to(w) for w in written):
+        return
+    raise RunRefused(
+        f"the recipe {recipe} lies where this run writes (output_dir={run_dir}), and would "
+        "be replaced by the run's own copy; train a copy of it kept elsewhere, or give the "
+        f"run another folder: output_dir={resume_rules.next_run_dir(run_dir)}.")
 
 
 # ----------------------------------------------------------------------------- contents
@@ -197,18 +335,30 @@ def holds_run(run_dir: Path) -> bool:
 
 def check_writable(run_dir: Path) -> None:
     """The run directory and its checkpoints/ folder take files (found now, not after the
-    first epoch, when the first checkpoint is written)."""
+    first epoch, when the first checkpoint is written). The probe file never stays, not
+    even when writing it fails (a full disk)."""
     for folder in (run_dir, run_dir / "checkpoints"):
+        probe = folder / f".write_test.{os.getpid()}"
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            probe = folder / f".write_test.{os.getpid()}"
-            probe.write_text("ok")
-            probe.unlink()
+            try:
+                probe.write_text("ok")
+            finally:
+                probe.unlink(missing_ok=True)
         except OSError as e:
-            what = "" if folder == run_dir else f": its {folder.name}/ folder"
-            raise CheckpointError(f"output_dir={run_dir}{what} is not writable ({e.strerror}); "
-                                  "set output_dir=PATH to a folder you can write, or fix its "
-                                  "permissions.") from None
+            raise CheckpointError(_unwritable(run_dir, folder, e)) from None
+
+
+def _unwritable(run_dir: Path, folder: Path, e: OSError) -> str:
+    if e.errno == errno.ENAMETOOLONG:
+        return _path_error(run_dir, e)
+    what = "" if folder == run_dir else f": its {folder.name}/ folder"
+    blocker = next((p for p in (folder, *folder.parents) if p.is_file()), None)
+    if blocker is not None:  # a file where a folder must go
+        why = "it is a file" if blocker == folder else f"{blocker} is a file, not a folder"
+        return f"output_dir={run_dir}{what} is not writable ({why}); choose another output_dir."
+    return (f"output_dir={run_dir}{what} is not writable ({e.strerror}); choose another "
+            "output_dir or fix its permissions.")
 
 
 @dataclass
@@ -314,7 +464,35 @@ def check_progress(recipe: Recipe, state: Checkpoint | None, total_steps: int) -
             "or schedule.max_steps to extend it.")
 
 
-def write_recipe(recipe: Recipe) -> None:
+def begin(recipe: Recipe) -> None:
+    """The run starts writing (primary rank, after every refusal): the folder's marker
+    (kept from the first start), what killed starts left (ffdist's temp files only), and
+    recipe.yaml."""
+    from ffdist import __version__
     from ffdist.checkpoint import save_text
 
-    save_text(recipe.run_dir / "recipe.yaml", recipe.to_yaml())
+    run_dir = recipe.run_dir
+    if not (run_dir / MARKER).is_file():
+        save_text(run_dir / MARKER, json.dumps({
+            "ffdist": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
+    remove_leftovers(run_dir)
+    text, path = recipe.to_yaml(), run_dir / "recipe.yaml"
+    if not (path.is_file() and path.read_text() == text):  # (the recipe trained, maybe)
+        save_text(path, text)
+
+
+def remove_leftovers(run_dir: Path) -> list[Path]:
+    """Delete the temp files of writes that never finished (a kill, a full disk): in the
+    run folder and checkpoints/, the names ffdist's own writes use, nothing else."""
+    from ffdist.checkpoint import CHECKPOINT_FILES, is_temp_of
+
+    removed = []
+    for folder, targets in ((run_dir, ATOMIC_FILES), (run_dir / "checkpoints", CHECKPOINT_FILES)):
+        if not folder.is_dir():
+            continue
+        for p in folder.iterdir():
+            if (is_temp_of(p.name, targets) or WRITE_TEST.fullmatch(p.name)
+                    or (folder.name == "checkpoints" and p.name == OLD_BEST_COPY)) and p.is_file():
+                p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed

@@ -41,8 +41,10 @@ from ffdist.errors import EXIT_PREEMPTED
 log = logging.getLogger("ffdist")
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
-__all__ = ["EXIT_ABORTED", "EXIT_PREEMPTED", "SIGNALS", "install", "uninstall"]
+__all__ = ["EXIT_ABORTED", "EXIT_PREEMPTED", "SIGNALS", "install", "owns_process",
+           "run_finished", "uninstall"]
 _previous: dict[int, Any] = {}
+_state = {"owner": False, "finished": False}
 REPEAT_GRACE_S = 10.0
 DUPLICATE_S = 0.5
 EXIT_ABORTED = 128 + signal.SIGINT  # 130, what a shell reports for a process ended by Ctrl-C
@@ -73,8 +75,11 @@ def install(trainer: Any) -> None:
     only)."""
 
     first: list[float] = []
+    _state["finished"] = False
 
     def handler(signum: int, frame: object) -> None:
+        if _state["finished"]:
+            return  # nothing left to stop: the run ends as it would have
         if first:  # (a Ctrl-C before does not count: SIGTERM after it still checkpoints)
             if time.monotonic() - first[0] < REPEAT_GRACE_S:
                 return  # the same request, delivered twice
@@ -90,6 +95,8 @@ def install(trainer: Any) -> None:
     pressed: list[float] = []
 
     def on_sigint(signum: int, frame: object) -> None:
+        if _state["finished"]:
+            return
         now = time.monotonic()
         if pressed and now - pressed[0] < DUPLICATE_S:
             return  # the same press, delivered twice
@@ -111,8 +118,24 @@ def install(trainer: Any) -> None:
     signal.signal(signal.SIGINT, on_sigint)
 
 
+def owns_process() -> None:
+    """Called by the entry points whose process ends when the command does (`ffdist ...`,
+    `python -m ffdist.train`): see `uninstall`."""
+    _state["owner"] = True
+
+
+def run_finished() -> None:
+    """Training is over (model.pt and the logs are what remains to write, then teardown):
+    a stop request or Ctrl-C has nothing left to stop, and is ignored without a word, so
+    that a finished run exits 0 whatever a scheduler sends it while it tears down."""
+    _state["finished"] = True
+
+
 def uninstall() -> None:
-    """Put back the handlers that were there before `install` (for in-process callers)."""
+    """Put back the handlers that were there before `install` (for in-process callers).
+    A process that only exits after a finished run ignores these signals instead: the
+    default action would end it by the signal (exit 143) with everything already written."""
+    ignore = _state["finished"] and _state["owner"]
     while _previous:
         sig, old = _previous.popitem()
-        signal.signal(sig, old if old is not None else signal.SIG_DFL)
+        signal.signal(sig, signal.SIG_IGN if ignore else old if old is not None else signal.SIG_DFL)

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from ffdist.dist import DistInfo
     from ffdist.engine import Trainer
     from ffdist.recipe import Recipe
+    from ffdist.resolved import Resolved
 
 USAGE = "usage: python -m ffdist.train RECIPE.yaml [key=value ...]"
 HELP = f"""{USAGE}
@@ -46,17 +47,21 @@ def run(recipe_path: str | None, overrides: list[str]) -> dict:
     rcp = recipe_load.load(recipe_path, overrides)  # before importing torch: recipe errors are fast
     check_present(rcp.data, recipe_path)  # absent data: before any process group or run dir
     sinks.check(rcp.log)  # unknown log.sinks: likewise
+    from ffdist import assemble
 
-    from ffdist import dist, signals, startup
+    rcp = assemble.settle(rcp)  # model.num_classes / cifar_stem = auto: values, from the data
+
+    from ffdist import dist, same_recipe, signals, startup
 
     info = dist.init(rcp.launch)  # device checks (launch.device/gpus), then the group
     trainer, owner = None, None
     try:
+        same_recipe.check(rcp)  # every rank the same recipe: before any collective
         from ffdist import run_dir, summary
         from ffdist.monitor import setup_logging
 
         setup_logging(info.is_primary)
-        owner = run_dir.claim(rcp.run_dir, info)  # writable, and ours alone for the run's life
+        owner = run_dir.claim(rcp.run_dir, info, recipe_path, rcp.to_yaml())  # ours alone
         trainer, start = build(rcp, info)
         if trainer is None:
             if info.is_primary:
@@ -72,6 +77,7 @@ def run(recipe_path: str | None, overrides: list[str]) -> dict:
             if trainer.profiler is not None:  # the run ended inside the window
                 trainer.profiler.finish(trainer.progress.step)
             if not result.get("stopped"):
+                signals.run_finished()  # a signal from here on has nothing to stop: exit 0
                 finish(trainer, result)
         except BaseException:
             trainer.monitor.close("failed")  # trackers mark the run failed; files flushed
@@ -144,12 +150,21 @@ def build(rcp: Recipe, info: DistInfo) -> tuple[Trainer | None, run_dir.Start]:
         trainer.restore(state)
         monitor.info("resumed from step %d (epoch %d)", state.step, state.epoch)
     if info.is_primary:
-        run_dir.write_recipe(rcp)
-        p = resolved.plan
-        monitor.info("%s: %s on %s x%d (%s), batch %d = %d/rank x %d accum, %s", rcp.name,
-                     rcp.model.name, info.device.type, info.world_size, resolved.strategy,
-                     p.global_batch, p.micro, p.accum, resolved.precision)
+        run_dir.begin(rcp)  # the marker, leftovers of killed starts gone, recipe.yaml
+        monitor.info("%s", start_line(rcp, resolved))
+        if resolved.workers_note:
+            monitor.info("%s", resolved.workers_note)
     return trainer, start
+
+
+def start_line(rcp: Recipe, resolved: Resolved) -> str:
+    """What this run is and how it runs, in one line: 'digits: model small_cnn on cpu x1
+    (single), batch 64 = 64/rank x 1 accum, bf16, lr 0.1, 1 thread (auto: ...)'."""
+    p = resolved.plan
+    lr = f"lr {resolved.lr:.4g}" + (f" = {resolved.lr_why}" if resolved.lr_why else "")
+    return (f"{rcp.name}: model {rcp.model.name} on {resolved.device.type} x{p.world_size} "
+            f"({resolved.strategy}), batch {p.global_batch} = {p.micro}/rank x {p.accum} accum, "
+            f"{resolved.precision}, {lr}, {resolved.threads_why}")
 
 
 def finish(trainer: Trainer, end: dict) -> None:
@@ -179,7 +194,10 @@ def main(argv: list[str] | None = None) -> int:
     if recipe_path is None:
         print(USAGE, file=sys.stderr)
         return EXIT_USER_ERROR
-    from ffdist import startup
+    from ffdist import signals, startup
+
+    if argv is None:  # this process's own command line: it ends when the run does
+        signals.owns_process()
 
     startup.pause_gc()  # while torch & co load: ~0.6 s of full collections (ffdist.startup)
     try:

@@ -146,6 +146,31 @@ def refused(action: list[str] | Action, *untouched: Path, progress: str = "",
     return line
 
 
+def refused_together(action: list[str], *untouched: Path, cwd: Path | None = None,
+                     timeout: float = 120) -> list[str]:
+    """The contract of several mistakes found by the checks that run before training
+    (ffdist.errors.Refusals): exit 2, no traceback, nothing written, and ONE message on
+    stderr: "ffdist: error: N problems stop this run; fix each:" then one line per problem
+    ("  - ..."), N of them. The one exception to `refused`'s one sentence. Returns the
+    problems' lines."""
+    before = {p: state(p) for p in untouched}
+    proc = subprocess.run(action, cwd=cwd or REPO, env=env(), capture_output=True, text=True,
+                          timeout=timeout)
+    text = proc.stderr
+    assert proc.returncode == EXIT_USER_ERROR, f"exit {proc.returncode}\n{text[-3000:]}"
+    assert "Traceback" not in text + proc.stdout, text[-3000:]
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    head = lines[0]
+    assert head.startswith("ffdist: error: ") and head.endswith("problems stop this run; fix "
+                                                                   "each:"), text[-3000:]
+    count = int(head.split()[2])
+    problems = lines[1:]
+    assert len(problems) == count >= 2 and all(p.startswith("  - ") for p in problems), text
+    for path, was in before.items():
+        assert state(path) == was, f"a refused command changed {path}"
+    return [p[4:] for p in problems]
+
+
 # Overrides that make a digits run tiny and quiet for tests.
 FAST = ("log.tensorboard=false", "log.progress=false")
 

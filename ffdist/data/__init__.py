@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from ffdist.data import sources
 from ffdist.data.stream import DataSpec, EvalStream, StreamRequest, Streams, TrainStream
-from ffdist.errors import DataError
+from ffdist.errors import DataError, Problems
 from ffdist.resolved import BatchPlan
 
 if TYPE_CHECKING:
@@ -27,41 +27,63 @@ __all__ = ["DataSpec", "DevicePrefetcher", "EvalStream", "Streams", "TrainStream
 
 
 def build(recipe: Recipe, rank: int, plan: BatchPlan, device: torch.device, *,
-          pairs: bool) -> Streams:
+          pairs: bool, workers: int) -> Streams:
     """This rank's streams of the source data.name names, for the batch plan the run
     resolved (ffdist.assemble.resolve: the streams never recompute it). `pairs`: mixup/cutmix
-    is on and pairs must share a micro-batch (the caller decides: ffdist.assemble.build_data).
-    The source's spec is checked against the model's classes and channels."""
+    is on and pairs must share a micro-batch (the caller decides: ffdist.assemble.build_data);
+    `workers`: the DataLoader workers per rank it resolved.
+    The source's spec is checked against the model's classes and channels. What these
+    checks find (sizes, classes, the batch against the data, channels) is reported
+    together, one line per problem (errors.Refusals), not one per start."""
     if not isinstance(plan, BatchPlan):
         raise TypeError("ffdist.data.build takes the BatchPlan of ffdist.assemble.resolve() "
                         f"(resolved.plan), not {type(plan).__name__}")
     cfg = recipe.data
     source = sources.get(cfg.name)
-    source.check_sizes(cfg)
+    problems = Problems()
+    with problems.check():
+        source.check_sizes(cfg)
+    counted = source.class_count(cfg)  # before building: a batch error must not hide it
+    if counted is not None and counted != recipe.model.num_classes:
+        problems.add(_classes_error(cfg.name, recipe.model.num_classes, counted))
     eval_global = cfg.eval_batch_size or cfg.batch_size
     req = StreamRequest(plan, rank, recipe.seed, recipe.model.num_classes,
                         recipe.model.in_channels, pairs, eval_batch=max(1, eval_global //
                                                                         plan.world_size),
                         # pinned host memory only helps (and only works) with CUDA
-                        pin_memory=device.type == "cuda")
-    streams = source.build(cfg, req)
-    check_spec(streams.spec, cfg.name, recipe.model.num_classes, recipe.model.in_channels)
+                        pin_memory=device.type == "cuda", workers=workers)
+    streams = None
+    with problems.check():
+        streams = source.build(cfg, req)
+    if streams is not None:
+        for e in spec_problems(streams.spec, cfg.name, recipe.model.num_classes,
+                               recipe.model.in_channels):
+            problems.add(e)
+    problems.raise_any()
+    assert streams is not None
     return streams
 
 
-def check_spec(spec: DataSpec, name: str, num_classes: int, channels: int) -> None:
-    """The data and the model must agree on classes and channels."""
+def _classes_error(name: str, num_classes: int, count: int) -> DataError:
+    return DataError(f"model.num_classes={num_classes} but data.name={name} has {count} "
+                     f"classes; set model.num_classes={count} (or auto).")
+
+
+def spec_problems(spec: DataSpec, name: str, num_classes: int, channels: int) -> list[DataError]:
+    """Where the data and the model disagree: classes, channels."""
     if len(spec.classes) < 2:  # model.num_classes=1 is refused by the schema: say what is
-        raise DataError(f"data.name={name} has {len(spec.classes)} class(es) "
-                        f"({', '.join(spec.classes[:3]) or 'none'}); a classifier needs at least "
-                        "2: add the images of another class (imagefolder: another class "
-                        "folder under train/ and val/).")
+        return [DataError(f"data.name={name} has {len(spec.classes)} class(es) "
+                          f"({', '.join(spec.classes[:3]) or 'none'}); a classifier needs at "
+                          "least 2: add the images of another class (imagefolder: another "
+                          "class folder under train/ and val/).")]
+    found = []
     if len(spec.classes) != num_classes:
-        raise DataError(f"model.num_classes={num_classes} but data.name={name} has "
-                        f"{len(spec.classes)} classes; set model.num_classes={len(spec.classes)}.")
+        found.append(_classes_error(name, num_classes, len(spec.classes)))
     if spec.channels != channels:
-        raise DataError(f"model.in_channels={channels} but data.name={name} images have "
-                        f"{spec.channels} channel(s); set model.in_channels={spec.channels}.")
+        found.append(DataError(f"model.in_channels={channels} but data.name={name} images "
+                               f"have {spec.channels} channel(s); set "
+                               f"model.in_channels={spec.channels}."))
+    return found
 
 
 def __getattr__(name: str) -> Any:

@@ -178,14 +178,15 @@ class MapEvalStream:
         return len(self.loader)
 
 
-def _loader(ds: Dataset, sampler: Sampler, batch: int, cfg: DataConfig, pin: bool,
+def _loader(ds: Dataset, sampler: Sampler, batch: int, cfg: DataConfig, req: StreamRequest,
             drop_last: bool) -> DataLoader:
     extra = {}
-    if cfg.num_workers > 0:
+    if req.workers > 0:  # resolved from data.num_workers: never more than the cores
         extra = {"persistent_workers": cfg.persistent_workers,
                  "prefetch_factor": cfg.prefetch_factor}
-    return DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=cfg.num_workers,
-                      pin_memory=pin, drop_last=drop_last, collate_fn=collate, **extra)
+    return DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=req.workers,
+                      pin_memory=req.pin_memory, drop_last=drop_last, collate_fn=collate,
+                      **extra)
 
 
 def map_streams(data: MapData, cfg: DataConfig, req: StreamRequest) -> Streams:
@@ -193,8 +194,8 @@ def map_streams(data: MapData, cfg: DataConfig, req: StreamRequest) -> Streams:
     plan = req.plan
     sampler = TrainSampler(len(data.train), plan, req.rank, req.seed,  # type: ignore[arg-type]
                            repeats=cfg.repeated_augmentation, pairs=req.pairs)
-    train = _loader(data.train, sampler, plan.micro, cfg, req.pin_memory, drop_last=True)
+    train = _loader(data.train, sampler, plan.micro, cfg, req, drop_last=True)
     shard = ShardSampler(len(data.val), req.rank, req.world)  # type: ignore[arg-type]
-    val = _loader(data.val, shard, req.eval_batch, cfg, req.pin_memory, drop_last=False)
+    val = _loader(data.val, shard, req.eval_batch, cfg, req, drop_last=False)
     return Streams(MapTrainStream(data.train, data.spec, sampler, train),
                    MapEvalStream(data.val, val, data.spec))

@@ -93,6 +93,7 @@ class StreamRequest:
     pairs: bool              # mixup/cutmix pairs (see the module docstring)
     eval_batch: int          # this rank's eval batch
     pin_memory: bool = False  # CUDA: page-locked host batches for the async copy
+    workers: int = 0         # DataLoader workers (data.num_workers as resolved: ffdist.threads)
 
     @property
     def world(self) -> int:

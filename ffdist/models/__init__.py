@@ -1,5 +1,7 @@
-"""Model registry: every torchvision classification model by name, our small ones, and
-any timm architecture as `timm/<name>` (with timm installed)."""
+"""Model registry: every torchvision classification model by name, our small ones (lenet,
+small_cnn, vit_tiny), and any timm architecture as `timm/<name>` (with timm installed).
+A model's blocks (FSDP's units, activation checkpointing's regions): `blocks(model, names)`
+(ffdist.models.model_blocks); activation checkpointing itself: ffdist.models.checkpointing."""
 
 from __future__ import annotations
 
@@ -11,10 +13,15 @@ from torch import nn
 
 from ffdist.errors import RecipeError
 from ffdist.models import droppath, from_timm
+from ffdist.models.model_blocks import blocks
 from ffdist.models.small import LeNet, SmallCNN
+from ffdist.models.vit_tiny import VitTiny
 from ffdist.recipe import ModelConfig
 
-OWN: dict[str, Callable[..., nn.Module]] = {"lenet": LeNet, "small_cnn": SmallCNN}
+OWN: dict[str, Callable[..., nn.Module]] = {"lenet": LeNet, "small_cnn": SmallCNN,
+                                            "vit_tiny": VitTiny}
+WITH_DROP_PATH = ("vit_tiny",)
+"""Own models with residual blocks that take model.drop_path_rate."""
 HEAD_NAMES = ("fc", "classifier", "heads", "head")
 
 
@@ -96,15 +103,34 @@ def check_name(name: str) -> None:
         raise RecipeError(f"model.name={name!r} is not a known model; {hint}")
 
 
+def has_small_image_stem(name: str) -> bool:
+    """Whether model.cifar_stem applies to `name`: a torchvision ResNet (conv1 + max-pool)."""
+    if name in OWN or from_timm.is_timm(name):
+        return False
+    import torchvision
+
+    try:
+        builder = torchvision.models.get_model_builder(name)
+    except ValueError:
+        return False
+    return builder.__module__ == "torchvision.models.resnet"
+
+
 def build(cfg: ModelConfig) -> nn.Module:
     """A freshly initialised model for the recipe (pretrained weights: ffdist.finetune)."""
+    for key in ("num_classes", "cifar_stem"):
+        if getattr(cfg, key) == "auto":  # ffdist.assemble.settle decides it, from the data
+            raise RecipeError(f"model.{key}=auto is decided from the data when a run starts "
+                              "(ffdist train, bench, plan); give a value here, e.g. the one "
+                              "in the run's recipe.yaml.")
     check_name(cfg.name)
     if cfg.name in OWN:
-        if cfg.drop_path_rate:
+        extra = {"drop_path_rate": cfg.drop_path_rate or 0.0} if cfg.name in WITH_DROP_PATH else {}
+        if cfg.drop_path_rate and not extra:
             raise RecipeError(f"model.drop_path_rate: {cfg.name} has no residual blocks to drop; "
                               "remove the key (model.dropout regularizes its head).")
         model = OWN[cfg.name](num_classes=cfg.num_classes, in_channels=cfg.in_channels,
-                              dropout=cfg.dropout)
+                              dropout=cfg.dropout, **extra)
     elif from_timm.is_timm(cfg.name):
         model = from_timm.build(cfg)
     else:
@@ -116,3 +142,6 @@ def build(cfg: ModelConfig) -> nn.Module:
     if cfg.pool == "gem":
         _set_pool(model, cfg)
     return model
+
+
+__all__ = ["GeM", "OWN", "available", "blocks", "build", "check_name", "head_name"]

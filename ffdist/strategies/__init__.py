@@ -1,4 +1,4 @@
-"""Strategies wrap model + optimizer: single device, DDP, DeepSpeed ZeRO; and their registry.
+"""Strategies wrap model + optimizer: single device, DDP, DeepSpeed ZeRO, FSDP; their registry.
 
 The registry maps a name (recipe key strategy.name) to a class, imported when first asked
 for: `"module:Class"` strings, so that importing ffdist imports no strategy's heavy library
@@ -35,6 +35,7 @@ REGISTRY: dict[str, str | type[Strategy]] = {
     "single": "ffdist.strategies.single:SingleDevice",
     "ddp": "ffdist.strategies.ddp:DDP",
     "deepspeed": "ffdist.strategies.deepspeed:DeepSpeed",
+    "fsdp": "ffdist.strategies.fsdp:FSDP",
 }
 AUTO = ("single", "ddp")
 """strategy.name=auto: the first for one process, the second for several."""
@@ -77,7 +78,8 @@ def _checked(cls: type[Strategy]) -> type[Strategy]:
 def resolve_name(recipe: Recipe, world_size: int, check: bool = True) -> str:
     """strategy.name with `auto` decided for the world size (called by ffdist.assemble
     only). `check` (commands that train): refuse a name that is not registered, and a
-    one-process strategy (single) when several processes were started. Without it (eval,
+    one-process strategy (single) when several processes were started; a strategy that
+    trains as another one alone (DDP: single) is named so for one process. Without it (eval,
     predict: they run the plain model) the name is only carried along, so a run trained
     with a strategy registered elsewhere still evaluates here."""
     name = recipe.strategy.name
@@ -85,14 +87,21 @@ def resolve_name(recipe: Recipe, world_size: int, check: bool = True) -> str:
         return AUTO[1] if world_size > 1 else AUTO[0]
     if not check:
         return name
-    if get(name).one_process and world_size > 1:
+    cls = get(name)
+    if cls.one_process and world_size > 1:
         raise RecipeError(f"strategy.name={name} but {world_size} processes were started; "
                           "use strategy.name=ddp (or auto), or start one process.")
-    return name
+    return cls.alone if world_size == 1 and cls.alone else name
 
 
-def build(model: nn.Module, recipe: Recipe, resolved: Resolved, info: DistInfo) -> Strategy:
-    return get(resolved.strategy)(model, recipe, resolved, info)
+def build(model: nn.Module, recipe: Recipe, resolved: Resolved, info: DistInfo,
+          blocks: list[str] | None = None) -> Strategy:
+    """The run's strategy; `blocks` (the model's blocks, ffdist.models.blocks) goes to a
+    strategy that declares `uses_blocks`."""
+    cls = get(resolved.strategy)
+    if cls.uses_blocks:
+        return cls(model, recipe, resolved, info, blocks=list(blocks or []))  # type: ignore[call-arg]
+    return cls(model, recipe, resolved, info)
 
 
 def layout_format_of(name: str) -> str:

@@ -46,6 +46,10 @@ class Strategy:
     """What people call it, in messages ("DeepSpeed")."""
     one_process: ClassVar[bool] = False
     """True: refused when several processes were started (ffdist.strategies.resolve_name)."""
+    alone: ClassVar[str | None] = None
+    """The registered strategy one process of this one trains as, when it has nothing to
+    share with a single process (DDP: single); resolve_name then names that one, so the
+    start line, bench.json and plan say what runs. None: itself."""
     layout_kind: ClassVar[str] = ONE_FILE
     """ONE_FILE: the primary rank writes state_dict() into the checkpoint file; SHARDS:
     every rank writes its own shards through save_shards() into the checkpoint's folder
@@ -63,6 +67,9 @@ class Strategy:
     (ffdist.reference: single device / DDP)."""
     memory_rows: ClassVar[dict[str, str]] = {}
     """Its rows in `ffdist plan`: row name -> the overrides that train as that row."""
+    uses_blocks: ClassVar[bool] = False
+    """True: built with `blocks=`, the module names of the model's blocks
+    (ffdist.models.blocks, decided by ffdist.assemble): FSDP shards one unit per block."""
 
     @classmethod
     def layout_params(cls, recipe: Recipe) -> dict[str, Any]:
@@ -107,9 +114,11 @@ class Strategy:
 
     @classmethod
     def row_bytes(cls, row: str, num_params: int, trainable: int, recipe: Recipe,
-                  resolved: Resolved) -> dict[str, int]:
+                  resolved: Resolved, block_params: tuple[int, ...] = ()) -> dict[str, int]:
         """Bytes per device of params / grads / optimizer and their total, for its row `row`
-        (one of memory_rows)."""
+        (one of memory_rows). A strategy that declares `uses_blocks` is also given
+        `block_params=`: the parameter count of each of the model's blocks (FSDP gathers one
+        at a time)."""
         raise NotImplementedError(f"{cls.__name__} declares no memory rows")
 
     @classmethod
@@ -203,6 +212,26 @@ class Strategy:
 
     # ---------------------------------------------------------------- evaluation
     def eval_batches(self, batches: Iterable) -> Iterator:
-        """The eval batches this rank runs (ZeRO-3 pads short shards with empty batches so
-        that every rank joins every parameter all-gather)."""
+        """The eval batches this rank runs (ZeRO-3 and FSDP pad short shards with empty
+        batches so that every rank joins every parameter all-gather: padded_eval_batches)."""
         return iter(batches)
+
+
+def padded_eval_batches(batches: Iterable, device: torch.device) -> Iterator:
+    """`batches`, then empty ones until this rank has run as many as the rank with the most
+    (one all-reduce of the counts): for strategies whose every forward is a collective.
+    Eval shards differ by up to one batch; an empty batch counts nothing."""
+    import torch.distributed as tdist
+
+    if not tdist.is_initialized():
+        yield from batches
+        return
+    count = torch.tensor([len(batches)], device=device)  # type: ignore[arg-type]
+    tdist.all_reduce(count, op=tdist.ReduceOp.MAX)
+    done, last = 0, None
+    for last in batches:
+        done += 1
+        yield last
+    for _ in range(int(count.item()) - done):
+        x, y = last
+        yield x[:0], y[:0]

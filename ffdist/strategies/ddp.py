@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 class DDP(SingleDevice):
     one_process = False
+    alone = "single"  # nothing to all-reduce: resolve_name names what trains
 
     def __init__(self, model: nn.Module, recipe: Recipe, resolved: Resolved, info: DistInfo):
         if info.world_size == 1:  # one process: no group to all-reduce over

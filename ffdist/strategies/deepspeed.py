@@ -46,7 +46,7 @@ from ffdist.errors import CheckpointError, LaunchError
 from ffdist.optim import build_optimizer
 from ffdist.recipe import Recipe
 from ffdist.strategies import ds_config
-from ffdist.strategies.base import Strategy
+from ffdist.strategies.base import Strategy, padded_eval_batches
 
 if TYPE_CHECKING:
     from ffdist.ema import EMA
@@ -193,18 +193,9 @@ class DeepSpeed(Strategy):
         """Under ZeRO-3 every forward all-gathers parameters, so all ranks must run the same
         number of forwards; eval shards differ by up to one batch, and the short ranks run
         empty batches (which count nothing)."""
-        if self.zero_stage < 3 or not torch.distributed.is_initialized():
-            yield from batches
-            return
-        count = torch.tensor([len(batches)], device=self.info.device)  # type: ignore[arg-type]
-        torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
-        done, last = 0, None
-        for last in batches:
-            done += 1
-            yield last
-        for _ in range(int(count.item()) - done):
-            x, y = last
-            yield x[:0], y[:0]
+        if self.zero_stage < 3:
+            return iter(batches)
+        return padded_eval_batches(batches, self.info.device)
 
     # ---------------------------------------------------------------- state
     def unwrap(self) -> nn.Module:

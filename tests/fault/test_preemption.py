@@ -1,4 +1,5 @@
-"""Preemption: SIGTERM / SIGUSR1 -> finish the step, checkpoint, exit 75, resume exactly.
+"""Preemption: SIGTERM / SIGUSR1 -> finish the step, checkpoint, exit 75, resume exactly;
+and a signal after the run finished (while it tears down) changes nothing: exit 0.
 
 Real signals sent from outside to real processes. The `slow` fault only makes steps after
 step 10 take 0.1 s longer, so that the signal surely lands mid-training; it changes no
@@ -84,3 +85,36 @@ def test_sigusr1_to_one_rank_stops_both_at_the_same_step(ref2: Path, tmp_path: P
     assert resumed.returncode == 0, kit.explain(resumed)
     assert kit.train_losses(out) == kit.train_losses(ref2)
     kit.same_weights(out / "model.pt", ref2 / "model.pt")
+
+
+@pytest.mark.parametrize("entry", [["-m", "ffdist.train"], ["-m", "ffdist.cli", "train"]])
+def test_signals_after_the_run_finished_change_nothing(tmp_path: Path, entry: list[str]):
+    """The end-of-run summary is printed; SIGTERM and Ctrl-C then keep arriving every
+    0.2 s while the process tears down (a scheduler at the time limit, an impatient
+    person): the run finished, so it exits 0 and says nothing about stopping."""
+    import sys
+    import time
+
+    import psutil
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, *entry, str(kit.RECIPES / "digits.yaml"), *kit.ARGS[:2],
+           "schedule.max_steps=2", "log.tensorboard=false", "log.progress=false",
+           f"output_dir={out}"]
+    proc = kit.start(cmd)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "finished in" in line:
+            break
+    sent = 0
+    while proc.poll() is None:
+        if psutil.Process(proc.pid).status() != psutil.STATUS_ZOMBIE:
+            kit.send(proc.pid, (signal.SIGTERM, signal.SIGINT)[sent % 2])
+            sent += 1
+        time.sleep(0.2)
+    text = "".join(lines) + proc.stdout.read()
+    assert sent >= 2, "the process ended before the signals: nothing was tested"
+    assert proc.returncode == 0, kit.explain(proc, text)
+    assert "received SIG" not in text and "abort" not in text and "Traceback" not in text, text
+    assert (out / "model.pt").is_file()

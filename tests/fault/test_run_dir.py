@@ -223,6 +223,10 @@ def test_model_pt_without_any_record_of_its_run_is_not_trained_over(capfd, tmp_p
     out = tmp_path / "run"
     out.mkdir()
     (out / "model.pt").write_bytes(b"someone's weights")
+    line = refused_in_process(capfd, out)  # not a run folder at all: not ffdist's model.pt
+    assert f"is not an ffdist run folder: it holds {out / 'model.pt'} (which a run would " \
+           "replace)" in line
+    (out / run_dir.MARKER).write_text("{}")  # a run's folder whose records are gone
     line = refused_in_process(capfd, out)
     assert "holds a model.pt but neither a readable checkpoint nor a recipe.yaml" in line
 
@@ -278,9 +282,11 @@ def test_resume_table_under_torchrun_is_one_line(unfinished):
 def test_checkpoints_folder_that_cannot_be_written_is_found_before_training(capfd, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
+    (out / run_dir.MARKER).write_text("{}")  # a run's folder (else it is not ffdist's)
     (out / "checkpoints").write_text("a file where the folder goes")  # fails even for root
     line = refused_in_process(capfd, out)
-    assert f"output_dir={out}: its checkpoints/ folder is not writable (File exists)" in line
+    assert line.endswith(f"output_dir={out}: its checkpoints/ folder is not writable (it is a "
+                         "file); choose another output_dir.")
     assert not (out / "metrics.jsonl").exists(), "it trained before finding out"
 
 
@@ -314,13 +320,12 @@ def test_read_only_checkpoints_folder_is_found_before_training(tmp_path):
 def test_a_run_that_stops_before_writing_anything_leaves_no_folder(capfd, tmp_path):
     """The run directory and checkpoints/ that claim() made are removed again when the run
     was refused after them (here: a checkpoint to resume that does not exist); a folder
-    that existed before, or holds anything, stays."""
+    that existed before stays."""
     out = tmp_path / "new" / "run"
     line = refused_in_process(capfd, out, f"checkpoint.resume={tmp_path / 'gone.pt'}")
     assert "does not exist" in line and not out.exists() and (tmp_path / "new").is_dir()
     kept = tmp_path / "mine"
-    (kept / "notes.txt").parent.mkdir()
-    (kept / "notes.txt").write_text("the user's")
+    kept.mkdir()  # empty, and there before: it stays, checkpoints/ goes
     held = run_dir.claim(kept, SimpleNamespace(is_primary=True, world_size=1))
     held.release()
-    assert (kept / "notes.txt").read_text() == "the user's" and not (kept / "checkpoints").exists()
+    assert kept.is_dir() and not (kept / "checkpoints").exists()

@@ -79,8 +79,11 @@ def test_subprocesses_take_argv_lists_never_a_shell():
 
 # Modules that import a module named in a constant table of their own (the commands, the
 # registries of the seams), never one named by a recipe: a recipe value only selects an entry.
+# ffdist/sinks/base.py's need() imports the optional package a sink file names: every call
+# of need() must pass a literal (checked below).
 TABLE_IMPORTERS = {"ffdist/cli.py", "ffdist/data/sources/__init__.py",
-                   "ffdist/strategies/__init__.py", "ffdist/sinks/__init__.py"}
+                   "ffdist/strategies/__init__.py", "ffdist/sinks/__init__.py",
+                   "ffdist/sinks/base.py"}
 
 
 def test_no_dynamic_code_from_recipes():
@@ -91,6 +94,9 @@ def test_no_dynamic_code_from_recipes():
         if name in ("importlib.import_module", "import_module") and where not in TABLE_IMPORTERS:
             assert isinstance(call.args[0], ast.Constant), \
                 f"{path}:{call.lineno}: a module name from data would let a recipe run code"
+        if name == "need" and where.startswith("ffdist/sinks/"):
+            assert isinstance(call.args[0], ast.Constant), \
+                f"{path}:{call.lineno}: need() imports what it is given: pass a literal"
     from ffdist import sinks, strategies
     from ffdist.data import sources
     from ffdist.errors import RecipeError

@@ -231,7 +231,8 @@ def _probe(tmp_path: Path, name: str, nproc: int, *overrides: str) -> list[dict]
     return [json.loads((tmp_path / f"{name}.{r}.json").read_text()) for r in range(nproc)]
 
 
-@pytest.mark.parametrize("strategy", ["strategy.name=ddp", "strategy.name=deepspeed"])
+@pytest.mark.parametrize("strategy", ["strategy.name=ddp", "strategy.name=deepspeed",
+                                      "strategy.name=fsdp"])
 def test_cpu_ranks_on_a_gpu_machine_create_no_cuda_context(tmp_path: Path, strategy: str) -> None:
     """2 CPU ranks under bare torchrun (no ffdist launch, no CUDA_VISIBLE_DEVICES trick) on
     a machine with a GPU: gloo, DeepSpeed on its CPU accelerator, CUDA never initialised.

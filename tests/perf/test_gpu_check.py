@@ -1,5 +1,5 @@
-"""benchmarks/gpu_check.py on the CPU: its JPEG step end to end (--cpu-dry-run --only jpeg),
-and the write-up's pieces. The full dry run (`make gpu-check PY=.venv/bin/python
+"""benchmarks/gpu_check.py on the CPU: its JPEG and FSDP steps end to end (--cpu-dry-run
+--only jpeg, --only fsdp), and the write-up's pieces. The full dry run (`make gpu-check PY=.venv/bin/python
 ARGS=--cpu-dry-run`, ~15 min here: DeepSpeed builds its CPU op) is run by hand."""
 
 from __future__ import annotations
@@ -73,3 +73,20 @@ def test_write_adds_a_dated_section_above_the_earlier_ones(tmp_path: Path) -> No
     assert "#### m, n" in text and text.endswith("measured by hand\n")
     # the repository's file has the header write() keeps
     assert (REPO / "benchmarks" / "RESULTS-gpu.md").read_text().startswith(gpu_check.HEADER)
+
+
+# make test-all only; the fast tier trains FSDP for real (tests/distributed/test_fsdp.py) and
+# covers the write-up (test_write_adds_a_dated_section_above_the_earlier_ones)
+@pytest.mark.extended
+def test_dry_run_fsdp_step_benches_fsdp_and_ddp_against_the_plan(tmp_path: Path) -> None:
+    out = tmp_path / "results.md"
+    proc = run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--cpu-dry-run",
+                "--only", "fsdp", "--out", str(out), "--work", str(tmp_path / "work")],
+               timeout=900)
+    rows = [ln for ln in out.read_text().splitlines() if ln.startswith("| ")]
+    peaks = [ln for ln in rows if "peak memory / plan" in ln]
+    assert [ln.split()[1] for ln in peaks] == ["DDP", "FSDP"], rows
+    assert all(" MiB / " in ln for ln in peaks)  # measured / planned, both there
+    step = [ln for ln in rows if ln.startswith("| FSDP / DDP median step")]
+    assert len(step) == 1 and " ms = " in step[0], rows
+    assert "**NO**" not in out.read_text() and "[-] FSDP / DDP" in proc.stdout

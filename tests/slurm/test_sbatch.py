@@ -13,6 +13,8 @@ import re
 import sys
 import time
 
+import pytest
+
 from tests.helpers import CPU, FAST, RECIPES, REPO, end_event, events
 from tests.slurm.cluster import IFNAME
 from tests.slurm.conftest import host_changes
@@ -75,6 +77,44 @@ def test_sbatch_two_nodes_preempted_requeued_resumed_to_the_end(slurm_cluster, t
     assert steps == sorted(steps), "metrics.jsonl must continue, not restart from step 0"
     end = end_event(out)
     assert end["world_size"] == 4 and end["step"] == total and end["final_top1"] >= 0.95, end
+    assert (out / "model.pt").exists()
+
+
+# make test-all: a second configuration of the requeue path
+# (test_sbatch_two_nodes_preempted_requeued_resumed_to_the_end, DDP)
+@pytest.mark.extended
+def test_fsdp_on_two_nodes_preempted_requeued_resumed_to_the_end(slurm_cluster, tmp_path):
+    """strategy.name=fsdp under `sbatch -N 2 slurm/train.sh` (world size 4): USR1 to the
+    batch script -> every rank writes its DCP shards of the checkpoint -> requeue -> the
+    4 ranks reshard-load them (the same world size here) and train to the end."""
+    c, out = slurm_cluster, tmp_path / "run"
+    total = 3 * 22
+    proc = c.run(["sbatch", "-N", "2", "--output", str(tmp_path / "sbatch-%j.out"), SCRIPT,
+                  DIGITS, f"output_dir={out}", "schedule.epochs=3", "checkpoint.every_epochs=100",
+                  "log.every_steps=2", "strategy.name=fsdp", *NET, *FAST])
+    job = _job_id(proc.stdout)
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "metrics.jsonl").exists() or not events(out, "train"):
+            assert time.monotonic() < deadline, f"job {job} never trained: {c.job(job)}"
+            assert c.job(job).get("JobState") in ("PENDING", "RUNNING"), c.job(job)
+            time.sleep(0.3)
+        c.run(["scancel", "--signal=USR1", "--batch", job], timeout=30)
+        final = c.wait_done(job, timeout=400)
+    finally:
+        c.run(["scancel", job], timeout=30, check=False)
+    log = (out / f"slurm-{job}.out").read_text()
+    assert final["JobState"] == "COMPLETED" and final["Restarts"] == "1", (final, log)
+    assert "requeueing job" in log and "Traceback" not in log, log
+    resumed = [int(s) for s in re.findall(r"resumed from step (\d+)", log)]
+    assert len(resumed) == 1 and 0 < resumed[0] < total, log
+    folder = out / "checkpoints" / f"step_{resumed[0]:08d}"
+    assert sorted(p.name for p in folder.glob("__*_0.distcp")) == [
+        f"__{r}_0.distcp" for r in range(4)] and (folder / "ffdist_state.pt").is_file()
+    steps = [e["step"] for e in events(out, "train")]
+    assert steps == sorted(steps) and {e["world_size"] for e in events(out, "train")} == {4}
+    end = end_event(out)
+    assert end["world_size"] == 4 and end["step"] == total and end["final_top1"] >= 0.9, end
     assert (out / "model.pt").exists()
 
 

@@ -137,7 +137,7 @@ def test_folder_pipeline_is_torchvisions_compose_and_eval_has_its_own_size(tmp_p
     assert torch.equal(x, val_ref(decode(data.val.samples[0][0], 3)))
     assert data.spec.eval_size == 20 and data.spec.image_size == 16
     streams = build(r, 0, plan_batches(r.data.batch_size, None, 1), torch.device("cpu"),
-                    pairs=False)
+                    pairs=False, workers=0)
     assert next(iter(streams.train))[0].shape == (4, 3, 16, 16)
     assert next(iter(streams.eval))[0].shape[-2:] == (20, 20)
 
@@ -147,7 +147,8 @@ def test_size_keys_are_refused_for_data_of_its_own_size(key):
     r = recipe_load.load(None, [f"data.{key}=16"])
     with pytest.raises(RecipeError, match=f"data.{key}=16 does not apply to data.name=digits, "
                                           "whose images are 8x8"):
-        build(r, 0, plan_batches(r.data.batch_size, None, 1), torch.device("cpu"), pairs=False)
+        build(r, 0, plan_batches(r.data.batch_size, None, 1), torch.device("cpu"), pairs=False,
+              workers=0)
 
 
 def test_synthetic_evaluates_at_the_eval_size():

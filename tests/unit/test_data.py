@@ -24,7 +24,7 @@ def build_datasets(cfg, seed: int, num_classes: int, channels: int):
 def streams(r, batch: int | None = None):
     """One process's streams of recipe r (no mixing pairs)."""
     plan = plan_batches(batch or r.data.batch_size, None, 1)
-    return build(r, 0, plan, torch.device("cpu"), pairs=False)
+    return build(r, 0, plan, torch.device("cpu"), pairs=False, workers=0)
 
 
 @pytest.mark.parametrize("n,world", [(360, 2), (361, 2), (7, 3), (5, 8), (1, 1)])
@@ -148,7 +148,7 @@ def test_filelist_with_separator_and_label_range(tmp_path: Path) -> None:
 
 def test_dataset_and_model_must_agree() -> None:
     with pytest.raises(DataError, match="model.num_classes=5.*10 classes"):
-        streams(recipe_load.load(None, ["model.num_classes=5"]))
+        streams(recipe_load.load(None, ["model.num_classes=5", "model.in_channels=1"]))
     with pytest.raises(DataError, match="model.in_channels=3"):
         streams(recipe_load.load(None, ["model.in_channels=3"]))
     with pytest.raises(DataError, match="did you mean 'digits'"):

@@ -150,11 +150,12 @@ def test_multinode_torchrun_per_node():
 
 
 def test_socket_interface_sets_env_and_local_addr():
-    cmd = build("--nnodes", "2", "--rdzv-endpoint", "127.0.0.1:29400", "launch.socket_ifname=lo")
+    cmd = build("--nnodes", "2", "--rdzv-endpoint", "10.1.2.3:29400", "launch.socket_ifname=lo")
     assert cmd.env["GLOO_SOCKET_IFNAME"] == cmd.env["NCCL_SOCKET_IFNAME"] == "lo"
     assert opt(cmd.argv, "--local_addr") == "127.0.0.1"
     with pytest.raises(LaunchError, match="no such network interface"):
-        parsed, ov = launch.parse([DIGITS, "launch.socket_ifname=nope0", "--nnodes", "2"])
+        parsed, ov = launch.parse([DIGITS, "launch.socket_ifname=nope0", "--nnodes", "2",
+                                   "--rdzv-endpoint", "10.1.2.3:29400"])
         launch.build(parsed.recipe, ov, None, dry_run=False)
 
 

@@ -53,3 +53,18 @@ def test_launcher_precision_fills_auto_and_refuses_a_contradiction():
 def test_accelerate_use_cpu_keeps_the_cpu(clean_env):
     clean_env.setenv("ACCELERATE_USE_CPU", "True")
     assert dist.pick_device(0).type == "cpu"
+
+
+def test_accelerate_use_fsdp_is_refused_in_one_sentence(clean_env):
+    """`accelerate launch --use_fsdp` exports ACCELERATE_USE_FSDP for an Accelerator that
+    ffdist never builds: refused (dist.init asks first), with the recipe key that shards."""
+    clean_env.delenv("ACCELERATE_USE_FSDP", raising=False)
+    dist.refuse_launcher_sharding()  # unset: nothing to say
+    clean_env.setenv("ACCELERATE_USE_FSDP", "false")
+    dist.refuse_launcher_sharding()
+    clean_env.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(LaunchError) as e:
+        dist.init()
+    text = str(e.value)
+    assert text.startswith("accelerate launch --use_fsdp (ACCELERATE_USE_FSDP) has no effect")
+    assert "set strategy.name=fsdp in the recipe" in text and "\n" not in text

@@ -33,7 +33,7 @@ def test_asking_every_strategy_imports_no_heavy_library():
 
 
 @pytest.mark.parametrize("name,world,expected", [("auto", 1, "single"), ("auto", 2, "ddp"),
-                                                 ("ddp", 1, "ddp"), ("deepspeed", 4, "deepspeed")])
+                                                 ("ddp", 1, "single"), ("deepspeed", 4, "deepspeed")])
 def test_names_resolve(name: str, world: int, expected: str):
     rcp = recipe_load.load(None, [f"strategy.name={name}"])
     assert strategies.resolve_name(rcp, world) == expected
@@ -45,10 +45,10 @@ def test_a_one_process_strategy_and_unknown_names_are_refused():
                                           r"use strategy.name=ddp \(or auto\)"):
         resolve(rcp, 2, CPU)
     assert resolve(rcp, 2, CPU, trains=False).strategy == "single"  # eval runs the plain model
-    for name, hint in (("fsdp", ""), ("deepspeeed", r" \(did you mean deepspeed\?\)")):
+    for name, hint in (("zero", ""), ("deepspeeed", r" \(did you mean deepspeed\?\)")):
         rcp = recipe_load.load(None, [f"strategy.name={name}"])
         with pytest.raises(RecipeError, match=f"strategy.name={name} is not a strategy{hint}; "
-                                              "use auto, single, ddp, deepspeed"):
+                                              "use auto, single, ddp, deepspeed, fsdp"):
             resolve(rcp, 1, CPU)
         # eval and predict run the plain model: a strategy registered elsewhere is no matter
         assert resolve(rcp, 1, CPU, trains=False).strategy == name
@@ -104,3 +104,55 @@ def test_the_worked_example_in_the_docs_is_the_tested_strategy():
     source = (REPO / "tests" / "fault" / "rank_shards.py").read_text()
     blocks = re.findall(r"```python\n(.*?)```", section, re.S)
     assert len(blocks) == 2 and all(block in source for block in blocks)
+
+
+def test_fsdp_declares_dcp_shards_that_resume_at_any_world_size(tmp_path):
+    """FSDP's checkpoints are DCP folders of per-rank shards that DCP reshards on load: any
+    world size resumes them; other formats are refused naming the strategies that read
+    them. Asked of the class: nothing is built, torch.distributed is not initialised."""
+    from ffdist.ckpt_format import Layout
+    from ffdist.errors import CheckpointError
+
+    fsdp = strategies.get("fsdp")
+    assert fsdp.layout_kind == SHARDS and fsdp.layout_format == "torch-dcp" and fsdp.reshards
+    assert fsdp.uses_blocks and "FSDP" in strategies.row_overrides()
+    rcp = recipe_load.load(None, ["strategy.name=fsdp"])
+    rcp = recipe_load.load(None, ["strategy.name=fsdp", "data.batch_size=24"])
+    for saved_world, world in ((2, 1), (2, 3), (4, 2)):
+        strategies.check_resume(Layout(SHARDS, "torch-dcp", saved_world), 6, tmp_path, rcp,
+                                resolve(rcp, world, CPU))
+    with pytest.raises(CheckpointError, match="strategy.name=deepspeed"):
+        strategies.check_resume(Layout(SHARDS, "deepspeed-zero", 2, {"zero_stage": 3}), 6,
+                                tmp_path, rcp, resolve(rcp, 2, CPU))
+    ddp = recipe_load.load(None, ["strategy.name=ddp"])
+    with pytest.raises(CheckpointError, match="strategy.name=fsdp"):
+        strategies.check_resume(Layout(SHARDS, "torch-dcp", 2), 6, tmp_path, ddp,
+                                resolve(ddp, 2, CPU))
+
+
+def test_fsdp_refuses_offload_on_the_cpu():
+    rcp = recipe_load.load(None, ["strategy.name=fsdp", "strategy.fsdp_offload=true",
+                                  "precision=fp32", "model.in_channels=1"])
+    from ffdist import assemble
+    from ffdist.dist import DistInfo
+
+    info = DistInfo(0, 0, 1, 1, CPU, "none")
+    with pytest.raises(RecipeError, match="this run is on the CPU already; remove it"):
+        strategies.build(assemble.build_model(rcp), rcp, resolve(rcp, 1, CPU), info)
+
+
+def test_fsdp_memory_row_arithmetic():
+    """Sharded fp32 states (4 + 4 + 4*S bytes per parameter / N) plus the gathered root and
+    largest block in the compute dtype, and that block's unsharded fp32 gradient."""
+    fsdp = strategies.get("fsdp")
+    rcp = recipe_load.load(None, ["strategy.name=fsdp", "optim.name=adamw", "precision=bf16"])
+    blocks = (300, 500, 200)  # 1000 in blocks, 24 in the root
+    row = fsdp.row_bytes("FSDP", 1024, 1024, rcp, resolve(rcp, 4, CPU), block_params=blocks)
+    assert row["params"] == 4 * 1024 // 4 + 2 * (24 + 500)
+    assert row["grads"] == 4 * 1024 // 4 + 4 * 500
+    assert row["optimizer"] == 8 * 1024 // 4
+    assert row["total"] == row["params"] + row["grads"] + row["optimizer"]
+    off = recipe_load.load(None, ["strategy.name=fsdp", "optim.name=adamw", "precision=bf16",
+                                  "strategy.fsdp_offload=true"])
+    row = fsdp.row_bytes("FSDP", 1024, 1024, off, resolve(off, 4, CPU), block_params=blocks)
+    assert row == {"params": 2 * 524, "grads": 2000, "optimizer": 0, "total": 3048}

@@ -3,6 +3,8 @@ activations, the recommendation, the command's output."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -183,3 +185,38 @@ def test_without_gpus_plan_says_what_it_plans_for_and_why(nproc, expect):
                CUDA_VISIBLE_DEVICES="")
     world = [ln for ln in proc.stdout.splitlines() if ln.startswith("world")]
     assert world == [f"world      {expect}"], proc.stdout
+
+
+def test_fsdp_row_and_activation_checkpointing_in_the_plan(capsys):
+    """The FSDP row (sharded states plus one gathered block: ffdist.strategies.fsdp) is
+    printed beside DDP's and ZeRO's, and activations are measured with the recipe's
+    activation checkpointing applied: vit_tiny's blocks keep only their input."""
+    args = ["plan", "recipes/vit_b16_fsdp.yaml", "data.name=synthetic", "data.image_size=32",
+            "model.name=vit_tiny", "model.num_classes=10", "--gpus", "4", "--json"]
+    assert cli(args) == 0
+    checkpointed = json.loads(capsys.readouterr().out)
+    assert checkpointed["judged_row"] == "FSDP" and checkpointed["blocks"] == 6
+    rows = checkpointed["rows"]
+    assert list(rows) == ["DDP", "ZeRO-1", "ZeRO-2", "ZeRO-3", "FSDP"]
+    n, block = checkpointed["params"], 444_864  # vit_tiny: 6 blocks of 444,864
+    assert rows["FSDP"]["optimizer"] == -(-8 * n // 4)  # AdamW, fp32 shards over 4
+    assert rows["FSDP"]["params"] == -(-4 * n // 4) + 2 * (n - 5 * block)  # + root, a block
+    assert rows["FSDP"]["total"] < rows["DDP"]["total"]
+    assert cli([*args[:6], "model.activation_checkpointing=none", *args[6:]]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert checkpointed["activations_per_sample"] < plain["activations_per_sample"] / 5
+
+
+def test_a_recipe_that_does_not_fit_is_told_each_strategy_that_fits():
+    """For each strategy after the recipe's own, its first row that fits: a DDP recipe on a
+    16 GiB GPU hears of ZeRO-3 and of FSDP (the first ZeRO row that fits, not ZeRO-1/2)."""
+    gib = plan.GiB
+    rows = {"DDP": {"total": 30 * gib}, "ZeRO-1": {"total": 25 * gib},
+            "ZeRO-2": {"total": 20 * gib}, "ZeRO-3": {"total": 12 * gib},
+            "FSDP": {"total": 13 * gib}}
+    p = plan.MemoryEstimate(rows, activations=4 * gib, per_sample=gib // 32)
+    text = plan.recommend(p, 16 * gib, per_rank=128, micro=128)
+    assert "use strategy.name=deepspeed strategy.zero_stage=3 or strategy.name=fsdp" in text
+    assert "zero_stage=2" not in text
+    text = plan.recommend(p, 16 * gib, per_rank=128, micro=128, row="ZeRO-2")
+    assert "zero_stage=3 or strategy.name=fsdp" in text  # its own strategy's next row too

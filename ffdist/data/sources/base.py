@@ -56,6 +56,12 @@ class Source:
     folder_like = False
     """Eval, predict and export resize the short side and centre-crop (photographs of any
     size); False: images are resized to the model's side as they are."""
+    in_memory = False
+    """The images are held in memory and a batch is one indexing: loader workers would only
+    add copies (data.num_workers=auto starts none; ffdist.threads)."""
+    classes_known: int | None = None
+    """A fixed class count (digits: 10, CIFAR-100: 100), for model.num_classes=auto;
+    sources whose files say it override class_count instead."""
     example_images: tuple[str, str, str] | None = None
     """(folder, command that writes it, what it holds): images to try `ffdist predict` on,
     suggested at the end of a run."""
@@ -85,6 +91,11 @@ class Source:
         """Class names in label order, for predict/export, as cheaply as the source can say
         (never by scanning every file). Default: the labels as strings."""
         return [str(i) for i in range(num_classes)]
+
+    def class_count(self, cfg: DataConfig) -> int | None:
+        """How many classes the data holds (model.num_classes=auto), as cheaply as the
+        source can say (its class folders, its fixed count); None: it does not say."""
+        return self.classes_known
 
     def check_sizes(self, cfg: DataConfig) -> None:
         """A source of native-size images trains and evaluates at that size: a size key would

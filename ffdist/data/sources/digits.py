@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 class Digits(MapSource):
     name = "digits"
     native_size = 8
+    in_memory, classes_known = True, 10
     mean = (0.3053 * 255,)
     std = (0.3760 * 255,)
     example_images = ("samples", "ffdist samples --out samples",

@@ -1,11 +1,13 @@
 """data.name=imagefolder | filelist: image files of any size (up to data.max_image_pixels),
 decoded (ffdist.data.datasets.decode) and augmented per sample. imagefolder:
-data.root/train/<class>/*.jpg and data.root/val/<class>/; filelist: text files of
+data.root/train/<class>/*.jpg and data.root/val/<class>/, or one folder
+data.root/<class>/*.jpg split by data.val_fraction (`split_folder`); filelist: text files of
 `relative/path<sep>label` lines (data.train_list, data.val_list), paths under data.root.
 Both evaluate on a resize + centre crop, ImageNet-style."""
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,7 +22,8 @@ if TYPE_CHECKING:
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG")
 LAYOUT = ("an imagefolder root holds train/ and val/, each with one sub-folder of images per "
-          "class (the ImageNet layout: train/n01440764/*.JPEG, val/n01440764/*.JPEG)")
+          "class (the ImageNet layout: train/n01440764/*.JPEG, val/n01440764/*.JPEG), or only "
+          "the class sub-folders (data.val_fraction of each is held out for validation)")
 
 Samples = list[tuple[str, int]]
 
@@ -30,6 +33,7 @@ class FolderSource(MapSource):
     for evaluation (data.eval_image_size, data.eval_resize_size)."""
 
     folder_like = True
+    in_memory = False
 
     def splits(self, cfg: DataConfig, num_classes: int) -> tuple[Samples, Samples, list[str]]:
         """(train samples, val samples, class names)."""
@@ -75,16 +79,21 @@ class ImageFolder(FolderSource):
                               f"dataset: {LAYOUT}; set data.root=PATH, {SMOKE}.")
         root = Path(cfg.root)
         absent = [s for s in ("train", "val") if not (root / s).is_dir()]
-        if not absent:
+        if not absent or (len(absent) == 2 and _single_folder(root)):
             return
         what = "does not exist" if not root.is_dir() else f"has no {' or '.join(absent)}/ folder"
         raise DataMissing(f"{of}data.root={where(cfg.root)} {what}; {LAYOUT}: put or link the "
                           f"dataset there or set data.root=PATH, {SMOKE}.")
 
+    def class_count(self, cfg: DataConfig) -> int | None:
+        """The class folders of train/ (of data.root in the one-folder layout); None when
+        there are none (the data is not there: its own check says so)."""
+        return len(_class_folders(_train_folder(Path(cfg.root or "")))) or None
+
     def classes(self, cfg: DataConfig, num_classes: int) -> list[str]:
         """The class folder names of train/ (not a scan of the images in them)."""
-        train = Path(cfg.root or "") / "train"
-        classes = sorted(p.name for p in train.iterdir() if p.is_dir()) if train.is_dir() else []
+        train = _train_folder(Path(cfg.root or ""))
+        classes = _class_folders(train)
         if len(classes) != num_classes:
             raise DataError(f"data.root={cfg.root}: {train} should hold the {num_classes} class "
                             "folders the run was trained with (their names are the class "
@@ -96,6 +105,10 @@ class ImageFolder(FolderSource):
             raise DataError("data.root is not set; imagefolder needs a folder with train/ and "
                             "val/.")
         root = Path(cfg.root)
+        if not (root / "train").is_dir() and not (root / "val").is_dir():
+            samples, classes = scan_folder(root)
+            train, val = split_folder(samples, cfg.val_fraction)
+            return train, val, classes
         train, classes = scan_folder(root / "train")
         val, val_classes = scan_folder(root / "val")
         if val_classes != classes:
@@ -121,6 +134,15 @@ class FileList(FolderSource):
                                   f"file of 'relative/path{cfg.list_sep}label' lines (images "
                                   f"under data.root), {SMOKE}.")
 
+    def class_count(self, cfg: DataConfig) -> int | None:
+        """len(data.classes), else the largest label of data.train_list + 1."""
+        if cfg.classes:
+            return len(cfg.classes)
+        if not cfg.train_list or not Path(cfg.train_list).is_file():
+            return None
+        labels = [label for _, label in read_list(Path(cfg.train_list), Path("."), cfg.list_sep)]
+        return max(labels) + 1 if labels else None
+
     def classes(self, cfg: DataConfig, num_classes: int) -> list[str]:
         """data.classes, else the labels as strings."""
         return list(cfg.classes) or [str(i) for i in range(num_classes)]
@@ -140,6 +162,37 @@ class FileList(FolderSource):
                                 "classes; labels run from 0 to num_classes-1 (model.num_classes, "
                                 "data.classes).")
         return train, val, classes
+
+
+def _class_folders(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+
+
+def _single_folder(root: Path) -> bool:
+    """data.root holds class sub-folders and neither train/ nor val/: the one-folder layout."""
+    return bool(_class_folders(root)) and not any((root / s).is_dir() for s in ("train", "val"))
+
+
+def _train_folder(root: Path) -> Path:
+    return root if _single_folder(root) else root / "train"
+
+
+def split_folder(samples: Samples, val_fraction: float) -> tuple[Samples, Samples]:
+    """(train, val) of one folder's samples: in each class, round(n x val_fraction) images
+    (at least one when the class has two or more) go to val, chosen by a hash of the file
+    name, so that the same files always split alike (on every rank, in every run, in eval
+    and predict) and adding a file moves at most that file."""
+    by_class: dict[int, list[str]] = {}
+    for path, label in samples:
+        by_class.setdefault(label, []).append(path)
+    train: Samples = []
+    val: Samples = []
+    for label, paths in sorted(by_class.items()):
+        order = sorted(paths, key=lambda p: (zlib.crc32(Path(p).name.encode()), p))
+        n_val = min(len(paths) - 1, max(1, round(len(paths) * val_fraction)))
+        val += [(p, label) for p in sorted(order[:n_val])]
+        train += [(p, label) for p in sorted(order[n_val:])]
+    return train, val
 
 
 def scan_folder(root: Path) -> tuple[Samples, list[str]]:

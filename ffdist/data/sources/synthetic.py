@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 class Synthetic(MapSource):
     name = "synthetic"
     default_size = 32
+    in_memory = True  # and any class count: model.num_classes says it (classes_known None)
     mean, std = (127.5,), (73.9,)  # uniform 0..255
 
     def datasets(self, cfg: DataConfig, seed: int, num_classes: int, channels: int) -> MapData:

@@ -28,6 +28,7 @@ class TorchvisionSource(MapSource):
     folder = ""                      # what it reads under data.root ...
     files: tuple[str, ...] = ()      # ... and the files there
     crop_flip = False                # augment: 4-pixel padded crops and horizontal flips
+    in_memory, classes_known = True, 10
 
     def root(self, cfg: DataConfig) -> str:
         return cfg.root or f"data/{self.name}"
@@ -112,7 +113,7 @@ class CIFAR10(TorchvisionSource):
 class CIFAR100(TorchvisionSource):
     name, dataset, folder, files = "cifar100", "CIFAR100", "cifar-100-python", ("train", "test",
                                                                                  "meta")
-    native_size, crop_flip = 32, True
+    native_size, crop_flip, classes_known = 32, True, 100
     mean = (0.5071 * 255, 0.4865 * 255, 0.4409 * 255)
     std = (0.2673 * 255, 0.2564 * 255, 0.2762 * 255)
 

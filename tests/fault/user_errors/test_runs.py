@@ -103,6 +103,19 @@ def test_export_without_weights_names_its_own_flag(capfd, tmp_path):
     assert line.endswith("name the weights with --checkpoint PATH.")  # all three take it
 
 
+def test_eval_of_a_folder_that_does_not_exist_says_so(capfd, tmp_path):
+    gone = tmp_path / "runs" / "nope"
+    line = refused(in_process(capfd, cli, "eval", str(gone)), tmp_path)
+    assert line == (f"ffdist: error: {gone} does not exist; give the folder of a training run "
+                    f"({tmp_path / 'runs'} does not exist either).")
+    (tmp_path / "runs").mkdir()
+    line = refused(in_process(capfd, cli, "eval", str(gone)), tmp_path)
+    assert line.endswith(f"(`ffdist runs {tmp_path / 'runs'}` lists the runs there).")
+    line = refused(in_process(capfd, cli, "predict", str(DIGITS), DIGITS, "--out",
+                              str(tmp_path / "p.csv")), tmp_path)
+    assert line.startswith(f"ffdist: error: {DIGITS} is a file; give the folder of a training run")
+
+
 def test_eval_at_an_image_size_the_model_cannot_take(capfd, existing_run):
     sets = [arg for item in TINY for arg in ("--set", item)]  # eval overrides with --set
     line = refused(in_process(capfd, cli, "eval", str(existing_run), *sets), existing_run)
