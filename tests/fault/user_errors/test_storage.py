@@ -1,0 +1,200 @@
+"""A disk that is full, read-only or short of space, and names too long for the file system:
+every command that writes (train, eval, predict, export, bench, samples, shard, launch)
+refuses in one sentence naming the folder and the fix, exit 2, before any work, with
+nothing on the disk changed and no temp file left; a disk that fills up DURING a write
+(export's TorchScript file, a checkpoint, a picture) is the same sentence, not a traceback
+or a C++ abort (exit 134). Real tmpfs file systems in a private mount namespace
+(tests/fault/fs.py), invisible to the host."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from ffdist import cli
+from tests.fault import fs
+from tests.fault.fs import Case
+from tests.fault.user_errors.common import DIGITS, imagefolder
+from tests.helpers import CPU, FAST, error_line, in_process, refused
+
+DISK = "disk"  # where fs.on_disk mounts the tmpfs, under the test's folder
+
+
+@pytest.fixture(scope="module")
+def inputs(ref1: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """What the commands read, on the host: a finished run, images, an imagefolder."""
+    from ffdist import samples
+
+    root = tmp_path_factory.mktemp("storage_inputs")
+    pictures = root / "samples"
+    samples.write(pictures, samples.files(4, False))
+    run = root / "run"  # what eval needs of a run (its checkpoints would not fit the disk)
+    run.mkdir()
+    for name in ("recipe.yaml", "model.pt"):
+        (run / name).write_bytes((ref1 / name).read_bytes())
+    return {"run": run, "samples": pictures, "folder": imagefolder(root / "folder", 4)}
+
+
+def writers(disk: Path, inputs: dict[str, Path]) -> list[Case]:
+    """One case per command that writes, each into its own place on the disk."""
+    run = str(inputs["run"])
+    return [
+        Case("train", ["train", DIGITS, CPU, *FAST, "schedule.max_steps=1",
+                       f"output_dir={disk / 'trained'}"]),
+        Case("eval", ["eval", str(disk / "run")]),
+        Case("predict", ["predict", run, str(inputs["samples"]), "--out",
+                         str(disk / "preds.csv")]),
+        Case("export", ["export", run, "--format", "torchscript", "--out",
+                        str(disk / "model.torchscript.pt")]),
+        Case("bench", ["bench", DIGITS, CPU, "--steps", "1", "--out", str(disk / "bench.json")]),
+        Case("samples", ["samples", "--out", str(disk / "samples")]),
+        Case("shard", ["shard", str(inputs["folder"]), "--workers", "1", "--out",
+                       str(disk / "shards")]),
+        Case("launch", ["launch", DIGITS, CPU, "launch.nproc=2",
+                        f"output_dir={disk / 'launched'}"]),
+    ]
+
+
+def one_sentence(outcome: fs.Outcome) -> str:
+    """The user-error contract, inside the namespace: exit 2, one line, no traceback,
+    nothing on the disk changed, no temp file left."""
+    assert outcome.code == 2, f"{outcome.name}: exit {outcome.code}\n{outcome.out}\n{outcome.err}"
+    line = error_line(outcome.err)
+    assert "Traceback" not in outcome.out
+    assert outcome.after == outcome.before, f"{outcome.name} changed the disk: " \
+        f"{outcome.leftovers()} new"
+    return line
+
+
+@pytest.mark.parametrize("mode,errno_name", [("full", "ENOSPC"), ("ro", "EROFS")])
+def test_every_command_that_writes_refuses_a_full_or_read_only_disk(tmp_path, inputs, mode,
+                                                                    errno_name):
+    disk = tmp_path / DISK
+    found = fs.on_disk(tmp_path, mode, writers(disk, inputs), copy={"run": inputs["run"]})
+    for name, outcome in found.items():
+        line = one_sentence(outcome)
+        assert str(disk) in line, line
+        if name == "train":  # the run folder's own start check (ffdist.run_dir)
+            assert "output_dir=" in line, line
+            continue
+        assert f"({errno_name})" in line, line
+    assert "evaluate a copy of the run folder" in found["eval"].err
+    assert "(the folder of --out): " in found["predict"].err
+    assert "choose another output_dir" in found["launch"].err
+
+
+def test_a_disk_short_of_the_space_an_export_needs(tmp_path, inputs):
+    """The export is about the weights' size: refused before exporting, with both numbers."""
+    disk = tmp_path / DISK
+    case = Case("export", ["export", str(inputs["run"]), "--format", "onnx", "--out",
+                           str(disk / "model.onnx")])
+    outcome = fs.on_disk(tmp_path, "free:400000", [case])["export"]
+    line = one_sentence(outcome)
+    assert re.search(rf"{re.escape(str(disk))} \(the folder of --out\): ffdist export writes "
+                     r"about [\d.]+ KB there, and its disk has [\d.]+ KB free; free space there, "
+                     "or choose another --out.", line), line
+
+
+# ------------------------------------------------------------------ a disk that fills up mid-write
+
+def export_torchscript(folder: str) -> None:
+    """A TorchScript export of ~360 KB into `folder`, as ffdist export writes it."""
+    import torch
+
+    from ffdist import export, outputs
+
+    model = torch.nn.Linear(300, 300).eval()
+    with outputs.replacing(Path(folder) / "model.torchscript.pt") as tmp:
+        export.export_torchscript(model, torch.randn(2, 300), tmp)
+
+
+def save_checkpoint(folder: str) -> None:
+    """A checkpoint file of ~360 KB through checkpoint.atomic_write (torch.save)."""
+    import torch
+
+    from ffdist import checkpoint
+
+    checkpoint.save_torch(Path(folder) / "checkpoints" / "best.pt", {"w": torch.randn(300, 300)})
+
+
+def save_picture(folder: str) -> None:
+    """A noisy 300x300 PNG (~270 KB) through outputs.replacing, as predict's picture."""
+    import numpy as np
+    from PIL import Image
+
+    from ffdist import outputs
+
+    noise = np.random.default_rng(0).integers(0, 255, (300, 300, 3), dtype=np.uint8)
+    with outputs.replacing(Path(folder) / "preds.png", mark="ffdist predict") as tmp:
+        Image.fromarray(noise).save(tmp)
+
+
+def test_a_disk_that_fills_up_during_a_write_is_one_sentence_and_leaves_no_temp_file(tmp_path):
+    """100 KB free: each writer starts, and its disk fills up under it. TorchScript through
+    torch's C++ writer would abort the process (SIGABRT: the child would exit 134 and the
+    report below would be missing)."""
+    disk = tmp_path / DISK
+    here = "tests.fault.user_errors.test_storage"
+    cases = [Case(name, call=f"{here}:{name}", args=[str(disk)])
+             for name in ("export_torchscript", "save_checkpoint", "save_picture")]
+    found = fs.on_disk(tmp_path, "free:100000", cases)
+    targets = {"export_torchscript": disk / "model.torchscript.pt",
+               "save_checkpoint": disk / "checkpoints" / "best.pt",
+               "save_picture": disk / "preds.png"}
+    for name, outcome in found.items():
+        assert outcome.raised.startswith(f"StorageError: {targets[name]}: no space is left on "
+                                         "its device (ENOSPC); free space there"), outcome
+        assert not [f for f in outcome.leftovers() if Path(f).name.startswith(".")], outcome
+
+
+# ------------------------------------------------------------------ names too long
+
+LONG = "n" * 300
+
+
+@pytest.mark.parametrize("argv", [
+    ["samples", "--out", f"{{tmp}}/{LONG}"],
+    ["shard", "{folder}", "--out", f"{{tmp}}/{LONG}"],
+    ["bench", DIGITS, CPU, "--out", f"{{tmp}}/{LONG}.json"],
+    ["launch", DIGITS, CPU, "launch.nproc=2", f"output_dir={{tmp}}/{LONG}/run"],
+], ids=["samples", "shard", "bench", "launch"])
+def test_a_name_longer_than_the_file_system_takes(capfd, tmp_path, inputs, argv):
+    argv = [a.format(tmp=tmp_path, folder=inputs["folder"]) for a in argv]
+    line = refused(in_process(capfd, cli.main, *argv), tmp_path)
+    assert re.search(r"the name n+\.\.\. is 30[05] bytes, and its file system takes 255; "
+                     r"choose a shorter (--out|output_dir)\.", line), line
+
+
+@pytest.mark.parametrize("command", ["predict", "export"])
+def test_a_name_that_fits_but_whose_temp_name_does_not(capfd, tmp_path, inputs, command):
+    """250 bytes fit a name; the temp file written first (.<name>.<pid>.tmp<suffix>) would not."""
+    out = tmp_path / ("p" * 246 + ".csv" if command == "predict" else "e" * 250)
+    extra = [str(inputs["samples"])] if command == "predict" else ["--format", "torchscript"]
+    line = refused(in_process(capfd, cli.main, command, str(inputs["run"]), *extra,
+                              "--out", str(out)), tmp_path)
+    assert f"(the temp name ffdist {command} writes first) is 2" in line, line
+    assert line.endswith("choose a shorter --out."), line
+
+
+def test_a_file_where_the_output_folder_goes(capfd, tmp_path):
+    (tmp_path / "taken").write_text("a user's file")
+    line = refused(in_process(capfd, cli.main, "samples", "--out", str(tmp_path / "taken" / "x")),
+                   tmp_path)
+    assert line == (f"ffdist: error: --out {tmp_path / 'taken' / 'x'} lies under "
+                    f"{tmp_path / 'taken'}, which is a file, not a folder; choose another --out.")
+
+
+def test_python_m_export_on_a_full_disk_exits_2_not_134(tmp_path, inputs):
+    """The real process the user ran (`python -m ffdist.export`), on a full disk."""
+    disk = tmp_path / DISK
+    cmd = [*fs.UNSHARE, "sh", "-c",
+           'mount -t tmpfs -o size=1M t "$1" && dd if=/dev/zero of="$1/fill" bs=4k 2>/dev/null;'
+           ' exec "$2" -m ffdist.export "$3" --format torchscript --out "$1/m.pt"',
+           "sh", str(disk), sys.executable, str(inputs["run"])]
+    fs.skip_unless_possible()
+    disk.mkdir()
+    line = refused(cmd)
+    assert "(ENOSPC)" in line and str(disk) in line
