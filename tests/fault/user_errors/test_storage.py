@@ -198,3 +198,51 @@ def test_python_m_export_on_a_full_disk_exits_2_not_134(tmp_path, inputs):
     disk.mkdir()
     line = refused(cmd)
     assert "(ENOSPC)" in line and str(disk) in line
+
+
+# ------------------------------------------------------------------ the table in the docs
+
+def docs_rows() -> dict[str, list[str]]:
+    """docs/failure-and-recovery.md's table of disks and names: first cell -> the quoted
+    sentences of its last cell."""
+    page = (Path(__file__).resolve().parents[3] / "docs" / "failure-and-recovery.md").read_text()
+    section = page.split("## Disks, names and the standard streams", 1)[1].split("\n## ", 1)[0]
+    rows = [ln.split(" | ") for ln in section.splitlines() if ln.startswith("| ") and "---" not in ln]
+    return {row[0].strip("| "): re.findall(r"`([^`]+)`", row[-1]) for row in rows[1:]}
+
+
+def test_the_table_in_the_docs_quotes_what_the_code_says(capfd, tmp_path, monkeypatch):
+    """Each row's sentence is the one the code writes (paths and sizes aside)."""
+    import errno
+
+    from ffdist import evaluate, outputs, run_dir, world
+    from ffdist.errors import storage_error
+
+    rows = docs_rows()
+    (tmp_path / "F").write_text("a user's file")
+    said = refused(in_process(capfd, cli.main, "samples", "--out", str(tmp_path / "F" / "x")))
+    quote = rows["a file where the output folder goes"][0]
+    assert said.removeprefix("ffdist: error: ") == quote.replace(
+        "X", str(tmp_path / "F" / "x")).replace(" F,", f" {tmp_path / 'F'},")
+    for row, code in (("a read-only file system (EROFS)", errno.EROFS),
+                      ("a full disk (ENOSPC), a quota (EDQUOT)", errno.ENOSPC)):
+        quote = rows[row][0]
+        assert quote.startswith("...: ")
+        assert str(storage_error(OSError(code, "x"), "p", "--out")) == "p" + quote[3:]
+    with pytest.raises(outputs.StorageError) as e:  # more than any disk has
+        outputs.check_folder(tmp_path, "ffdist export", outputs.Place("--out", file=True), 10**17)
+    sizes = re.compile(r"[\d.]+ (bytes|KB|MB|GB|TB)")
+    quote = rows["less room than the output needs"][0]
+    assert sizes.sub("N", str(e.value)).endswith(sizes.sub("N", quote))
+    quote = next(q for q in rows["`train`: a run folder or `checkpoints/` that takes no files"]
+                 if q.startswith("output_dir="))
+    assert run_dir._unwritable(Path("X"), Path("X"), OSError(errno.ENOSPC, "No space left on "
+                                                            "device")) == quote
+    assert rows["`eval`: `RUN_DIR/eval/`, chosen by no option"][-1].removeprefix(
+        "... ").rstrip(".") == evaluate.PLACE.elsewhere
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(world.EnvError) as env_error:
+        world.int_env("WORLD_SIZE")
+    quote = rows["a launcher variable that is not a number (`WORLD_SIZE=two`; `SLURM_NNODES=x` "
+                 "in a Slurm job)"][-1]
+    assert str(env_error.value).startswith(quote.removesuffix(" ..."))
