@@ -82,7 +82,7 @@ def atomic_write(path: Path, write: Any) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # a full or read-only disk: one sentence (torch.save
-        fail_storage(e, path)            # turns write()'s OSError into a RuntimeError)
+        fail_storage(e, path, "output_dir")  # turns write()'s OSError into a RuntimeError)
         raise
     finally:
         if tmp.exists():

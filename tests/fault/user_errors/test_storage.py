@@ -150,6 +150,34 @@ def test_a_disk_that_fills_up_during_a_write_is_one_sentence_and_leaves_no_temp_
         assert not [f for f in outcome.leftovers() if Path(f).name.startswith(".")], outcome
 
 
+def free_space(folder: str) -> None:
+    """What the user does next: delete the file that filled the disk."""
+    (Path(folder) / "filler.bin").unlink()
+
+
+def test_a_disk_that_fills_up_during_training_then_the_run_resumes(tmp_path):
+    """The step-8 checkpoint does not fit (each is ~0.8 MB): one sentence naming it, the
+    step-4 checkpoint kept and no temp file; once space is freed, the same command resumes
+    from step 4 and finishes."""
+    disk = tmp_path / DISK
+    argv = ["train", DIGITS, CPU, *FAST, "schedule.max_steps=12", "checkpoint.every_steps=4",
+            f"output_dir={disk / 'run'}"]
+    cases = [Case("full", argv), Case("free", call=f"{__name__}:free_space", args=[str(disk)]),
+             Case("again", argv)]
+    found = fs.on_disk(tmp_path, "free:1300000", cases, size="6M")
+    full = found["full"]
+    assert full.code == 2, full.err
+    assert error_line(full.err) == (
+        f"ffdist: error: {disk / 'run' / 'checkpoints' / 'step_00000008.pt'}: no space is left "
+        "on its device (ENOSPC); free space there, or choose another output_dir.")
+    assert "run/checkpoints/step_00000004.pt" in full.after
+    assert not [f for f in full.leftovers() if ".tmp" in f or "write_test" in f], full.leftovers()
+    again = found["again"]
+    assert again.code == 0, again.err[-3000:]
+    assert "run/model.pt" in again.after, again.err[-3000:]
+    assert "resumed from step 4 " in again.out + again.err, again.out + again.err
+
+
 # ------------------------------------------------------------------ names too long
 
 LONG = "n" * 300
@@ -238,6 +266,10 @@ def test_the_table_in_the_docs_quotes_what_the_code_says(capfd, tmp_path, monkey
                  if q.startswith("output_dir="))
     assert run_dir._unwritable(Path("X"), Path("X"), OSError(errno.ENOSPC, "No space left on "
                                                             "device")) == quote
+    quote = rows["`train`: a disk that fills up while writing a checkpoint, `best.pt` or "
+                 "`model.pt`"][0]
+    assert str(storage_error(OSError(errno.ENOSPC, "x"), ".../checkpoints/step_00000008.pt",
+                             "output_dir")) == quote
     assert rows["`eval`: `RUN_DIR/eval/`, chosen by no option"][-1].removeprefix(
         "... ").rstrip(".") == evaluate.PLACE.elsewhere
     monkeypatch.setenv("WORLD_SIZE", "two")
