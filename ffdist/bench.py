@@ -292,8 +292,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     info = dist.init(rcp.launch)
     try:
         out = out_path(args, rcp)
-        if info.is_primary:  # minutes of measuring are not spent for a file that cannot be written
-            outputs.check_folder(out.parent, "ffdist bench", PLACE, names=[out.name])
+        # minutes of measuring are not spent for a file that cannot be written
+        dist.primary_check(info, lambda: outputs.check_folder(
+            out.parent, "ffdist bench", PLACE, names=[out.name]), "bench-out", "the output check")
         setup_logging(info.is_primary)
         result = measure(args, rcp, overrides, info)
         if info.is_primary:

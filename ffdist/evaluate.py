@@ -157,8 +157,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     state, kind = loading.run_weights(rcp, weights, args.weights)
     info = dist.init(rcp.launch)
     try:
-        if info.is_primary:  # (the only rank that writes)
-            check_outputs(run_dir)
+        # (the primary is the only rank that writes; all ranks stop alike)
+        dist.primary_check(info, lambda: check_outputs(run_dir), "eval-out", "the output check")
         s = setup(rcp, info)
         loading.load_into(s.model, state, weights)
         fmt = torch.channels_last if rcp.model.channels_last else torch.contiguous_format

@@ -198,7 +198,8 @@ def _existing_base(folder: Path, place: Place) -> Path:
                 return path
             if path.exists():  # a file where a folder must go
                 what = "is a file" if path == folder else f"lies under {path}, which is a file"
-                raise OutputError(f"{place(folder)} {what}, not a folder; {place.other}.")
+                fix = place.other if place.option else f"move that file away, or {place.other}"
+                raise OutputError(f"{place(folder)} {what}, not a folder; {fix}.")
         except OSError as e:
             if e.errno == errno.ENAMETOOLONG:  # a name check_folder measures: look further up
                 continue

@@ -278,3 +278,25 @@ def test_the_table_in_the_docs_quotes_what_the_code_says(capfd, tmp_path, monkey
     quote = rows["a launcher variable that is not a number (`WORLD_SIZE=two`; `SLURM_NNODES=x` "
                  "in a Slurm job)"][-1]
     assert str(env_error.value).startswith(quote.removesuffix(" ..."))
+
+
+def test_eval_under_torchrun_whose_report_folder_takes_no_files(tmp_path, inputs):
+    """Only rank 0 writes the report; both ranks stop before any collective, with rank 0's
+    sentence printed once (not rank 1 waiting for a peer that left)."""
+    import shutil
+    import subprocess
+
+    from tests.helpers import BIN, REPO, env, free_port
+
+    run = tmp_path / "run"
+    shutil.copytree(inputs["run"], run)
+    (run / "eval").write_text("a user's file where eval's folder goes")
+    proc = subprocess.run(
+        [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
+         "-m", "ffdist.evaluate", str(run), "--set", "launch.device=cpu"],
+        cwd=REPO, env=env(), capture_output=True, text=True, timeout=180)
+    ours = [ln for ln in proc.stderr.splitlines() if ln.startswith("ffdist: ")]
+    assert proc.returncode != 0 and len(ours) == 1, proc.stderr[-3000:]
+    assert ours[0] == f"ffdist: error: {run / 'eval'} is a file, not a folder; move that file " \
+                      "away, or evaluate a copy of the run folder kept on another disk.", ours
+    assert (run / "eval").read_text().startswith("a user's file")
