@@ -266,6 +266,10 @@ def test_the_table_in_the_docs_quotes_what_the_code_says(capfd, tmp_path, monkey
                  if q.startswith("output_dir="))
     assert run_dir._unwritable(Path("X"), Path("X"), OSError(errno.ENOSPC, "No space left on "
                                                             "device")) == quote
+    quote = [q for q in next(v for k, v in rows.items() if k.startswith("a name (or the temp "))
+             if q.startswith("output_dir=")][0]
+    assert run_dir._path_error(Path("X"), OSError(errno.ENAMETOOLONG, "x")) == quote.replace(
+        "...", "X", 1)
     quote = rows["`train`: a disk that fills up while writing a checkpoint, `best.pt` or "
                  "`model.pt`"][0]
     assert str(storage_error(OSError(errno.ENOSPC, "x"), ".../checkpoints/step_00000008.pt",
