@@ -369,12 +369,14 @@ def _unwritable(run_dir: Path, folder: Path, e: OSError) -> str:
     blocker = next((p for p in (folder, *folder.parents) if p.is_file()), None)
     if blocker is not None:  # a file where a folder must go
         why = "it is a file" if blocker == folder else f"{blocker} is a file, not a folder"
-        return f"output_dir={run_dir}{what} is not writable ({why}); choose another output_dir."
-    fix = {errno.ENOSPC: "free space there, or choose another output_dir",
-           errno.EDQUOT: "free space within your quota, or choose another output_dir",
-           errno.EROFS: "choose another output_dir, on a file system that takes files"}
+        return (f"output_dir={run_dir}{what} is not writable ({why}); set output_dir=PATH to "
+                "another folder.")
+    fix = {errno.ENOSPC: "free space there, or set output_dir=PATH to a folder on another disk",
+           errno.EDQUOT: "free space within your quota, or set output_dir=PATH to a folder on "
+                         "another disk",
+           errno.EROFS: "set output_dir=PATH to a folder on a file system that takes files"}
     return (f"output_dir={run_dir}{what} is not writable ({e.strerror}); "
-            f"{fix.get(e.errno, 'choose another output_dir or fix its permissions')}.")
+            f"{fix.get(e.errno, 'set output_dir=PATH to a folder you can write, or fix its permissions')}.")
 
 
 @dataclass

@@ -44,10 +44,15 @@ def build(recipe: Recipe, rank: int, plan: BatchPlan, device: torch.device, *,
     with problems.check():
         source.check_sizes(cfg)
     counted = source.class_count(cfg)  # before building: a batch error must not hide it
-    if counted is not None and counted != recipe.model.num_classes:
+    # fewer than 2 classes is its own sentence (spec_problems), not a num_classes mismatch
+    mismatch = counted is not None and counted >= 2 and counted != recipe.model.num_classes
+    if mismatch:
         problems.add(_classes_error(cfg.name, recipe.model.num_classes, counted))
     eval_global = cfg.eval_batch_size or cfg.batch_size
-    req = StreamRequest(plan, rank, recipe.seed, recipe.model.num_classes,
+    # with a class mismatch already found, the rest is checked as if it were fixed, so that
+    # only the problems independent of it are added (not "label 5 out of range" again)
+    classes = counted if mismatch else recipe.model.num_classes
+    req = StreamRequest(plan, rank, recipe.seed, classes,
                         recipe.model.in_channels, pairs, eval_batch=max(1, eval_global //
                                                                         plan.world_size),
                         # pinned host memory only helps (and only works) with CUDA

@@ -167,12 +167,13 @@ class ShardEvalStream:
         return self.batches
 
 
-def _loader(ds: IterableDataset, cfg: DataConfig, pin: bool) -> DataLoader:
+def _loader(ds: IterableDataset, cfg: DataConfig, workers: int, pin: bool) -> DataLoader:
+    """`workers`: data.num_workers as the run resolved it (ffdist.threads: auto, the cap)."""
     extra = {}
-    if cfg.num_workers > 0:
+    if workers > 0:
         extra = {"persistent_workers": cfg.persistent_workers,
                  "prefetch_factor": cfg.prefetch_factor}
-    return DataLoader(ds, batch_size=None, num_workers=cfg.num_workers, pin_memory=pin, **extra)
+    return DataLoader(ds, batch_size=None, num_workers=workers, pin_memory=pin, **extra)
 
 
 def _chunks(keys: list, size: int) -> list[list]:
@@ -217,6 +218,7 @@ def shard_streams(train: ShardSet, val: ShardSet, spec: DataSpec,
     val_images = FileImages([], tfs[1], spec.channels, split="val", total=val.total, **bad)
     val_ds = ShardBatches(val, val_images, val_keys, cfg.label_key, req.num_classes,
                           "data.val_shards")
-    return Streams(ShardTrainStream(spec, order, _loader(train_ds, cfg, req.pin_memory), position,
-                                    train),
-                   ShardEvalStream(_loader(val_ds, cfg, req.pin_memory), len(val_keys.batches)))
+    train_loader = _loader(train_ds, cfg, req.workers, req.pin_memory)
+    val_loader = _loader(val_ds, cfg, req.workers, req.pin_memory)
+    return Streams(ShardTrainStream(spec, order, train_loader, position, train),
+                   ShardEvalStream(val_loader, len(val_keys.batches)))

@@ -286,7 +286,7 @@ def test_checkpoints_folder_that_cannot_be_written_is_found_before_training(capf
     (out / "checkpoints").write_text("a file where the folder goes")  # fails even for root
     line = refused_in_process(capfd, out)
     assert line.endswith(f"output_dir={out}: its checkpoints/ folder is not writable (it is a "
-                         "file); choose another output_dir.")
+                         "file); set output_dir=PATH to another folder.")
     assert not (out / "metrics.jsonl").exists(), "it trained before finding out"
 
 

@@ -35,7 +35,9 @@ def streams(folder: Path | str, world: int, rank: int, *extra: str, pairs: bool 
             val: str | None = None):
     r = recipe_load.load(RECIPES / "digits.yaml", kit.args(
         str(folder), val or str(folder), Path("unused"), "data.augment=true", *extra))
-    return build(r, rank, plan_batches(kit.BATCH, None, world), torch.device("cpu"), pairs=pairs)
+    # the workers as the recipe gives them (a run resolves them: ffdist.assemble.resolve)
+    return build(r, rank, plan_batches(kit.BATCH, None, world), torch.device("cpu"), pairs=pairs,
+                 workers=r.data.num_workers)
 
 
 def epoch_steps(folder: Path | str, world: int, workers: int, epoch: int = 1, skip: int = 0,
@@ -220,3 +222,17 @@ def test_offset_reads_handle_long_names_and_notice_a_rewritten_shard(tmp_path):
     path.write_bytes(data[:100] + data[612:])  # everything moved by 512 bytes
     with pytest.raises(tars.Unreadable, match="the shard changed since it was indexed"):
         SampleReader(found).read(2)
+
+
+def test_shard_loaders_take_the_workers_the_run_resolved(shards):
+    """data.num_workers=auto (or a number above the cores) reaches the shard loaders as the
+    number assemble.resolve decided, never as the recipe's text."""
+    from ffdist import assemble
+
+    r = recipe_load.load(RECIPES / "digits.yaml", kit.args(
+        str(shards), str(shards), Path("unused"), "data.num_workers=auto"))
+    resolved = assemble.resolve(r, 1, torch.device("cpu"))
+    s = assemble.build_data(r, resolved, 0)
+    assert s.train.loader.num_workers == resolved.workers
+    assert s.eval.loader.num_workers == resolved.workers
+    assert len(next(iter(s.train))[1]) == kit.BATCH

@@ -149,6 +149,19 @@ def test_label_out_of_range_in_filelist(capfd, tmp_path):
     (tmp_path / "val.txt").write_text("val/0/0.jpg 0\n")
     out = tmp_path / "out"
     line = refused(train_main(capfd, *FOLDER, "data.name=filelist", f"data.root={root}",
+                              "data.batch_size=2", f"data.train_list={tmp_path / 'train.txt'}",
+                              f"data.val_list={tmp_path / 'val.txt'}", f"output_dir={out}"), out)
+    assert line.endswith("model.num_classes=2 but data.name=filelist has 6 classes; set "
+                         "model.num_classes=6 (or auto).")
+
+
+def test_label_out_of_range_of_the_named_classes_in_filelist(capfd, tmp_path):
+    root = imagefolder(tmp_path / "data")
+    (tmp_path / "train.txt").write_text("train/0/0.jpg 0\ntrain/1/0.jpg 5\n")
+    (tmp_path / "val.txt").write_text("val/0/0.jpg 0\n")
+    out = tmp_path / "out"
+    line = refused(train_main(capfd, *FOLDER, "data.name=filelist", f"data.root={root}",
+                              "data.classes=[cat,dog]", "data.batch_size=2",
                               f"data.train_list={tmp_path / 'train.txt'}",
                               f"data.val_list={tmp_path / 'val.txt'}", f"output_dir={out}"), out)
     assert "data.train_list: label 5 is out of range for 2 classes" in line

@@ -81,7 +81,8 @@ def test_a_bad_value_in_the_file_is_blamed_on_the_file(tmp_path):
      "recipe.yaml line 1: the tag !!python/object/apply:os.system is not allowed"),
     ("name: x\ndata:\n  root: ${oc.env:HOME}\n",
      "recipe.yaml: data.root='${oc.env:HOME}' calls an interpolation resolver"),
-    ("name: x\noptim: 3\n", "'optim' is a section (name, lr, momentum, nesterov, ...), not a value"),
+    ("name: x\noptim: 3\n",
+     "'optim' is a section (name, lr, lr_reference_batch, momentum, ...), not a value"),
     ("name: ..\n", "recipe.yaml: name='..' is not valid: use a plain folder name"),
     ("name: /tmp/elsewhere\n", "recipe.yaml: name='/tmp/elsewhere' is not valid"),
 ], ids=["dup-key", "dup-section", "deep", "recursive", "python-tag", "env", "section-scalar",
@@ -145,8 +146,8 @@ def test_billion_laughs_is_refused_in_under_a_second_and_little_memory(tmp_path)
                                     "use an integer from 0 to 2147483647."),
     (["seed=-1"], "seed=-1 is out of range"),
     (["optim.lr=[0.1"], "command line: the value of optim.lr=[0.1 is not valid YAML"),
-    (["optim=3"], "command line: optim=3: 'optim' is a section (name, lr, momentum, nesterov, "
-                  "...), not a value; set one of its keys, e.g. optim.name=..."),
+    (["optim=3"], "command line: optim=3: 'optim' is a section (name, lr, lr_reference_batch, "
+                  "momentum, ...), not a value; set one of its keys, e.g. optim.name=..."),
     (["launch.gpus=[x]"], "command line: launch.gpus[0]='x' has the wrong type; expected a list "
                           "of integers, e.g. launch.gpus=[0,2] (one value alone is a "
                           "one-element list)."),

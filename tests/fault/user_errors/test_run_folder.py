@@ -173,7 +173,8 @@ def test_the_write_probe_never_stays_even_on_a_full_disk(tmp_path, monkeypatch):
     (tmp_path / "kept").mkdir()
     monkeypatch.setattr(os, "fsync", full)
     with pytest.raises(run_dir.CheckpointError, match=r"not writable \(No space left on "
-                       r"device\); free space there, or choose another output_dir\."):
+                       r"device\); free space there, or set output_dir=PATH to a "
+                       r"folder on another disk\."):
         run_dir.check_writable(tmp_path / "kept" / "new" / "run")
     assert [p.name for p in tmp_path.iterdir()] == ["kept"]
     assert not any((tmp_path / "kept").iterdir())
