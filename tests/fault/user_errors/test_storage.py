@@ -69,7 +69,10 @@ def one_sentence(outcome: fs.Outcome) -> str:
     return line
 
 
-@pytest.mark.parametrize("mode,errno_name", [("full", "ENOSPC"), ("ro", "EROFS")])
+@pytest.mark.parametrize("mode,errno_name", [
+    ("full", "ENOSPC"),
+    # make test-all; "full" keeps the path (the probe, errors.storage_error) in the fast tier
+    pytest.param("ro", "EROFS", marks=pytest.mark.extended)])
 def test_every_command_that_writes_refuses_a_full_or_read_only_disk(tmp_path, inputs, mode,
                                                                     errno_name):
     disk = tmp_path / DISK
