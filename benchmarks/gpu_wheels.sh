@@ -23,6 +23,14 @@ done
 "$PIP" download --quiet --no-deps --only-binary=:all: --python-version "$PY" \
   --implementation cp --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   -d "$OUT" "${pins[@]}"
+# TorchCodec (data.decode=gpu decodes JPEGs with its nvjpeg path; without it ffdist uses
+# torchvision's decode_jpeg). Its PyPI wheels are built against one torch and CUDA: pin
+# TORCHCODEC to the release that matches the GPU machine's torch (0.17 for torch 2.14 +
+# CUDA 13). Optional: the other wheels are still written when it cannot be had.
+"$PIP" download --quiet --no-deps --only-binary=:all: --python-version "$PY" \
+  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+  -d "$OUT" "torchcodec${TORCHCODEC:->=0.16}" \
+  || echo "gpu-wheels: no TorchCodec wheel for Python $PY; data.decode=gpu will use torchvision's decoder" >&2
 # deepspeed is published as an sdist; built here without its ops it is pure Python
 "$PIP" wheel --quiet --no-deps --no-build-isolation -w "$OUT" "deepspeed==$(version deepspeed)"
 ls -l "$OUT"

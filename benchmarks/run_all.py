@@ -1,4 +1,4 @@
-"""`make bench`: benchmarks a-e in one run, then a summary (each line: the two figures,
+"""`make bench`: benchmarks a-f in one run, then a summary (each line: the two figures,
 their ratio, the target, and the load average seen while measuring).
 
     python -m benchmarks.run_all            # all;  python -m benchmarks.run_all a c
@@ -15,13 +15,15 @@ from benchmarks.common import REPO, load
 
 
 def main(argv: list[str]) -> int:
+    from benchmarks.box_path import bench_f
     from benchmarks.digits_time import bench_c
     from benchmarks.pipeline import bench_b
     from benchmarks.scaling import bench_d
     from benchmarks.step import bench_a, bench_e
 
-    which = argv or ["a", "b", "c", "d", "e"]
-    table = {"a": bench_a, "b": bench_b, "c": bench_c, "d": bench_d, "e": bench_e}
+    which = argv or ["a", "b", "c", "d", "e", "f"]
+    table = {"a": bench_a, "b": bench_b, "c": bench_c, "d": bench_d, "e": bench_e,
+             "f": bench_f}
     started = time.time()
     print(f"ffdist benchmarks on {platform.machine()}, {load()}", flush=True)
     rows: list[dict] = []

@@ -54,15 +54,17 @@ def batch_plan(recipe: Recipe, world_size: int) -> BatchPlan:
 
 def resolve(recipe: Recipe, world_size: int, device: torch.device,
             launcher_precision: str | None = None, *, trains: bool = True,
-            local_world: int | None = None) -> Resolved:
+            local_world: int | None = None, streams: bool = True) -> Resolved:
     """The derived facts of a run, or the one-sentence error that refuses it.
 
     `trains=False` (eval, predict): the refusals that concern only a training strategy
     (strategy.name=single with N processes, a precision the strategy cannot train in, as
     DeepSpeed's fp16 without a GPU) are skipped, since those commands run the plain model.
-    `local_world`: the ranks on this node, which share its cores (default: all of them)."""
+    `local_world`: the ranks on this node, which share its cores (default: all of them).
+    `streams=False` (predict): no data streams are built, so data.decode is not resolved
+    (it says "cpu")."""
     from ffdist import precision, strategies, threads
-    from ffdist.data import sources
+    from ffdist.data import decoding, sources
 
     plan = batch_plan(recipe, world_size)
     strategy = strategies.resolve_name(recipe, world_size, check=trains)
@@ -77,8 +79,11 @@ def resolve(recipe: Recipe, world_size: int, device: torch.device,
                            pixels=plan.micro * size * size,
                            in_memory=sources.get(recipe.data.name).in_memory,
                            omp=threads.omp_threads())
+    decode, why = decoding.resolve(recipe.data, recipe.model.in_channels, device,
+                                   sources.get(recipe.data.name).encoded) if streams else ("cpu", "")
     return Resolved(plan, prec, strategy, size, device, eval_image_size(recipe.data), lr,
-                    share.threads, share.workers, lr_why, share.why, share.workers_note)
+                    share.threads, share.workers, lr_why, share.why, share.workers_note,
+                    decode=decode, decode_why=why)
 
 
 def resolve_for(recipe: Recipe, info: DistInfo, *, trains: bool = True) -> Resolved:
@@ -187,7 +192,8 @@ def build_data(recipe: Recipe, resolved: Resolved, rank: int) -> Streams:
     from ffdist import data, mixup
 
     return data.build(recipe, rank, resolved.plan, resolved.device,
-                      pairs=mixup.enabled(recipe.data), workers=resolved.workers)
+                      pairs=mixup.enabled(recipe.data), workers=resolved.workers,
+                      decode=resolved.decode, decode_why=resolved.decode_why)
 
 
 def build_trainer(recipe: Recipe, info: DistInfo, resolved: Resolved, *,

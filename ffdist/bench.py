@@ -14,6 +14,11 @@ What feeds the step:
 - `--synthetic`: a fixed set of batches made on the device and cycled (no DataLoader, no
   copy): the model step alone, at the recipe's image size, channels and classes.
 
+On the recipe's data, after the timed steps: the step alone on a few of its batches, the
+input pipeline alone (images/s, CPU cores busy), which of the two bounds the run, and, for
+encoded images, the other data.decode setting's pipeline alone on a second stream (cpu
+against the box path), so that both are measured in one run (`_pipeline`).
+
 `--profile` runs `--steps` more steps of the Trainer after the timed ones under
 torch.profiler (ffdist.profiling): rank 0's trace goes to profile/ beside bench.json, and
 the operators that took the most time are printed.
@@ -40,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 from ffdist import bench_report, bench_timing
 from ffdist.bench_timing import Batch, Side
-from ffdist.errors import EXIT_USER_ERROR, RecipeError, guard
+from ffdist.errors import EXIT_USER_ERROR, FfdistError, RecipeError, guard
 from ffdist.outputs import Place
 
 if TYPE_CHECKING:
@@ -201,6 +206,8 @@ def measure(args: argparse.Namespace, rcp: Recipe, overrides: list[str],
     bench_timing.alternate([s for run in runs for s in run.sides()], args.steps, args.reps, args.warmup)
     trace = _profile(args, runs[0], info) if args.profile else None
     mine = [_rank_figures(run, args, info) for run in runs]
+    if not args.synthetic:  # the input pipeline alone and the step alone, side by side
+        mine[0][0]["pipeline"] = _pipeline(runs[0], args)
     ranks = [mine]
     if info.distributed:
         import torch.distributed as tdist
@@ -227,6 +234,50 @@ def _profile(args: argparse.Namespace, run: Run, info: DistInfo) -> Path | None:
         return None
     profiling.report(f"{args.steps} bench steps", *found)
     return found[0]
+
+
+def _pipeline(run: Run, args: argparse.Namespace) -> dict[str, Any]:
+    """This rank's step alone on a few batches of its stream (images/s at the median step),
+    then its input pipeline alone (images/s, CPU cores busy), after the timed steps. The
+    step goes first: the loader workers sit on full prefetch queues then, instead of
+    refilling them on the cores the step alone runs on."""
+    assert run.trainer is not None
+    kept = bench_timing.draw(run.trainer)
+    step = bench_timing.time_step_alone(run.trainer, kept, args.steps, max(1, min(args.warmup, 2)))
+    pipe = bench_timing.time_pipeline(run.trainer, args.steps * run.resolved.plan.accum)
+    pipe["step_alone_images_per_s"] = run.resolved.plan.per_rank / step if step > 0 else 0.0
+    other = _other_pipeline(run, args)
+    if other is not None:
+        pipe["other"] = other
+    return pipe
+
+
+def _other_pipeline(run: Run, args: argparse.Namespace) -> dict[str, Any] | None:
+    """The input pipeline alone with the other data.decode setting, on a second stream of
+    the same data: cpu against the box path (gpu on CUDA, boxes on the CPU), so that both
+    are measured in one run. None where the source holds decoded images (nothing to
+    compare); where the recipe cannot use the other setting here, the sentence saying why."""
+    from dataclasses import replace
+
+    from ffdist import assemble
+    from ffdist.data import DevicePrefetcher, decoding, sources
+
+    rcp, res = run.rcp, run.resolved
+    if not sources.get(rcp.data.name).encoded:
+        return None
+    want = "cpu" if res.decode != "cpu" else ("gpu" if res.device.type == "cuda" else "boxes")
+    try:
+        decode, _ = decoding.resolve(replace(rcp.data, decode=want), rcp.model.in_channels,
+                                     res.device, True)
+    except FfdistError as e:
+        return {"decode": want, "refused": str(e)}
+    other = replace(rcp, data=replace(rcp.data, decode=want))
+    streams = assemble.build_data(other, replace(res, decode=decode), run.info.rank)
+    batches = DevicePrefetcher(streams.train, res.device, streams.spec.mean, streams.spec.std,
+                               rcp.model.channels_last)
+    out = bench_timing.time_input(streams.train, batches, res.device,
+                                  args.steps * res.plan.accum)
+    return {**out, "decode": decode}
 
 
 PLACE = Place("--out", file=True)  # (bench.json's default folder is the run's: --out moves it)
@@ -276,6 +327,9 @@ def assemble_result(args: argparse.Namespace, runs: list[Run], ranks: list,
     assert trainer is not None
     result = {**out[0], **bench_report.describe(trainer, args),
               "ranks": [{"rank": k, **r[0][0]} for k, r in enumerate(ranks)]}
+    if "pipeline" in ranks[0][0][0]:
+        result["pipeline"] = bench_report.pipeline([r[0][0]["pipeline"] for r in ranks],
+                                                   trainer.resolved)
     if len(out) > 1:
         result["runs"] = out
     return result

@@ -52,6 +52,78 @@ def combine(ranks: list[dict[str, Any]], global_batch: int, steps: int) -> dict[
     return out
 
 
+def pipeline(ranks: list[dict[str, Any]], resolved: Any) -> dict[str, Any]:
+    """The input pipeline alone against the step alone, over every rank (each rank's
+    pipeline feeds its own step, so the slowest one's sets the pace: world x its rate),
+    and which of the two bounds the run."""
+    world = len(ranks)
+    pipe = world * min(r["images_per_s"] for r in ranks)
+    step = world * min(r["step_alone_images_per_s"] for r in ranks)
+    cores = [r["cores"] for r in ranks]
+    counts = [r["counts"] for r in ranks if r["counts"]]
+    out = {"images_per_s": pipe, "step_alone_images_per_s": step,
+           "cores": sum(cores) if None not in cores else None,
+           "bound_by": "input pipeline" if pipe < step else "step",
+           "decode": resolved.decode, "decode_why": resolved.decode_why,
+           "decoder": ranks[0]["decoder"], "device": resolved.device.type}
+    if counts:
+        out["decoded"] = {k: sum(c[k] for c in counts) for k in counts[0]}
+    other = [r["other"] for r in ranks if "other" in r]
+    if other and "refused" in other[0]:
+        out["other"] = other[0]
+    elif other:
+        rate = world * min(o["images_per_s"] for o in other)
+        cores = [o["cores"] for o in other]
+        out["other"] = {"decode": other[0]["decode"], "images_per_s": rate,
+                        "cores": sum(cores) if None not in cores else None,
+                        "decoder": other[0]["decoder"], "vs_run": rate / pipe if pipe else 0.0}
+    return out
+
+
+DECODE_WHERE = {"cpu": "loader workers decode + crop",
+                "gpu": "workers read bytes + draw boxes, the GPU decodes + crops",
+                "boxes": "workers read bytes + draw boxes, the training process decodes + "
+                         "crops on the CPU"}
+
+
+def _pipeline_rows(p: dict[str, Any], workers: int) -> list[tuple[str, str]]:
+    cores = f"{p['cores']:.1f} CPU cores busy" if p["cores"] is not None else "CPU use unknown"
+    decoded = p.get("decoded")
+    host = f"; {decoded['host']} of {decoded['host'] + decoded['device']} images decoded " \
+           "by the workers (not baseline RGB JPEGs)" if decoded and decoded["host"] else ""
+    rows = [("input pipeline", f"{p['images_per_s']:.1f} images/s alone, data.decode="
+                               f"{p['decode']} ({DECODE_WHERE[p['decode']]}), {cores} "
+                               f"(training process + {workers} workers per rank){host}"),
+            ("step alone", f"{p['step_alone_images_per_s']:.1f} images/s on batches already "
+                           "on the device")]
+    other = p.get("other")
+    if other and "refused" in other:
+        rows.append((f"data.decode={other['decode']}", f"not measured: {other['refused']}"))
+    elif other:
+        busy = f"{other['cores']:.1f} CPU cores busy" if other["cores"] is not None else \
+            "CPU use unknown"
+        rows.append((f"data.decode={other['decode']}",
+                     f"{other['images_per_s']:.1f} images/s alone "
+                     f"({DECODE_WHERE[other['decode']]}), {busy}: x{other['vs_run']:.2f} of "
+                     f"data.decode={p['decode']}'s, measured in this run"))
+    if p["bound_by"] == "input pipeline":
+        rows.append(("bound by", f"the input pipeline: {_remedy(p)} (docs/performance.md)"))
+    else:
+        rows.append(("bound by", "the step (the input pipeline keeps up)"))
+    return rows
+
+
+def _remedy(p: dict[str, Any]) -> str:
+    """What speeds up an input pipeline that bounds the run, for its data.decode setting."""
+    smaller = "smaller stored images (`ffdist shard --max-size`)"
+    if p["decode"] == "boxes":
+        return "data.decode=cpu (boxes decodes in the training process, on the CPU)"
+    if p["decode"] == "gpu":
+        return f"more data.num_workers (they read files and draw boxes) or {smaller}"
+    gpu = ", data.decode=gpu" if p.get("device") == "cuda" else ""
+    return f"more data.num_workers{gpu} or {smaller}"
+
+
 def flop_figures(flops_per_rank_step: int, step_ms: float, device: torch.device,
                  precision: str) -> dict[str, Any]:
     """Achieved TFLOP/s per device at the median step, and MFU on a known GPU."""
@@ -152,6 +224,8 @@ def table(r: dict[str, Any]) -> str:
         body = [("precision", " | ".join(x["precision"] for x in runs))]
         body += [(k, " | ".join(c.get(k, "-") for c in cols)) for k in names]
     rows = head + body
+    if "pipeline" in r:
+        rows += _pipeline_rows(r["pipeline"], r["num_workers"])
     if r["world_size"] > 1:
         rows.append(("per-rank images/s",
                      ", ".join(f"{x['train_images_per_s']:.1f}" for x in r["ranks"])))

@@ -12,7 +12,7 @@ import itertools
 import resource
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -82,10 +82,16 @@ def percentile(values: list[float], q: float) -> float:
 
 def epochs(trainer: Trainer) -> Iterator[Batch]:
     """Training batches across epoch ends, as fit() would feed them."""
+    return stream_epochs(trainer.data.train, trainer.train_batches)
+
+
+def stream_epochs(stream: Any, prefetched: Iterable[Batch]) -> Iterator[Batch]:
+    """The batches of `prefetched` (a DevicePrefetcher over `stream`, a train stream of
+    ffdist.data.stream) across epoch ends."""
     epoch = 0
     while True:
-        trainer.data.train.set_epoch(epoch)
-        yield from trainer.train_batches
+        stream.set_epoch(epoch)
+        yield from prefetched
         epoch += 1
 
 
@@ -206,6 +212,76 @@ def time_train(trainer: Trainer, steps: int, warmup: int,
     alternate([side], steps, 1, warmup)
     return {"elapsed_s": side.elapsed_s, "step_s": side.step_s, "wait_s": side.wait_s,
             "gpu": side.gpu, "peak_mem": side.peak_mem}
+
+
+def cpu_seconds() -> float | None:
+    """CPU time (user + system) of this process and its live child processes (the loader
+    workers), from /proc; None where there is no /proc (not Linux)."""
+    import os
+    from pathlib import Path
+
+    def own(pid: str) -> float:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime stime
+
+    try:
+        pids, seen, total = [str(os.getpid())], set(), 0.0
+        while pids:
+            pid = pids.pop()
+            if pid in seen:
+                continue
+            seen.add(pid)
+            try:
+                total += own(pid)
+                for task in Path(f"/proc/{pid}/task").iterdir():
+                    pids += (task / "children").read_text().split()
+            except OSError:  # a child that just ended
+                continue
+        return total
+    except (OSError, ValueError):
+        return None
+
+
+def draw(trainer: Trainer, n: int = SYNTHETIC_BATCHES) -> list[Batch]:
+    """The next `n` training micro-batches, on the device (to time the step alone)."""
+    source = epochs(trainer)
+    return [next(source) for _ in range(n)]
+
+
+def time_pipeline(trainer: Trainer, batches: int) -> dict[str, Any]:
+    """The Trainer's input pipeline alone (time_input)."""
+    return time_input(trainer.data.train, trainer.train_batches, trainer.info.device, batches)
+
+
+def time_input(stream: Any, prefetched: Any, device: torch.device,
+               batches: int) -> dict[str, Any]:
+    """An input pipeline alone: `batches` micro-batches of a train stream through its
+    DevicePrefetcher (the box path's decode and crop on the device included), nothing else.
+    Its images/s and the CPU cores it kept busy (this process and its loader workers,
+    from /proc), and the box path's counts of device- and worker-decoded samples."""
+    source = stream_epochs(stream, prefetched)
+    next(source)  # workers up, first batch out: not timed
+    _sync(device)
+    cpu0, begin, images = cpu_seconds(), time.perf_counter(), 0
+    for _ in range(batches):
+        x, _y = next(source)
+        images += len(x)
+    _sync(device)
+    wall = time.perf_counter() - begin
+    cpu1 = cpu_seconds()
+    cores = (cpu1 - cpu0) / wall if cpu0 is not None and cpu1 is not None else None
+    decoder = getattr(prefetched, "box_decoder", None)
+    return {"images_per_s": images / wall, "cores": cores, "batches": batches,
+            "counts": dict(decoder.counts) if decoder is not None else None,
+            "decoder": decoder.decoder.name if decoder is not None else None}
+
+
+def time_step_alone(trainer: Trainer, batches: list[Batch], steps: int, warmup: int) -> float:
+    """Median step (s) of the Trainer cycling `batches` already on the device: the step
+    without its input pipeline."""
+    side = trainer_side("step alone", trainer, itertools.cycle(batches))
+    alternate([side], steps, 1, warmup)
+    return percentile(side.step_s, 50)
 
 
 @torch.no_grad()

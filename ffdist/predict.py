@@ -261,7 +261,8 @@ def run(args: argparse.Namespace) -> int:
         raise DataError("--device cuda but no CUDA GPU is visible; use --device cpu or auto.")
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if cuda else "cpu")
-    resolved = resolve(loaded.recipe, 1, device, launcher_precision(), trains=False)
+    resolved = resolve(loaded.recipe, 1, device, launcher_precision(), trains=False,
+                       streams=False)
     numerics = Autocast(resolved.precision, device)  # as ffdist eval runs the model
     model = loaded.model.to(device)
     mean = torch.tensor(loaded.mean, device=device).view(1, -1, 1, 1)

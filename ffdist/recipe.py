@@ -57,6 +57,9 @@ MAX_IMAGE_PIXELS, 0.25 GiB of 24-bit pixels), which photo tools already respect.
 claiming more (a 109 KB PNG can claim 30000x30000 = 900 M pixels, 2.7 GB decoded) is refused
 from its header, before any decoder allocates; a 100-megapixel camera raises the key."""
 
+DECODE_MODES = ("cpu", "gpu", "auto", "boxes")
+"""data.decode: who decodes and crops encoded images (ffdist.data.decoding)."""
+
 MAX_NPROC = 512
 """Largest launch.nproc: processes on ONE node. A GPU node has at most 16 GPUs (one process
 each); CPU ranks go up to the cores of the largest nodes (2 x 192 today). Every process
@@ -232,6 +235,13 @@ class DataConfig:
     """Largest image (width x height) decoded, read from the file's header before any
     decoder runs: a larger one counts as unreadable (data.bad_images). Default: Pillow's
     decompression-bomb threshold, 89,478,485 (0.27 GB as RGB)."""
+    decode: str = "cpu"
+    """Where encoded images (image folders, file lists, tar shards) are decoded and cropped:
+    cpu (the loader workers decode and augment each image) | gpu (the workers read bytes
+    and draw each crop box; the GPU decodes the batch's JPEGs with nvjpeg and crops the
+    boxes in one batched kernel) | auto (gpu on a CUDA device when the recipe's
+    augmentation runs there, else cpu) | boxes (gpu's path run on the CPU: a reference
+    for tests and benchmarks). docs/performance.md."""
     auto_augment: str | None = None
     """Policy augmentation of training images (torchvision.transforms.v2 on uint8, seeded
     per sample): ra (RandAugment) | ta_wide (TrivialAugmentWide) | augmix | imagenet,
@@ -303,6 +313,8 @@ class DataConfig:
                "use skip or error")
         _check(0.0 <= self.max_bad_fraction <= 1.0, "data.max_bad_fraction",
                self.max_bad_fraction, "use a fraction between 0 and 1")
+        _check(self.decode in DECODE_MODES, "data.decode", self.decode,
+               f"use one of {', '.join(DECODE_MODES)}")
         _check(self.max_image_pixels >= 1, "data.max_image_pixels", self.max_image_pixels,
                f"use a positive pixel count, e.g. {MAX_IMAGE_PIXELS}")
         for key in ("image_size", "eval_image_size", "eval_resize_size"):

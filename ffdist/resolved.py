@@ -94,6 +94,11 @@ class Resolved:
     """The start line's words on threads: '2 threads (auto: 2 cores, 1 rank)'."""
     workers_note: str | None = None
     """One sentence when data.num_workers was capped at the cores (printed once)."""
+    decode: str = "cpu"
+    """Who decodes and crops encoded images: cpu | gpu | boxes (data.decode, `auto`
+    resolved: ffdist.data.decoding)."""
+    decode_why: str = ""
+    """What decided it (data.decode=auto), or the GPU decoder's name."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values, for `ffdist plan --json` and bench.json."""
@@ -103,4 +108,4 @@ class Resolved:
                 "precision": self.precision, "strategy": self.strategy,
                 "image_size": self.image_size, "eval_image_size": self.eval_image_size,
                 "device": self.device.type, "lr": self.lr, "threads": self.threads,
-                "workers": self.workers}
+                "workers": self.workers, "decode": self.decode}

@@ -99,6 +99,9 @@ RULES: tuple[Rule, ...] = (
     Rule("optim.lr_reference_batch", True, True, "scales optim.lr: a change of lr, from the "
                                                  "resumed step on"),
     Rule("optim.grad_clip", True, True, "a remedy after a divergence, from the resumed step on"),
+    Rule("data.decode", True, True, "where images are decoded and cropped (e.g. a run moved "
+                                    "between GPU and CPU machines): the same samples, boxes "
+                                    "and flips; cpu and the box path resample differently"),
     Rule("strategy.fsdp_reduce_dtype", True, True, "the precision of FSDP's gradient "
                                                    "reduction, from the resumed step on"),
     Rule("precision", True, True, "optimizer state is fp32 in every precision (e.g. resume a "

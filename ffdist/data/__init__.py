@@ -10,6 +10,7 @@ fast as a recipe mistake).
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 from ffdist.data import sources
@@ -23,15 +24,25 @@ if TYPE_CHECKING:
     from ffdist.data.prefetch import DevicePrefetcher
     from ffdist.recipe import Recipe
 
+log = logging.getLogger("ffdist")
+
+DECODE_SAYS = {"cpu": "the loader workers decode and augment each image",
+               "gpu": "the loader workers read bytes and draw crop boxes; the GPU decodes the "
+                      "JPEGs and crops the boxes",
+               "boxes": "the loader workers read bytes and draw crop boxes; the training "
+                        "process decodes and crops them on the CPU"}
+
 __all__ = ["DataSpec", "DevicePrefetcher", "EvalStream", "Streams", "TrainStream", "build"]
 
 
 def build(recipe: Recipe, rank: int, plan: BatchPlan, device: torch.device, *,
-          pairs: bool, workers: int) -> Streams:
+          pairs: bool, workers: int, decode: str = "cpu", decode_why: str = "") -> Streams:
     """This rank's streams of the source data.name names, for the batch plan the run
     resolved (ffdist.assemble.resolve: the streams never recompute it). `pairs`: mixup/cutmix
     is on and pairs must share a micro-batch (the caller decides: ffdist.assemble.build_data);
     `workers`: the DataLoader workers per rank it resolved.
+    `decode`: data.decode as resolved (ffdist.data.decoding; `decode_why` what decided it,
+    said once in the log by rank 0).
     The source's spec is checked against the model's classes and channels. What these
     checks find (sizes, classes, the batch against the data, channels) is reported
     together, one line per problem (errors.Refusals), not one per start."""
@@ -56,7 +67,10 @@ def build(recipe: Recipe, rank: int, plan: BatchPlan, device: torch.device, *,
                         recipe.model.in_channels, pairs, eval_batch=max(1, eval_global //
                                                                         plan.world_size),
                         # pinned host memory only helps (and only works) with CUDA
-                        pin_memory=device.type == "cuda", workers=workers)
+                        pin_memory=device.type == "cuda", workers=workers, decode=decode)
+    if rank == 0 and (decode != "cpu" or cfg.decode != "cpu"):
+        log.info("data.decode=%s: %s%s", cfg.decode, DECODE_SAYS[decode],
+                 f" ({decode_why})" if decode_why else "")
     streams = None
     with problems.check():
         streams = source.build(cfg, req)

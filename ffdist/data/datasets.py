@@ -5,7 +5,9 @@ int label).
 batch is one indexing operation (`__getitems__`), with batched augmentation, no per-sample
 Python. `FileImages`: (path, label) pairs (image folders, file lists) decoded to uint8
 tensors (`decode`: the header's pixel count checked first, ffdist.data.decode_limits),
-augmented with transforms v2.
+augmented with transforms v2; on the box path (its transform a box sampler of
+ffdist.data.boxes: data.decode=gpu | boxes) a sample is its bytes and crop box instead
+(ffdist.data.encoded), decoded later on the device.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch.utils.data import Dataset
 
 from ffdist.data import decode_limits
 from ffdist.data import transforms as T
+from ffdist.data.boxes import EvalBoxes, TrainBoxes
 from ffdist.errors import DataError
 from ffdist.recipe import MAX_IMAGE_PIXELS
 
@@ -113,6 +116,9 @@ class FileImages(Dataset):
         transformed as sample `key`; None when it cannot be decoded (data.bad_images=skip).
         `name` says which file it was, in messages."""
         epoch, idx, rep = _split_keys([key])
+        if isinstance(self.transform, (TrainBoxes, EvalBoxes)):  # the box path
+            return self._boxed(int(T.sample_seeds(self.seed, epoch, idx, rep)[0]), data, name,
+                               label)
         try:
             image = decode_bytes(data, self.channels, self.max_pixels)
         except (RuntimeError, OSError, ValueError) as e:  # broken, foreign or too large
@@ -123,6 +129,30 @@ class FileImages(Dataset):
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(int(T.sample_seeds(self.seed, epoch, idx, rep)[0]))
             return self.transform(image), label
+
+    def _boxed(self, seed: int, data: torch.Tensor, name: str, label: int) -> object:
+        """The box path's sample (ffdist.data.encoded): the bytes and the crop box of a JPEG
+        a GPU decoder takes, else (PNG, progressive, grey, CMYK, EXIF-rotated) the image
+        decoded and cropped here, as data.decode=cpu decodes it. The pixel limit applies
+        here, before anything leaves the worker; None when unreadable (data.bad_images)."""
+        from ffdist.data import boxes
+        from ffdist.data.encoded import BoxSpec, EncodedSample, HostSample
+
+        sampler: TrainBoxes | EvalBoxes = self.transform  # type: ignore[assignment]
+        spec = BoxSpec(sampler.size, self.channels, self.bad_images, self.max_bad_fraction,
+                       self.total, self.split)
+        try:
+            header = decode_limits.check(memoryview(data.numpy()), self.max_pixels)
+            if not header.host_only:
+                box, flip = sampler.draw(seed, header.height, header.width)
+                return EncodedSample(data, box, flip, header.height, header.width, label, name,
+                                     spec)
+            image = decode_bytes(data, self.channels, self.max_pixels)
+        except (RuntimeError, OSError, ValueError) as e:  # broken, foreign or too large
+            return self._unreadable(name, e)
+        box, flip = sampler.draw(seed, image.shape[-2], image.shape[-1])
+        return HostSample(boxes.crop_one(image, box, flip, sampler.size), label, name,
+                          header.host_only, spec)
 
     def _unreadable(self, path: str, e: Exception | str) -> None:
         if isinstance(e, decode_limits.TooManyPixels):
@@ -246,5 +276,9 @@ def collate(batch: object) -> object:
         return batch
     from torch.utils.data import default_collate
 
+    from ffdist.data import encoded
+
     kept = [b for b in batch if b is not None]  # None: an unreadable file skipped
+    if kept and isinstance(kept[0], (encoded.EncodedSample, encoded.HostSample)):
+        return encoded.collate(kept)  # the box path: bytes and boxes (ffdist.data.encoded)
     return default_collate(kept) if kept else None

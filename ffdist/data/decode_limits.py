@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import io
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -55,6 +55,11 @@ class Header:
     format: str  # Pillow's name: JPEG, PNG, WEBP, GIF, BMP, TIFF (MPO: a JPEG)
     width: int
     height: int
+    host_only: str = field(default="", compare=False)
+    """Why a GPU JPEG decoder must not take this file ('' when it may: a baseline JPEG of
+    three YCbCr components without an EXIF rotation, which nvjpeg decodes as libjpeg-turbo
+    does): not a JPEG, progressive, grey, CMYK/Adobe RGB, or EXIF-rotated (TorchCodec
+    applies the rotation, ffdist's CPU decode does not: the crop boxes would not match)."""
 
     @property
     def pixels(self) -> int:
@@ -70,7 +75,21 @@ def read_header(data: bytes | bytearray | memoryview | str | os.PathLike[str]) -
     reads). Reads the header only: no pixel is decoded, whatever the size claimed."""
     with _opened(data) as fp:
         image = open_lazy(fp)
-        return Header(image.format or "", *image.size)
+        return Header(image.format or "", *image.size, host_only=_host_only(image))
+
+
+def _host_only(image: Any) -> str:
+    """Header.host_only of an opened (not decoded) Pillow image."""
+    if image.format != "JPEG":
+        return f"{'a camera JPEG (MPO)' if image.format == 'MPO' else image.format}"
+    info = image.info
+    if info.get("progressive") or info.get("progression"):
+        return "a progressive JPEG"
+    if image.mode != "RGB" or info.get("adobe_transform") == 0:
+        return {"L": "a grey JPEG", "CMYK": "a CMYK JPEG"}.get(image.mode, "an RGB-coded JPEG")
+    if "exif" in info and image.getexif().get(0x0112, 1) not in (0, 1):  # Orientation
+        return "an EXIF-rotated JPEG"
+    return ""
 
 
 def check(data: bytes | bytearray | memoryview | str | os.PathLike[str],

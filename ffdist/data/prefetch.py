@@ -1,11 +1,20 @@
 """The device step of the data path: host uint8 batches -> normalized float batches on the
-device, the copy of the next batch overlapping the compute of this one on CUDA."""
+device, the copy of the next batch overlapping the compute of this one on CUDA.
+
+A batch of the box path (data.decode=gpu | boxes: ffdist.data.encoded.EncodedBatch, bytes
+and crop boxes instead of pixels) is decoded and cropped on the device first
+(ffdist.data.gpu_decode.BoxDecoder), in the same place: the stream hands out what its
+source made, and the Trainer sees normalized batches either way.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
+
+from ffdist.data.encoded import EncodedBatch
 
 
 class DevicePrefetcher:
@@ -26,14 +35,23 @@ class DevicePrefetcher:
         # (x - mean) / std as x * scale + shift: one fused addcmul pass over the batch
         self.scale = 1.0 / self.std
         self.shift = -self.mean * self.scale
+        self.box_decoder: Any = None  # made at the first box-path batch (gpu_decode)
 
     def __len__(self) -> int:
         """Batches of an eval stream (ZeRO-3 pads short shards: strategies/deepspeed.py)."""
         return len(self.loader)  # type: ignore[arg-type]
 
-    def _prepare(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = x.to(self.device, non_blocking=True)
-        y = y.to(self.device, non_blocking=True)
+    def _prepare(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(batch, EncodedBatch):
+            if self.box_decoder is None:
+                from ffdist.data.gpu_decode import BoxDecoder
+
+                self.box_decoder = BoxDecoder(self.device)
+            x, y = self.box_decoder(batch)  # float32 0..255 on the device
+        else:
+            x, y = batch
+            x = x.to(self.device, non_blocking=True)
+            y = y.to(self.device, non_blocking=True)
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         # uint8 -> float32 and the layout change in one copy, then one normalizing pass
         # (two passes over the batch, not four: layout, float, sub, div; every step).
@@ -46,15 +64,15 @@ class DevicePrefetcher:
         if self.device.type == "cuda":
             yield from self._iter_cuda()
         else:
-            for x, y in self.loader:
-                yield self._prepare(x, y)
+            for batch in self.loader:
+                yield self._prepare(batch)
 
     def _iter_cuda(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         stream = torch.cuda.Stream(device=self.device)
         pending = None
-        for x, y in self.loader:
+        for batch in self.loader:
             with torch.cuda.stream(stream):
-                nxt = self._prepare(x, y)
+                nxt = self._prepare(batch)
             if pending is not None:
                 yield pending
             torch.cuda.current_stream(self.device).wait_stream(stream)

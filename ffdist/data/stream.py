@@ -3,7 +3,9 @@
 A data source (ffdist.data.sources) builds `Streams` for one rank; the Trainer, `ffdist
 bench`, `ffdist eval` and `ffdist train` use nothing else of it. The streams hand out
 uint8 NCHW images and int64 labels on the host; ffdist.data.prefetch.DevicePrefetcher
-moves them to the device and normalizes them there (with the spec's mean/std).
+moves them to the device and normalizes them there (with the spec's mean/std). On the box
+path (data.decode=gpu | boxes) a batch is an ffdist.data.encoded.EncodedBatch instead
+(bytes and crop boxes), which the prefetcher decodes and crops on the device first.
 
 Contract of a train stream (what exact resume and world-size invariance rest on):
 - `steps_per_epoch` optimizer steps make an epoch, the same for every rank and world size.
@@ -94,6 +96,7 @@ class StreamRequest:
     eval_batch: int          # this rank's eval batch
     pin_memory: bool = False  # CUDA: page-locked host batches for the async copy
     workers: int = 0         # DataLoader workers (data.num_workers as resolved: ffdist.threads)
+    decode: str = "cpu"      # cpu | gpu | boxes: ffdist.data.decoding, resolved
 
     @property
     def world(self) -> int:

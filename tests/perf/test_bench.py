@@ -48,6 +48,7 @@ def test_bench_one_device_writes_bench_json_in_run_dir(tmp_path: Path) -> None:
     r = json.loads((tmp_path / "bench.json").read_text())
     check_figures(r, world=1, batch=32, steps=4)
     assert r["data"] == "digits" and r["image_size"] == 8
+    assert r["pipeline"]["decode"] == "cpu" and r["pipeline"]["images_per_s"] > 0  # real data
     assert "train images/s" in proc.stdout and "bench.json" in proc.stdout
     assert not (tmp_path / "checkpoints").exists()  # bench trains nothing that lasts
 

@@ -75,6 +75,26 @@ def test_write_adds_a_dated_section_above_the_earlier_ones(tmp_path: Path) -> No
     assert (REPO / "benchmarks" / "RESULTS-gpu.md").read_text().startswith(gpu_check.HEADER)
 
 
+def test_decode_ratios_pair_the_runs_of_one_run_and_judge_targets_on_a_gpu_only() -> None:
+    def fig(ips: float, wait: float) -> dict:
+        return {"train_images_per_s": ips, "data_wait_fraction": wait}
+
+    figures = {"cpu eager": fig(100, 0.3), "box eager": fig(150, 0.01),
+               "cpu compiled": fig(120, 0.4), "box compiled": fig(240, 0.01),
+               "box compiled 4w": fig(180, 0.05), "box compiled shards": fig(264, 0.01)}
+    dry = {r["check"]: r for r in gpu_check.decode_ratios(figures, gpu_check.DRY)}
+    assert dry["real JPEGs eager: decode=boxes / decode=cpu"]["result"] == "1.500"
+    assert dry["real JPEGs compiled: decode=boxes / decode=cpu"]["result"] == "2.000"
+    four = dry["real JPEGs compiled, decode=boxes: 4 workers / the recipe's"]
+    assert four["result"] == "0.750" and four["ok"] is None  # a CPU judges nothing
+    assert dry["real JPEGs compiled, decode=boxes: shards / files"]["result"] == "1.100"
+    gpu = {r["check"]: r for r in gpu_check.decode_ratios(figures, gpu_check.GPU)}
+    assert gpu["real JPEGs compiled, decode=gpu: 4 workers / the recipe's"]["ok"] is False
+    # a run that failed leaves its ratios out instead of inventing them
+    del figures["box compiled 4w"]
+    assert not any("4 workers" in r["check"] for r in gpu_check.decode_ratios(figures, gpu_check.DRY))
+
+
 # make test-all only; the fast tier trains FSDP for real (tests/distributed/test_fsdp.py) and
 # covers the write-up (test_write_adds_a_dated_section_above_the_earlier_ones)
 @pytest.mark.extended
@@ -90,3 +110,16 @@ def test_dry_run_fsdp_step_benches_fsdp_and_ddp_against_the_plan(tmp_path: Path)
     step = [ln for ln in rows if ln.startswith("| FSDP / DDP median step")]
     assert len(step) == 1 and " ms = " in step[0], rows
     assert "**NO**" not in out.read_text() and "[-] FSDP / DDP" in proc.stdout
+
+
+def test_a_decode_row_names_what_bench_measured_and_whose_decoder() -> None:
+    r = {"train_images_per_s": 4100.4, "data_wait_fraction": 0.031, "host_cores": 6.25,
+         "pipeline": {"images_per_s": 3900, "cores": 11.5, "step_alone_images_per_s": 5600,
+                      "bound_by": "input pipeline", "decoder": None,
+                      "other": {"decode": "gpu", "images_per_s": 7800, "vs_run": 2.0,
+                                "decoder": "TorchCodec 0.17.0 (nvjpeg) on cuda:0"}}}
+    text = gpu_check._decode_result(r)
+    assert text.startswith("4,100 images/s, data wait 3.1%, host CPU 6.2 cores")
+    assert "pipeline alone 3,900 images/s on 11.5 cores, step alone 5,600" in text
+    assert "bound by input pipeline" in text and "(x2.00)" in text
+    assert text.endswith("decode=gpu's decoder: TorchCodec 0.17.0 (nvjpeg) on cuda:0")

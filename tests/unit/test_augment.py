@@ -144,7 +144,7 @@ def test_folder_pipeline_is_torchvisions_compose_and_eval_has_its_own_size(tmp_p
 
 @pytest.mark.parametrize("key", ["image_size", "eval_image_size", "eval_resize_size"])
 def test_size_keys_are_refused_for_data_of_its_own_size(key):
-    r = recipe_load.load(None, [f"data.{key}=16"])
+    r = recipe_load.load(None, [f"data.{key}=16", "model.in_channels=1"])
     with pytest.raises(RecipeError, match=f"data.{key}=16 does not apply to data.name=digits, "
                                           "whose images are 8x8"):
         build(r, 0, plan_batches(r.data.batch_size, None, 1), torch.device("cpu"), pairs=False,

@@ -56,6 +56,10 @@ class Source:
     folder_like = False
     """Eval, predict and export resize the short side and centre-crop (photographs of any
     size); False: images are resized to the model's side as they are."""
+    encoded = False
+    """Its samples are encoded images (files, tar shard members): data.decode=gpu may move
+    their decoding and cropping to the device (ffdist.data.decoding); False: decoded images
+    in memory."""
     in_memory = False
     """The images are held in memory and a batch is one indexing: loader workers would only
     add copies (data.num_workers=auto starts none; ffdist.threads)."""

@@ -16,8 +16,9 @@ from ffdist.data.sources.base import SMOKE, DataMissing, MapSource, Source, wher
 from ffdist.errors import DataError
 
 if TYPE_CHECKING:
+    from ffdist.data.boxes import BoxSampler
     from ffdist.data.mapstyle import MapData
-    from ffdist.data.stream import DataSpec
+    from ffdist.data.stream import DataSpec, StreamRequest, Streams
     from ffdist.recipe import DataConfig
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG")
@@ -33,38 +34,55 @@ class FolderSource(MapSource):
     for evaluation (data.eval_image_size, data.eval_resize_size)."""
 
     folder_like = True
+    encoded = True
     in_memory = False
 
     def splits(self, cfg: DataConfig, num_classes: int) -> tuple[Samples, Samples, list[str]]:
         """(train samples, val samples, class names)."""
         raise NotImplementedError
 
-    def datasets(self, cfg: DataConfig, seed: int, num_classes: int, channels: int) -> MapData:
+    def build(self, cfg: DataConfig, req: StreamRequest) -> Streams:
+        from ffdist.data.mapstyle import map_streams
+
+        data = self.datasets(cfg, req.seed, req.num_classes, req.channels, req.decode)
+        return map_streams(data, cfg, req)
+
+    def datasets(self, cfg: DataConfig, seed: int, num_classes: int, channels: int,
+                 decode: str = "cpu") -> MapData:
         from ffdist.data.datasets import FileImages
         from ffdist.data.mapstyle import MapData
 
         train, val, classes = self.splits(cfg, num_classes)
-        train_tf, val_tf, spec = photo_pipeline(self, cfg, channels, classes)
+        train_tf, val_tf, spec = photo_pipeline(self, cfg, channels, classes, decode)
         bad = {"bad_images": cfg.bad_images, "max_bad_fraction": cfg.max_bad_fraction,
                "max_pixels": cfg.max_image_pixels}
         return MapData(FileImages(train, train_tf, channels, seed, split="train", **bad),
                        FileImages(val, val_tf, channels, split="val", **bad), spec)
 
 
-def photo_pipeline(source: Source, cfg: DataConfig, channels: int, classes: list[str]
-                   ) -> tuple[Callable, Callable, DataSpec]:
+def photo_pipeline(source: Source, cfg: DataConfig, channels: int, classes: list[str],
+                   decode: str = "cpu") -> tuple[Callable | BoxSampler, Callable | BoxSampler,
+                                                 DataSpec]:
     """(train transform, eval transform, spec) of photographs of any size, decoded per
     sample (folders, file lists, tar shards): random resized crops (+ the policy and
-    erasing) for training, resize + centre crop for evaluation."""
+    erasing) for training, resize + centre crop for evaluation. On the box path (`decode`
+    gpu or boxes: ffdist.data.decoding) the "transforms" are the box samplers that draw the
+    same crops (ffdist.data.boxes); FileImages then sends bytes and boxes."""
     from ffdist.data import transforms as T
     from ffdist.data.stream import DataSpec
 
     size = source.train_size(cfg)
     mean, std = source.normalization(channels)
     interp = cfg.interpolation
-    train_tf = T.folder_train(size, interp, T.sample_transforms(cfg, mean, std)) \
-        if cfg.augment else T.folder_eval(size, interp=interp)
-    val_tf = T.folder_eval(source.eval_size(cfg), cfg.eval_resize_size, interp)
+    if decode in ("gpu", "boxes"):
+        from ffdist.data.boxes import EvalBoxes, TrainBoxes
+
+        train_tf: Callable | BoxSampler = TrainBoxes(size) if cfg.augment else EvalBoxes(size)
+        val_tf: Callable | BoxSampler = EvalBoxes(source.eval_size(cfg), cfg.eval_resize_size)
+    else:
+        train_tf = T.folder_train(size, interp, T.sample_transforms(cfg, mean, std)) \
+            if cfg.augment else T.folder_eval(size, interp=interp)
+        val_tf = T.folder_eval(source.eval_size(cfg), cfg.eval_resize_size, interp)
     spec = DataSpec(classes, channels, size, mean, std, cfg.eval_image_size,
                     cfg.eval_resize_size)
     return train_tf, val_tf, spec

@@ -37,6 +37,7 @@ FORMS = ("a folder written by `ffdist shard`, a brace pattern such as "
 class Shards(Source):
     name = "shards"
     folder_like = True
+    encoded = True
 
     @staticmethod
     def specs(cfg: DataConfig) -> list[tuple[str, str, str]]:
@@ -90,7 +91,7 @@ class Shards(Source):
                          spec)
             sets.append(found)
         classes = self.classes(cfg, req.num_classes)
-        train_tf, val_tf, spec_ = photo_pipeline(self, cfg, req.channels, classes)
+        train_tf, val_tf, spec_ = photo_pipeline(self, cfg, req.channels, classes, req.decode)
         return shard_streams(sets[0], sets[1], spec_, (train_tf, val_tf), cfg, req)
 
 
