@@ -9,9 +9,12 @@ perm[k*B:(k+1)*B] whatever the world size: 1, 2 or 8 ranks train the same schedu
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,6 +27,10 @@ from ffdist.recipe import DataConfig
 from ffdist.resolved import BatchPlan
 
 log = logging.getLogger(__name__)
+
+SAMPLE_LOG = "FFDIST_SAMPLE_LOG"
+"""Tests only: a folder where each rank records the sample indices of each step it takes
+(TrainSampler._log_samples); unset, nothing is written."""
 
 
 class TrainSampler(Sampler[tuple]):
@@ -94,12 +101,28 @@ class TrainSampler(Sampler[tuple]):
         mine = torch.arange(len(index)).view(-1, w, chunk)[:, self.rank].reshape(-1)
         mine = mine[self.skip * self.plan.per_rank:]
         e = self.epoch
+        if os.environ.get(SAMPLE_LOG):
+            self._log_samples(index[mine].tolist())
         if self.repeats > 1:
             return iter([(e, i, c) for i, c in zip(index[mine].tolist(), copy[mine].tolist())])
         return iter([(e, i) for i in index[mine].tolist()])
 
     def __len__(self) -> int:
         return (self.steps_per_epoch - self.skip) * self.plan.per_rank
+
+    def _log_samples(self, indices: list[int]) -> None:
+        """Tests only (FFDIST_SAMPLE_LOG=<folder>): append to <folder>/rank<r>.jsonl one
+        line per optimizer step of this epoch that this rank's iteration hands out, with
+        the sample indices it takes at that step, in order; a test counts them over a
+        resume."""
+        folder = Path(os.environ[SAMPLE_LOG])
+        folder.mkdir(parents=True, exist_ok=True)
+        n, first = self.plan.per_rank, self.epoch * self.steps_per_epoch + self.skip + 1
+        with open(folder / f"rank{self.rank}.jsonl", "a") as f:
+            for k in range(len(indices) // n):
+                f.write(json.dumps({"step": first + k, "epoch": self.epoch, "rank": self.rank,
+                                    "world": self.plan.world_size,
+                                    "index": indices[k * n:(k + 1) * n]}) + "\n")
 
 
 class ShardSampler(Sampler[int]):

@@ -14,9 +14,11 @@ once per optimizer step (`engine.no_sync()` itself refuses ZeRO-2/3).
 
 Checkpoints: per-rank shards of format "deepspeed-zero" (DeepSpeed's own files: every rank
 its optimizer partition, rank 0 the module states), with the ZeRO stage as the layout's
-parameter; they resume only at the same world size and stage (a universal-checkpoint
-conversion would lift that). Its EMA averages the fp32 master partitions
-(ffdist.strategies.deepspeed_ema).
+parameter; they resume at the same stage. ZeRO-1/2/3 shards also resume at another world
+size: ffdist converts them once into a world-size-free `resharded/` folder inside the
+checkpoint and every rank cuts its partitions out of it (ffdist.strategies.zero_reshard);
+ZeRO-0 resumes only at the world size that wrote it. Its EMA averages the fp32 master
+partitions (ffdist.strategies.deepspeed_ema).
 
 Memory model (`ffdist plan`'s ZeRO rows): the module holds low-precision weights w = 2
 bytes (bf16/fp16) or 4 (fp32); the optimizer holds a fp32 master copy (4 bytes, made even
@@ -42,7 +44,7 @@ from torch import nn
 from ffdist import memory
 from ffdist.ckpt_format import SHARDS, Layout
 from ffdist.dist import DistInfo, ensure_process_group
-from ffdist.errors import CheckpointError, LaunchError
+from ffdist.errors import CheckpointError, LaunchError, shorten
 from ffdist.optim import build_optimizer
 from ffdist.recipe import Recipe
 from ffdist.strategies import ds_config
@@ -61,7 +63,7 @@ class DeepSpeed(Strategy):
     layout_kind = SHARDS
     layout_format = "deepspeed-zero"
     reads = ("deepspeed-zero", "v2:deepspeed")  # and what format 2 called it
-    reshards = False  # each shard holds this world size's partition
+    reshards = True  # ZeRO-1/2/3, through ffdist.strategies.zero_reshard (check_resume)
     memory_rows = {f"ZeRO-{s}": f"strategy.name=deepspeed strategy.zero_stage={s}"
                    for s in STAGES}
     # The engine decides fp16 overflow on the host (DeepSpeed's loss scaler reads it back
@@ -83,10 +85,17 @@ class DeepSpeed(Strategy):
                      resolved: Resolved) -> None:
         world, stage = resolved.plan.world_size, recipe.strategy.zero_stage
         saved_stage = saved.params.get("zero_stage")
-        if saved.world_size != world or saved_stage != stage:
+        if saved_stage != stage:
             raise CheckpointError(
                 f"{source} holds ZeRO-{saved_stage} shards of {saved.world_size} ranks, this "
-                f"run is ZeRO-{stage} on {world}; resume with the same, or start from the "
+                f"run is ZeRO-{stage} on {world}; resume with strategy.zero_stage="
+                f"{saved_stage}, or start from the weights with "
+                "model.pretrained=<run>/model.pt and a new output_dir.")
+        if saved.world_size != world and stage not in STAGES:  # no partitions to recut
+            raise CheckpointError(
+                f"{source} holds ZeRO-{saved_stage} shards of {saved.world_size} ranks, this "
+                f"run would continue them on {world}; ZeRO-0 resumes only at the world size "
+                f"that wrote it: resume with {saved.world_size} processes, or start from the "
                 "weights with model.pretrained=<run>/model.pt and a new output_dir.")
 
     @classmethod
@@ -216,8 +225,16 @@ class DeepSpeed(Strategy):
 
     def load_shards(self, path: Path) -> None:
         """(World size and ZeRO stage were checked against the checkpoint by check_resume
-        before the run directory was touched.)"""
+        before the run directory was touched.) Shards of another world size are converted
+        once (rank 0) and every rank takes its partitions from the conversion."""
+        from ffdist.strategies import zero_reshard
+
         path = Path(path)
+        # (ZeRO-0 writes no partitions to count; check_resume kept it at its world size)
+        if self.zero_stage in STAGES and zero_reshard.saved_world_size(path) != \
+                self.info.world_size:
+            self._load_resharded(path)
+            return
         loaded, _ = self.engine.load_checkpoint(str(path.parent), tag=path.name,
                                                 load_optimizer_states=True,
                                                 load_lr_scheduler_states=False)
@@ -225,6 +242,29 @@ class DeepSpeed(Strategy):
             raise CheckpointError(f"DeepSpeed could not load the shards in {path}; the "
                                   "checkpoint is incomplete, remove that folder to resume "
                                   "from the one before.")
+
+    def _load_resharded(self, path: Path) -> None:
+        from ffdist.dist import all_reduce_sum
+        from ffdist.strategies import zero_reshard
+
+        failed = None
+        if self.info.is_primary:
+            try:
+                zero_reshard.convert(path)
+            except Exception as e:  # the others must not wait for a file that never comes
+                failed = e
+        flag = torch.tensor([0.0 if failed is None else 1.0], device=self.info.device)
+        if all_reduce_sum(flag).item():
+            if isinstance(failed, CheckpointError):
+                raise failed
+            raise CheckpointError(
+                f"converting the DeepSpeed shards in {path} to this world size failed"
+                + (f" ({type(failed).__name__}: {shorten(str(failed))})" if failed
+                   else " on rank 0")
+                + "; resume with the world size that wrote them, or remove that folder to "
+                "resume from the one before.") from failed
+        zero_reshard.load(self.engine, path / zero_reshard.FOLDER / zero_reshard.STATE,
+                          self.info.rank, self.info.world_size)
 
     def make_ema(self, decay: float, every: int, warmup_steps: int, buffers: str) -> EMA:
         """The EMA of the fp32 master partitions (ffdist.strategies.deepspeed_ema)."""

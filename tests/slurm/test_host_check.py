@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import time
+from pathlib import Path
 
 from tests.slurm import conftest
 
@@ -19,6 +21,10 @@ def test_host_check_sees_changes(tmp_path, monkeypatch):
     fake = tmp_path / "munged"  # a process whose name is munged: a daemon to the check
     shutil.copy("/bin/sleep", fake)
     daemon = subprocess.Popen([str(fake), "60"])
+    comm = Path(f"/proc/{daemon.pid}/comm")
+    deadline = time.monotonic() + 30
+    while comm.read_text().strip() != "munged" and time.monotonic() < deadline:
+        time.sleep(0.01)  # the fork runs, the exec of `munged` has not happened yet (load)
     try:
         before = {"etc": conftest.etc_snapshot(), "daemons": conftest.running_daemons()}
         assert before["etc"][str(etc / "munge")] is None  # absent, and recorded as such

@@ -138,8 +138,9 @@ def _resolved(*overrides: str, world: int = 1):
                                            "with strategy.name=single or ddp"),
     (dict(layout=zero(3)), ("strategy.name=deepspeed",),
      "holds ZeRO-3 shards of 2 ranks, this run is ZeRO-2 on 1"),
-    (dict(layout=zero(2)), ("strategy.name=deepspeed",),
-     "holds ZeRO-2 shards of 2 ranks, this run is ZeRO-2 on 1"),
+    (dict(layout=zero(0)), ("strategy.name=deepspeed", "strategy.zero_stage=0"),
+     "holds ZeRO-0 shards of 2 ranks, this run would continue them on 1; ZeRO-0 resumes "
+     "only at the world size that wrote it"),
     (dict(layout=Layout(SHARDS, "fsdp-dcp", 4)), (),
      "holds a checkpoint of format 'fsdp-dcp' .4 ranks., which strategy.name=single cannot "
      "resume; no strategy here reads it"),
@@ -157,16 +158,21 @@ def test_check_compatible_refuses_what_the_run_cannot_resume(saved, run, match) 
         check_compatible(ckpt, torch.nn.Linear(3, 2), "ckpt", rcp, resolved)
 
 
-def test_one_file_resumes_at_any_world_size_and_zero_at_its_own() -> None:
+def test_one_file_and_zero_1_2_3_shards_resume_at_any_world_size() -> None:
+    """ZeRO-1/2/3 shards of another world size are converted on load
+    (ffdist.strategies.zero_reshard; tests/distributed/test_resume_matrix.py runs it)."""
     from ffdist.checkpoint import check_compatible
 
     model = torch.nn.Linear(3, 2)
     for world in (1, 2, 4):  # single (1), DDP (2, 4): the whole state is in the file
         rcp, resolved = _resolved("strategy.name=auto", world=world)
         check_compatible(_ckpt(model=model.state_dict()), model, "ckpt", rcp, resolved)
-    rcp, resolved = _resolved("strategy.name=deepspeed", "strategy.zero_stage=3", world=2)
-    check_compatible(_ckpt(layout=zero(3), model=None, optimizer=None, shards=Path("s")),
-                     model, "ckpt", rcp, resolved)
+    for stage in (1, 2, 3):
+        for world in (1, 2, 4):
+            rcp, resolved = _resolved("strategy.name=deepspeed", f"strategy.zero_stage={stage}",
+                                      world=world)
+            check_compatible(_ckpt(layout=zero(stage), model=None, optimizer=None,
+                                   shards=Path("s")), model, "ckpt", rcp, resolved)
 
 
 def test_format_2_files_are_read_and_their_layout_derived(tmp_path: Path) -> None:
@@ -194,10 +200,13 @@ def test_format_2_files_are_read_and_their_layout_derived(tmp_path: Path) -> Non
     back = read_checkpoint(folder)
     assert back.layout == Layout(SHARDS, "v2:deepspeed", 2, {"zero_stage": 2})
     assert back.shards == folder and is_resumable(back)
-    check_compatible(back, model, "ckpt", *_resolved("strategy.name=deepspeed", world=2))
+    for world in (1, 2):  # ZeRO-2 shards: at any world size (converted on load)
+        check_compatible(back, model, "ckpt", *_resolved("strategy.name=deepspeed",
+                                                         world=world))
     with pytest.raises(CheckpointError, match="holds ZeRO-2 shards of 2 ranks, this run is "
-                                              "ZeRO-2 on 1"):
-        check_compatible(back, model, "ckpt", *_resolved("strategy.name=deepspeed"))
+                                              "ZeRO-3 on 1"):
+        check_compatible(back, model, "ckpt", *_resolved("strategy.name=deepspeed",
+                                                         "strategy.zero_stage=3"))
     with pytest.raises(CheckpointError, match="holds DeepSpeed ZeRO-2 shards of 2 ranks"):
         check_compatible(back, model, "ckpt", *_resolved(world=2))
     with pytest.raises(CheckpointError, match="lacks strategy"):
