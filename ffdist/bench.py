@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 from ffdist import bench_report, bench_timing
 from ffdist.bench_timing import Batch, Side
 from ffdist.errors import EXIT_USER_ERROR, FfdistError, RecipeError, guard
+from ffdist.outputs import Place
 
 if TYPE_CHECKING:
     from ffdist.dist import DistInfo
@@ -279,6 +280,9 @@ def _other_pipeline(run: Run, args: argparse.Namespace) -> dict[str, Any] | None
     return {**out, "decode": decode}
 
 
+PLACE = Place("--out", file=True)  # (bench.json's default folder is the run's: --out moves it)
+
+
 def out_path(args: argparse.Namespace, rcp: Recipe) -> Path:
     """Where bench.json goes: --out, else the run directory."""
     return Path(args.out) if args.out else rcp.run_dir / "bench.json"
@@ -332,7 +336,7 @@ def assemble_result(args: argparse.Namespace, runs: list[Run], ranks: list,
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from ffdist import checkpoint, dist, recipe_load
+    from ffdist import dist, outputs, recipe_load
     from ffdist.monitor import setup_logging
 
     overrides = [*args.overrides, *settled_overrides(args.recipe, list(args.overrides))]
@@ -341,11 +345,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rcp = recipe_load.load(args.recipe, overrides)
     info = dist.init(rcp.launch)
     try:
+        out = out_path(args, rcp)
+        # minutes of measuring are not spent for a file that cannot be written
+        dist.primary_check(info, lambda: outputs.check_folder(
+            out.parent, "ffdist bench", PLACE, names=[out.name]), "bench-out", "the output check")
         setup_logging(info.is_primary)
         result = measure(args, rcp, overrides, info)
         if info.is_primary:
-            out = out_path(args, rcp)
-            checkpoint.save_text(out, json.dumps(result, indent=1) + "\n")
+            outputs.write_text(out, json.dumps(result, indent=1) + "\n", PLACE)
             print(bench_report.table(result))
             print(f"wrote {out}")
         return result

@@ -40,6 +40,7 @@ from ffdist.ckpt_format import (
     is_resumable,
 )
 from ffdist.errors import CheckpointError, shorten
+from ffdist.outputs import fail_storage
 from ffdist.recipe import CheckpointConfig, Recipe
 from ffdist.state_dicts import clean_state_dict
 
@@ -80,6 +81,9 @@ def atomic_write(path: Path, write: Any) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # a full or read-only disk: one sentence (torch.save
+        fail_storage(e, path, "output_dir")  # turns write()'s OSError into a RuntimeError)
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ffdist import rendezvous
-from ffdist.errors import LaunchError
+from ffdist.errors import FfdistError, LaunchError
 from ffdist.world import int_env, world_from_env
 
 if TYPE_CHECKING:
@@ -318,6 +318,27 @@ def decide(phase: str, value: Any, judge: Callable[[list[Any]], Any], what: str)
     if _meeting is None:
         return judge([value])
     return _meeting.decide(phase, value, judge, what)
+
+
+def primary_check(info: DistInfo, check: Callable[[], None], phase: str, what: str) -> None:
+    """Run `check` on the primary rank only (what only it writes: a report, bench.json) and
+    raise its user error on every rank, so that no rank goes on to wait in a collective
+    for a primary that stopped (`decide`: a deadline, no collective)."""
+    refusal = None
+    if info.is_primary:
+        try:
+            check()
+        except FfdistError as e:
+            refusal = str(e)
+    refusal = decide(phase, refusal, lambda verdicts: verdicts[0], what)
+    if refusal:
+        raise RefusedByPrimary(refusal)
+
+
+class RefusedByPrimary(FfdistError):
+    """The primary rank's user error, raised on every rank (printed once, by rank 0)."""
+
+    same_on_all_ranks = True
 
 
 def barrier() -> None:

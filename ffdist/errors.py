@@ -2,23 +2,32 @@
 
 Exit codes (docs/failure-and-recovery.md):
     0                 the run finished (or had already finished: nothing to do)
-    2  EXIT_USER_ERROR    bad input (recipe, paths, data, devices, checkpoints): one sentence
+    2  EXIT_USER_ERROR    bad input (recipe, paths, data, devices, checkpoints, a launcher
+                          variable, a disk that is full or read-only): one sentence
     3  EXIT_DIVERGED      non-finite loss (schedule.nan_policy); the last good checkpoint stays
     75 EXIT_PREEMPTED     SIGTERM/SIGUSR1: a checkpoint was written, start again to resume
                           ("requeue me"; 75 is EX_TEMPFAIL of sysexits.h)
     anything else         a bug or a crash (traceback on stderr)
 
 Bugs are not FfdistErrors: they keep their traceback so that they get fixed. Every entry
-point prints errors through `guard` (one printer, each error's own exit code).
+point prints errors through `guard` (one printer, each error's own exit code). An OSError
+whose errno is the disk's or the file system's answer (full, read-only, a name too long, a
+quota, no permission: `STORAGE`) is translated here, in one place (`storage_error`), into
+a StorageError sentence: where ffdist writes it names the file (`storage_error(e, path)`),
+and guard translates what escapes. A reader that left (`| head`) or a closed stdout never
+fails a command (ffdist.stdio).
 """
 
 from __future__ import annotations
 
+import errno
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
+from ffdist import stdio
 from ffdist.world import EnvError, report_to_launcher, world_from_env
 
 EXIT_USER_ERROR = 2
@@ -102,6 +111,50 @@ class Problems:
             raise Refusals(self.found)
 
 
+class StorageError(FfdistError):
+    """A file or folder cannot be written (or read) because of its disk or file system: no
+    space, read-only, a name too long, a quota, no permission. Made from the OSError by
+    `storage_error`."""
+
+
+STORAGE: dict[int, tuple[str, str]] = {
+    errno.ENOSPC: ("no space is left on its device", "free space there, or {elsewhere}"),
+    errno.EDQUOT: ("the disk quota there is used up", "free space within your quota, or "
+                   "{elsewhere}"),
+    errno.EROFS: ("its file system is read-only", "{elsewhere} (or remount it read-write)"),
+    errno.ENAMETOOLONG: ("a name in it is longer than the file system takes (255 bytes on "
+                         "most)", "choose a shorter {name}"),
+    errno.EFBIG: ("the file would be larger than its file system takes", "{elsewhere}"),
+    errno.EACCES: ("permission denied", "fix its permissions, or {elsewhere}"),
+    errno.EPERM: ("the operation is not permitted there", "fix its permissions, or "
+                  "{elsewhere}"),
+}
+"""errno -> (what it means for the path, the fix): the one table of these sentences."""
+
+
+def storage_error(e: BaseException, path: str | Path | None = None, option: str | None = None,
+                  chained: bool = False, elsewhere: str | None = None) -> StorageError | None:
+    """The sentence for an OSError whose errno is in STORAGE; None for any other error (a
+    bug keeps its traceback). `path`: what was being written, when the error does not name
+    it (a write() into an open file does not); `option`: how the user chose that path
+    (`--out`, `output_dir`), so the fix says "choose another --out"; `elsewhere`: that
+    advice in other words, for a path no option chooses. `chained`: also look at what `e`
+    was raised from or while handling, for a writer that turns the OSError into its own
+    error (torch.save: RuntimeError, errno lost); only where a write failed, never for
+    errors in general (a bug inside an `except OSError` block)."""
+    found = e
+    while chained and found is not None and not isinstance(found, OSError):
+        found = found.__cause__ or found.__context__
+    if not isinstance(found, OSError) or found.errno not in STORAGE:
+        return None
+    meaning, advice = STORAGE[found.errno]
+    where = path if path is not None else found.filename
+    shown = printable(shorten(str(where), 200)) if where is not None else "a file ffdist writes"
+    elsewhere = elsewhere or (f"choose another {option}" if option else "write elsewhere")
+    fix = advice.format(elsewhere=elsewhere, name=option or "name")
+    return StorageError(f"{shown}: {meaning} ({errno.errorcode[found.errno]}); {fix}.")
+
+
 def one_line(e: BaseException) -> str:
     """The message of a user error; a DataLoader worker re-raises ours with its traceback
     folded into the message, so keep only the original sentence."""
@@ -121,7 +174,13 @@ def guard(main: Callable[..., Any], *args: Any) -> int:
     """Run an entry point's body; THE error printer of every command (`ffdist X`,
     `python -m ffdist.X`, under torchrun). A FfdistError becomes one line and its own
     exit code; a rank that only lost a peer says so in one line (exit 1); bugs keep their
-    traceback. The body's return value (None: 0) is the exit code otherwise."""
+    traceback. The body's return value (None: 0) is the exit code otherwise. The standard
+    streams are made safe first (ffdist.stdio: closed ones, a reader that leaves)."""
+    with stdio.guarded():
+        return _guarded(main, *args)
+
+
+def _guarded(main: Callable[..., Any], *args: Any) -> int:
     try:
         return int(main(*args) or 0)
     except FfdistError as e:
@@ -135,6 +194,12 @@ def guard(main: Callable[..., Any], *args: Any) -> int:
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except OSError as e:  # a full or read-only disk that no writer named: the one table
+        error = storage_error(e)
+        if error is None:
+            raise  # a bug: keep the traceback
+        report(error)
+        return error.exit_code
     except Exception as e:
         if not peer_lost(e):
             raise  # a bug: keep the traceback

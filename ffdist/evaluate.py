@@ -28,9 +28,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ffdist import outputs
 from ffdist.argv import drop_local_rank, refuse_positional, run_options
 from ffdist.errors import guard
 from ffdist.metrics import per_class
+from ffdist.outputs import Place, check_folder
 
 if TYPE_CHECKING:
     from ffdist.data import Streams
@@ -68,6 +70,16 @@ def build_report(result: dict[str, Any], confusion: torch.Tensor, classes: list[
     return {**result, **extra, "per_class": rows}
 
 
+OUTPUTS = ("report.json", "confusion.csv", "confusion.png")
+PLACE = Place(elsewhere="evaluate a copy of the run folder kept on another disk")
+"""RUN_DIR/eval/ is chosen by no option: the way out of a full or read-only disk."""
+
+
+def check_outputs(run_dir: Path) -> None:
+    """RUN_DIR/eval/ takes the report, before the model is even built (ffdist.outputs)."""
+    check_folder(run_dir / "eval", "ffdist eval", PLACE, names=OUTPUTS)
+
+
 def write_confusion_csv(path: Path, confusion: torch.Tensor, classes: list[str]) -> None:
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
@@ -93,16 +105,16 @@ def _trained_step(run_dir: Path) -> int:
 
 def write_outputs(run_dir: Path, report: dict[str, Any], confusion: torch.Tensor,
                   classes: list[str], tensorboard: bool) -> Path:
-    from ffdist.checkpoint import save_text
     from ffdist.visual import confusion_image, to_chw
 
     out = run_dir / "eval"
-    out.mkdir(parents=True, exist_ok=True)
-    save_text(out / "report.json", json.dumps(report, indent=2) + "\n")
-    write_confusion_csv(out / "confusion.csv", confusion, classes)
+    outputs.write_text(out / "report.json", json.dumps(report, indent=2) + "\n", PLACE)
+    with outputs.replacing(out / "confusion.csv", place=PLACE) as tmp:
+        write_confusion_csv(tmp, confusion, classes)
     picture = confusion_image(confusion, classes, split="val",
                               title=f"{run_dir.name}, {Path(report['weights']).name}")
-    picture.save(out / "confusion.png")
+    with outputs.replacing(out / "confusion.png", place=PLACE) as tmp:
+        picture.save(tmp)
     if tensorboard:
         from torch.utils.tensorboard import SummaryWriter  # lazy: ~1 s of imports
 
@@ -145,6 +157,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     state, kind = loading.run_weights(rcp, weights, args.weights)
     info = dist.init(rcp.launch)
     try:
+        # (the primary is the only rank that writes; all ranks stop alike)
+        dist.primary_check(info, lambda: check_outputs(run_dir), "eval-out", "the output check")
         s = setup(rcp, info)
         loading.load_into(s.model, state, weights)
         fmt = torch.channels_last if rcp.model.channels_last else torch.contiguous_format

@@ -9,6 +9,18 @@ compared with the PyTorch model's. The check fails (exit 1) when
 a wrong export differs by O(1)). ONNX is checked at two batch sizes, which proves the
 dynamic batch axis.
 
+Disk space: the folder of --out is checked before anything is exported (ffdist.outputs:
+it takes files, and has room for about the weights' size plus a tenth: both formats store
+the fp32 weights once, with a graph that is small beside them). A disk that fills up
+anyway (another process, a wrong estimate) is one sentence, not an abort: the TorchScript
+file is serialized into a Python file object (torch.jit.save(module, f)), where an ENOSPC is
+an OSError; written by torch's C++ writer to a path, it is a c10::Error thrown where
+nothing catches it, and the process aborts (SIGABRT, exit 134) with its temp file left
+behind. Serializing in a child process would contain the abort too, but costs a second
+start of torch for every export and still needs the parent to clean up; the file object
+costs nothing. The ONNX exporter writes its bytes from Python already. Either way the temp
+file is removed and the previous --out is kept.
+
 ONNX uses the TorchScript-based exporter (dynamo=False), which torch 2.14 still ships
 (with a DeprecationWarning): on this project's small CNN it took 1.0 s against 13.3 s for
 the torch.export-based default (both verified), it works offline and needs only `onnx`,
@@ -84,7 +96,8 @@ def export_torchscript(model: nn.Module, example: torch.Tensor, path: Path) -> C
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.jit's deprecation notice; verified below
         traced = torch.jit.trace(model, example, check_trace=False)
-        traced.save(str(path))
+        with open(path, "wb") as f:  # a Python file: a full disk is an OSError, not an abort
+            torch.jit.save(traced, f)
         loaded = torch.jit.load(str(path), map_location="cpu")
 
     def run(x: np.ndarray) -> np.ndarray:
@@ -133,6 +146,12 @@ def verify(model: nn.Module, run: Callable[[np.ndarray], np.ndarray],
     return worst
 
 
+def export_bytes(model: nn.Module) -> int:
+    """About the size of an export: the fp32 weights and buffers, plus a tenth for the graph."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return int(sum(t.numel() * t.element_size() for t in tensors) * 1.1) + 64 * 1024
+
+
 def run(args: argparse.Namespace) -> dict:
     from ffdist.loading import load_run
 
@@ -144,7 +163,8 @@ def run(args: argparse.Namespace) -> dict:
         Path(args.run_dir) / "export" / f"model{SUFFIX[args.format]}"
     meta_path = out.with_name(out.name + ".json")
     outputs.check([outputs.Output(out, "export.model"), outputs.Output(meta_path, "export.sidecar")],
-                  [loaded.weights, Path(args.run_dir) / "recipe.yaml"], args.force, "ffdist export")
+                  [loaded.weights, Path(args.run_dir) / "recipe.yaml"], args.force, "ffdist export",
+                  need=export_bytes(model))
     g = torch.Generator().manual_seed(0)
     shape = (loaded.channels, loaded.image_size, loaded.image_size)
     batches = [torch.randn(n, *shape, generator=g) for n in (args.batch_size, args.batch_size // 2 + 1)]

@@ -18,9 +18,10 @@ import os
 import subprocess
 import sys
 
-from ffdist import launchers, recipe_load
+from ffdist import launchers, outputs, recipe_load
 from ffdist import slurm as slurm_job
 from ffdist.errors import LaunchError, guard
+from ffdist.world import int_env
 
 LAUNCHERS = ("torchrun", "accelerate", "deepspeed", "slurm")
 # Seconds torchrun gives its workers to checkpoint after a signal before SIGKILL; below
@@ -51,8 +52,8 @@ def build(recipe_path: str, overrides: list[str], launcher: str | None = None,
 def build_slurm_node(recipe_path: str, overrides: list[str],
                      environ: dict[str, str]) -> launchers.Command:
     """The torchrun one Slurm task runs on its node (called by slurm/train.sh via srun)."""
-    nnodes = int(environ.get("SLURM_NNODES") or environ.get("SLURM_JOB_NUM_NODES") or 1)
-    node_rank = int(environ.get("SLURM_NODEID") or 0)
+    nnodes = int_env("SLURM_NNODES", "SLURM_JOB_NUM_NODES", environ=environ) or 1
+    node_rank = int_env("SLURM_NODEID", environ=environ) or 0
     job = environ.get("SLURM_JOB_ID", "0")
     # The allocation, not the recipe, says how many nodes there are and which one this is.
     rcp = recipe_load.load(recipe_path, [*overrides, f"launch.nnodes={nnodes}",
@@ -104,11 +105,16 @@ def main(argv: list[str] | None = None) -> int:
     if cmd.argv[0] == "sbatch":  # a queued job may wait hours: refuse mistakes now
         rcp = recipe_load.load(args.recipe, overrides)
         slurm_job.check(rcp, rcp.launch.nnodes * len(rcp.launch.gpus) or None)
+        if not args.dry_run:  # (sbatch's log goes there too)
+            outputs.check_folder(rcp.run_dir, "ffdist launch", outputs.Place("output_dir"))
     if not args.dry_run and cmd.argv[0] != "sbatch":  # (a job's data is on its nodes)
         from ffdist.data.presence import check_present
 
-        # absent data: one sentence here, before a launcher and its N ranks start
-        check_present(recipe_load.load(args.recipe, overrides).data, args.recipe)
+        # absent data, a run folder that takes no files: one sentence here, before a
+        # launcher and its N ranks start
+        rcp = recipe_load.load(args.recipe, overrides)
+        check_present(rcp.data, args.recipe)
+        outputs.check_folder(rcp.run_dir, "ffdist launch", outputs.Place("output_dir"))
     for note in cmd.notes:
         print(f"# {note}", file=sys.stderr)
     print(cmd.render(), flush=True)

@@ -21,6 +21,7 @@ from pathlib import Path
 from ffdist import dist
 from ffdist.errors import LaunchError
 from ffdist.recipe import Recipe
+from ffdist.world import int_env
 
 SLURM_SCRIPT = Path(__file__).resolve().parents[1] / "slurm" / "train.sh"
 
@@ -110,7 +111,7 @@ def slurm_node_processes(rcp: Recipe, environ: dict[str, str]) -> tuple[Processe
     notes = []
     if rcp.launch.gpus:
         notes.append("launch.gpus is ignored under Slurm: the allocation decides the GPUs")
-    gpus = int(environ.get("SLURM_GPUS_ON_NODE") or 0)
+    gpus = int_env("SLURM_GPUS_ON_NODE", environ=environ) or 0
     if not gpus and environ.get("CUDA_VISIBLE_DEVICES", "").strip():
         gpus = len([g for g in environ["CUDA_VISIBLE_DEVICES"].split(",") if g.strip()])
     if not gpus:
@@ -119,7 +120,7 @@ def slurm_node_processes(rcp: Recipe, environ: dict[str, str]) -> tuple[Processe
         gpus = 0  # CPU ranks on a GPU node: the recipe says so
     if gpus:
         return Processes(gpus, None), notes + [f"{gpus} GPU(s) on this node from the allocation"]
-    cpus = int(environ.get("SLURM_CPUS_ON_NODE") or os.cpu_count() or 1)
+    cpus = int_env("SLURM_CPUS_ON_NODE", environ=environ) or os.cpu_count() or 1
     want = rcp.launch.nproc or 1  # null: one process per device, the CPU is one
     nproc = min(want, cpus)
     if nproc < want:

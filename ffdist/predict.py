@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -287,15 +288,15 @@ def run(args: argparse.Namespace) -> int:
                 if thumbs > args.grid:  # keep only the thumbnails the picture shows
                     r.thumb = None
         rows += batch_rows
-    with outputs.replacing(out) as tmp:
+    written = [out]
+    with outputs.replacing(out) as tmp:  # the picture first: a failure replaces neither file
         done = write_csv(tmp, rows, loaded.classes, k, args.uncertain_threshold,
                          args.entropy_threshold)
-    written = [out]
-    if picture is not None:
-        with outputs.replacing(picture, mark="ffdist predict") as tmp:
-            save_picture(tmp, rows, loaded.classes, args.uncertain_threshold,
-                         args.entropy_threshold, args.grid, source=str(args.run_dir))
-        written += [picture] if picture.exists() else []
+        if picture is not None:
+            with outputs.replacing(picture, mark="ffdist predict") as png:
+                save_picture(png, rows, loaded.classes, args.uncertain_threshold,
+                             args.entropy_threshold, args.grid, source=str(args.run_dir))
+            written += [picture] if picture.exists() else []
     errors = len(rows) - done
     uncertain = sum(1 for r in rows if r.probs is not None and is_uncertain(
         r.probs, args.uncertain_threshold, args.entropy_threshold))
@@ -317,8 +318,13 @@ def _output_paths(args: argparse.Namespace, loaded, images: list[Path]) -> tuple
     planned = [outputs.Output(out, "predict.csv")]
     planned += [outputs.Output(picture, "predict.png")] if picture is not None else []
     reads = [loaded.weights, Path(args.run_dir) / "recipe.yaml", *images]
-    outputs.check(planned, reads, args.force, "ffdist predict")
+    outputs.check(planned, reads, args.force, "ffdist predict", need=csv_bytes(images, args.topk))
     return out, picture
+
+
+def csv_bytes(images: list[Path], topk: int) -> int:
+    """About the CSV's size: each row its path, the numbers, top-k names and probabilities."""
+    return sum(len(os.fsencode(str(p))) + 48 + 24 * topk for p in images)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,6 +30,7 @@ Continuing an unfinished run follows ffdist.resume_rules.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -43,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 from ffdist import resume_rules
 from ffdist.errors import CheckpointError
+from ffdist.outputs import PROBE_BYTES
 from ffdist.recipe import Recipe
 from ffdist.resume_rules import RunRefused
 
@@ -335,17 +337,28 @@ def holds_run(run_dir: Path) -> bool:
 
 def check_writable(run_dir: Path) -> None:
     """The run directory and its checkpoints/ folder take files (found now, not after the
-    first epoch, when the first checkpoint is written). The probe file never stays, not
-    even when writing it fails (a full disk)."""
+    first epoch, when the first checkpoint is written). The probe is one block, synced (a
+    full disk still creates empty files, and may take a few bytes into a block it has). The
+    probe file never stays, not even when writing it fails (a full disk), nor do the folders
+    this check made."""
+    made: list[Path] = []
     for folder in (run_dir, run_dir / "checkpoints"):
         probe = folder / f".write_test.{os.getpid()}"
         try:
+            made += [d for d in (*reversed(folder.parents), folder)
+                     if d not in made and not d.exists()]
             folder.mkdir(parents=True, exist_ok=True)
             try:
-                probe.write_text("ok")
+                with open(probe, "wb") as f:
+                    f.write(bytes(PROBE_BYTES))
+                    f.flush()
+                    os.fsync(f.fileno())
             finally:
                 probe.unlink(missing_ok=True)
         except OSError as e:
+            for d in reversed(made):
+                with contextlib.suppress(OSError):
+                    d.rmdir()
             raise CheckpointError(_unwritable(run_dir, folder, e)) from None
 
 
@@ -358,8 +371,12 @@ def _unwritable(run_dir: Path, folder: Path, e: OSError) -> str:
         why = "it is a file" if blocker == folder else f"{blocker} is a file, not a folder"
         return (f"output_dir={run_dir}{what} is not writable ({why}); set output_dir=PATH to "
                 "another folder.")
-    return (f"output_dir={run_dir}{what} is not writable ({e.strerror}); set output_dir=PATH to "
-            "a folder you can write, or fix its permissions.")
+    fix = {errno.ENOSPC: "free space there, or set output_dir=PATH to a folder on another disk",
+           errno.EDQUOT: "free space within your quota, or set output_dir=PATH to a folder on "
+                         "another disk",
+           errno.EROFS: "set output_dir=PATH to a folder on a file system that takes files"}
+    return (f"output_dir={run_dir}{what} is not writable ({e.strerror}); "
+            f"{fix.get(e.errno, 'set output_dir=PATH to a folder you can write, or fix its permissions')}.")
 
 
 @dataclass

@@ -15,7 +15,10 @@ import io
 import sys
 from pathlib import Path
 
+from ffdist import outputs
 from ffdist.errors import DataError, guard
+
+PLACE = outputs.Place("--out")
 
 NOT_AN_IMAGE = b"This is a text file with a .png name: ffdist predict lists it as unreadable.\n"
 
@@ -62,17 +65,19 @@ def files(count: int, unreadable: bool) -> dict[str, bytes]:
 
 def write(folder: Path, content: dict[str, bytes]) -> tuple[int, int]:
     """(written, already there). A file of the same name with other bytes is the user's:
-    refuse before writing anything."""
-    if folder.exists() and not folder.is_dir():
-        raise DataError(f"--out {folder} is a file, not a folder; give a folder.")
+    refuse before writing anything. The folder is checked first (ffdist.outputs.check_folder:
+    a file in the way, a name too long, a full or read-only disk; the space of all the
+    samples, a few KB, whether or not some are there already)."""
+    outputs.check_folder(folder, "ffdist samples", PLACE, sum(map(len, content.values())),
+                         list(content))
     clash = [n for n, b in content.items() if (folder / n).exists() and (folder / n).read_bytes() != b]
     if clash:
         raise DataError(f"{folder / clash[0]} exists and differs from the sample of that name; "
                         "move it away or write elsewhere with --out.")
-    folder.mkdir(parents=True, exist_ok=True)
     new = [n for n in content if not (folder / n).exists()]
-    for name in new:
-        (folder / name).write_bytes(content[name])
+    for name in new:  # each whole or not at all: a torn file would be "a file that differs"
+        with outputs.replacing(folder / name, place=PLACE) as tmp:
+            tmp.write_bytes(content[name])
     return len(new), len(content) - len(new)
 
 

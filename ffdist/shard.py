@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ffdist import outputs
 from ffdist.errors import DataError, RecipeError, guard
 
 SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?", re.I)
@@ -68,6 +69,29 @@ def parse_size(text: str) -> int:
         raise ShardError(f"--shard-size {text!r} is not a size; give one like 256MB, 1GB or "
                          "500MiB.")
     return int(float(m.group(1)) * UNITS[(m.group(2) or "mb").lower()])
+
+
+PLACE_FILE = outputs.Place("--out", file=True)
+TAR_BYTES_PER_SAMPLE = 2048
+"""A sample's tar overhead at most: two members (image, class), a 512-byte header and up to
+511 bytes of padding each."""
+
+
+def shard_bytes(splits: list[Any], opts: Any) -> int:
+    """About what the shards take: files copied as they are, their own sizes; images
+    encoded or re-encoded (sizes known only once encoded), the tar overhead alone."""
+    total = sum(len(s) for s in splits) * TAR_BYTES_PER_SAMPLE
+    for split in splits:
+        if split.paths is not None and opts.max_size is None:
+            total += sum(_size(p) for p in split.paths)
+    return total
+
+
+def _size(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0  # unreadable: skipped or refused by the writer, which says which
 
 
 def check_out(out: Path) -> None:
@@ -159,6 +183,8 @@ def write(args: argparse.Namespace) -> int:
     from ffdist.data.shard_writer import Options, write_all
 
     out = Path(args.out)
+    # its folder takes the name and files (the space is checked once the source is read)
+    outputs.check_folder(out.parent, "ffdist shard", PLACE_FILE, names=[out.name])
     check_out(out)
     for flag, value, low in (("--max-size", args.max_size, 1), ("--quality", args.quality, 1),
                              ("--workers", args.workers, 1), ("--shard-samples",
@@ -171,7 +197,10 @@ def write(args: argparse.Namespace) -> int:
                    args.shard_samples, args.max_size, args.quality, args.workers, args.skip_bad,
                    args.seed)
     splits, classes, described = splits_of(read_source(args.source, args.overrides))
+    outputs.check_folder(out.parent, "ffdist shard", PLACE_FILE, shard_bytes(splits, opts),
+                         [out.name])
     started = time.perf_counter()
+    outputs.remove_leftovers(out)  # a killed shard's .<name>.partial-<pid> folder
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     tmp.mkdir(parents=True)
     progress = Progress(sum(len(s) for s in splits))
@@ -210,6 +239,7 @@ def index(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists():
         raise ShardError(f"--out {out} exists; give a new file name for the index.")
+    outputs.check_folder(out.parent, "ffdist shard --index", PLACE_FILE, names=[out.name])
     if args.source or args.overrides:
         raise ShardError("--index takes SPLIT=SHARDS words only (e.g. --index "
                          "train=/data/train-{000000..000009}.tar val=...), no SOURCE.")

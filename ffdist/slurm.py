@@ -20,6 +20,7 @@ from pathlib import Path
 from ffdist.errors import CheckpointError, LaunchError
 from ffdist.launchers import slurm_node_processes
 from ffdist.recipe import Recipe
+from ffdist.world import int_env
 
 
 def check(rcp: Recipe, world: int | None = None) -> None:
@@ -56,7 +57,7 @@ def check_for_script(recipe_path: str, overrides: list[str], environ: dict[str, 
 def allocation_world(rcp: Recipe, environ: dict[str, str]) -> int:
     """Processes the job will run: nodes x what slurm_node_processes gives this (the batch)
     node; Slurm allocations with --exclusive and one task per node are homogeneous."""
-    nodes = int(environ.get("SLURM_JOB_NUM_NODES") or environ.get("SLURM_NNODES") or 1)
+    nodes = int_env("SLURM_JOB_NUM_NODES", "SLURM_NNODES", environ=environ) or 1
     return nodes * slurm_node_processes(rcp, environ)[0].nproc
 
 

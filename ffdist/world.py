@@ -12,6 +12,7 @@ rank is speaking.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 
 
 class EnvError(ValueError):
@@ -20,11 +21,12 @@ class EnvError(ValueError):
     the user error it is, one sentence, exit 2."""
 
 
-def int_env(*names: str) -> int | None:
+def int_env(*names: str, environ: Mapping[str, str] | None = None) -> int | None:
     """The first of `names` that is set, as an integer (None: none is set); EnvError
-    naming the variable when it holds something else."""
+    naming the variable when it holds something else. `environ`: another mapping than
+    os.environ (ffdist launch reads a Slurm job's copy)."""
     for n in names:
-        v = os.environ.get(n)
+        v = (os.environ if environ is None else environ).get(n)
         if v not in (None, ""):
             try:
                 return int(v)

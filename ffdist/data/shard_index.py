@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ffdist import outputs
 from ffdist.data import tars
 from ffdist.errors import DataError
 
@@ -237,11 +238,9 @@ def write(path: Path, splits: dict[str, list[ShardInfo]], classes: list[str] | N
                                  "shards": [s.to_json() for s in shards]}
     body["fingerprint"] = hashlib.sha256(json.dumps(body["splits"], sort_keys=True).encode()
                                          ).hexdigest()[:16]
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
+    with outputs.replacing(path) as tmp, open(tmp, "w") as f:  # (no temp file stays)
         json.dump(body, f, indent=1)
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
     return body

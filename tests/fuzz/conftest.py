@@ -26,6 +26,7 @@ COUNTS = {
     "train": (25, 300),
     "predict": (6, 150),
     "real": (2, 12),
+    "storage": (2, 60),
 }
 
 _common = dict(deadline=None, print_blob=True,

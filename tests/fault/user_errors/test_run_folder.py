@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -159,16 +160,21 @@ def test_leftovers_of_killed_writes_go_at_the_next_start_and_nothing_else(capfd,
 
 
 def test_the_write_probe_never_stays_even_on_a_full_disk(tmp_path, monkeypatch):
-    """ENOSPC after the probe file was created: it is removed, and the sentence says why."""
-    real = Path.write_text
+    """ENOSPC after the probe file was created (found when its block is synced): it is
+    removed, and so is the folder the check made; the sentence says why and what to do.
+    (A real full tmpfs: tests/fault/user_errors/test_storage.py.)"""
+    real = os.fsync
 
-    def full(self: Path, *args, **kwargs):
-        if self.name.startswith(".write_test."):
-            real(self, "")  # created, then the disk is full
+    def full(fd: int) -> None:
+        if Path(os.readlink(f"/proc/self/fd/{fd}")).name.startswith(".write_test."):
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(self, *args, **kwargs)
+        real(fd)
 
-    monkeypatch.setattr(Path, "write_text", full)
-    with pytest.raises(run_dir.CheckpointError, match=r"not writable \(No space left on device\)"):
-        run_dir.check_writable(tmp_path / "run")
-    assert [p.name for p in (tmp_path / "run").iterdir()] == []
+    (tmp_path / "kept").mkdir()
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(run_dir.CheckpointError, match=r"not writable \(No space left on "
+                       r"device\); free space there, or set output_dir=PATH to a "
+                       r"folder on another disk\."):
+        run_dir.check_writable(tmp_path / "kept" / "new" / "run")
+    assert [p.name for p in tmp_path.iterdir()] == ["kept"]
+    assert not any((tmp_path / "kept").iterdir())
