@@ -55,10 +55,21 @@ def _optim_files(folder: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def _deepspeed_classes() -> list:
+    """The DeepSpeed classes its checkpoint files pickle besides tensors and containers
+    (torch.serialization.get_unsafe_globals_in_checkpoint on ZeRO-1/2/3 files, fp32/bf16)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, fragment_address, LossScaler, DynamicLossScaler]
+
+
 def _load(path: Path) -> Any:
-    # DeepSpeed's own files pickle its classes (fragment_address, LossScaler): they are read
-    # as DeepSpeed's engine.load_checkpoint reads them.
-    return torch.load(path, map_location="cpu", weights_only=False)
+    # weights_only with DeepSpeed's few classes allowed by name: a checkpoint folder is
+    # never a way to run code, not even one DeepSpeed wrote
+    with torch.serialization.safe_globals(_deepspeed_classes()):
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 # ------------------------------------------------------------------------------ convert
