@@ -7,7 +7,7 @@ tests/distributed/test_resume_matrix.py.)"""
 
 from __future__ import annotations
 
-from collections import OrderedDict, namedtuple
+from collections import OrderedDict
 from pathlib import Path
 
 import pytest
@@ -16,7 +16,12 @@ import torch
 from ffdist.errors import CheckpointError
 from ffdist.strategies import zero_reshard
 
-Fragment = namedtuple("Fragment", "numel start")  # DeepSpeed's fragment_address fields
+
+def Fragment(numel: int, start: int):  # noqa: N802  DeepSpeed's own class, as its files hold it
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return fragment_address(numel=numel, start=start)
+
 FULL = {"a": torch.arange(15.0).view(3, 5), "b": torch.arange(100.0, 107.0),
         "c": torch.arange(200.0, 204.0)}
 
