@@ -119,7 +119,9 @@ def recipe_texts(draw: st.DrawFn) -> str:
 
 # ------------------------------------------------------------------ images
 
-def _png16(color_type: int, channels: int, size: tuple[int, int]) -> bytes:
+def _png16(color_type: int, channels: int, size: tuple[int, int],
+           claimed: tuple[int, int] | None = None) -> bytes:
+    """A 16-bit PNG of `size` pixels whose header says `claimed` (default: `size`)."""
     w, h = size
     rows = b"".join(b"\x00" + np.full(w * channels, 40000).astype(">u2").tobytes()
                     for _ in range(h))
@@ -127,14 +129,17 @@ def _png16(color_type: int, channels: int, size: tuple[int, int]) -> bytes:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(
             ">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-    header = struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0)
+    header = struct.pack(">IIBBBBB", *(claimed or size), 16, color_type, 0, 0, 0)
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
             + chunk(b"IEND", b""))
 
 
 KINDS = ("rgb_jpg", "grey_png", "rgb_png", "g16_png", "rgb16_png", "rgba16_png", "cmyk_jpg",
          "palette_png", "la_png", "rgba_png", "bilevel_png", "gif_as_jpg", "webp_as_jpg",
-         "tiff_as_png", "zero_bytes", "truncated_jpg", "text_as_png", "animated_gif")
+         "tiff_as_png", "zero_bytes", "truncated_jpg", "text_as_png", "animated_gif",
+         "huge_header_png")
+"""huge_header_png: a header that claims 60000x60000 pixels over a few bytes of data (an
+image bomb: refused from the header, data.max_image_pixels, before anything is allocated)."""
 
 
 def image_bytes(kind: str, size: tuple[int, int], seed: int) -> bytes:
@@ -178,6 +183,8 @@ def image_bytes(kind: str, size: tuple[int, int], seed: int) -> bytes:
         return buf.getvalue()[: max(1, len(buf.getvalue()) // 3)]
     elif kind == "text_as_png":
         return b"this is not an image\n"
+    elif kind == "huge_header_png":
+        return _png16(2, 3, (1, 1), claimed=(60000, 60000))
     return buf.getvalue()
 
 

@@ -129,8 +129,10 @@ def cases(draw: st.DrawFn) -> dict:
                      "data.max_bad_fraction=0.6"]
     second = draw(runs()) if rnd.random() < 0.4 else None
     sep = rnd.choice([" ", ",", "\t"])
+    # sometimes output_dir is a user's folder already (not an ffdist run): never trained into
+    occupied = rnd.random() < 0.1
     return {"data": data, "base": base, "first": draw(runs()), "second": second,
-            "layout": layout, "sep": sep}
+            "layout": layout, "sep": sep, "occupied": occupied}
 
 
 @contextlib.contextmanager
@@ -154,6 +156,9 @@ def sandbox(case: dict):
                     (box / f"{split}.txt").write_text("\n".join(lines) + "\n")
                 extra += [f"data.train_list={box / 'train.txt'}", f"data.val_list={box / 'val.txt'}",
                           f"data.list_sep={case['sep']}"]
+        if case["occupied"]:
+            (box / "out").mkdir()
+            (box / "out" / "notes.txt").write_text("a user's file\n")
         os.chdir(box)
         try:
             yield box, box / "out", extra
@@ -185,7 +190,12 @@ def test_train_contract_in_process(case, capfd):
             captured = capfd.readouterr()
             check_result(code, captured.out, captured.err)
             event(f"exit {code}")  # the mix, in --hypothesis-show-statistics
+            if case["occupied"]:
+                assert code != 0, "trained into a folder that is not an ffdist run"
         assert snapshot(box, skip=out) == before, "something outside output_dir changed"
+        if case["occupied"]:
+            assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+            assert (out / "notes.txt").read_text() == "a user's file\n"
 
 
 # make test-all only; the fast tier covers its path: test_train_contract_in_process (the same
