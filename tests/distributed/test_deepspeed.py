@@ -50,6 +50,10 @@ def _evaluate_model_pt(run_dir, *overrides: str) -> float:
     return hits / n
 
 
+# make test-all: ZeRO-3 with offload is a second configuration; ZeRO-3 itself (training to the
+# end, the consolidated model.pt, resume) is in the fast tier through
+# tests/distributed/test_ema_zero.py::test_zero_resumes_the_ema_bit_for_bit[zero3]
+@pytest.mark.extended
 def test_zero3_offload_trains_evaluates_and_writes_a_consolidated_model(tmp_path):
     """ZeRO-3 partitions the parameters themselves, so evaluation must run the forward on
     every rank (uneven eval shards included) and model.pt must gather them."""

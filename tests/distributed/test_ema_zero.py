@@ -103,7 +103,8 @@ def test_zero2_best_pt_gives_back_the_best_value(runs: dict[str, Path]):
         assert (report["top1"], report["n"]) == (want["top1"], 360), args
 
 
-@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+# make test-all: zero2; the fast tier keeps zero3 (the same resume of the EMA shards)
+@pytest.mark.parametrize("zero", [pytest.param("zero2", marks=pytest.mark.extended), "zero3"])
 def test_zero_resumes_the_ema_bit_for_bit(runs: dict[str, Path], zero: str, tmp_path: Path):
     """Each rank takes its part (ZeRO-2: fragments, ZeRO-3: partitions) back out of the
     consolidated EMA of the step-20 checkpoint."""
@@ -128,6 +129,10 @@ def test_zero_resumes_the_ema_bit_for_bit(runs: dict[str, Path], zero: str, tmp_
         assert torch.equal(got[k], want[k]), k
 
 
+# make test-all: the EMA of ZeRO shards is in the fast tier through
+# test_zero_ema_is_ddps_ema_of_the_full_fp32_weights[zero2], bf16 ZeRO-1 through
+# tests/distributed/test_deepspeed.py::test_zero1_bf16_trains_with_accumulation
+@pytest.mark.extended
 def test_bf16_zero1_averages_the_fp32_master_not_the_bf16_module(tmp_path: Path):
     """During the EMA warm-up every update copies: the EMA is then exactly the fp32
     master (best.pt's consolidated `model`), which the bf16 module only rounds."""

@@ -44,6 +44,10 @@ def test_sigterm_checkpoints_exits_75_and_resumes_bit_exact(ref1: Path, tmp_path
     kit.same_weights(out / "model.pt", ref1 / "model.pt")
 
 
+# make test-all: the log window across a stop is in the fast tier through tests/fault/
+# test_resume_exact.py::test_a_kill_between_log_lines_resumes_the_log_window_and_counts_both_
+# segments, and the stop itself through test_sigterm_checkpoints_exits_75_and_resumes_bit_exact
+@pytest.mark.extended
 def test_a_stop_between_log_lines_saves_the_window_instead_of_logging_a_short_line(
         ref1_window4: Path, tmp_path: Path):
     """Log lines every 4 steps: the stop's checkpoint keeps the steps since the last line,

@@ -123,7 +123,10 @@ def check_expected(case: dict, r: dict, launcher_bf16: bool) -> None:
         assert ref["facts"]["strategy"] == "deepspeed" and ref["facts"]["accum"] == 4  # 64/1/16
 
 
-@pytest.mark.parametrize("launcher_bf16", [False, True], ids=["plain", "accelerate_bf16"])
+# make test-all: accelerate_bf16; the fast tier keeps plain (the same agreement of every
+# entry point), and the accelerate launcher runs in tests/integration/test_launchers.py
+@pytest.mark.parametrize("launcher_bf16", [False, pytest.param(True, marks=pytest.mark.extended)],
+                         ids=["plain", "accelerate_bf16"])
 def test_every_entry_point_agrees(tmp_path: Path, launcher_bf16: bool):
     env = {"ACCELERATE_MIXED_PRECISION": "bf16"} if launcher_bf16 else {}
     todo = cases(tmp_path, tuple(RECIPE_ARGS), PRECISIONS, PRECISIONS_OF)

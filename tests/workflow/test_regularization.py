@@ -166,6 +166,10 @@ def test_eval_resolution_through_train_eval_predict_and_export(digits_pngs: Path
     assert csv.read_text().count("\n") == 2
 
 
+# make test-all: timm models and drop path are in the fast tier through
+# tests/unit/test_droppath_timm.py, fine-tuning and export through tests/workflow/test_finetune.py
+# and tests/workflow/test_export.py
+@pytest.mark.extended
 def test_timm_model_with_drop_path_trains_finetunes_compiles_and_exports(tmp_path: Path):
     pytest.importorskip("timm")
     base = ("model.name=timm/test_resnet", "model.drop_path_rate=0.1", "schedule.max_steps=6",
