@@ -290,11 +290,18 @@ def ensure_process_group(device: torch.device) -> None:
 
 
 def shutdown() -> None:
+    """The end of every command's process group. Objects in reference cycles (DDP's reducer,
+    an evaluation's all-reduce) hold gloo work objects; freed at interpreter exit, after the
+    group is gone, they were seen to abort a rank ("terminate called without an active
+    exception", train and a 2-rank eval): collect them first, then destroy the group."""
+    import gc
+
     import torch.distributed as dist
 
     global _meeting
     _meeting = None
     if dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -6,7 +6,6 @@ works out which one this is. With no launcher it trains on one device.
 
 from __future__ import annotations
 
-import gc
 import os
 import sys
 import time
@@ -92,13 +91,11 @@ def run(recipe_path: str | None, overrides: list[str]) -> dict:
     finally:
         if owner is not None:
             owner.release()
-        # DDP's reducer (in reference cycles) holds gloo work objects with tensors; freed at
-        # interpreter exit, after the group is gone, they were seen to abort a rank
-        # ("terminate called without an active exception"). Free them now, then destroy.
+        # DDP's reducer (in reference cycles) holds gloo work objects with tensors: drop the
+        # trainer and let the collector reach them (dist.shutdown collects, then destroys).
         trainer = None  # noqa: F841
         startup.thaw()  # those cycles were built at start-up: frozen (ffdist.startup)
         try:
-            gc.collect()
             dist.shutdown()
         finally:
             signals.uninstall()  # last: a Ctrl-C during teardown still gets ffdist's handling
