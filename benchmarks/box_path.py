@@ -19,36 +19,23 @@ from /proc), and the ratios box path / cpu. The hardware is named in the output.
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import REPO, alternate, load, result
+from benchmarks.common import REPO, alternate, cpu, load, result
 
 CLASSES, PER_CLASS, SIZE, BATCH = 8, 40, 224, 32
 STORED = (500, 375)  # ImageNet's typical stored size
-
-
-def cpu_name() -> str:
-    """The CPU's model name and core count (Linux: /proc/cpuinfo)."""
-    import os
-
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        name = next(ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        name = platform.processor() or platform.machine()
-    return f"{name}, {os.cpu_count()} cores"
 
 
 def hardware(device: str) -> str:
     import torch
 
     gpu = f"; GPU {torch.cuda.get_device_name()}" if device == "cuda" else ""
-    return f"CPU {cpu_name()}{gpu}; torch {torch.__version__}"
+    return f"CPU {cpu()}{gpu}; torch {torch.__version__}"
 
 
 def loader(root: Path, decode: str, device: str, workers: int):  # noqa: ANN201

@@ -18,6 +18,19 @@ REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
 
 
+def cpu() -> str:
+    """The CPU's model name and core count (Linux: /proc/cpuinfo), for every benchmark's
+    report of the machine it ran on."""
+    import platform
+
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        name = next(ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        name = platform.processor() or platform.machine()
+    return f"{name}, {os.cpu_count()} cores"
+
+
 def load() -> str:
     one, five, _ = os.getloadavg()
     return f"load avg {one:.2f} (1 min) {five:.2f} (5 min) on {os.cpu_count()} cores"

@@ -21,8 +21,6 @@ storage of each, and the machine.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -32,21 +30,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks.common import REPO, load
+from benchmarks.common import REPO, cpu, load
 
 CLASSES, WIDTH, HEIGHT, SIZE, BATCH = 10, 500, 375, 224, 32
-
-
-def machine() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores"
 
 
 def write_jpegs(root: Path, n: int) -> None:
@@ -135,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(1)
-    print(f"shards throughput on {machine()}; {load()}", flush=True)
+    print(f"shards throughput on {cpu()}; {load()}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         write_jpegs(root / "jpegs", args.images)

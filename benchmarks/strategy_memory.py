@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import REPO, env, load
+from benchmarks.common import REPO, cpu, env, load
 
 SIDES = {"DDP": ("strategy.name=ddp",),
          "ZeRO-3": ("strategy.name=deepspeed", "strategy.zero_stage=3"),
@@ -53,17 +53,9 @@ MiB = 2**20
 def machine() -> str:
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] \
         if torch.cuda.is_available() else []
-    return (f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, "
+    return (f"{cpu()}, {platform.system()} {platform.release()}, "
             f"python {platform.python_version()}, torch {torch.__version__}"
             + (f", GPUs: {', '.join(gpus)}" if gpus else "") + f"; {load()}")
 

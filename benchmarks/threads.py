@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import re
 import statistics
@@ -36,7 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import PY, REPO, env, load
+from benchmarks.common import PY, REPO, cpu, env, load
 
 SETTINGS = ("1", "2", "auto")
 QUIET = ("log.progress=false", "log.tensorboard=false", "log.images=false")
@@ -58,20 +57,12 @@ def cases(quick: bool) -> dict[str, list[str]]:
 
 
 def machine() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     import torch
 
     from ffdist import threads
 
     cores = threads.usable_cores()
-    return (f"{model}, {os.cpu_count()} cores ({cores.why} for this process), torch "
+    return (f"{cpu()} ({cores.why} for this process), torch "
             f"{torch.__version__}, Python {platform.python_version()}")
 
 
