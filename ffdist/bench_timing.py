@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 SYNTHETIC_BATCHES = 4  # distinct device batches cycled by --synthetic
+PIPELINE_MIN_S = 1.0  # the shortest window the input pipeline alone is timed over
 
 
 def device_batches(rcp: Recipe, info: DistInfo, batch: int, size: int,
@@ -222,7 +223,8 @@ def cpu_seconds() -> float | None:
 
     def own(pid: str) -> float:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime stime
+        # utime stime, and cutime cstime: the workers of an epoch that ended and were reaped
+        return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
     try:
         pids, seen, total = [str(os.getpid())], set(), 0.0
@@ -255,23 +257,25 @@ def time_pipeline(trainer: Trainer, batches: int) -> dict[str, Any]:
 
 def time_input(stream: Any, prefetched: Any, device: torch.device,
                batches: int) -> dict[str, Any]:
-    """An input pipeline alone: `batches` micro-batches of a train stream through its
-    DevicePrefetcher (the box path's decode and crop on the device included), nothing else.
+    """An input pipeline alone: `batches` micro-batches (and PIPELINE_MIN_S at least) of a
+    train stream through its DevicePrefetcher (the box path's decode and crop on the device included), nothing else.
     Its images/s and the CPU cores it kept busy (this process and its loader workers,
     from /proc), and the box path's counts of device- and worker-decoded samples."""
     source = stream_epochs(stream, prefetched)
     next(source)  # workers up, first batch out: not timed
     _sync(device)
-    cpu0, begin, images = cpu_seconds(), time.perf_counter(), 0
-    for _ in range(batches):
+    cpu0, begin, images, timed = cpu_seconds(), time.perf_counter(), 0, 0
+    # At least PIPELINE_MIN_S as well as `batches`: a few small batches come out of the
+    # workers' prefetch queue in milliseconds, below the 10 ms tick /proc counts CPU in.
+    while timed < batches or time.perf_counter() - begin < PIPELINE_MIN_S:
         x, _y = next(source)
-        images += len(x)
+        images, timed = images + len(x), timed + 1
     _sync(device)
     wall = time.perf_counter() - begin
     cpu1 = cpu_seconds()
     cores = (cpu1 - cpu0) / wall if cpu0 is not None and cpu1 is not None else None
     decoder = getattr(prefetched, "box_decoder", None)
-    return {"images_per_s": images / wall, "cores": cores, "batches": batches,
+    return {"images_per_s": images / wall, "cores": cores, "batches": timed,
             "counts": dict(decoder.counts) if decoder is not None else None,
             "decoder": decoder.decoder.name if decoder is not None else None}
 
