@@ -91,7 +91,11 @@ def test_sigusr1_to_one_rank_stops_both_at_the_same_step(ref2: Path, tmp_path: P
     kit.same_weights(out / "model.pt", ref2 / "model.pt")
 
 
-@pytest.mark.parametrize("entry", [["-m", "ffdist.train"], ["-m", "ffdist.cli", "train"]])
+# make test-all: the ffdist CLI's entry; the fast tier keeps python -m ffdist.train (the same
+# trainer and handlers behind both)
+@pytest.mark.parametrize("entry", [["-m", "ffdist.train"],
+                                   pytest.param(["-m", "ffdist.cli", "train"],
+                                                marks=pytest.mark.extended)])
 def test_signals_after_the_run_finished_change_nothing(tmp_path: Path, entry: list[str]):
     """The end-of-run summary is printed; SIGTERM and Ctrl-C then keep arriving every
     0.2 s while the process tears down (a scheduler at the time limit, an impatient

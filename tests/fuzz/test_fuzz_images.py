@@ -19,6 +19,10 @@ from ffdist.errors import DataError
 from tests.fuzz import strategies
 from tests.fuzz.conftest import examples
 
+# make test-all only: random cases of paths the fast tier covers with fixed ones
+# (tests/fault/user_errors/); `make fuzz` is the long run.
+pytestmark = pytest.mark.extended
+
 
 @settings(max_examples=examples("images"))
 @given(spec=strategies.image_files, channels=st.sampled_from([1, 3]),

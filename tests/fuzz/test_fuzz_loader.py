@@ -8,12 +8,17 @@ import tempfile
 import time
 from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 
 from ffdist import recipe, recipe_load, safe_yaml
 from ffdist.errors import RecipeError
 from tests.fuzz import strategies
 from tests.fuzz.conftest import examples
+
+# make test-all only: random cases of paths the fast tier covers with fixed ones
+# (tests/fault/user_errors/); `make fuzz` is the long run.
+pytestmark = pytest.mark.extended
 
 
 def loads_or_refuses(load) -> recipe.Recipe | None:

@@ -10,6 +10,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -17,6 +18,10 @@ from ffdist.cli import main as cli
 from tests.fuzz import strategies as S
 from tests.fuzz.conftest import examples, no_traceback, snapshot
 from tests.helpers import REPO, env
+
+# make test-all only: random cases of paths the fast tier covers with fixed ones
+# (tests/fault/user_errors/); `make fuzz` is the long run.
+pytestmark = pytest.mark.extended
 
 flags = st.lists(st.one_of(
     st.tuples(st.just("--topk"), st.sampled_from(["1", "3", "12", "0", "-1", "x"])),

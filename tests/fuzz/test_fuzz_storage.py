@@ -21,6 +21,10 @@ from tests.fault.user_errors.common import imagefolder
 from tests.fault.user_errors.test_storage import writers
 from tests.fuzz.conftest import examples, no_traceback
 
+# make test-all only: random cases of paths the fast tier covers with fixed ones
+# (tests/fault/user_errors/); `make fuzz` is the long run.
+pytestmark = pytest.mark.extended
+
 TEMP = re.compile(r"\.[^/]+\.(\d+\.tmp.*|tmp\.\d+|partial-\d+)|\.write_test\.\d+|"
                   r"\.ffdist-probe\.\d+")
 """The temp names of ffdist's writers (outputs.temp_path, checkpoint.temp_path, shard's

@@ -27,6 +27,10 @@ from tests.fuzz import strategies as S
 from tests.fuzz.conftest import examples, no_traceback, snapshot
 from tests.helpers import RECIPES, env
 
+# make test-all only: random cases of paths the fast tier covers with fixed ones
+# (tests/fault/user_errors/); `make fuzz` is the long run.
+pytestmark = pytest.mark.extended
+
 OK_CODES = (0, 2, 3, 75)
 FAST = ("log.progress=false",)
 

@@ -124,6 +124,9 @@ def test_stopped_at_world_2_resumed_at_another_world_size_sees_the_rest_once(
     capsys.readouterr()
 
 
+# make test-all only: reading shards over HTTP is in the fast tier through tests/shards/
+# test_order.py, a resume of a shard stream through the world-size test above
+@pytest.mark.extended
 def test_shards_over_loopback_http_resume_bit_exact(ref2, shards, tmp_path):
     """The run of ref2 cut after step 4, resumed with its shards (and their index) served by
     a local http.server: the same losses and weights, bit for bit."""

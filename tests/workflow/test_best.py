@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from ffdist.ckpt_peek import peek
@@ -52,6 +53,9 @@ def test_a_short_finetune_keeps_its_best_evaluation_in_best_pt(digits_run: Path,
     assert best_pt["kind"] == "weights" and best_pt["optimizer"] is None and not best_pt["rng"]
 
 
+# make test-all only: best.pt of several ranks is in the fast tier through tests/distributed/
+# test_ema_zero.py::test_zero2_best_pt_gives_back_the_best_value, of one process above
+@pytest.mark.extended
 def test_a_ddp_run_writes_best_pt_at_its_best_evaluation(tmp_path: Path):
     """Two ranks (one file, written by rank 0) evaluated every epoch, no checkpoint before
     the end: best.pt is the step of the first highest val top-1."""

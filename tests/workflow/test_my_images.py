@@ -60,6 +60,10 @@ def sh(command: str, cwd: Path) -> subprocess.CompletedProcess:
     return proc
 
 
+# make test-all only: training on an image folder is in the fast tier through tests/fault/
+# user_errors/test_data.py, eval and predict through test_eval.py and test_predict.py, this
+# recipe's values through test_starting_from_resnet50_lists_every_problem_at_once
+@pytest.mark.extended
 def test_the_header_commands_work_as_written(tmp_path: Path):
     commands = header_commands()
     assert [c.split()[1] for c in commands] == ["train", "eval", "predict"], commands

@@ -36,6 +36,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import REPO, env, free_port
 
 TRAIN_FAST = ("schedule.epochs=1", "log.progress=false")
@@ -185,6 +187,10 @@ def test_tour_block_is_found() -> None:
             check_for(command)
 
 
+# make test-all only: each command of the tour runs in the fast tier through its own tests
+# (tests/workflow/test_eval.py, test_predict.py, test_export.py, test_runs.py, tests/perf/
+# test_bench.py, tests/integration/test_digits.py); test_tour_block_is_found checks the block
+@pytest.mark.extended
 def test_readme_tour_runs_in_order(tmp_path: Path) -> None:
     commands = tour_commands((REPO / "README.md").read_text())
     shutil.copytree(REPO / "recipes", tmp_path / "recipes")

@@ -42,6 +42,9 @@ from tests.helpers import (
 PACKAGE = str(Path(ffdist.__file__).resolve().parent) + os.sep
 
 
+# make test-all only: the sentence is in the fast tier through tests/unit/test_slurm.py and
+# test_advice.py, a user error under torchrun through the test below
+@pytest.mark.extended
 def test_batch_not_divisible_under_torchrun_is_one_line(existing_run):
     before = snapshot(existing_run)
     proc = kit.run(kit.torchrun_cmd(existing_run, "data.batch_size=63"), timeout=90)
@@ -145,7 +148,9 @@ def test_ffdist_launch_checks_the_data_before_starting_torchrun(tmp_path):
 # ------------------------------------------------------------------ ranks that disagree
 
 @pytest.mark.parametrize("override,differs", [
-    ("optim.lr=0.2", "optim.lr is 0.1 on rank 0 and 0.2 on rank 1"),  # else: diverged replicas
+    # make test-all only: the same check as batch_size's, on another key
+    pytest.param("optim.lr=0.2", "optim.lr is 0.1 on rank 0 and 0.2 on rank 1",  # else: diverged replicas
+                 marks=pytest.mark.extended),
     ("data.batch_size=32", "data.batch_size is 64 on rank 0 and 32 on rank 1"),  # else: gloo aborts
 ])
 def test_ranks_started_with_different_recipes_stop_before_any_step(tmp_path, override, differs):
