@@ -51,8 +51,8 @@ test-all: setup
 	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-# The fuzzer's long run (tests/fuzz, random cases; ~15 min on 2 cores: benchmarks/RESULTS.md). The suite runs
-# the same tests in a fixed, ~1-minute profile. FUZZ_SCALE=0.1 for a quicker look.
+# The fuzzer's long run (tests/fuzz, random cases; ~15 min on 2 cores: benchmarks/RESULTS.md). test-all
+# runs the same tests in a fixed, ~1-minute profile. FUZZ_SCALE=0.1 for a quicker look.
 fuzz: setup
 	FFDIST_FUZZ=long FFDIST_FUZZ_SCALE=$(or $(FUZZ_SCALE),1) $(BIN)/python -m pytest tests/fuzz -q \
 		-p no:cacheprovider --hypothesis-show-statistics --timeout 14400 $(PYTEST_ARGS)

@@ -15,6 +15,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from ffdist import signals, train
 from ffdist.errors import EXIT_PREEMPTED
 from tests.fault import kit
@@ -30,6 +32,10 @@ def ctrl_c(proc: subprocess.Popen) -> None:
     os.killpg(proc.pid, signal.SIGINT)  # the terminal's foreground process group
 
 
+# make test-all only: the fast tier covers its path through test_preemption.py's SIGTERM
+# (the same stop, exit 75 and bit-exact resume), the first press of the test below, and
+# tests/unit/test_signals.py (a press delivered twice, workers that ignore it)
+@pytest.mark.extended
 def test_first_ctrl_c_checkpoints_exits_75_and_resumes_bit_exact(ref1: Path, tmp_path: Path):
     out = tmp_path / "run"
     proc = start_in_own_group(kit.python_cmd(out, "data.num_workers=2"),

@@ -7,6 +7,8 @@ import re
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import CPU, FAST, end_event, run, torchrun, train
 
 TINY = ("schedule.epochs=1", "log.progress=false")
@@ -60,6 +62,10 @@ def test_without_tensorboard_and_with_an_ema_the_block_says_so(tmp_path: Path) -
     assert f"final val {end['final_top1_raw']:.4f}, val_ema {end['final_top1_ema']:.4f}" in lines[0]
 
 
+# make test-all only: the fast tier covers rank 0 alone printing through tests/fault/
+# user_errors/test_ranks.py::test_every_rank_exits_2_and_only_rank_0_prints and tests/
+# integration/test_sinks.py::test_only_rank_0_has_sinks_under_torchrun, the block above
+@pytest.mark.extended
 def test_only_rank_0_prints_the_block(tmp_path: Path) -> None:
     out, logs = tmp_path / "two", tmp_path / "logs"
     torchrun("digits.yaml", CPU, *TINY, *FAST, f"output_dir={out}",

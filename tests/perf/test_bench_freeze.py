@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.helpers import FAST, RECIPES, run
@@ -22,6 +23,9 @@ def _counts() -> tuple[int, int]:
             sum(p.numel() for p in model.head.parameters()))
 
 
+# make test-all only: bench.json's frozen counts are in the fast tier through tests/workflow/
+# test_agreement.py (resnet50.yaml freezes its backbone), the frozen step through the test below
+@pytest.mark.extended
 def test_bench_reports_the_frozen_trainable_count(tmp_path: Path) -> None:
     proc = run([sys.executable, "-m", "ffdist.cli", "bench", str(RECIPES / "digits.yaml"),
                 *FROZEN, f"output_dir={tmp_path}", "--steps", "3", "--warmup", "1",

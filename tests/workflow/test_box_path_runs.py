@@ -91,6 +91,10 @@ def test_resume_on_the_box_path_is_bit_exact(ref: Path, jpegs: Path, tmp_path: P
     kit.same_weights(out / "model.pt", ref / "model.pt")
 
 
+# make test-all only: the box path's per-sample boxes come from the same seeded per-sample
+# RNG whatever the rank; the fast tier covers it through the bit-exact resume above and tests/
+# unit/test_boxes.py, two ranks on one stream through tests/fault/test_resume_regularization.py
+@pytest.mark.extended
 def test_two_ranks_on_the_box_path_train_what_one_process_trains(ref: Path, jpegs: Path,
                                                                  tmp_path: Path) -> None:
     out = tmp_path / "run"
