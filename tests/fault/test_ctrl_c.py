@@ -33,7 +33,7 @@ def ctrl_c(proc: subprocess.Popen) -> None:
 
 
 # make test-all only: the fast tier covers its path through test_preemption.py's SIGTERM
-# (the same stop, exit 75 and bit-exact resume), the first press of the test below, and
+# (the same stop, exit 75 and bit-exact resume), test_ctrl_c_to_torchrun's SIGINT, and
 # tests/unit/test_signals.py (a press delivered twice, workers that ignore it)
 @pytest.mark.extended
 def test_first_ctrl_c_checkpoints_exits_75_and_resumes_bit_exact(ref1: Path, tmp_path: Path):
@@ -59,6 +59,10 @@ def test_first_ctrl_c_checkpoints_exits_75_and_resumes_bit_exact(ref1: Path, tmp
     kit.same_weights(out / "model.pt", ref1 / "model.pt")
 
 
+# make test-all only: the fast tier covers its path through tests/unit/test_signals.py (the
+# second press's line and exit 130, from the handler) and test_killed_rank.py (what a process
+# ended without a checkpoint leaves, and its resume)
+@pytest.mark.extended
 def test_second_ctrl_c_aborts_with_one_line_and_exit_130(tmp_path: Path):
     out = tmp_path / "run"
     # steps 6.. sleep 3 s after they end: the stop request waits for the next step

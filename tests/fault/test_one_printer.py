@@ -4,6 +4,7 @@ error's own exit code; and a checkpoint of another format refused with the run u
 from __future__ import annotations
 
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import torch
 from ffdist import errors
 from ffdist.errors import EXIT_DIVERGED, EXIT_USER_ERROR, DataError, FfdistError, NonFiniteLoss
 from tests.fault import kit
-from tests.helpers import RECIPES, error_line, in_process, refused
+from tests.helpers import RECIPES, REPO, env, error_line, in_process, refused
 
 DIGITS = str(RECIPES / "digits.yaml")
 
@@ -38,7 +39,7 @@ def test_guard_keeps_the_traceback_of_a_bug() -> None:
         errors.guard(lambda: 1 / 0)
 
 
-@pytest.mark.parametrize("argv", [
+ENTRY_POINTS = [
     ["-m", "ffdist.evaluate", "/nonexistent/run"],
     ["-m", "ffdist.cli", "eval", "/nonexistent/run"],
     ["-m", "ffdist.plan", DIGITS, "--world-size", "3"],  # 64 does not divide over 3
@@ -47,9 +48,25 @@ def test_guard_keeps_the_traceback_of_a_bug() -> None:
     ["-m", "ffdist.export", "/nonexistent/run", "--format", "onnx"],
     ["-m", "ffdist.launch", DIGITS, "launch.nproc=0", "--dry-run"],
     ["-m", "ffdist.samples", "--count", "0"],
-])
-def test_python_m_entry_points_print_one_line_exit_2(argv: list[str]) -> None:
-    refused([sys.executable, *argv])
+]
+
+
+@pytest.fixture(scope="module")
+def entry_point_runs() -> list[tuple[int, str, str]]:
+    """(exit status, stdout, stderr) of each entry point, all started side by side: each is
+    mostly a torch import, and one after another they take twice as long on 2 cores."""
+    procs = [subprocess.Popen([sys.executable, *argv], cwd=REPO, env=env(), text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for argv in ENTRY_POINTS]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    return [(p.returncode, out, err) for p, (out, err) in zip(procs, outputs)]
+
+
+@pytest.mark.parametrize("index", range(len(ENTRY_POINTS)),
+                         ids=[argv[1] + (f"-{argv[2]}" if argv[1] == "ffdist.cli" else "")
+                              for argv in ENTRY_POINTS])
+def test_python_m_entry_points_print_one_line_exit_2(entry_point_runs, index: int) -> None:
+    refused(lambda: entry_point_runs[index])
 
 
 def test_ffdist_train_through_the_cli_exits_3_on_nan(tmp_path: Path) -> None:

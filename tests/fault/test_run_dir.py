@@ -97,6 +97,10 @@ def test_a_second_torchrun_job_is_refused_by_every_rank_with_one_line(tmp_path):
     assert first.returncode == 75
 
 
+# make test-all only: the fast tier covers its path through test_the_lock_of_a_killed_holder_
+# never_blocks (the kernel drops the lock of a killed process) and tests/fault/test_killed_rank.py
+# (a SIGKILLed run resumes)
+@pytest.mark.extended
 def test_the_lock_of_a_killed_run_never_blocks(tmp_path):
     out = tmp_path / "run"
     first = kit.start(kit.python_cmd(out, "data.num_workers=2"), FFDIST_FAULT=SLOW)
@@ -160,6 +164,20 @@ def test_lock_is_exclusive_between_processes(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_the_lock_of_a_killed_holder_never_blocks(tmp_path):
+    """SIGKILL leaves the lock file with the dead holder's pid in it; the kernel dropped
+    the flock with the process, so the next run takes it at once."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path)], env=env(),
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+    finally:
+        holder.kill()  # no handler, no cleanup
+        holder.wait()
+    assert (tmp_path / run_dir.LOCK_FILE).read_text().startswith(f"pid {holder.pid} on ")
+    run_dir.lock(tmp_path).release()
 
 
 # ------------------------------------------------------------------ finished runs

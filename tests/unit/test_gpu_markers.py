@@ -21,6 +21,9 @@ def _pytest(test: str) -> str:
     return proc.stdout
 
 
+# make test-all only (both): the fast tier runs the marked tests themselves, skipped or run by
+# the same hook
+@pytest.mark.extended
 def test_gpu_marker_skips_without_a_gpu_and_runs_with_one() -> None:
     out = _pytest(GPU_TEST)
     if cuda_gpus() == 0:
@@ -29,6 +32,7 @@ def test_gpu_marker_skips_without_a_gpu_and_runs_with_one() -> None:
         assert "1 passed" in out, out
 
 
+@pytest.mark.extended
 def test_multigpu_marker_needs_two_gpus() -> None:
     count = cuda_gpus()
     if count >= 2:  # it would train 2 NCCL ranks here, as the suite's own nccl case does

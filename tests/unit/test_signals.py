@@ -44,13 +44,21 @@ def test_one_press_delivered_twice_is_one_stop_request_not_an_abort() -> None:
     assert in_child(body) == 0
 
 
-def test_a_second_press_aborts_with_130() -> None:
+def test_a_second_press_aborts_with_130_and_one_line(tmp_path) -> None:
     def body(trainer: SimpleNamespace) -> bool:
+        fd = os.open(tmp_path / "stderr", os.O_WRONLY | os.O_CREAT)
+        os.dup2(fd, 2)
         _send(signal.SIGINT)
         time.sleep(signals.DUPLICATE_S + 0.1)
         _send(signal.SIGINT)
         return False  # not reached: the handler exits
     assert in_child(body) == signals.EXIT_ABORTED == 130
+    # (the first press's warning goes wherever this process's logging sends it)
+    lines = [ln for ln in (tmp_path / "stderr").read_text().splitlines()
+             if ln.startswith("ffdist: ")]
+    assert lines == ["ffdist: aborted by a second Ctrl-C, without a checkpoint of the current "
+                     "step; the newest complete one is kept: start the same command again to "
+                     "resume."], lines
 
 
 def test_sigterm_twice_from_a_scheduler_is_one_stop_request() -> None:
