@@ -53,12 +53,12 @@ def policy(cfg: DataConfig) -> Callable[[torch.Tensor], torch.Tensor] | None:
     None. v2 policies draw from torch's global CPU generator: callers seed it per sample.
     Their rotations/shears on tensors support nearest and bilinear only: bicubic recipes
     get bilinear here (bicubic stays for the resized crops)."""
+    name = cfg.auto_augment
+    if name is None:  # before the import: torchvision costs ~1 s of start-up (torch._dynamo)
+        return None
     from torchvision.transforms import v2
 
-    name = cfg.auto_augment
     interp = interpolation("nearest" if cfg.interpolation == "nearest" else "bilinear")
-    if name is None:
-        return None
     if name == "ra":
         return v2.RandAugment(cfg.ra_num_ops, cfg.ra_magnitude, interpolation=interp)
     if name == "ta_wide":
