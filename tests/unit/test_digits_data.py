@@ -53,11 +53,15 @@ def test_split_refuses_a_class_left_empty() -> None:
         digits.split(np.array([0, 0, 1, 1, 2, 2]), 0.2)
 
 
-def test_building_digits_does_not_import_sklearn() -> None:
+def test_building_digits_imports_neither_sklearn_nor_torchvision() -> None:
+    """Every training process starts by building its data: scikit-learn and torchvision
+    (which brings torch._dynamo and torchvision.ops) would add about a second to each
+    start, and digits needs neither (no auto-augment policy: no torchvision transform)."""
     code = ("import sys; from ffdist import recipe_load; from ffdist.data import sources; "
             "r = recipe_load.load('recipes/digits.yaml', []); "
             "s = sources.get('digits').datasets(r.data, 0, 10, 1); "
-            "print(len(s.train), len(s.val), 'sklearn' in sys.modules)")
+            "print(len(s.train), len(s.val), 'sklearn' in sys.modules, "
+            "'torchvision' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=helpers.REPO, env=helpers.env(),
                          capture_output=True, text=True, check=True).stdout.split()
-    assert out == ["1437", "360", "False"]
+    assert out == ["1437", "360", "False", "False"]
