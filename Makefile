@@ -40,7 +40,7 @@ train: setup
 
 # The fast tier (13.4 minutes on 2 CPU cores, 2026-12-06; target 15): every path once.
 # test-all adds the tests marked `extended`, second configurations of covered paths
-# (34 minutes in all).
+# (30 minutes in all).
 test: setup
 	$(BIN)/ruff check ffdist tests benchmarks
 	$(BIN)/lint-imports --no-cache
