@@ -21,9 +21,9 @@ import sys
 from ffdist import launchers, outputs, recipe_load
 from ffdist import slurm as slurm_job
 from ffdist.errors import LaunchError, guard
+from ffdist.recipe import LAUNCHERS
 from ffdist.world import int_env
 
-LAUNCHERS = ("torchrun", "accelerate", "deepspeed", "slurm")
 # Seconds torchrun gives its workers to checkpoint after a signal before SIGKILL; below
 # the 90 s of `#SBATCH --signal=B:USR1@90` so the job is requeued before its time limit.
 SHUTDOWN_TIMEOUT_S = 60

@@ -24,6 +24,7 @@ SECTIONS = (
 )
 AUTO_AUGMENT = ("ra", "ta_wide", "augmix", "imagenet", "cifar10", "svhn")
 AC_MODES = ("none", "blocks", "every_n", "selective")
+LAUNCHERS = ("torchrun", "accelerate", "deepspeed", "slurm")  # launch.launcher, ffdist launch --launcher
 
 AUTO = "auto"
 """The value of keys whose number is decided from the data or the machine."""
@@ -582,8 +583,8 @@ class LaunchConfig:
     cores per rank. The start line says what was chosen and why."""
 
     def __post_init__(self) -> None:
-        _check(self.launcher in ("torchrun", "accelerate", "deepspeed", "slurm"),
-               "launch.launcher", self.launcher, "use torchrun, accelerate, deepspeed or slurm")
+        _check(self.launcher in LAUNCHERS, "launch.launcher", self.launcher,
+               f"use {', '.join(LAUNCHERS[:-1])} or {LAUNCHERS[-1]}")
         _check(all(g >= 0 for g in self.gpus), "launch.gpus", self.gpus,
                "GPU ids are 0 or more, e.g. [0, 2]")
         _check(len(set(self.gpus)) == len(self.gpus), "launch.gpus", self.gpus,
