@@ -259,8 +259,9 @@ def time_input(stream: Any, prefetched: Any, device: torch.device,
                batches: int) -> dict[str, Any]:
     """An input pipeline alone: `batches` micro-batches (and PIPELINE_MIN_S at least) of a
     train stream through its DevicePrefetcher (the box path's decode and crop on the device
-    included), nothing else. Its images/s and the CPU cores it kept busy (this process and its loader workers,
-    from /proc), and the box path's counts of device- and worker-decoded samples."""
+    included), nothing else. Its images/s and the CPU cores it kept busy (this process and
+    its loader workers, from /proc), and the box path's counts of device- and
+    worker-decoded samples."""
     source = stream_epochs(stream, prefetched)
     next(source)  # workers up, first batch out: not timed
     _sync(device)

@@ -20,20 +20,27 @@ def _send(sig: int) -> None:
     time.sleep(0.01)  # the handler runs between bytecodes of the main thread
 
 
-def in_child(body: Callable[[SimpleNamespace], bool]) -> int:
-    """Exit code of a fork that installs the handlers for a trainer and runs `body`:
-    0 where body returned True, 1 where False, the handler's own code where it exited."""
+def forked(body: Callable[[], bool]) -> int:
+    """Exit code of a fork that runs `body`: 0 where it returned True, 1 where it returned
+    False or raised, a signal handler's own code where one ended the process."""
     pid = os.fork()
     if pid == 0:
         code = 1
         try:
-            trainer = SimpleNamespace(stop_requested=False)
-            signals.install(trainer)
-            code = 0 if body(trainer) else 1
+            code = 0 if body() else 1
         finally:
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     return os.waitstatus_to_exitcode(status)
+
+
+def in_child(body: Callable[[SimpleNamespace], bool]) -> int:
+    """`forked`, with ffdist's handlers installed for a trainer that `body` is given."""
+    def run() -> bool:
+        trainer = SimpleNamespace(stop_requested=False)
+        signals.install(trainer)
+        return body(trainer)
+    return forked(run)
 
 
 def test_one_press_delivered_twice_is_one_stop_request_not_an_abort() -> None:
@@ -71,22 +78,13 @@ def test_sigterm_twice_from_a_scheduler_is_one_stop_request() -> None:
 
 def test_a_forked_worker_ignores_ctrl_c() -> None:
     def body(trainer: SimpleNamespace) -> bool:
-        assert in_child_of_child() == 0
-        return not trainer.stop_requested  # the worker's signal did not reach the trainer
+        def worker() -> bool:  # forked after install: the terminal's two presses reach it too
+            _send(signal.SIGINT)
+            time.sleep(signals.DUPLICATE_S + 0.1)
+            _send(signal.SIGINT)  # a handler inherited from the trainer would abort here
+            return True
+        return forked(worker) == 0 and not trainer.stop_requested
     assert in_child(body) == 0
-
-
-def in_child_of_child() -> int:
-    """A worker forked after install: the terminal's two presses must not end it (a
-    handler inherited from the trainer would abort at the second)."""
-    pid = os.fork()
-    if pid == 0:
-        _send(signal.SIGINT)
-        time.sleep(signals.DUPLICATE_S + 0.1)
-        _send(signal.SIGINT)
-        os._exit(0)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status)
 
 
 def test_after_the_run_finished_a_press_changes_nothing() -> None:
