@@ -2,6 +2,7 @@
 and written up with the hardware, the versions and the commit.
 
     python3 benchmarks/gpu_check.py [--data IMAGEFOLDER] [--wheels wheels/gpu] [--out FILE]
+                                    [--budget SECONDS] [--only STEP ...]
     python3 benchmarks/gpu_check.py --cpu-dry-run      # the same steps, tiny, on the CPU
 
 Steps (each one's failure is recorded and the next still runs):
@@ -25,6 +26,12 @@ Steps (each one's failure is recorded and the next still runs):
    are kept; a dry run writes runs/gpu-check/ instead:
    its numbers are the CPU's at toy sizes, they only prove the script works).
 
+The table is rewritten after every step, so a run stopped from outside keeps what it
+measured. `--budget S` fits the run into S seconds (a lease, a job's time limit): every
+command's timeout is capped by what is left, a command cut off or never started is "not
+run" (not a failure), and `--only` runs its steps in the order given, so the ones that
+matter most go first.
+
 A GPU machine without network lacks omegaconf/deepspeed (docs/performance.md): `make
 gpu-wheels` on a machine with one fills wheels/gpu/, and this script installs from there
 (`pip install --no-index --target .gpu-deps`) before anything else.
@@ -40,6 +47,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +80,36 @@ DRY = {"bench": ["model.name=resnet18", "data.image_size=32", "data.batch_size=8
        "device": "cpu"}
 
 
+class Budget:
+    """--budget: the seconds this run may take (None: no limit). A command starts only with
+    MIN_S left, and its timeout is capped by what is left, so every step ends in time."""
+
+    MIN_S = 30.0
+    MARK = "[budget] "
+    """How a command's output starts when the budget cut it off or never let it start."""
+
+    def __init__(self, seconds: float | None = None):
+        self.start(seconds)
+
+    def start(self, seconds: float | None) -> None:
+        """From now on, `seconds` are left (None: no limit)."""
+        self.seconds = seconds
+        self.end = None if seconds is None else time.monotonic() + seconds
+
+    def left(self) -> float:
+        return float("inf") if self.end is None else self.end - time.monotonic()
+
+    def spent(self) -> bool:
+        return self.left() < self.MIN_S
+
+    def not_run(self) -> str:
+        return f"not run: under {self.MIN_S:g} s of the --budget of {self.seconds:g} s was left"
+
+
+BUDGET = Budget()
+"""This run's budget: main() sets it from --budget."""
+
+
 def env() -> dict[str, str]:
     e = dict(os.environ)
     paths = [str(REPO)] + ([str(DEPS)] if DEPS.is_dir() else [])
@@ -81,17 +119,55 @@ def env() -> dict[str, str]:
 
 
 def sh(cmd: list[str], timeout: float, **extra: str) -> tuple[int, str, float]:
-    """(exit code, the output's tail, seconds) of one command, never raising."""
+    """(exit code, the output's tail, seconds) of one command, never raising. Within
+    BUDGET: not started when it is spent, and cut off where it runs out (output starting
+    with Budget.MARK, code 124, as for its own timeout)."""
+    if BUDGET.spent():
+        return 124, Budget.MARK + BUDGET.not_run(), 0.0
+    cut, timeout = BUDGET.left() < timeout, min(timeout, BUDGET.left())
     begin = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, cwd=REPO, env={**env(), **extra}, capture_output=True,
-                              text=True, timeout=timeout)
-        code, text = proc.returncode, proc.stdout + proc.stderr
+        code, text = _run(cmd, timeout, {**env(), **extra})
     except subprocess.TimeoutExpired as e:
-        code, text = 124, f"timed out after {timeout:.0f} s\n{e.stdout or ''}{e.stderr or ''}"
+        why = (f"{Budget.MARK}cut off after {timeout:.0f} s: the --budget of "
+               f"{BUDGET.seconds:g} s ran out" if cut else f"timed out after {timeout:.0f} s")
+        code, text = 124, f"{why}\n{e.output or ''}"
     except OSError as e:  # no such program (nvidia-smi on a CPU machine, git in a copy)
         code, text = 127, str(e)
+    if text.startswith(Budget.MARK):  # the mark first, the output's tail after it
+        first, _, rest = text.partition("\n")
+        return code, f"{first}\n{rest[-6000:]}", time.perf_counter() - begin
     return code, text[-6000:], time.perf_counter() - begin
+
+
+def _run(cmd: list[str], timeout: float, environ: dict[str, str]) -> tuple[int, str]:
+    """(exit code, stdout + stderr) of `cmd` in a process group of its own. At its timeout
+    the whole group gets SIGINT, which lets pytest write its report and a training run
+    stop at a step, then SIGKILL GRACE_S later: no torchrun rank or loader worker is left
+    holding the GPU for the next command. TimeoutExpired carries the output."""
+    import signal
+
+    with subprocess.Popen(cmd, cwd=REPO, env=environ, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, start_new_session=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+            return proc.returncode, out + err
+        except subprocess.TimeoutExpired:
+            for sig, wait in ((signal.SIGINT, GRACE_S), (signal.SIGKILL, None)):
+                try:
+                    os.killpg(proc.pid, sig)
+                    out, err = proc.communicate(timeout=wait)
+                    break
+                except ProcessLookupError:  # the group is gone already
+                    out, err = proc.communicate()
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+            raise subprocess.TimeoutExpired(cmd, timeout, output=out + err) from None
+
+
+GRACE_S = 15.0
+"""Seconds between a timed-out command's SIGINT and its SIGKILL."""
 
 
 def ensure_deps(wheels: Path) -> str:
@@ -160,10 +236,24 @@ def row(check: str, ok: bool | None, result: str, seconds: float, target: str = 
             "seconds": round(seconds), "detail": detail}
 
 
+def failed(check: str, result: str, seconds: float, text: str, target: str = "") -> dict:
+    """The row of a command that gave no figure: a failure with its output's tail, or,
+    where --budget cut it off or never let it start, "not run" (not measured, not failed)."""
+    if text.startswith(Budget.MARK):
+        return row(check, None, _budget_note(text), seconds, target)
+    return row(check, False, result, seconds, target, detail=text)
+
+
+def _budget_note(text: str) -> str:
+    """What --budget did to a command, from its output's first line (after Budget.MARK)."""
+    return text.partition("\n")[0].removeprefix(Budget.MARK)
+
+
 # ------------------------------------------------------------------ 1. the gpu tests
 
 def gpu_tests(cfg: dict, work: Path) -> list[dict]:
     xml = work / "gpu-tests.xml"
+    xml.unlink(missing_ok=True)  # a report from an earlier run is not this one's
     code, out, s = sh([sys.executable, "-m", "pytest", "tests", "-m", "gpu or multigpu", "-q",
                        "-p", "no:cacheprovider", "--timeout", "900", f"--junitxml={xml}"], 3600)
     counts = _junit(xml)
@@ -171,9 +261,13 @@ def gpu_tests(cfg: dict, work: Path) -> list[dict]:
             f"skipped of {counts['tests']}") if counts else f"exit {code} (no report)"
     if counts and cfg["device"] == "cpu":
         text += " (no GPU here: skipped)"
-    ok = code == 0 and bool(counts) and counts["failed"] == 0
-    return [row("gpu tests (pytest -m 'gpu or multigpu')", ok, text, s, "all pass",
-                detail=out if not ok else "")]
+    check = "gpu tests (pytest -m 'gpu or multigpu')"
+    if counts and counts["failed"]:  # failures count, also in a run the budget cut off
+        return [row(check, False, text, s, "all pass", detail=out)]
+    if out.startswith(Budget.MARK):  # the tests that ran passed; pytest's report says which
+        return [row(check, None, f"{text}; {_budget_note(out)}", s, "all pass")]
+    ok = code == 0 and bool(counts)
+    return [row(check, ok, text, s, "all pass", detail="" if ok else out)]
 
 
 def _junit(xml: Path) -> dict[str, int] | None:
@@ -208,8 +302,7 @@ def bench_rows(cfg: dict, work: Path) -> tuple[list[dict], list[str]]:
     for name, extra, target in (("eager", [], 0.98), ("compiled", cfg["compile"], 0.97)):
         r, text, s = bench(cfg, work, name, extra)
         if r is None:
-            rows.append(row(f"bench --reference, {name}", False, "bench failed", s,
-                            detail=text))
+            rows.append(failed(f"bench --reference, {name}", "bench failed", s, text))
             continue
         model = f"{r['model']} b{r['batch_size']} {r['image_size']}px"
         tables.append(f"### {model}, {name}\n\n```\n{_table(text)}\n```")
@@ -333,14 +426,14 @@ def jpeg_rows(cfg: dict, work: Path, data: Path | None) -> list[dict]:
                            f"data.num_workers={workers}"], 1200)
         rate = next((ln.split()[1] for ln in out.splitlines() if ln.startswith("IMAGES_PER_S")),
                     None)
-        rows.append(row(f"JPEG loader alone, {workers} workers"
-                        f"{' (the recipe)' if workers == from_recipe else ''}", code == 0,
-                        f"{float(rate):,.0f} images/s" if rate else f"exit {code}", s,
-                        detail=out if code else ""))
+        check = (f"JPEG loader alone, {workers} workers"
+                 f"{' (the recipe)' if workers == from_recipe else ''}")
+        rows.append(row(check, True, f"{float(rate):,.0f} images/s", s) if code == 0 and rate
+                    else failed(check, f"exit {code}", s, out))
     r, text, s = bench(cfg, work, "jpeg", [*common, "data.name=imagefolder"],
                        flags=(), timeout=1800)
     if r is None:
-        return [*rows, row("bench on the JPEG folder", False, "bench failed", s, detail=text)]
+        return [*rows, failed("bench on the JPEG folder", "bench failed", s, text)]
     rows.append(row(f"bench on the JPEG folder, {from_recipe} workers", True,
                     f"{r['train_images_per_s']:,.0f} images/s, data wait "
                     f"{100 * r['data_wait_fraction']:.1f}%", s))
@@ -349,11 +442,13 @@ def jpeg_rows(cfg: dict, work: Path, data: Path | None) -> list[dict]:
 
 # ------------------------------------------------------------------ 4. data.decode
 
-# (label, data.decode is the box path's, compiled, workers: None = the recipe's, shards)
-DECODE_RUNS = (("cpu eager", False, False, None, False), ("box eager", True, False, None, False),
-               ("cpu compiled", False, True, None, False), ("box compiled", True, True, None, False),
-               ("cpu compiled 4w", False, True, 4, False), ("box compiled 4w", True, True, 4, False),
-               ("box compiled shards", True, True, None, True))
+# (label, data.decode is the box path's, compiled, workers: None = the recipe's, shards), the
+# runs the targets need first: what fits a --budget is what matters most
+DECODE_RUNS = (("box compiled", True, True, None, False), ("cpu compiled", False, True, None, False),
+               ("box compiled 4w", True, True, 4, False), ("box eager", True, False, None, False),
+               ("cpu eager", False, False, None, False),
+               ("box compiled shards", True, True, None, True),
+               ("cpu compiled 4w", False, True, 4, False))
 TARGET_IPS, TARGET_WAIT, TARGET_4W = 6000, 0.02, 0.9
 """On one H200 (16 cores): ResNet-50 on real JPEGs, bf16 + compile + channels_last, at >=
 6,000 images/s with data wait <= 2%; with 4 loader workers >= 0.9 of that."""
@@ -370,8 +465,9 @@ def decode_rows(cfg: dict, work: Path, data: Path | None) -> list[dict]:
     if not (shards / "index.json").is_file():
         code, out, s = sh([sys.executable, "-m", "ffdist.cli", "shard", str(data), "--out",
                            str(shards)], 1800)
-        made.append(row("tar shards of the JPEG folder (`ffdist shard`)", code == 0,
-                        "written" if code == 0 else f"exit {code}", s, detail=out if code else ""))
+        check = "tar shards of the JPEG folder (`ffdist shard`)"
+        made.append(row(check, True, "written", s) if code == 0
+                    else failed(check, f"exit {code}", s, out))
     rows += made
     workers, figures = _recipe_workers(), {}
     for label, box, compiled, n, on_shards in DECODE_RUNS:
@@ -386,7 +482,7 @@ def decode_rows(cfg: dict, work: Path, data: Path | None) -> list[dict]:
         name = (f"real JPEGs, decode={decode}, {'compiled' if compiled else 'eager'}, {w} "
                 f"workers, {'shards' if on_shards else 'files'}")
         if r is None:
-            rows.append(row(name, False, "bench failed", s, detail=text))
+            rows.append(failed(name, "bench failed", s, text))
             continue
         r["host_cores"] = (_children_cpu() - cpu0) / s if s > 0 else 0.0
         figures[label] = r
@@ -477,11 +573,11 @@ def zero_rows(cfg: dict, work: Path) -> list[dict]:
                             *cfg["zero"], f"output_dir={out}", "log.tensorboard=false",
                             "log.progress=false"], 1800)
         end = _end(out)
-        ok = code == 0 and end is not None
-        result = (f"top-1 {end['final_top1']:.4f}, fit {end['seconds']:.1f} s" if ok
-                  else f"exit {code}")
-        rows.append(row(f"ZeRO-{stage} digits, torchrun x {nproc} ({cfg['device']})", ok,
-                        result, s, "trains, evaluates", detail=text if not ok else ""))
+        check = f"ZeRO-{stage} digits, torchrun x {nproc} ({cfg['device']})"
+        rows.append(row(check, True, f"top-1 {end['final_top1']:.4f}, fit "
+                        f"{end['seconds']:.1f} s", s, "trains, evaluates")
+                    if code == 0 and end is not None
+                    else failed(check, f"exit {code}", s, text, "trains, evaluates"))
     return rows
 
 
@@ -526,8 +622,7 @@ def fsdp_rows(cfg: dict, work: Path) -> list[dict]:
                             "--synthetic", *cfg["fsdp_args"], "--out", str(out),
                             f"output_dir={work / ('run-' + name + '-vit')}"], 1800)
         if code != 0 or not out.exists():
-            rows.append(row(f"{name.upper()} bench, vit x {nproc}", False, f"exit {code}", s,
-                            detail=text))
+            rows.append(failed(f"{name.upper()} bench, vit x {nproc}", f"exit {code}", s, text))
             continue
         r = json.loads(out.read_text())
         steps[name] = r["step_ms_p50"]
@@ -565,7 +660,11 @@ figure is made: [docs/performance.md](../docs/performance.md). CPU results:
 
 def earlier_sections(out: Path) -> str:
     """The dated sections already in `out` (from its first `## ` heading on): kept below
-    the new one, so that a run never erases the record of another."""
+    the new one, so that a run never erases the record of another. A new `out` (elsewhere:
+    a folder that is copied back) starts from the repository's record, so that it can
+    replace benchmarks/RESULTS-gpu.md as it is."""
+    if not out.is_file():
+        out = REPO / "benchmarks" / "RESULTS-gpu.md"
     lines = out.read_text().splitlines(keepends=True) if out.is_file() else []
     for i, line in enumerate(lines):
         if line.startswith("## "):
@@ -574,7 +673,9 @@ def earlier_sections(out: Path) -> str:
 
 
 def write(out: Path, info: dict, rows: list[dict], tables: list[str], dry: bool,
-          deps: str, argv: list[str]) -> None:
+          deps: str, argv: list[str], earlier: str = "", left: tuple[str, ...] = ()) -> None:
+    """The run's section above `earlier` (read once, before the first write: the file is
+    rewritten after every step). `left`: the steps still to run, said while there are any."""
     gpus = ", ".join(info["nvidia_smi"]) or ", ".join(info["gpus"]) or "none"
     head = (["# ffdist gpu-check: CPU DRY RUN (toy sizes; these are NOT GPU numbers)", ""]
             if dry else [HEADER])
@@ -586,7 +687,9 @@ def write(out: Path, info: dict, rows: list[dict], tables: list[str], dry: bool,
              f"{info['torchvision']}; deepspeed {info['deepspeed']}; accelerate "
              f"{info['accelerate']}",
              f"- ffdist commit: {info['commit']}; dependencies: {deps}",
-             f"- command: `python3 benchmarks/gpu_check.py {' '.join(argv)}`", "",
+             f"- command: `python3 benchmarks/gpu_check.py {' '.join(argv)}`",
+             *([f"- **in progress**: steps still to run: {', '.join(left)}"] if left else []),
+             "",
              "| check | result | target | ok | seconds |", "|---|---|---|---|---|"]
     for r in rows:
         mark = {True: "yes", False: "**NO**", None: ""}[r["ok"]]
@@ -602,7 +705,6 @@ def write(out: Path, info: dict, rows: list[dict], tables: list[str], dry: bool,
         lines += ["", "### Failures (output tails)"]
         for r in failed:
             lines += ["", f"#### {r['check']}", "", "```", r["detail"][-3000:].strip(), "```"]
-    earlier = "" if dry else earlier_sections(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n" + (f"\n{earlier}" if earlier else ""))
     print(f"wrote {out}")
@@ -618,10 +720,15 @@ def main(argv: list[str]) -> int:
                                             "(dry run: runs/gpu-check/RESULTS-gpu-dry-run.md)")
     p.add_argument("--work", type=Path, default=REPO / "runs" / "gpu-check",
                    help="scratch folder: bench.json files, run folders, the JPEGs")
-    p.add_argument("--only", nargs="*", choices=("tests", "bench", "jpeg", "decode", "zero",
-                                                 "fsdp"),
-                   help="run these steps only")
+    p.add_argument("--only", nargs="*", choices=tuple(STEPS),
+                   help="run these steps only, in this order")
+    p.add_argument("--budget", type=float, metavar="SECONDS",
+                   help="end within this many seconds: commands are cut off where it runs "
+                        "out, and the steps not reached are listed as not run")
     args = p.parse_args(argv)
+    if args.budget is not None and args.budget <= 0:
+        p.error(f"--budget {args.budget:g}: give the seconds the run may take, more than 0")
+    BUDGET.start(args.budget)
     deps = ensure_deps(args.wheels)
     import torch
 
@@ -632,26 +739,32 @@ def main(argv: list[str]) -> int:
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     info = machine()
-    steps = args.only or ["tests", "bench", "jpeg", "decode", "zero", "fsdp"]
-    rows: list[dict] = []
-    tables: list[str] = []
-    if "tests" in steps:
-        rows += gpu_tests(cfg, work)
-    if "bench" in steps:
-        more, tables = bench_rows(cfg, work)
-        rows += more
-    if "jpeg" in steps:
-        rows += jpeg_rows(cfg, work, args.data)
-    if "decode" in steps:
-        rows += decode_rows(cfg, work, args.data)
-    if "zero" in steps:
-        rows += zero_rows(cfg, work)
-    if "fsdp" in steps:
-        rows += fsdp_rows(cfg, work)
+    steps = tuple(args.only or STEPS)
     out = args.out or (work / "RESULTS-gpu-dry-run.md" if dry
                        else REPO / "benchmarks" / "RESULTS-gpu.md")
-    write(out, info, rows, tables, dry, deps, argv)
+    earlier = "" if dry else earlier_sections(out)
+    rows: list[dict] = []
+    tables: list[str] = []
+    for i, step in enumerate(steps):
+        if BUDGET.spent():
+            rows.append(row(f"step {step}", None, BUDGET.not_run(), 0))
+        else:
+            more, more_tables = STEPS[step](cfg, work, args.data)
+            rows, tables = rows + more, tables + more_tables
+        write(out, info, rows, tables, dry, deps, argv, earlier, steps[i + 1:])
     return 1 if any(r["ok"] is False for r in rows) else 0
+
+
+Step = Callable[[dict, Path, "Path | None"], tuple[list[dict], list[str]]]
+STEPS: dict[str, Step] = {
+    "tests": lambda cfg, work, data: (gpu_tests(cfg, work), []),
+    "bench": lambda cfg, work, data: bench_rows(cfg, work),
+    "jpeg": lambda cfg, work, data: (jpeg_rows(cfg, work, data), []),
+    "decode": lambda cfg, work, data: (decode_rows(cfg, work, data), []),
+    "zero": lambda cfg, work, data: (zero_rows(cfg, work), []),
+    "fsdp": lambda cfg, work, data: (fsdp_rows(cfg, work), []),
+}
+"""The steps of the module docstring, in their default order: (rows, tables) of each."""
 
 
 if __name__ == "__main__":

@@ -24,9 +24,10 @@ done
   --implementation cp --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   -d "$OUT" "${pins[@]}"
 # TorchCodec (data.decode=gpu decodes JPEGs with its nvjpeg path; without it ffdist uses
-# torchvision's decode_jpeg). Its PyPI wheels are built against one torch and CUDA: pin
-# TORCHCODEC to the release that matches the GPU machine's torch (0.17 for torch 2.14 +
-# CUDA 13). Optional: the other wheels are still written when it cannot be had.
+# torchvision's decode_jpeg). Its Linux wheels on PyPI carry the CUDA decoder; its
+# compatibility table gives torch >= 2.11 from TorchCodec 0.12 on: TORCHCODEC='==0.16.0'
+# pins one where the GPU machine's torch is older than the newest release needs.
+# Optional: the other wheels are still written when it cannot be had.
 "$PIP" download --quiet --no-deps --only-binary=:all: --python-version "$PY" \
   --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
   -d "$OUT" "torchcodec${TORCHCODEC:->=0.16}" \

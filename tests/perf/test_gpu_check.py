@@ -5,6 +5,7 @@ ARGS=--cpu-dry-run`, ~15 min here: DeepSpeed builds its CPU op) is run by hand."
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -65,7 +66,10 @@ def test_write_adds_a_dated_section_above_the_earlier_ones(tmp_path: Path) -> No
             "torch": "2.11", "cuda": "13.0", "cudnn": "9", "torchvision": "0.26",
             "deepspeed": "0.19", "accelerate": "1.15", "commit": "abc1234"}
     row = {"check": "c", "result": "r", "target": "t", "ok": True, "seconds": 1, "detail": ""}
-    gpu_check.write(out, info, [row], ["### m, n\n\n```\nx\n```"], False, "wheels", [])
+    earlier = gpu_check.earlier_sections(out)  # read once: the file is rewritten every step
+    for _ in range(2):
+        gpu_check.write(out, info, [row], ["### m, n\n\n```\nx\n```"], False, "wheels", [],
+                        earlier)
     text = out.read_text()
     assert text.startswith(gpu_check.HEADER) and text.count("# Measured results (GPU)") == 1
     sections = [ln for ln in text.splitlines() if ln.startswith("## ")]
@@ -73,6 +77,90 @@ def test_write_adds_a_dated_section_above_the_earlier_ones(tmp_path: Path) -> No
     assert "#### m, n" in text and text.endswith("measured by hand\n")
     # the repository's file has the header write() keeps
     assert (REPO / "benchmarks" / "RESULTS-gpu.md").read_text().startswith(gpu_check.HEADER)
+
+
+def test_a_new_out_file_starts_from_the_repository_record(tmp_path: Path) -> None:
+    """--out in a folder that is copied back gives a file that can replace the record."""
+    record = gpu_check.earlier_sections(REPO / "benchmarks" / "RESULTS-gpu.md")
+    assert record.startswith("## ")
+    assert gpu_check.earlier_sections(tmp_path / "elsewhere" / "RESULTS-gpu.md") == record
+
+
+def test_the_budget_cuts_a_running_command_off_and_starts_none_once_spent(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gpu_check.Budget, "MIN_S", 0.5)
+    monkeypatch.setattr(gpu_check, "BUDGET", gpu_check.Budget(2.0))
+    code, text, s = gpu_check.sh([sys.executable, "-c", "import time; print('started', "
+                                  "flush=True); time.sleep(60)"], 600)
+    assert code == 124 and 1.0 < s < 20, (code, s)
+    assert text.startswith(gpu_check.Budget.MARK + "cut off after 2 s") and "started" in text
+    cut = gpu_check.failed("bench", "bench failed", s, text)
+    assert cut["ok"] is None and cut["result"].startswith("cut off after") and not cut["detail"]
+    marker = tmp_path / "ran"
+    code, text, s = gpu_check.sh([sys.executable, "-c", f"open({str(marker)!r}, 'w')"], 600)
+    assert code == 124 and s == 0 and not marker.exists()
+    assert gpu_check.failed("x", "y", s, text)["result"] == (
+        "not run: under 0.5 s of the --budget of 2 s was left")
+    # a cut reaches the command's own children too: none is left holding the GPU
+    monkeypatch.setattr(gpu_check, "GRACE_S", 1.0)
+    monkeypatch.setattr(gpu_check, "BUDGET", gpu_check.Budget(2.0))
+    pid_file = tmp_path / "child.pid"
+    child = ("import os, signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+             f"open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)")
+    code, text, s = gpu_check.sh([sys.executable, "-c", "import subprocess, sys, time; "
+                                  f"subprocess.Popen([sys.executable, '-c', {child!r}]); "
+                                  "time.sleep(60)"], 600)
+    assert code == 124 and s < 20 and text.startswith(gpu_check.Budget.MARK + "cut off")
+    pid = int(pid_file.read_text())
+    for _ in range(50):  # reaped by init, or a zombie at worst
+        state = Path(f"/proc/{pid}/stat")
+        if not state.exists() or state.read_text().split(") ")[1].startswith("Z"):
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"the command's child {pid} outlived the cut")
+    # without a budget, a command that fails is a failure, with its output
+    monkeypatch.setattr(gpu_check, "BUDGET", gpu_check.Budget())
+    code, text, s = gpu_check.sh([sys.executable, "-c", "raise SystemExit('boom')"], 60)
+    failure = gpu_check.failed("x", f"exit {code}", s, text)
+    assert failure["ok"] is False and failure["result"] == "exit 1" and "boom" in failure["detail"]
+
+
+def test_steps_run_in_the_order_given_the_table_is_written_after_each_and_the_budget_ends_them(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run stopped from outside keeps what it measured; steps the budget did not reach are
+    listed as not run, and are not failures."""
+    out, seen = tmp_path / "out" / "results.md", []
+
+    def step(name: str, spend: bool = False):
+        def run(cfg: dict, work: Path, data: Path | None) -> tuple[list[dict], list[str]]:
+            seen.append((name, out.read_text() if out.exists() else ""))
+            if spend:  # as if this step had taken the rest of the budget
+                gpu_check.BUDGET.end = 0.0
+            return [gpu_check.row(f"{name} ran", True, "fine", 0)], []
+        return run
+
+    for name in gpu_check.STEPS:
+        monkeypatch.setitem(gpu_check.STEPS, name, step(name, spend=name == "zero"))
+    monkeypatch.setattr(gpu_check, "BUDGET", gpu_check.Budget())
+    code = gpu_check.main(["--cpu-dry-run", "--only", "fsdp", "zero", "tests", "--budget", "600",
+                           "--out", str(out), "--work", str(tmp_path / "work")])
+    assert code == 0 and [name for name, _ in seen] == ["fsdp", "zero"]
+    before_zero = seen[1][1]
+    assert "| fsdp ran |" in before_zero
+    assert "in progress**: steps still to run: zero, tests" in before_zero
+    text = out.read_text()
+    assert "| fsdp ran |" in text and "| zero ran |" in text and "in progress" not in text
+    assert "| step tests | not run: under 30 s of the --budget of 600 s was left |" in text
+    assert "**NO**" not in text
+
+
+def test_a_budget_that_is_not_positive_is_refused_in_one_line(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as stop:
+        gpu_check.main(["--cpu-dry-run", "--budget", "0"])
+    assert stop.value.code == 2
+    assert "--budget 0: give the seconds the run may take" in capsys.readouterr().err
 
 
 def test_decode_ratios_pair_the_runs_of_one_run_and_judge_targets_on_a_gpu_only() -> None:
