@@ -89,21 +89,21 @@ def test_a_new_out_file_starts_from_the_repository_record(tmp_path: Path) -> Non
 def test_the_budget_cuts_a_running_command_off_and_starts_none_once_spent(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(gpu_check.Budget, "MIN_S", 0.5)
-    monkeypatch.setattr(gpu_check, "BUDGET", gpu_check.Budget(2.0))
+    monkeypatch.setattr(gpu_check, "BUDGET", gpu_check.Budget(3.0))
     code, text, s = gpu_check.sh([sys.executable, "-c", "import time; print('started', "
                                   "flush=True); time.sleep(60)"], 600)
     assert code == 124 and 1.0 < s < 20, (code, s)
-    assert text.startswith(gpu_check.Budget.MARK + "cut off after 2 s") and "started" in text
+    assert text.startswith(gpu_check.Budget.MARK + "cut off after 3 s") and "started" in text
     cut = gpu_check.failed("bench", "bench failed", s, text)
     assert cut["ok"] is None and cut["result"].startswith("cut off after") and not cut["detail"]
     marker = tmp_path / "ran"
     code, text, s = gpu_check.sh([sys.executable, "-c", f"open({str(marker)!r}, 'w')"], 600)
     assert code == 124 and s == 0 and not marker.exists()
     assert gpu_check.failed("x", "y", s, text)["result"] == (
-        "not run: under 0.5 s of the --budget of 2 s was left")
+        "not run: under 0.5 s of the --budget of 3 s was left")
     # a cut reaches the command's own children too: none is left holding the GPU
     monkeypatch.setattr(gpu_check, "GRACE_S", 1.0)
-    monkeypatch.setattr(gpu_check, "BUDGET", gpu_check.Budget(2.0))
+    monkeypatch.setattr(gpu_check, "BUDGET", gpu_check.Budget(3.0))
     pid_file = tmp_path / "child.pid"
     child = ("import os, signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); "
              f"open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)")
