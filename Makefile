@@ -38,7 +38,7 @@ $(STAMP): pyproject.toml
 train: setup
 	$(BIN)/python -m ffdist.train recipes/digits.yaml $(ARGS)
 
-# The fast tier (13.4 minutes on 2 CPU cores, 2026-12-06; target 15): every path once.
+# The fast tier (12.7 minutes on 2 CPU cores, 2026-12-06; target 15): every path once.
 # test-all adds the tests marked `extended`, second configurations of covered paths
 # (30 minutes in all).
 test: setup
