@@ -153,17 +153,20 @@ def _run(cmd: list[str], timeout: float, environ: dict[str, str]) -> tuple[int, 
             out, err = proc.communicate(timeout=timeout)
             return proc.returncode, out + err
         except subprocess.TimeoutExpired:
-            for sig, wait in ((signal.SIGINT, GRACE_S), (signal.SIGKILL, None)):
-                try:
-                    os.killpg(proc.pid, sig)
-                    out, err = proc.communicate(timeout=wait)
-                    break
-                except ProcessLookupError:  # the group is gone already
-                    out, err = proc.communicate()
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
+            _signal_group(proc.pid, signal.SIGINT)
+            try:
+                out, err = proc.communicate(timeout=GRACE_S)
+            except subprocess.TimeoutExpired:
+                _signal_group(proc.pid, signal.SIGKILL)
+                out, err = proc.communicate()
             raise subprocess.TimeoutExpired(cmd, timeout, output=out + err) from None
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:  # every process of the group has ended already
+        pass
 
 
 GRACE_S = 15.0

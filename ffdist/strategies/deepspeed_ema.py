@@ -83,9 +83,6 @@ class ZeroEMA(ShardedEMA):
         return Piece(name, p, "frag", frag.detach().float().clone(),
                      start=mapping.lp_fragment_address.start, source=frag)
 
-    def _primary(self) -> bool:
-        return self.rank == 0
-
     def _update_params(self, weight: float, applied: bool | torch.Tensor | None) -> None:
         mine = [p for p in self.pieces if p.shadow.numel()]
         by_device: dict[torch.device, tuple[list, list]] = {}

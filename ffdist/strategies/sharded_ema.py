@@ -100,10 +100,6 @@ class ShardedEMA(EMA, ABC):
     def _after_swap(self) -> None:
         """Called once the EMA is in the module and again once the raw weights are back."""
 
-    def _primary(self) -> bool:
-        """Whether this rank receives the consolidated EMA."""
-        return not tdist.is_initialized() or tdist.get_rank() == 0
-
     # ------------------------------------------------------------------ the update
     @torch.no_grad()
     def update(self, model: nn.Module, step: int,
@@ -127,7 +123,7 @@ class ShardedEMA(EMA, ABC):
     def state_dict(self) -> dict[str, Any] | None:
         """The consolidated EMA (EMA.state_dict's format) on rank 0, None on the others; a
         collective (one gather per parameter)."""
-        primary = self._primary()
+        primary = not tdist.is_initialized() or tdist.get_rank() == 0  # it receives the EMA
         shadow = {}
         for name, full in self._gathered():
             if primary:  # the other ranks only take part in the gather

@@ -72,7 +72,7 @@ def _worker(rank: int, world: int, port: int, name: str, out: dict) -> None:
 
 
 @pytest.mark.parametrize("name", list(STRATEGIES))
-def test_the_buffers_and_the_restore_of_a_sharded_ema(name: str):
+def test_the_buffers_and_the_restore_of_a_sharded_ema(name: str) -> None:
     out = mp.Manager().dict()
     mp.spawn(_worker, args=(2, free_port(), name, out), nprocs=2, join=True)
     before, now = out["before"], out["now"]
